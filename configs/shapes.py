@@ -1,0 +1,34 @@
+"""The embedded shapes demo: a small LI-DiT learns compositional prompts on 32 px pixel-space images.
+
+  python -m lidit_jax.train --config configs/shapes.py --workdir runs/shapes
+  python -m lidit_jax.sample --config configs/shapes.py --workdir runs/shapes \
+      --prompt "a red circle to the left of a blue square" --out sample.png
+  python -m lidit_jax.evaluate --config configs/shapes.py --workdir runs/shapes --out eval.json
+
+Two random frozen tiny Llama towers with the demo's word tokenizer, both refiners, a scanned DiT.
+Expected on a 2-core CPU: see the README's "Demo results" (time and held-out accuracies).
+`configs/shapes.py:tiny` is the same config shrunk for tests (seconds, not minutes).
+"""
+from lidit_jax import configs
+
+
+def get_config(variant: str = ""):
+  c = configs.base_config()
+  c.model.update(width=128, depth=4, num_heads=4, patch_size=2, pos_embed="resblock")
+  c.model.refiner.update(depth=2, num_heads=4)
+  c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.995, grad_clip=1.0)
+  c.train.update(num_steps=3000, batch_size=64, log_every=25, checkpoint_every=500, sample_every=1000)
+  c.sample.update(steps=25, sampler="euler", cfg=3.0)
+  c.eval.update(num_prompts=128, steps=25, cfg=3.0)
+  if variant == "tiny":
+    c.model.update(width=32, depth=2, num_heads=2, patch_size=4)
+    c.model.refiner.update(depth=1, num_heads=2)
+    c.text.towers.llama_a.update(hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    c.text.towers.llama_b.update(hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=2, intermediate_size=64)
+    c.optim.warmup_steps = 2
+    c.train.update(num_steps=6, batch_size=4, log_every=2, checkpoint_every=3, sample_every=6)
+    c.sample.update(steps=3, num_images=2)
+    c.eval.update(num_prompts=4, steps=3, batch_size=4)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/shapes.py; use '' or 'tiny'")
+  return c

@@ -1,0 +1,53 @@
+"""Orbax checkpoints of a run: items `state` (train state), `data` (iterator state), `config` (JSON).
+
+Saves are asynchronous; Orbax writes each step to a temporary directory and renames it when complete,
+so a crash during a save never touches the last good checkpoint. `restore` returns None when the
+workdir holds no checkpoint yet.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  def __init__(self, workdir: str, keep: int = 3, save_every: int = 1):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data", "config"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, config, force: bool = False) -> bool:
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, data_state) of `step` (default: latest), or None if there is no checkpoint."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return out.state, out.data
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def require(workdir: str) -> "Checkpoints":
+  """Open a workdir that must hold a checkpoint, with a clear error when it does not."""
+  ckpt = Checkpoints(workdir)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}. Fix: train first "
+                            f"(python -m lidit_jax.train --config ... --workdir {workdir}) or pass the right --workdir.")
+  return ckpt

@@ -1,0 +1,180 @@
+"""Config defaults, validation, and loading (`--config path.py[:variant]` plus `--config.a.b=value`).
+
+Experiment files under `configs/` start from `base_config()` and change what they need. Every config is
+validated before any compute: a bad value is refused with a message naming it and the fix.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+from lidit_jax.prompt import LIDIT_INSTRUCTION
+
+# Logical axis -> mesh axis. Parameters are sharded over fsdp (their `embed` dim) and tensor (heads / mlp).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("patch", None),
+    ("cond", None),
+)
+
+
+def tower(**overrides) -> ml_collections.ConfigDict:
+  """One frozen LLM tower. `init`: "random" (demo) or a checkpoint path (real LLMs, later issue);
+  `tokenizer`: "words" (the demo's word-level tokenizer) or a local tokenizer directory."""
+  t = ml_collections.ConfigDict(dict(
+      kind="llama", init="random", tokenizer="words", vocab_size=0,
+      hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192, rope_theta=10000.0,
+      layer=-3,  # LI-DiT reads the third-to-last block's output
+      max_length=64, dtype="bfloat16"))
+  t.update(overrides)
+  return t
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True,
+                 pos_embed="resblock", remat="none", scan=True, dtype="float32",
+                 refiner=dict(depth=2, num_heads=4, causal=False, gated=True, fusion="collaborative"))
+  c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
+                padding_side="right", drop_instruction=True,
+                towers=dict(llama_a=tower(), llama_b=tower(hidden_size=96, num_layers=5, num_heads=4,
+                                                           num_kv_heads=4, intermediate_size=256)))
+  c.data = dict(source="shapes", image_size=32, max_objects=3, caption_dropout=0.1)
+  c.autoencoder = dict(kind="identity", factor=1, channels=3)
+  c.flow = dict(timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                shift=1.0, resolution_shift=False)
+  c.optim = dict(lr=1e-4, warmup_steps=1000, min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
+                 grad_clip=1.0, ema_decay=0.9999)
+  c.train = dict(num_steps=100_000, batch_size=256, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
+                 sample_every=5000)
+  c.sample = dict(steps=30, sampler="euler", cfg=4.0, num_images=4,
+                  prompts=("a red circle to the left of a blue square",
+                           "a green triangle above a yellow circle",
+                           "a blue square below a red triangle",
+                           "a yellow square to the right of a green circle"))
+  c.eval = dict(num_prompts=128, steps=30, cfg=4.0, batch_size=64)
+  c.mesh = dict(data=1, fsdp=1, tensor=1)
+  c.sharding_rules = DEFAULT_RULES
+  return c
+
+
+def _fail(key, value, why, fix):
+  raise ValueError(f"config {key}={value!r}: {why}. Fix: {fix}.")
+
+
+def _one_of(key, value, options):
+  if value not in options:
+    _fail(key, value, f"must be one of {sorted(options)}", f"set --config.{key} to one of them")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks everything that can be checked without compute; raises ValueError naming value and fix."""
+  m = c.model
+  if m.width % m.num_heads:
+    _fail("model.width", m.width, f"not divisible by model.num_heads={m.num_heads}",
+          f"use a width that is a multiple of {m.num_heads}, e.g. {m.num_heads * max(1, round(m.width / m.num_heads))}")
+  if m.width % m.refiner.num_heads:
+    _fail("model.refiner.num_heads", m.refiner.num_heads, f"does not divide model.width={m.width}",
+          "pick a divisor of the width")
+  for key, value in (("model.depth", m.depth), ("model.patch_size", m.patch_size), ("train.num_steps", c.train.num_steps),
+                     ("train.batch_size", c.train.batch_size), ("train.log_every", c.train.log_every),
+                     ("train.checkpoint_every", c.train.checkpoint_every), ("sample.steps", c.sample.steps)):
+    if value < 1:
+      _fail(key, value, "must be at least 1", "set a positive value")
+  if m.refiner.depth < 0:
+    _fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
+  _one_of("model.pos_embed", m.pos_embed, {"resblock", "sincos", "both"})
+  if m.pos_embed in ("sincos", "both") and m.width % 4:
+    _fail("model.width", m.width, "sin-cos positions need a width divisible by 4", "round the width to a multiple of 4")
+  from lidit_jax.models.dit import REMAT_POLICIES
+  _one_of("model.remat", m.remat, set(REMAT_POLICIES))
+  _one_of("model.dtype", m.dtype, {"float32", "bfloat16"})
+  _one_of("model.refiner.fusion", m.refiner.fusion, {"collaborative", "concat"})
+
+  names = [n.strip() for n in c.text.use.split(",") if n.strip()]
+  if not names:
+    _fail("text.use", c.text.use, "names no LLM tower", f"name one or more of {sorted(c.text.towers)}")
+  for n in names:
+    if n not in c.text.towers:
+      _fail("text.use", c.text.use, f"tower {n!r} is not defined in text.towers", f"use names from {sorted(c.text.towers)}")
+    t = c.text.towers[n]
+    if not -(t.num_layers + 1) <= t.layer <= t.num_layers:
+      _fail(f"text.towers.{n}.layer", t.layer, f"outside the {t.num_layers + 1} hidden states of this tower",
+            f"pick an index in [-{t.num_layers + 1}, {t.num_layers}] (LI-DiT: -3)")
+    if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
+      _fail(f"text.towers.{n}.num_heads", t.num_heads,
+            f"hidden_size {t.hidden_size} / num_heads / num_kv_heads {t.num_kv_heads} do not divide evenly",
+            "make hidden_size a multiple of num_heads and num_heads a multiple of num_kv_heads")
+    _one_of(f"text.towers.{n}.dtype", t.dtype, {"float32", "bfloat16"})
+  if m.refiner.fusion == "collaborative" and len(names) < 2:
+    _fail("model.refiner.fusion", "collaborative", f"needs two or more LLM towers, text.use has {len(names)}",
+          "set --config.model.refiner.fusion=concat, or name a second tower in text.use")
+  _one_of("text.padding_side", c.text.padding_side, {"left", "right"})
+
+  ae = c.autoencoder
+  _one_of("autoencoder.kind", ae.kind, {"identity", "vae"})
+  if ae.kind == "identity" and (ae.factor != 1 or ae.channels != 3):
+    _fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
+          "set --config.autoencoder.factor=1 --config.autoencoder.channels=3")
+  unit = m.patch_size * ae.factor
+  if c.data.image_size % unit:
+    _fail("data.image_size", c.data.image_size,
+          f"not divisible by patch_size x autoencoder factor = {m.patch_size} x {ae.factor} = {unit}",
+          f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(c.data.image_size / unit))}")
+  _one_of("data.source", c.data.source, {"shapes"})
+  if not 0.0 <= c.data.caption_dropout < 1.0:
+    _fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
+
+  _one_of("flow.timestep", c.flow.timestep, {"uniform", "logit_normal", "mode"})
+  if c.flow.shift <= 0:
+    _fail("flow.shift", c.flow.shift, "must be positive", "use 1.0 for no shift")
+  _one_of("sample.sampler", c.sample.sampler, {"euler", "heun"})
+  o = c.optim
+  if o.lr <= 0 or not math.isfinite(o.lr):
+    _fail("optim.lr", o.lr, "must be a positive number", "use e.g. 1e-4")
+  if o.warmup_steps >= c.train.num_steps:
+    _fail("optim.warmup_steps", o.warmup_steps, f"not below train.num_steps={c.train.num_steps}",
+          "shorten the warmup or train longer")
+  if not 0.0 <= o.ema_decay < 1.0:
+    _fail("optim.ema_decay", o.ema_decay, "must be in [0, 1)", "use e.g. 0.999")
+  for ax in ("data", "fsdp", "tensor"):
+    if c.mesh[ax] < 1 and c.mesh[ax] != -1:
+      _fail(f"mesh.{ax}", c.mesh[ax], "must be >= 1 or -1 (fill with the remaining devices)", "fix the mesh shape")
+  return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Load `path.py` or `path.py:arg` the way `--config` does (arg is passed to get_config)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  spec_ = importlib.util.spec_from_file_location("_lidit_config", path)
+  mod = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(mod)
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def define_flags():
+  """`--config path.py[:variant]` with `--config.key=value` overrides (unknown keys are refused)."""
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/shapes.py or "
+                                  "configs/shapes.py:tiny.", lock_config=True)
+
+
+def load_from_flags() -> ml_collections.ConfigDict:
+  from absl import flags
+  config = flags.FLAGS.config
+  if config is None:
+    raise SystemExit("--config is required, e.g. --config configs/shapes.py")
+  return validate(config)

@@ -1,0 +1,190 @@
+"""Where the text towers, the refiners and the DiT meet.
+
+`LIDiT` is the trainable denoiser: per-LLM token refiners -> collaborative refiner (or plain
+concatenation) -> instruction tokens masked out -> DiT with cross-attention to the text. The frozen
+LLM towers (`TextTowers`) live outside it: they run once per prompt, their parameters stay in bf16 and
+out of the optimizer. Run `python -m lidit_jax.model --config configs/lidit_1b.py` for parameter counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lidit_jax import prompt as prompt_lib
+from lidit_jax.models import dit as dit_lib
+from lidit_jax.models import layers, llm, refiner
+
+Dtype = Any
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class LIDiT(nn.Module):
+  dit: dit_lib.DiTConfig
+  refiner_depth: int = 2
+  refiner_heads: int = 8
+  refiner_causal: bool = False
+  refiner_gated: bool = True
+  fusion: str = "collaborative"  # or "concat"
+  drop_instruction: bool = True
+  dtype: Dtype = jnp.float32
+
+  def encode_text(self, feats: Sequence[jax.Array], valids: Sequence[jax.Array], prompts: Sequence[jax.Array],
+                  t_emb_BD: jax.Array):
+    """Refine each LLM's features; returns context [B, S, D] and its validity mask [B, S]."""
+    w = self.dit.width
+    xs, cs, vs = [], [], []
+    for i, (f, v, pm) in enumerate(zip(feats, valids, prompts)):
+      x, c = refiner.TokenRefiner(w, self.refiner_depth, self.refiner_heads, causal=self.refiner_causal,
+                                  gated=self.refiner_gated, qk_norm=self.dit.qk_norm, dtype=self.dtype,
+                                  name=f"token_refiner_{i}")(f, v, pm, t_emb_BD)
+      xs.append(x), cs.append(c), vs.append(v.astype(bool))
+    if self.fusion == "collaborative":
+      xs = refiner.CollaborativeRefiner(self.refiner_heads, qk_norm=self.dit.qk_norm, dtype=self.dtype,
+                                        name="collaborative_refiner")(xs, vs, cs)
+    # Static shapes under jit: instruction tokens are masked, never sliced away.
+    keep = [v & pm.astype(bool) if self.drop_instruction else v for v, pm in zip(vs, prompts)]
+    return jnp.concatenate(xs, axis=1), jnp.concatenate(keep, axis=1)
+
+  @nn.compact
+  def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
+    """Velocity prediction. `drop_B` (bool) replaces an example's text by the learned null context (CFG)."""
+    t_emb = layers.TimestepEmbedder(self.dit.width, dtype=self.dtype, name="t_embedder")(t_B)
+    ctx, ctx_valid = self.encode_text(feats, valids, prompts, t_emb)
+    if drop_B is not None:
+      null = self.param("null_context", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
+                        ctx.shape[1:], jnp.float32).astype(ctx.dtype)
+      d = drop_B[:, None]
+      ctx = jnp.where(d[..., None], null[None], ctx)
+      ctx_valid = jnp.where(d, True, ctx_valid)
+    pooled = layers.masked_mean(ctx, ctx_valid)
+    return dit_lib.DiT(self.dit, self.dtype, name="denoiser")(x_BHWC, t_emb, pooled, ctx, ctx_valid)
+
+
+@dataclasses.dataclass
+class TextTower:
+  """A frozen LLM with its tokenizer and the layer LI-DiT reads."""
+  name: str
+  module: nn.Module
+  encoder: prompt_lib.PromptEncoder
+  layer: int
+  dtype: Dtype
+
+  def features(self, params, input_ids, attention_mask):
+    hidden = self.module.apply({"params": params}, input_ids, attention_mask)
+    return jax.lax.stop_gradient(hidden[self.layer])
+
+
+def build_towers(config) -> list[TextTower]:
+  from lidit_jax.data import shapes  # the word tokenizer's vocabulary is the demo's
+  towers = []
+  for name in tower_names(config):
+    tc = config.text.towers[name]
+    tok = prompt_lib.load_tokenizer(tc.tokenizer, extra_words=shapes.VOCABULARY)
+    encoder = prompt_lib.PromptEncoder(tok, tc.max_length, config.text.instruction or None,
+                                       config.text.use_chat_template, config.text.padding_side)
+    if tc.kind != "llama":
+      raise ValueError(f"text.towers.{name}.kind={tc.kind!r} is not supported yet; use 'llama'.")
+    if tc.init != "random":
+      raise ValueError(f"text.towers.{name}.init={tc.init!r}: loading real checkpoints is not implemented yet; "
+                       "use init='random' (the demo's random frozen tower).")
+    dtype = DTYPES[tc.dtype]
+    towers.append(TextTower(name, llm.LlamaTower(llama_config(tc, len(tok)), dtype), encoder, tc.layer, dtype))
+  return towers
+
+
+def llama_config(tc, vocab_size: int | None = None) -> llm.LlamaConfig:
+  return llm.LlamaConfig(vocab_size=vocab_size or tc.vocab_size, hidden_size=tc.hidden_size,
+                         num_layers=tc.num_layers, num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
+                         intermediate_size=tc.intermediate_size, rope_theta=tc.rope_theta)
+
+
+def tower_names(config) -> list[str]:
+  return [n.strip() for n in config.text.use.split(",") if n.strip()]
+
+
+def init_tower_params(config, towers: list[TextTower], rng: jax.Array):
+  """Random frozen towers are recreated from the seed (so no checkpoint needs to store them)."""
+  out = {}
+  for i, t in enumerate(towers):
+    ids = jnp.zeros((1, t.encoder.max_length), jnp.int32)
+    params = jax.jit(t.module.init)(jax.random.fold_in(rng, i), ids, jnp.ones_like(ids))["params"]
+    out[t.name] = jax.tree.map(lambda p: p.astype(t.dtype), nn.unbox(params))
+  return out
+
+
+def build_model(config) -> LIDiT:
+  m = config.model
+  dcfg = dit_lib.DiTConfig(width=m.width, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size,
+                           in_channels=config.autoencoder.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
+                           pos_embed=m.pos_embed, remat=m.remat, scan=m.scan)
+  r = m.refiner
+  return LIDiT(dcfg, refiner_depth=r.depth, refiner_heads=r.num_heads, refiner_causal=r.causal,
+               refiner_gated=r.gated, fusion=r.fusion, drop_instruction=config.text.drop_instruction,
+               dtype=DTYPES[m.dtype])
+
+
+def latent_shape(config) -> tuple[int, int, int]:
+  s = config.data.image_size // config.autoencoder.factor
+  return (s, s, config.autoencoder.channels)
+
+
+def abstract_inputs(config, batch_size: int, tower_dims: Sequence[int] | None = None):
+  """ShapeDtypeStructs of one denoiser call (for eval_shape / compile without data)."""
+  names = tower_names(config)
+  dims = tower_dims or [config.text.towers[n].hidden_size for n in names]
+  lens = [config.text.towers[n].max_length for n in names]
+  sds = jax.ShapeDtypeStruct
+  b = batch_size
+  return dict(
+      x_BHWC=sds((b, *latent_shape(config)), jnp.float32), t_B=sds((b,), jnp.float32),
+      feats=[sds((b, l, d), jnp.float32) for l, d in zip(lens, dims)],
+      valids=[sds((b, l), jnp.bool_) for l in lens], prompts=[sds((b, l), jnp.bool_) for l in lens],
+      drop_B=sds((b,), jnp.bool_))
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def param_report(config) -> dict:
+  """Parameter counts by component, from abstract shapes only (nothing is allocated)."""
+  model = build_model(config)
+  inputs = abstract_inputs(config, 1)
+  shapes = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw), inputs)["params"]
+  shapes = nn.unbox(shapes)
+  report = {k: count_params(v) for k, v in shapes.items()}
+  report = {"denoiser (DiT)": report.pop("denoiser"),
+            "refiners + embeddings": sum(report.values())}
+  report["trainable total"] = sum(report.values())
+  frozen = {}
+  for name in tower_names(config):
+    tc = config.text.towers[name]
+    vocab = tc.vocab_size
+    if not vocab:  # the word tokenizer's size is known only once it is built
+      from lidit_jax.data import shapes
+      vocab = len(prompt_lib.load_tokenizer(tc.tokenizer, extra_words=shapes.VOCABULARY))
+    cfg = llama_config(tc, vocab)
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    p = jax.eval_shape(lambda i: llm.LlamaTower(cfg).init(jax.random.key(0), i, i), ids)["params"]
+    frozen[f"frozen LLM {name}"] = count_params(nn.unbox(p))
+  report.update(frozen)
+  return report
+
+
+def main(argv):
+  from lidit_jax import configs as configs_lib
+  config = configs_lib.load_from_flags()
+  for k, v in param_report(config).items():
+    print(f"{k:>28}: {v:>15,d}  ({v / 1e9:.3f} B)")
+
+
+if __name__ == "__main__":
+  from absl import app
+  from lidit_jax import configs as _configs
+  _configs.define_flags()
+  app.run(main)

@@ -1,0 +1,140 @@
+"""The LI-DiT backbone: patchify -> positional ResBlock -> [self-attn, cross-attn, MLP] x depth -> unpatchify.
+
+Each block is modulated (adaLN-Zero: shift, scale, gate per sub-layer) by c = timestep embedding +
+pooled text. Self- and cross-attention use RMSNorm QK-norm; cross-attention masks padded and
+instruction text tokens. Blocks are scanned (`nn.scan`) so compile time is flat in depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lidit_jax.models import layers
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int = 2
+  in_channels: int = 4
+  mlp_ratio: float = 4.0
+  qk_norm: bool = True
+  pos_embed: str = "resblock"  # "resblock" (LI-DiT), "sincos", or "both"
+  remat: str = "none"
+  scan: bool = True
+
+
+class DiTBlock(nn.Module):
+  cfg: DiTConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD, ctx_BSD, ctx_mask, c_BD):
+    c = self.cfg
+    d = x_BLD.shape[-1]
+    mod = layers.Dense(9 * d, ("embed", "mlp"), zero_init=True, dtype=self.dtype, name="modulation")(nn.silu(c_BD))
+    sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 9, axis=-1)
+
+    h = layers.modulate(layers.layer_norm(self.dtype, name="norm_sa")(x_BLD), sh_sa, sc_sa)
+    h = layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype, name="self_attn")(h)
+    x_BLD = x_BLD + g_sa[:, None, :] * h
+
+    h = layers.modulate(layers.layer_norm(self.dtype, name="norm_ca")(x_BLD), sh_ca, sc_ca)
+    h = layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype, name="cross_attn")(
+        h, ctx_BSD, mask=ctx_mask)
+    x_BLD = x_BLD + g_ca[:, None, :] * h
+
+    h = layers.modulate(layers.layer_norm(self.dtype, name="norm_mlp")(x_BLD), sh_mlp, sc_mlp)
+    x_BLD = x_BLD + g_mlp[:, None, :] * layers.Mlp(int(d * c.mlp_ratio), dtype=self.dtype, name="mlp")(h)
+    return layers.constrain(x_BLD, ("batch", "length", "embed"))
+
+
+class ScannedBlock(nn.Module):
+  """Adapter giving DiTBlock the (carry, x) -> (carry, y) signature that nn.scan wants."""
+  cfg: DiTConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD, ctx_BSD, ctx_mask, c_BD):
+    block = DiTBlock
+    if self.cfg.remat != "none":
+      block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    return block(self.cfg, self.dtype, name="block")(x_BLD, ctx_BSD, ctx_mask, c_BD), None
+
+
+class PositionResBlock(nn.Module):
+  """LI-DiT's positional signal: a convolutional ResBlock on the patch grid (zero padding lets it see
+  where the borders are); the last conv starts at zero so the block starts as the identity."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWD):
+    d = x_BHWD.shape[-1]
+    def conv(name, zero=False):
+      init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
+      return nn.Conv(d, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32, name=name,
+                     kernel_init=layers.logical(init, (None, None, "mlp", "embed")),
+                     bias_init=layers.logical(nn.initializers.zeros_init(), ("embed",)))
+    h = conv("conv1")(nn.silu(layers.layer_norm(self.dtype, affine=True, name="norm1")(x_BHWD)))
+    h = conv("conv2", zero=True)(nn.silu(layers.layer_norm(self.dtype, affine=True, name="norm2")(h)))
+    return x_BHWD + h
+
+
+class DiT(nn.Module):
+  """Denoiser on [B, H, W, C] latents; predicts the velocity with the same shape."""
+  cfg: DiTConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC, t_emb_BD, text_pooled_BD, ctx_BSD, ctx_valid_BS):
+    c = self.cfg
+    b, hh, ww, ch = x_BHWC.shape
+    p = c.patch_size
+    assert hh % p == 0 and ww % p == 0, f"image {hh}x{ww} is not divisible by patch size {p}"
+    assert ch == c.in_channels, f"expected {c.in_channels} channels, got {ch}"
+    gh, gw = hh // p, ww // p
+
+    patches = x_BHWC.reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh, gw, p * p * ch)
+    x = layers.Dense(c.width, ("patch", "embed"), dtype=self.dtype, name="patch_embed")(patches.astype(self.dtype))
+    if c.pos_embed in ("resblock", "both"):
+      x = PositionResBlock(self.dtype, name="pos_resblock")(x)
+    x = x.reshape(b, gh * gw, c.width)
+    if c.pos_embed in ("sincos", "both"):
+      x = x + layers.sincos_2d(gh, gw, c.width).astype(self.dtype)[None]
+    x = layers.constrain(x, ("batch", "length", "embed"))
+
+    cond = t_emb_BD.astype(self.dtype) + layers.Dense(c.width, ("mlp", "embed"), dtype=self.dtype,
+                                                      name="text_pool_proj")(text_pooled_BD.astype(self.dtype))
+    ctx_mask = layers.attention_mask(None, ctx_valid_BS)
+    ctx = ctx_BSD.astype(self.dtype)
+    if c.scan:
+      blocks = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = blocks(c, self.dtype, name="blocks")(x, ctx, ctx_mask, cond)
+    else:
+      for i in range(c.depth):
+        x, _ = ScannedBlock(c, self.dtype, name=f"blocks_{i}")(x, ctx, ctx_mask, cond)
+
+    mod = layers.Dense(2 * c.width, ("embed", "mlp"), zero_init=True, dtype=self.dtype, name="final_modulation")(
+        nn.silu(cond))
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    x = layers.modulate(layers.layer_norm(self.dtype, name="final_norm")(x), shift, scale)
+    x = layers.Dense(p * p * ch, ("embed", "patch"), zero_init=True, dtype=self.dtype, name="final_proj")(x)
+    x = x.reshape(b, gh, gw, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, ch)
+    return x.astype(jnp.float32)

@@ -1,0 +1,223 @@
+"""Shared building blocks: dense layers with logical axes, norms, masked attention, MLPs, RoPE, embeddings.
+
+Every parameter carries logical axis names (see `sharding.py` for the logical -> mesh rules):
+  embed   model width            heads   attention heads        kv     per-head width
+  mlp     hidden width of an MLP vocab   vocabulary             layers scanned depth
+  cond    conditioning width (input side of modulation layers)
+Shape suffixes in names: B batch, L/S sequence, D width, H heads, K per-head width.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+default_init = nn.initializers.xavier_uniform()
+
+
+def logical(init: Callable, axes: Sequence[str | None]) -> Callable:
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Activation sharding hint at block boundaries; a no-op without a mesh."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class Dense(nn.Module):
+  """nn.Dense whose kernel and bias carry logical axis names (`axes` = (in, out))."""
+  features: int
+  axes: tuple[str | None, str | None] = ("embed", "mlp")
+  use_bias: bool = True
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.zeros_init() if self.zero_init else default_init
+    return nn.Dense(
+        self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=logical(init, self.axes),
+        bias_init=logical(nn.initializers.zeros_init(), (self.axes[1],)))(x)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis. `unit_offset` stores w - 1 (Gemma style: scale = 1 + w)."""
+  eps: float = 1e-6
+  axis_name: str | None = "embed"
+  use_scale: bool = True
+  unit_offset: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.use_scale:
+      init = nn.initializers.zeros_init() if self.unit_offset else nn.initializers.ones_init()
+      w = self.param("scale", logical(init, (self.axis_name,)), (x.shape[-1],), jnp.float32)
+      y = y * (1.0 + w if self.unit_offset else w)
+    return y.astype(self.dtype)
+
+
+def layer_norm(dtype: Dtype = jnp.float32, affine: bool = False, name: str | None = None):
+  """LayerNorm; without affine parameters when modulation supplies scale and shift."""
+  return nn.LayerNorm(epsilon=1e-6, use_scale=affine, use_bias=affine, dtype=dtype,
+                      param_dtype=jnp.float32, name=name,
+                      scale_init=logical(nn.initializers.ones_init(), ("embed",)),
+                      bias_init=logical(nn.initializers.zeros_init(), ("embed",)))
+
+
+def attention_mask(q_valid_BL: jax.Array | None, k_valid_BS: jax.Array | None,
+                   causal: bool = False, lq: int | None = None, lk: int | None = None) -> jax.Array | None:
+  """Boolean [B, 1, L, S] mask: query i may attend key j. Padding of queries is handled by the caller
+  (their outputs are discarded or zeroed), so only keys are masked here."""
+  mask = None
+  if k_valid_BS is not None:
+    mask = k_valid_BS.astype(bool)[:, None, None, :]
+  if causal:
+    lq = lq if lq is not None else q_valid_BL.shape[1]
+    lk = lk if lk is not None else k_valid_BS.shape[1]
+    tri = jnp.tril(jnp.ones((lq, lk), bool))[None, None]
+    mask = tri if mask is None else mask & tri
+  return mask
+
+
+def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """Rotary embedding, half-split convention (as in Llama's Hugging Face implementation)."""
+  k = x_BLHK.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  angles = positions_BL[..., None].astype(jnp.float32) * inv_freq  # [B, L, K/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BLHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHK.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head (grouped-query) attention; self-attention when `context` is None.
+
+  Masks are boolean [B, 1, L, S] (True = may attend). A query row with no key to attend returns zeros,
+  never NaN, so fully padded prompts are safe.
+  """
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  qk_norm: bool = False
+  use_bias: bool = False
+  rope_theta: float | None = None
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None  # None/"xla" everywhere; "cudnn" on GPU (see sharding issue)
+
+  @nn.compact
+  def __call__(self, x_BLD, context_BSD=None, mask=None, positions_BL=None):
+    d = x_BLD.shape[-1]
+    h = self.num_heads
+    kvh = self.num_kv_heads or h
+    k_dim = self.head_dim or d // h
+    ctx = x_BLD if context_BSD is None else context_BSD
+
+    def proj(name, inp, heads):
+      return nn.DenseGeneral(
+          (heads, k_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+          kernel_init=logical(default_init, ("embed", "heads", "kv")),
+          bias_init=logical(nn.initializers.zeros_init(), ("heads", "kv")))(inp)
+
+    q = proj("query", x_BLD, h)
+    k = proj("key", ctx, kvh)
+    v = proj("value", ctx, kvh)
+    if self.qk_norm:
+      q = RMSNorm(axis_name="kv", dtype=self.dtype, name="q_norm")(q)
+      k = RMSNorm(axis_name="kv", dtype=self.dtype, name="k_norm")(k)
+    if self.rope_theta is not None:
+      assert positions_BL is not None, "rope needs positions"
+      q = rope(q, positions_BL, self.rope_theta)
+      k = rope(k, positions_BL, self.rope_theta)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    if mask is not None:
+      has_key = jnp.any(mask, axis=-1)  # [B, 1, L]
+      has_key = jnp.broadcast_to(has_key, (out.shape[0], 1, out.shape[1]))[:, 0, :, None, None]
+      out = jnp.where(has_key, out, 0)
+    return nn.DenseGeneral(
+        d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32, name="out",
+        kernel_init=logical(default_init, ("heads", "kv", "embed")),
+        bias_init=logical(nn.initializers.zeros_init(), ("embed",)))(out)
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP with tanh-GELU (DiT / refiner FFN)."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    y = Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+    y = nn.gelu(y, approximate=True)
+    return Dense(d, ("mlp", "embed"), dtype=self.dtype, name="fc2")(y)
+
+
+class GatedMlp(nn.Module):
+  """SwiGLU / GeGLU MLP of decoder LLMs: down(act(gate(x)) * up(x)), no biases."""
+  hidden: int
+  activation: str = "silu"
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    act = {"silu": nn.silu, "gelu_tanh": lambda v: nn.gelu(v, approximate=True),
+           "gelu": lambda v: nn.gelu(v, approximate=False)}[self.activation]
+    g = Dense(self.hidden, ("embed", "mlp"), self.use_bias, dtype=self.dtype, name="gate_proj")(x)
+    u = Dense(self.hidden, ("embed", "mlp"), self.use_bias, dtype=self.dtype, name="up_proj")(x)
+    return Dense(d, ("mlp", "embed"), self.use_bias, dtype=self.dtype, name="down_proj")(act(g) * u)
+
+
+def timestep_features(t_B: jax.Array, dim: int, max_period: float = 10000.0, scale: float = 1000.0):
+  """Sinusoidal features of t in [0, 1] (scaled to [0, 1000] as in DiT)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t_B.astype(jnp.float32) * scale)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+  width: int
+  freq_dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t_B):
+    x = timestep_features(t_B, self.freq_dim)
+    x = Dense(self.width, ("cond", "mlp"), dtype=self.dtype, name="fc1")(x)
+    return Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(nn.silu(x))
+
+
+def modulate(x_BLD, shift_BD, scale_BD):
+  return x_BLD * (1.0 + scale_BD[:, None, :]) + shift_BD[:, None, :]
+
+
+def masked_mean(x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
+  """Mean over valid tokens; zeros (not NaN) for a row with no valid token."""
+  m = mask_BL.astype(jnp.float32)[..., None]
+  total = jnp.sum(x_BLD.astype(jnp.float32) * m, axis=1)
+  return (total / jnp.maximum(jnp.sum(m, axis=1), 1.0)).astype(x_BLD.dtype)
+
+
+def sincos_2d(h: int, w: int, dim: int) -> jax.Array:
+  """Fixed 2-D sine-cosine position table [h*w, dim] (half the channels per spatial axis)."""
+  assert dim % 4 == 0, f"sin-cos positions need a width divisible by 4, got {dim}"
+  def axis_table(n, d):
+    omega = 1.0 / 10000 ** (jnp.arange(d // 2, dtype=jnp.float32) / (d // 2))
+    args = jnp.arange(n, dtype=jnp.float32)[:, None] * omega[None]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  ty = axis_table(h, dim // 2)[:, None, :].repeat(w, axis=1)
+  tx = axis_table(w, dim // 2)[None, :, :].repeat(h, axis=0)
+  return jnp.concatenate([ty, tx], axis=-1).reshape(h * w, dim)

@@ -1,0 +1,54 @@
+"""Device mesh from the config and logical -> mesh shardings.
+
+The mesh has axes (data, fsdp, tensor); one entry may be -1 to take the remaining devices. Parameters
+carry logical axis names; `config.sharding_rules` maps them to mesh axes.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  dims = [int(mesh_cfg[a]) for a in AXES]
+  if dims.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(AXES, dims))}: at most one axis may be -1")
+  known = math.prod(d for d in dims if d != -1)
+  if -1 in dims:
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(zip(AXES, dims))}: {num_devices} devices are not divisible by {known}")
+    dims[dims.index(-1)] = num_devices // known
+  if math.prod(dims) != num_devices:
+    raise ValueError(f"mesh {dict(zip(AXES, dims))} needs {math.prod(dims)} devices but {num_devices} are "
+                     f"available. Fix: make --config.mesh.data x fsdp x tensor = {num_devices}, or set one to -1.")
+  return tuple(dims)
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  devices = devices if devices is not None else jax.devices()
+  shape = mesh_shape(config.mesh, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def rules(config):
+  return tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in config.sharding_rules)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, config):
+  """NamedShardings for a tree of (possibly boxed) abstract values; unannotated leaves are replicated."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules(config))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

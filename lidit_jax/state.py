@@ -1,0 +1,95 @@
+"""Train state, optimizer, and the sharded set-up shared by train / sample / evaluate.
+
+Initialisation goes eval_shape -> shardings -> jit(init, out_shardings=...), so nothing is ever
+materialised unsharded. The frozen text towers are separate: bf16, outside the optimizer state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lidit_jax import checkpoint as ckpt_lib
+from lidit_jax import model as model_lib
+from lidit_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_optimizer(config):
+  o = config.optim
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, o.lr, o.warmup_steps, config.train.num_steps, end_value=o.lr * o.min_lr_ratio)
+  # Decay matrices only, not norms, biases or the null embedding's scale-free vectors.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                   optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs besides data: model, towers, mesh, shardings, initial values."""
+  config: Any
+  model: model_lib.LIDiT
+  towers: list
+  tower_params: Any
+  mesh: Any
+  tx: Any
+  schedule: Any
+  state_shardings: Any
+  abstract_state: Any
+
+  def init_state(self, rng) -> TrainState:
+    init = jax.jit(lambda r: nn.unbox(_init_state(self, r)), out_shardings=self.state_shardings)
+    with self.mesh, nn.logical_axis_rules(sharding.rules(self.config)):
+      return init(rng)
+
+
+def _init_state(s: Setup, rng) -> TrainState:
+  inputs = model_lib.abstract_inputs(s.config, 1, [t.module.cfg.hidden_size for t in s.towers])
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), inputs)
+  params = s.model.init(rng, **zeros)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=s.tx.init(params))
+
+
+def setup(config) -> Setup:
+  if config.autoencoder.kind != "identity":
+    raise NotImplementedError(f"autoencoder.kind={config.autoencoder.kind!r}: the VAE is not implemented yet; "
+                              "train in pixel space with autoencoder.kind='identity' (the shapes demo).")
+  mesh = sharding.make_mesh(config)
+  if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the data x fsdp devices "
+                     f"({mesh.shape['data']} x {mesh.shape['fsdp']}). Fix: change the batch size or the mesh.")
+  model = model_lib.build_model(config)
+  towers = model_lib.build_towers(config)
+  tx, schedule = make_optimizer(config)
+  s = Setup(config, model, towers, None, mesh, tx, schedule, None, None)
+  with mesh, nn.logical_axis_rules(sharding.rules(config)):
+    boxed = jax.eval_shape(lambda r: _init_state(s, r), jax.random.key(0))
+  s.state_shardings = sharding.logical_shardings(boxed, mesh, config)
+  s.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                  nn.unbox(boxed), s.state_shardings)
+  s.tower_params = jax.device_put(model_lib.init_tower_params(config, towers, jax.random.key(config.seed + 1)),
+                                  sharding.replicated(mesh))
+  return s
+
+
+def restore_for_inference(config, workdir: str):
+  """(Setup, EMA params, step) from the latest checkpoint in workdir, or a clear error."""
+  s = setup(config)
+  ckpt = ckpt_lib.require(workdir)
+  state, _ = ckpt.restore(s.abstract_state)
+  ckpt.close()
+  return s, state.ema_params, int(state.step)

@@ -1,0 +1,208 @@
+"""Training library: `train_and_evaluate(config, workdir)`; `python -m lidit_jax.train` is its entry point.
+
+  python -m lidit_jax.train --config configs/shapes.py --workdir runs/shapes [--config.train.num_steps=500]
+
+A run resumes from the latest checkpoint in its workdir (train state + data iterator state). Metrics go to
+WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events in WORKDIR/tb; sample
+grids to WORKDIR/samples/. A non-finite loss stops the run naming the step; the last good checkpoint stays.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lidit_jax import checkpoint as ckpt_lib
+from lidit_jax import flow, sharding
+from lidit_jax import sample as sample_lib
+from lidit_jax import state as state_lib
+from lidit_jax.data import pipeline
+
+
+def ema_decay(config, step):
+  """EMA with a warm-up: early on the average follows the weights, later it uses optim.ema_decay."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(s: state_lib.Setup):
+  config = s.config
+  num_tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
+  shift = flow.effective_shift(config.flow, num_tokens)
+
+  def train_step(state: state_lib.TrainState, tower_params, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    r_drop, r_flow = jax.random.split(rng)
+    feats, valids, prompts = sample_lib.text_inputs(s.towers, tower_params, batch["tokens"])
+    x0 = batch["image"]
+    drop = jax.random.bernoulli(r_drop, config.data.caption_dropout, (x0.shape[0],))
+
+    def loss_fn(params):
+      velocity = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, drop)
+      loss_B, _ = flow.loss_terms(velocity, x0, r_flow, config.flow, shift)
+      return jnp.mean(loss_B)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = ema_decay(config, state.step)
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+               "lr": s.schedule(state.step)}
+    return state_lib.TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+  repl = sharding.replicated(s.mesh)
+  batch_sh = sharding.batch_sharding(s.mesh)
+  jitted = jax.jit(train_step, in_shardings=(s.state_shardings, repl, batch_sh, repl),
+                   out_shardings=(s.state_shardings, repl), donate_argnums=(0,))
+  rules = sharding.rules(config)
+
+  def run(state, tower_params, batch, rng):
+    with s.mesh, nn.logical_axis_rules(rules):
+      return jitted(state, tower_params, batch, rng)
+  return run
+
+
+def device_batch(batch: dict, mesh) -> dict:
+  """Per-process numpy batch -> global arrays sharded over (data, fsdp)."""
+  arrays = {"image": batch["image"], "tokens": batch["tokens"]}
+  sh = sharding.batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), arrays)
+
+
+class MetricsLog:
+  """metrics.jsonl + TensorBoard, written from process 0 only. On resume, lines past the restored step go."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        kept = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
+      with open(self.path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def save_samples(s, params, workdir: str, step: int, generator):
+  config = s.config
+  prompts = list(config.sample.prompts)
+  imgs = sample_lib.generate_images(s, params, prompts, config.sample.num_images, seed=config.seed,
+                                    generator=generator)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    sample_lib.save_grid(imgs.reshape(-1, *imgs.shape[2:]), path, cols=config.sample.num_images)
+    with open(os.path.join(workdir, "samples", "prompts.txt"), "w", encoding="utf-8") as f:
+      f.write("One row per prompt:\n" + "\n".join(prompts) + "\n")
+    return path
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Train (resuming from workdir if possible); returns the last logged metrics."""
+  from tqdm import tqdm
+  os.makedirs(workdir, exist_ok=True)
+  s = state_lib.setup(config)
+  t = config.train
+  ckpt = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
+  data = pipeline.ShapesBatches(config, s.towers)
+  restored = ckpt.restore(s.abstract_state)
+  if restored is None:
+    state = s.init_state(jax.random.key(config.seed))
+  else:
+    state, data_state = restored
+    data.restore(data_state)
+  start = int(state.step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  log = MetricsLog(workdir, start)
+  step_fn = make_train_step(s)
+  generator = sample_lib.make_generator(s, config.sample.steps, config.sample.cfg, config.sample.sampler)
+  rng = jax.random.key(config.seed + 2)
+
+  bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+  window, last, pending = [], {}, None
+  t_window = time.perf_counter()
+
+  def finish(step_done: int, metrics):
+    """Host-side bookkeeping of a finished step (one step behind dispatch, so the device stays busy)."""
+    nonlocal t_window, window, last
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+      ckpt.wait()
+      raise FloatingPointError(
+          f"non-finite loss {loss} at step {step_done}. The last good checkpoint (step {ckpt.latest_step()}) is "
+          f"kept in {ckpt.directory}. Fix: lower --config.optim.lr or --config.optim.grad_clip, or use float32.")
+    window.append({k: float(v) for k, v in metrics.items()})
+    bar.update(1)
+    if step_done % t.log_every == 0 or step_done == t.num_steps:
+      dt = time.perf_counter() - t_window
+      last = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+      last.update(steps_per_sec=len(window) / dt, examples_per_sec=len(window) * t.batch_size / dt)
+      log.write(step_done, last)
+      bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{last['steps_per_sec']:.2f}")
+      window, t_window = [], time.perf_counter()
+
+  for step in range(start, t.num_steps):
+    batch = device_batch(next(data), s.mesh)
+    state, metrics = step_fn(state, s.tower_params, batch, rng)
+    if pending is not None:
+      finish(*pending)
+    pending = (step + 1, metrics)
+    done = step + 1
+    if done % t.checkpoint_every == 0 or done == t.num_steps:
+      finish(*pending)
+      pending = None
+      ckpt.save(done, state, data.state(), config, force=True)
+    if done % t.sample_every == 0 or done == t.num_steps:
+      if pending is not None:
+        finish(*pending)
+        pending = None
+      path = save_samples(s, state.ema_params, workdir, done, generator)
+      if path:
+        bar.write(f"step {done}: samples -> {path}")
+  if pending is not None:
+    finish(*pending)
+  bar.close()
+  ckpt.close()
+  log.close()
+  return last
+
+
+def main(argv):
+  from lidit_jax import configs
+  from absl import flags
+  config = configs.load_from_flags()
+  train_and_evaluate(config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from lidit_jax import configs
+  configs.define_flags()
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/, samples/.", required=True)
+  app.run(main)
