@@ -14,10 +14,12 @@ from lidit_jax import configs
 
 def get_config(variant: str = ""):
   c = configs.base_config()
-  c.model.update(width=128, depth=4, num_heads=4, patch_size=2, pos_embed="resblock")
+  c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both")
+  for t in c.text.towers.values():
+    t.max_length = 56  # 31 instruction + template tokens, captions of up to 21 words
   c.model.refiner.update(depth=2, num_heads=4)
   c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.995, grad_clip=1.0)
-  c.train.update(num_steps=3000, batch_size=64, log_every=25, checkpoint_every=500, sample_every=1000)
+  c.train.update(num_steps=1500, batch_size=32, log_every=25, checkpoint_every=250, sample_every=500)
   c.sample.update(steps=25, sampler="euler", cfg=3.0)
   c.eval.update(num_prompts=128, steps=25, cfg=3.0)
   if variant == "tiny":

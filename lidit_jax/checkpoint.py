@@ -46,8 +46,9 @@ class Checkpoints:
 
 def require(workdir: str) -> "Checkpoints":
   """Open a workdir that must hold a checkpoint, with a clear error when it does not."""
-  ckpt = Checkpoints(workdir)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}. Fix: train first "
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  ckpt = Checkpoints(workdir) if os.path.isdir(directory) else None
+  if ckpt is None or ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}. Fix: train first "
                             f"(python -m lidit_jax.train --config ... --workdir {workdir}) or pass the right --workdir.")
   return ckpt

@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = dict(width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True,
                  pos_embed="resblock", remat="none", scan=True, dtype="float32",
-                 refiner=dict(depth=2, num_heads=4, causal=False, gated=True, fusion="collaborative"))
+                 refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative"))
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
                 towers=dict(llama_a=tower(), llama_b=tower(hidden_size=96, num_layers=5, num_heads=4,
@@ -165,15 +165,16 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return mod.get_config(arg) if arg else mod.get_config()
 
 
-def define_flags():
+def define_flags(default: str | None = None):
   """`--config path.py[:variant]` with `--config.key=value` overrides (unknown keys are refused)."""
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/shapes.py or "
+  config_flags.DEFINE_config_file("config", default, "Experiment config file, e.g. configs/shapes.py or "
                                   "configs/shapes.py:tiny.", lock_config=True)
 
 
 def load_from_flags() -> ml_collections.ConfigDict:
-  from absl import flags
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
   config = flags.FLAGS.config
   if config is None:
     raise SystemExit("--config is required, e.g. --config configs/shapes.py")

@@ -27,6 +27,7 @@ class LIDiT(nn.Module):
   dit: dit_lib.DiTConfig
   refiner_depth: int = 2
   refiner_heads: int = 8
+  refiner_mlp_ratio: float = 4.0
   refiner_causal: bool = False
   refiner_gated: bool = True
   fusion: str = "collaborative"  # or "concat"
@@ -39,12 +40,14 @@ class LIDiT(nn.Module):
     w = self.dit.width
     xs, cs, vs = [], [], []
     for i, (f, v, pm) in enumerate(zip(feats, valids, prompts)):
-      x, c = refiner.TokenRefiner(w, self.refiner_depth, self.refiner_heads, causal=self.refiner_causal,
+      x, c = refiner.TokenRefiner(w, self.refiner_depth, self.refiner_heads, self.refiner_mlp_ratio,
+                                  causal=self.refiner_causal,
                                   gated=self.refiner_gated, qk_norm=self.dit.qk_norm, dtype=self.dtype,
                                   name=f"token_refiner_{i}")(f, v, pm, t_emb_BD)
       xs.append(x), cs.append(c), vs.append(v.astype(bool))
     if self.fusion == "collaborative":
-      xs = refiner.CollaborativeRefiner(self.refiner_heads, qk_norm=self.dit.qk_norm, dtype=self.dtype,
+      xs = refiner.CollaborativeRefiner(self.refiner_heads, self.refiner_mlp_ratio, qk_norm=self.dit.qk_norm,
+                                        dtype=self.dtype,
                                         name="collaborative_refiner")(xs, vs, cs)
     # Static shapes under jit: instruction tokens are masked, never sliced away.
     keep = [v & pm.astype(bool) if self.drop_instruction else v for v, pm in zip(vs, prompts)]
@@ -123,7 +126,8 @@ def build_model(config) -> LIDiT:
                            in_channels=config.autoencoder.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                            pos_embed=m.pos_embed, remat=m.remat, scan=m.scan)
   r = m.refiner
-  return LIDiT(dcfg, refiner_depth=r.depth, refiner_heads=r.num_heads, refiner_causal=r.causal,
+  return LIDiT(dcfg, refiner_depth=r.depth, refiner_heads=r.num_heads, refiner_mlp_ratio=r.mlp_ratio,
+               refiner_causal=r.causal,
                refiner_gated=r.gated, fusion=r.fusion, drop_instruction=config.text.drop_instruction,
                dtype=DTYPES[m.dtype])
 

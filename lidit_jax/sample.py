@@ -53,11 +53,10 @@ def make_generator(s, steps: int, cfg_scale: float, sampler: str):
       velocity = flow.guided(both, cfg_scale)
     return jnp.clip(flow.solve(velocity, noise, steps, sampler, shift), -1.0, 1.0)
 
-  rules = sharding.rules(config)
   jitted = jax.jit(generate)
 
   def run(params, tower_params, tokens, noise):
-    with s.mesh, nn.logical_axis_rules(rules):
+    with sharding.active(s.mesh, config):
       return jitted(params, tower_params, tokens, noise)
   return run
 

@@ -5,6 +5,7 @@ carry logical axis names; `config.sharding_rules` maps them to mesh axes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -52,3 +53,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def active(mesh: Mesh, config):
+  """Mesh + logical rules in scope, for tracing and running sharded functions."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)):
+    yield

@@ -53,7 +53,7 @@ class Setup:
 
   def init_state(self, rng) -> TrainState:
     init = jax.jit(lambda r: nn.unbox(_init_state(self, r)), out_shardings=self.state_shardings)
-    with self.mesh, nn.logical_axis_rules(sharding.rules(self.config)):
+    with sharding.active(self.mesh, self.config):
       return init(rng)
 
 
@@ -76,7 +76,7 @@ def setup(config) -> Setup:
   towers = model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)
   s = Setup(config, model, towers, None, mesh, tx, schedule, None, None)
-  with mesh, nn.logical_axis_rules(sharding.rules(config)):
+  with sharding.active(mesh, config):
     boxed = jax.eval_shape(lambda r: _init_state(s, r), jax.random.key(0))
   s.state_shardings = sharding.logical_shardings(boxed, mesh, config)
   s.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -88,8 +88,8 @@ def setup(config) -> Setup:
 
 def restore_for_inference(config, workdir: str):
   """(Setup, EMA params, step) from the latest checkpoint in workdir, or a clear error."""
+  ckpt = ckpt_lib.require(workdir)  # fail before building anything
   s = setup(config)
-  ckpt = ckpt_lib.require(workdir)
   state, _ = ckpt.restore(s.abstract_state)
   ckpt.close()
   return s, state.ema_params, int(state.step)

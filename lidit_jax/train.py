@@ -62,10 +62,9 @@ def make_train_step(s: state_lib.Setup):
   batch_sh = sharding.batch_sharding(s.mesh)
   jitted = jax.jit(train_step, in_shardings=(s.state_shardings, repl, batch_sh, repl),
                    out_shardings=(s.state_shardings, repl), donate_argnums=(0,))
-  rules = sharding.rules(config)
 
   def run(state, tower_params, batch, rng):
-    with s.mesh, nn.logical_axis_rules(rules):
+    with sharding.active(s.mesh, config):
       return jitted(state, tower_params, batch, rng)
   return run
 
@@ -167,29 +166,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
       bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{last['steps_per_sec']:.2f}")
       window, t_window = [], time.perf_counter()
 
-  for step in range(start, t.num_steps):
-    batch = device_batch(next(data), s.mesh)
-    state, metrics = step_fn(state, s.tower_params, batch, rng)
-    if pending is not None:
-      finish(*pending)
-    pending = (step + 1, metrics)
-    done = step + 1
-    if done % t.checkpoint_every == 0 or done == t.num_steps:
-      finish(*pending)
-      pending = None
-      ckpt.save(done, state, data.state(), config, force=True)
-    if done % t.sample_every == 0 or done == t.num_steps:
+  try:
+    for step in range(start, t.num_steps):
+      batch = device_batch(next(data), s.mesh)
+      state, metrics = step_fn(state, s.tower_params, batch, rng)
       if pending is not None:
         finish(*pending)
+      pending = (step + 1, metrics)
+      done = step + 1
+      if done % t.checkpoint_every == 0 or done == t.num_steps:
+        finish(*pending)
         pending = None
-      path = save_samples(s, state.ema_params, workdir, done, generator)
-      if path:
-        bar.write(f"step {done}: samples -> {path}")
-  if pending is not None:
-    finish(*pending)
-  bar.close()
-  ckpt.close()
-  log.close()
+        ckpt.save(done, state, data.state(), config, force=True)
+      if done % t.sample_every == 0 or done == t.num_steps:
+        if pending is not None:
+          finish(*pending)
+          pending = None
+        path = save_samples(s, state.ema_params, workdir, done, generator)
+        if path:
+          bar.write(f"step {done}: samples -> {path}")
+    if pending is not None:
+      finish(*pending)
+  finally:  # also on Ctrl-C or an error: let an in-flight checkpoint save finish
+    bar.close()
+    ckpt.close()
+    log.close()
   return last
 
 

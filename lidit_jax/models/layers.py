@@ -28,21 +28,12 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
-class Dense(nn.Module):
+def Dense(features: int, axes: tuple[str | None, str | None] = ("embed", "mlp"), use_bias: bool = True,
+          zero_init: bool = False, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
   """nn.Dense whose kernel and bias carry logical axis names (`axes` = (in, out))."""
-  features: int
-  axes: tuple[str | None, str | None] = ("embed", "mlp")
-  use_bias: bool = True
-  zero_init: bool = False
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    init = nn.initializers.zeros_init() if self.zero_init else default_init
-    return nn.Dense(
-        self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=logical(init, self.axes),
-        bias_init=logical(nn.initializers.zeros_init(), (self.axes[1],)))(x)
+  init = nn.initializers.zeros_init() if zero_init else default_init
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=logical(init, axes), bias_init=logical(nn.initializers.zeros_init(), (axes[1],)))
 
 
 class RMSNorm(nn.Module):
@@ -124,10 +115,8 @@ class Attention(nn.Module):
     ctx = x_BLD if context_BSD is None else context_BSD
 
     def proj(name, inp, heads):
-      return nn.DenseGeneral(
-          (heads, k_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name,
-          kernel_init=logical(default_init, ("embed", "heads", "kv")),
-          bias_init=logical(nn.initializers.zeros_init(), ("heads", "kv")))(inp)
+      return HeadsDense((inp.shape[-1], heads, k_dim), "...d,dhk->...hk", ("embed", "heads", "kv"),
+                        self.use_bias, self.dtype, name=name)(inp)
 
     q = proj("query", x_BLD, h)
     k = proj("key", ctx, kvh)
@@ -144,10 +133,35 @@ class Attention(nn.Module):
       has_key = jnp.any(mask, axis=-1)  # [B, 1, L]
       has_key = jnp.broadcast_to(has_key, (out.shape[0], 1, out.shape[1]))[:, 0, :, None, None]
       out = jnp.where(has_key, out, 0)
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32, name="out",
-        kernel_init=logical(default_init, ("heads", "kv", "embed")),
-        bias_init=logical(nn.initializers.zeros_init(), ("embed",)))(out)
+    return HeadsDense((h, k_dim, d), "...hk,hkd->...d", ("heads", "kv", "embed"), self.use_bias, self.dtype,
+                      name="out")(out)
+
+
+class HeadsDense(nn.Module):
+  """A projection into or out of attention heads, kernel created in its final 3-D shape so that its
+  logical axis names always match its rank (the kernel of an nn.DenseGeneral is born flat)."""
+  kernel_shape: tuple[int, int, int]
+  equation: str
+  axes: tuple[str, str, str]
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    # Xavier-uniform on the matrix view (fan in = the contracted dims, fan out = the rest).
+    contract_first = self.axes[0] == "embed"
+    fan_in = self.kernel_shape[0] if contract_first else self.kernel_shape[0] * self.kernel_shape[1]
+    fan_out = self.kernel_shape[1] * self.kernel_shape[2] if contract_first else self.kernel_shape[2]
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -limit, limit)
+    w = self.param("kernel", logical(init, self.axes), self.kernel_shape, jnp.float32)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), w.astype(self.dtype))
+    if self.use_bias:
+      bias_shape = self.kernel_shape[1:] if contract_first else self.kernel_shape[2:]
+      bias_axes = self.axes[1:] if contract_first else self.axes[2:]
+      y = y + self.param("bias", logical(nn.initializers.zeros_init(), bias_axes), bias_shape,
+                         jnp.float32).astype(self.dtype)
+    return y
 
 
 class Mlp(nn.Module):

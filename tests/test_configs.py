@@ -1,0 +1,49 @@
+"""Config validation (before any compute) and the paper-sized configs built abstractly."""
+import subprocess
+import sys
+
+import pytest
+
+from lidit_jax import configs, model as model_lib
+
+from conftest import ROOT, tiny_config
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.width": 100, "model.num_heads": 16}, "model.width=100: not divisible by model.num_heads=16"),
+    ({"data.image_size": 30}, "data.image_size=30: not divisible by patch_size x autoencoder factor"),
+    ({"model.refiner.fusion": "collaborative", "text.use": "llama_a"}, "needs two or more LLM towers"),
+    ({"text.use": "llama_a,gpt"}, "tower 'gpt' is not defined"),
+    ({"text.towers.llama_a.layer": -9}, "text.towers.llama_a.layer=-9"),
+    ({"model.pos_embed": "rope"}, "model.pos_embed='rope': must be one of"),
+    ({"optim.lr": -1.0}, "optim.lr=-1.0"),
+    ({"sample.sampler": "ddim"}, "sample.sampler='ddim'"),
+    ({"autoencoder.factor": 8}, "pixel space (identity) means factor 1"),
+])
+def test_bad_values_are_refused_with_the_fix(overrides, message):
+  with pytest.raises(ValueError) as e:
+    tiny_config(**overrides)
+  assert message in str(e.value)
+  assert "Fix:" in str(e.value)
+
+
+def test_unknown_key_is_refused_on_the_command_line():
+  r = subprocess.run([sys.executable, "-m", "lidit_jax.train", "--config", str(ROOT / "configs/shapes.py:tiny"),
+                      "--workdir", "/tmp/unused", "--config.optim.learning_rate=3e-4"],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0
+  assert "learning_rate" in r.stderr
+
+
+def test_paper_configs_build_abstractly_with_the_right_sizes():
+  """LI-DiT-1B and -10B: parameters from eval_shape only (nothing allocated)."""
+  for name, low, high in (("lidit_1b.py", 1.0e9, 1.2e9), ("lidit_10b.py", 9.5e9, 11.0e9)):
+    c = configs.validate(configs.load_config_file(str(ROOT / "configs" / name)))
+    report = model_lib.param_report(c)
+    assert low < report["trainable total"] < high, (name, report)
+    assert report["frozen LLM llama3"] > 7e9  # the towers are counted apart, not trained
+
+
+def test_variants_are_checked():
+  with pytest.raises(ValueError, match="unknown variant"):
+    configs.load_config_file(str(ROOT / "configs/shapes.py:huge"))

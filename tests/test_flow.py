@@ -1,0 +1,77 @@
+"""Rectified flow: timestep densities, shifts, and the ODE samplers on a target with a closed-form answer."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lidit_jax import flow
+
+
+def flow_cfg(kind):
+  return ml_collections.ConfigDict(dict(timestep=kind, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                        shift=1.0, resolution_shift=False))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "logit_normal", "mode"])
+def test_timesteps_in_unit_interval(kind):
+  t = flow.sample_timesteps(jax.random.key(0), 20000, flow_cfg(kind))
+  assert float(t.min()) > 0.0 and float(t.max()) < 1.0
+  assert abs(float(jnp.median(t)) - 0.5) < 0.03  # all three densities are symmetric about 1/2 here
+  if kind == "logit_normal":  # mass concentrated in the middle compared to uniform
+    assert float(jnp.mean(jnp.abs(t - 0.5) < 0.25)) > 0.6
+
+
+def test_shift_moves_time_towards_noise():
+  t = jnp.linspace(0.01, 0.99, 50)
+  assert bool(jnp.all(flow.shift_time(t, 3.0) > t))
+  np.testing.assert_allclose(flow.shift_time(t, 1.0), t, atol=1e-7)
+  np.testing.assert_allclose(flow.shift_time(jnp.array([0.0, 1.0]), 3.0), [0.0, 1.0], atol=1e-7)
+  # Flux's rule: mu(256 tokens) = 0.5, mu(4096) = 1.15, and s' = e^mu / (e^mu + 1/s - 1) is the same map
+  assert flow.resolution_shift(256) == pytest.approx(math.exp(0.5))
+  assert flow.resolution_shift(4096) == pytest.approx(math.exp(1.15))
+  mu, s = 0.8, 0.3
+  assert float(flow.shift_time(s, math.exp(mu))) == pytest.approx(math.exp(mu) / (math.exp(mu) + 1 / s - 1), rel=1e-6)
+
+
+def gaussian_velocity(mu, sigma):
+  """Exact E[eps - x0 | x_t] for x0 ~ N(mu, sigma^2), eps ~ N(0, 1), x_t = (1 - t) x0 + t eps."""
+  def v(x, t):
+    t = t.reshape((-1,) + (1,) * (x.ndim - 1))
+    a, b = 1.0 - t, t
+    var = a * a * sigma ** 2 + b * b
+    r = x - a * mu
+    e_eps = b / var * r
+    e_x0 = mu + a * sigma ** 2 / var * r
+    return e_eps - e_x0
+  return v
+
+
+@pytest.mark.parametrize("sampler,steps,tol", [("euler", 200, 2e-2), ("heun", 40, 2e-3)])
+def test_sampler_transports_noise_to_the_gaussian(sampler, steps, tol):
+  mu, sigma = 2.0, 0.5
+  noise = jax.random.normal(jax.random.key(0), (256, 3))
+  x0 = flow.solve(gaussian_velocity(mu, sigma), noise, steps, sampler)
+  # The exact flow between two Gaussians is affine: x0 = mu + sigma * noise.
+  np.testing.assert_allclose(x0, mu + sigma * noise, atol=tol)
+
+
+def test_heun_beats_euler_at_equal_steps():
+  mu, sigma = -1.0, 0.3
+  noise = jax.random.normal(jax.random.key(1), (128, 2))
+  exact = mu + sigma * noise
+  err = {s: float(jnp.abs(flow.solve(gaussian_velocity(mu, sigma), noise, 10, s) - exact).max())
+         for s in ("euler", "heun")}
+  assert err["heun"] < err["euler"] / 5, err
+
+
+def test_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
+  # For x0 = c (a point mass), the exact velocity is (x_t - c) / t, so the loss vanishes.
+  c = jnp.full((4, 3), 0.7)
+  v = lambda x, t: (x - c) / t.reshape(-1, 1)
+  loss, t = flow.loss_terms(v, c, jax.random.key(2), flow_cfg("uniform"))
+  assert float(loss.max()) < 1e-8
+  wrong = lambda x, t: jnp.zeros_like(x)
+  assert float(flow.loss_terms(wrong, c, jax.random.key(2), flow_cfg("uniform"))[0].mean()) > 0.1

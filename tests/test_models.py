@@ -1,0 +1,217 @@
+"""Masks, refiner semantics, and the denoiser's text conditioning on tiny random models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lidit_jax import flow
+from lidit_jax import model as model_lib
+from lidit_jax.models import layers, llm, refiner
+
+from conftest import tiny_config
+
+
+def perturb(params, seed=0, scale=0.2):
+  """Random values everywhere, zero-initialised gates included, so that no path is trivially off."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+def unboxed_init(module, *args, **kw):
+  import flax.linen as nn
+  return nn.unbox(module.init(jax.random.key(0), *args, **kw))["params"]
+
+
+# ---------------------------------------------------------------------------- LLM tower
+
+@pytest.fixture(scope="module")
+def tower():
+  cfg = llm.tiny_llama(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2)
+  m = llm.LlamaTower(cfg)
+  ids = jnp.ones((1, 6), jnp.int32)
+  return m, unboxed_init(m, ids, ids)
+
+
+def test_tower_returns_every_layer(tower):
+  m, p = tower
+  ids = jnp.arange(2 * 7).reshape(2, 7) % 50
+  h = m.apply({"params": p}, ids, jnp.ones_like(ids))
+  assert h.shape == (4, 2, 7, 32)  # embeddings + 3 layers
+
+
+def test_tower_padding_does_not_change_valid_tokens(tower):
+  m, p = tower
+  ids = jnp.array([[5, 6, 7, 8]])
+  ref = m.apply({"params": p}, ids, jnp.ones_like(ids))
+  # right padding with junk ids
+  ids_r = jnp.array([[5, 6, 7, 8, 33, 44, 11]])
+  mask_r = jnp.array([[1, 1, 1, 1, 0, 0, 0]])
+  out_r = m.apply({"params": p}, ids_r, mask_r)
+  np.testing.assert_allclose(out_r[:, :, :4], ref, atol=1e-5)
+  # left padding: positions count valid tokens, so the same features come out
+  ids_l = jnp.array([[9, 9, 5, 6, 7, 8]])
+  mask_l = jnp.array([[0, 0, 1, 1, 1, 1]])
+  out_l = m.apply({"params": p}, ids_l, mask_l)
+  np.testing.assert_allclose(out_l[:, :, 2:], ref, atol=1e-5)
+
+
+def test_tower_is_causal(tower):
+  m, p = tower
+  a = m.apply({"params": p}, jnp.array([[5, 6, 7, 8]]), jnp.ones((1, 4)))
+  b = m.apply({"params": p}, jnp.array([[5, 6, 7, 9]]), jnp.ones((1, 4)))
+  np.testing.assert_allclose(a[:, :, :3], b[:, :, :3], atol=1e-6)
+  assert float(jnp.abs(a[-1, :, 3] - b[-1, :, 3]).max()) > 1e-3
+
+
+def test_fully_padded_rows_give_no_nan(tower):
+  m, p = tower
+  out = m.apply({"params": p}, jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 5)))
+  assert bool(jnp.all(jnp.isfinite(out)))
+  attn = layers.Attention(2)
+  x = jax.random.normal(jax.random.key(1), (2, 3, 8))
+  mask = layers.attention_mask(None, jnp.zeros((2, 3), bool))
+  ap = unboxed_init(attn, x, mask=mask)
+  y = attn.apply({"params": ap}, x, mask=mask)
+  assert bool(jnp.all(jnp.isfinite(y))) and float(jnp.abs(y).max()) == 0.0
+
+
+# ---------------------------------------------------------------------------- token refiner
+
+def refiner_inputs(b=2, l=6, e=12, d=16):
+  k = jax.random.split(jax.random.key(3), 2)
+  feats = jax.random.normal(k[0], (b, l, e))
+  valid = jnp.ones((b, l), bool)
+  t_emb = jax.random.normal(k[1], (b, d))
+  return feats, valid, valid, t_emb
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_refiner_bidirectional_vs_causal(causal):
+  r = refiner.TokenRefiner(16, depth=2, num_heads=2, causal=causal)
+  feats, valid, pool, t_emb = refiner_inputs()
+  # Pool over the first token only, so changing the last token reaches earlier tokens through attention alone.
+  pool = jnp.zeros_like(valid).at[:, 0].set(True)
+  params = perturb(unboxed_init(r, feats, valid, pool, t_emb))
+  out, _ = r.apply({"params": params}, feats, valid, pool, t_emb)
+  feats2 = feats.at[:, -1].add(1.0)  # change only the last token
+  out2, _ = r.apply({"params": params}, feats2, valid, pool, t_emb)
+  earlier_change = float(jnp.abs(out[:, :-1] - out2[:, :-1]).max())
+  assert float(jnp.abs(out[:, -1] - out2[:, -1]).max()) > 1e-3
+  if causal:
+    assert earlier_change < 1e-6
+  else:
+    assert earlier_change > 1e-3
+
+
+def test_zero_init_gates_make_refiner_identity():
+  feats, valid, pool, t_emb = refiner_inputs()
+  deep = refiner.TokenRefiner(16, depth=2, num_heads=2)
+  params = unboxed_init(deep, feats, valid, pool, t_emb)
+  out, _ = deep.apply({"params": params}, feats, valid, pool, t_emb)
+  shallow = refiner.TokenRefiner(16, depth=0, num_heads=2)
+  p0 = {k: v for k, v in params.items() if not k.startswith("block_")}
+  ref, _ = shallow.apply({"params": p0}, feats, valid, pool, t_emb)
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  # ... and the same blocks with open gates are not the identity (the test can fail).
+  moved, _ = deep.apply({"params": perturb(params)}, feats, valid, pool, t_emb)
+  assert float(jnp.abs(moved - ref).max()) > 1e-3
+  # Without gating (the paper's ablation) the blocks act from the start.
+  ungated = refiner.TokenRefiner(16, depth=2, num_heads=2, gated=False)
+  pu = unboxed_init(ungated, feats, valid, pool, t_emb)
+  out_u, _ = ungated.apply({"params": pu}, feats, valid, pool, t_emb)
+  ref_u, _ = shallow.apply({"params": {k: v for k, v in pu.items() if not k.startswith("block_")}},
+                           feats, valid, pool, t_emb)
+  assert float(jnp.abs(out_u - ref_u).max()) > 1e-3
+
+
+def test_collaborative_refiner_reads_the_other_tower():
+  k = jax.random.split(jax.random.key(4), 4)
+  xs = [jax.random.normal(k[0], (2, 5, 16)), jax.random.normal(k[1], (2, 7, 16))]
+  vs = [jnp.ones((2, 5), bool), jnp.ones((2, 7), bool)]
+  cs = [jax.random.normal(k[2], (2, 16))] * 2
+  r = refiner.CollaborativeRefiner(num_heads=2)
+  p = perturb(unboxed_init(r, xs, vs, cs))
+  out = r.apply({"params": p}, xs, vs, cs)
+  # change the second tower only (not by a constant: LayerNorm would cancel that)
+  xs2 = [xs[0], xs[1].at[:, 0].add(jax.random.normal(k[3], (2, 16)))]
+  out2 = r.apply({"params": p}, xs2, vs, cs)
+  assert float(jnp.abs(out[0] - out2[0]).max()) > 1e-3  # branch 0 attends to tower 1
+  # padded keys of the other tower are ignored
+  vs_p = [vs[0], vs[1].at[:, -2:].set(False)]
+  a = r.apply({"params": p}, xs, vs_p, cs)
+  b = r.apply({"params": p}, [xs[0], xs[1].at[:, -2:].set(9.0)], vs_p, cs)
+  np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the denoiser
+
+@pytest.fixture(scope="module")
+def denoiser():
+  config = tiny_config()
+  m = model_lib.build_model(config)
+  inputs = model_lib.abstract_inputs(config, 2)
+  rng = np.random.default_rng(0)
+  real = {}
+  for k, v in inputs.items():
+    if isinstance(v, list):
+      real[k] = [jnp.asarray(rng.normal(size=s.shape), s.dtype) if s.dtype != jnp.bool_ else jnp.ones(s.shape, bool)
+                 for s in v]
+    elif v.dtype == jnp.bool_:
+      real[k] = jnp.zeros(v.shape, bool)
+    else:
+      real[k] = jnp.asarray(rng.uniform(size=v.shape), v.dtype)
+  # Mark a few instruction tokens and some padding.
+  real["prompts"] = [p.at[:, :5].set(False) for p in real["prompts"]]
+  real["valids"] = [v.at[1, -10:].set(False) for v in real["valids"]]
+  real["prompts"] = [p & v for p, v in zip(real["prompts"], real["valids"])]
+  params = perturb(unboxed_init(m, **real))
+  return m, params, real
+
+
+def test_denoiser_ignores_padding(denoiser):
+  m, p, x = denoiser
+  out = m.apply({"params": p}, **x)
+  junk = dict(x, feats=[f.at[1, -10:].set(5.0) for f in x["feats"]])
+  np.testing.assert_allclose(m.apply({"params": p}, **junk), out, atol=1e-5)
+  real_change = dict(x, feats=[f.at[1, 6].add(1.0) for f in x["feats"]])
+  assert float(jnp.abs(m.apply({"params": p}, **real_change) - out).max()) > 1e-4
+
+
+def test_denoiser_no_nan_with_empty_text(denoiser):
+  m, p, x = denoiser
+  empty = dict(x, valids=[jnp.zeros_like(v) for v in x["valids"]], prompts=[jnp.zeros_like(v) for v in x["prompts"]])
+  assert bool(jnp.all(jnp.isfinite(m.apply({"params": p}, **empty))))
+
+
+def test_null_context_replaces_text(denoiser):
+  m, p, x = denoiser
+  drop = dict(x, drop_B=jnp.ones((2,), bool))
+  other = dict(drop, feats=[f + 1.0 for f in x["feats"]])
+  np.testing.assert_allclose(m.apply({"params": p}, **drop), m.apply({"params": p}, **other), atol=1e-5)
+  assert float(jnp.abs(m.apply({"params": p}, **drop) - m.apply({"params": p}, **x)).max()) > 1e-4
+
+
+def test_cfg_scale_one_is_the_conditional_prediction(denoiser):
+  m, p, x = denoiser
+  cond = lambda xt, t: m.apply({"params": p}, xt, t, x["feats"], x["valids"], x["prompts"], jnp.zeros((2,), bool))
+  uncond = lambda xt, t: m.apply({"params": p}, xt, t, x["feats"], x["valids"], x["prompts"], jnp.ones((2,), bool))
+  both = lambda xt, t: (cond(xt, t), uncond(xt, t))
+  xt, t = x["x_BHWC"], x["t_B"]
+  np.testing.assert_allclose(flow.guided(both, 1.0)(xt, t), cond(xt, t), atol=1e-6)
+  assert float(jnp.abs(flow.guided(both, 3.0)(xt, t) - cond(xt, t)).max()) > 1e-4
+
+
+def test_instruction_tokens_are_dropped_from_the_context(denoiser):
+  m, p, x = denoiser
+  # Instruction tokens reach the DiT only through the refiners; with drop_instruction they are masked
+  # out of the cross-attention, so without refiner blocks (depth 0, concat) they cannot matter at all.
+  config = tiny_config(**{"model.refiner.depth": 0, "model.refiner.fusion": "concat"})
+  m0 = model_lib.build_model(config)
+  p0 = perturb(unboxed_init(m0, **x))
+  out = m0.apply({"params": p0}, **x)
+  changed = dict(x, feats=[f.at[:, :5].add(3.0) for f in x["feats"]])
+  np.testing.assert_allclose(m0.apply({"params": p0}, **changed), out, atol=1e-5)
+  keep = model_lib.build_model(tiny_config(**{"model.refiner.depth": 0, "model.refiner.fusion": "concat",
+                                              "text.drop_instruction": False}))
+  assert float(jnp.abs(keep.apply({"params": p0}, **changed) - keep.apply({"params": p0}, **x)).max()) > 1e-4
