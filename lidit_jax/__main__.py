@@ -45,5 +45,6 @@ def main(argv):
 
 if __name__ == "__main__":
   configs.define_flags(default=DEMO_CONFIG)
+  flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", "runs/shapes", "Run directory (resumed if it holds a checkpoint).")
   app.run(main)

@@ -168,8 +168,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 def define_flags(default: str | None = None):
   """`--config path.py[:variant]` with `--config.key=value` overrides (unknown keys are refused)."""
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", default, "Experiment config file, e.g. configs/shapes.py or "
-                                  "configs/shapes.py:tiny.", lock_config=True)
+  config_flags.DEFINE_config_file("config", default, "Experiment config file, e.g. configs/shapes.py (or "
+                                  "configs/shapes.py:tiny). Override any field with --config.a.b=value, e.g. "
+                                  "--config.optim.lr=3e-4; unknown fields are refused.", lock_config=True)
 
 
 def load_from_flags() -> ml_collections.ConfigDict:

@@ -85,6 +85,7 @@ def define_flags():
   from absl import flags
   from lidit_jax import configs
   configs.define_flags()
+  flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
   flags.DEFINE_string("out", "eval.json", "Where to write the metrics JSON (a sample grid goes beside it).")
   flags.DEFINE_integer("num_prompts", None, "Held-out prompts to generate (default: config.eval.num_prompts).")

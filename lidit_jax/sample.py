@@ -1,6 +1,6 @@
 """Sampling: prompts -> images with the EMA weights, the ODE sampler and classifier-free guidance.
 
-  python -m lidit_jax.sample --config configs/shapes.py --workdir runs/shapes \
+  python -m lidit_jax.sample --config configs/shapes.py --workdir runs/shapes
       --prompt "a red circle to the left of a blue square" --out sample.png [--num_images 4 --cfg 3 --steps 25]
 
 One PNG per prompt at --out (a grid when --num_images > 1). With several prompts (repeated --prompt or
@@ -142,6 +142,7 @@ def define_flags():
   from absl import flags
   from lidit_jax import configs
   configs.define_flags()
+  flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeatable).")
   flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line.")

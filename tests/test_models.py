@@ -215,3 +215,45 @@ def test_instruction_tokens_are_dropped_from_the_context(denoiser):
   keep = model_lib.build_model(tiny_config(**{"model.refiner.depth": 0, "model.refiner.fusion": "concat",
                                               "text.drop_instruction": False}))
   assert float(jnp.abs(keep.apply({"params": p0}, **changed) - keep.apply({"params": p0}, **x)).max()) > 1e-4
+
+
+# ---------------------------------------------------------------------------- structure and options
+
+def test_every_parameter_has_logical_axis_names():
+  import flax.linen as nn
+  config = tiny_config()
+  m = model_lib.build_model(config)
+  boxed = jax.eval_shape(lambda kw: m.init(jax.random.key(0), **kw), model_lib.abstract_inputs(config, 1))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves
+  for leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+    assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
+  # the scanned depth axis is named too
+  blocks = boxed["denoiser"]["blocks"]["block"]["mlp"]["fc1"]["kernel"]
+  assert blocks.names[0] == "layers" and blocks.value.shape[0] == config.model.depth
+
+
+def test_remat_and_bf16_options(denoiser):
+  m, p, x = denoiser
+  out = m.apply({"params": p}, **x)
+  remat = model_lib.build_model(tiny_config(**{"model.remat": "full"}))
+  np.testing.assert_allclose(remat.apply({"params": p}, **x), out, atol=1e-5)
+  grads = [jax.grad(lambda q: jnp.sum(mod.apply({"params": q}, **x) ** 2))(p) for mod in (m, remat)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(a).max()) + 1e-6)
+  bf16 = model_lib.build_model(tiny_config(**{"model.dtype": "bfloat16"}))
+  out16 = bf16.apply({"params": p}, **x)
+  assert out16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out16)))
+  assert float(jnp.abs(out16 - out).max()) < 0.1 * float(jnp.abs(out).max()) + 1e-2
+
+
+def test_unrolled_depth_matches_scanned(denoiser):
+  m, p, x = denoiser
+  unrolled = model_lib.build_model(tiny_config(**{"model.scan": False}))
+  stacked = p["denoiser"]["blocks"]["block"]
+  den = {k: v for k, v in p["denoiser"].items() if k != "blocks"}
+  for i in range(2):
+    den[f"blocks_{i}"] = {"block": jax.tree.map(lambda a: a[i], stacked)}
+  p2 = dict(p, denoiser=den)
+  np.testing.assert_allclose(unrolled.apply({"params": p2}, **x), m.apply({"params": p}, **x), atol=1e-5)
