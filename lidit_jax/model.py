@@ -87,14 +87,14 @@ def build_towers(config) -> list[TextTower]:
   towers = []
   for name in tower_names(config):
     tc = config.text.towers[name]
-    tok = prompt_lib.load_tokenizer(tc.tokenizer, extra_words=shapes.VOCABULARY)
-    encoder = prompt_lib.PromptEncoder(tok, tc.max_length, config.text.instruction or None,
-                                       config.text.use_chat_template, config.text.padding_side)
     if tc.kind != "llama":
       raise ValueError(f"text.towers.{name}.kind={tc.kind!r} is not supported yet; use 'llama'.")
     if tc.init != "random":
       raise ValueError(f"text.towers.{name}.init={tc.init!r}: loading real checkpoints is not implemented yet; "
                        "use init='random' (the demo's random frozen tower).")
+    tok = prompt_lib.load_tokenizer(tc.tokenizer, extra_words=shapes.VOCABULARY)
+    encoder = prompt_lib.PromptEncoder(tok, tc.max_length, config.text.instruction or None,
+                                       config.text.use_chat_template, config.text.padding_side)
     dtype = DTYPES[tc.dtype]
     towers.append(TextTower(name, llm.LlamaTower(llama_config(tc, len(tok)), dtype), encoder, tc.layer, dtype))
   return towers

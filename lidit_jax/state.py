@@ -31,11 +31,17 @@ def make_optimizer(config):
   o = config.optim
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, o.lr, o.warmup_steps, config.train.num_steps, end_value=o.lr * o.min_lr_ratio)
-  # Decay matrices only, not norms, biases or the null embedding's scale-free vectors.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                    optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
   return tx, schedule
+
+
+def decay_mask(params):
+  """Weight decay on kernels only, not on biases or norm scales (by name: scanned ones are 2-D too)."""
+  def is_kernel(path, _):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] == "kernel"
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 @dataclasses.dataclass

@@ -257,3 +257,17 @@ def test_unrolled_depth_matches_scanned(denoiser):
     den[f"blocks_{i}"] = {"block": jax.tree.map(lambda a: a[i], stacked)}
   p2 = dict(p, denoiser=den)
   np.testing.assert_allclose(unrolled.apply({"params": p2}, **x), m.apply({"params": p}, **x), atol=1e-5)
+
+
+def test_weight_decay_reaches_kernels_only():
+  import flax.linen as nn
+  from lidit_jax import state as state_lib
+  config = tiny_config()
+  m = model_lib.build_model(config)
+  boxed = jax.eval_shape(lambda kw: m.init(jax.random.key(0), **kw), model_lib.abstract_inputs(config, 1))["params"]
+  mask = state_lib.decay_mask(boxed)
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(nn.unbox(mask))[0]}
+  assert flat["denoiser/blocks/block/mlp/fc1/kernel"] is True
+  assert flat["denoiser/blocks/block/mlp/fc1/bias"] is False  # 2-D under scan, still no decay
+  assert flat["denoiser/blocks/block/self_attn/q_norm/scale"] is False
