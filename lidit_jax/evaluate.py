@@ -43,15 +43,27 @@ def summarize(scenes, scores) -> dict:
   return out
 
 
+def eval_scenes(split: str, n: int, seed: int) -> list:
+  """Two- and three-object scenes: held-out compositions, or ones drawn like the training data
+  (the gap between the two separates compositional generalisation from fitting)."""
+  if split == "heldout":
+    return shapes.heldout_scenes(n, seed=seed)
+  if split == "train":
+    rng = np.random.default_rng([seed, 0x7A1])
+    return [shapes.sample_scene(rng, "train", 3, (0.0, 1.0, 1.0)) for _ in range(n)]
+  raise ValueError(f"evaluation split {split!r}: use 'heldout' or 'train'")
+
+
 def evaluate(s, params, num_prompts: int, steps: int, cfg_scale: float, seed: int = 0,
-             sampler: str = "euler", batch_size: int = 64, out_dir: str | None = None) -> dict:
-  scenes = shapes.heldout_scenes(num_prompts, seed=s.config.seed)
+             sampler: str = "euler", batch_size: int = 64, out_dir: str | None = None,
+             split: str = "heldout") -> dict:
+  scenes = eval_scenes(split, num_prompts, s.config.seed)
   captions = [sc.caption(k % shapes.N_TEMPLATES) for k, sc in enumerate(scenes)]
   images = sample_lib.generate_images(s, params, captions, 1, seed=seed, steps=steps, cfg_scale=cfg_scale,
                                       sampler=sampler, batch_size=batch_size)[:, 0]
   scores = [shapes.score(sc, shapes.detect(img)) for sc, img in zip(scenes, images)]
   result = summarize(scenes, scores)
-  result.update(steps=steps, cfg=cfg_scale, sampler=sampler, seed=seed)
+  result.update(split=split, steps=steps, cfg=cfg_scale, sampler=sampler, seed=seed)
   if out_dir:
     n = min(len(images), 32)
     sample_lib.save_grid(images[:n], os.path.join(out_dir, "eval_grid.png"), cols=8)
@@ -72,7 +84,7 @@ def main(argv):
   cfg = e.cfg if f.cfg is None else f.cfg
   out_dir = os.path.dirname(os.path.abspath(f.out))
   result = evaluate(s, params, f.num_prompts or e.num_prompts, steps, cfg, seed=f.seed,
-                    sampler=config.sample.sampler, batch_size=e.batch_size, out_dir=out_dir)
+                    sampler=config.sample.sampler, batch_size=e.batch_size, out_dir=out_dir, split=f.split)
   result["checkpoint_step"] = step
   os.makedirs(out_dir, exist_ok=True)
   with open(f.out, "w", encoding="utf-8") as fh:
@@ -92,6 +104,8 @@ def define_flags():
   flags.DEFINE_integer("steps", None, "Sampler steps (default: config.eval.steps).")
   flags.DEFINE_float("cfg", None, "Guidance scale (default: config.eval.cfg).")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.DEFINE_enum("split", "heldout", ["heldout", "train"],
+                    "Prompts: held-out compositions, or compositions drawn like the training data.")
 
 
 if __name__ == "__main__":
