@@ -151,11 +151,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def finish(step_done: int, metrics):
     """Host-side bookkeeping of a finished step (one step behind dispatch, so the device stays busy)."""
     nonlocal t_window, window, last
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):  # a non-finite gradient poisons the weights
       ckpt.wait()
       raise FloatingPointError(
-          f"non-finite loss {loss} at step {step_done}. The last good checkpoint (step {ckpt.latest_step()}) is "
+          f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step_done}. The last good checkpoint (step {ckpt.latest_step()}) is "
           f"kept in {ckpt.directory}. Fix: lower --config.optim.lr or --config.optim.grad_clip, or use float32.")
     window.append({k: float(v) for k, v in metrics.items()})
     bar.update(1)

@@ -1,0 +1,90 @@
+"""The shapes demo's train step against this machine's matmul peak, measured side by side in one run.
+
+  python -m benchmarks.demo_step [--steps 20] [--config configs/shapes.py]
+
+Prints one JSON line (model GFLOP per step from XLA's cost analysis, step time, achieved GFLOP/s, the peak
+GFLOP/s of a large jitted matmul measured in the same process, and their ratio) and appends a dated
+row to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(reps):
+      r = f(a)
+    r.block_until_ready()
+    best = min(best, (time.perf_counter() - t) / reps)
+  return 2 * n ** 3 / best / 1e9
+
+
+def train_step_rate(config_path: str, steps: int) -> dict:
+  from lidit_jax import configs, sharding, state as state_lib, train
+  from lidit_jax.data import pipeline
+  config = configs.validate(configs.load_config_file(config_path))
+  s = state_lib.setup(config)
+  state = s.init_state(jax.random.key(0))
+  step = train.make_train_step(s)
+  data = pipeline.ShapesBatches(config, s.towers)
+  batches = [train.device_batch(next(data), s.mesh) for _ in range(steps + 2)]
+  rng = jax.random.key(1)
+  with sharding.active(s.mesh, config):
+    cost = step.jitted.lower(s.abstract_state, s.tower_params, batches[0], rng).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  for b in batches[:2]:  # compile and warm up
+    state, m = step(state, s.tower_params, b, rng)
+  jax.block_until_ready(m)
+  times = []
+  for b in batches[2:]:
+    t = time.perf_counter()
+    state, m = step(state, s.tower_params, b, rng)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  sec = float(np.median(times))
+  return {"config": config_path, "batch_size": config.train.batch_size, "gflop_per_step": cost["flops"] / 1e9,
+          "sec_per_step": sec, "steps_per_sec": 1.0 / sec, "gflops_achieved": cost["flops"] / 1e9 / sec}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default="configs/shapes.py")
+  ap.add_argument("--steps", type=int, default=20)
+  args = ap.parse_args()
+  peak_before = matmul_peak()
+  result = train_step_rate(args.config, args.steps)
+  peak = max(peak_before, matmul_peak())  # measured around the step, same process
+  result.update(matmul_peak_gflops=peak, flop_utilization=result["gflops_achieved"] / peak,
+                machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
+                date=datetime.date.today().isoformat(), jax=jax.__version__)
+  print(json.dumps(result))
+  path = os.path.join(os.path.dirname(__file__), "RESULTS.md")
+  new = not os.path.exists(path)
+  with open(path, "a", encoding="utf-8") as f:
+    if new:
+      f.write("# Benchmark results\n\nEach row is one run of the command named; ratios are measured within that run.\n\n"
+              "## Demo train step vs matmul peak (`python -m benchmarks.demo_step`)\n\n"
+              "| date | machine | jax | config | batch | GFLOP/step | steps/s | GFLOP/s | matmul peak GFLOP/s | utilization |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n")
+    f.write(f"| {result['date']} | {result['machine']} | {result['jax']} | {result['config']} | {result['batch_size']} | "
+            f"{result['gflop_per_step']:.1f} | {result['steps_per_sec']:.2f} | {result['gflops_achieved']:.1f} | "
+            f"{peak:.0f} | {result['flop_utilization']:.2f} |\n")
+
+
+if __name__ == "__main__":
+  main()
