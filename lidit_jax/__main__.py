@@ -6,6 +6,7 @@ Any `--config.key=value` override works as in `python -m lidit_jax.train`.
 """
 import json
 import os
+import shutil
 
 from absl import app, flags, logging
 
@@ -15,7 +16,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def main(argv):
-  from lidit_jax import evaluate, sample, state, train
+  from lidit_jax import evaluate, state, train
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   config = configs.load_from_flags()
@@ -23,12 +24,10 @@ def main(argv):
   print(f"[1/3] training into {workdir} (resumes if it holds a checkpoint)")
   train.train_and_evaluate(config, workdir)
   s, params, step = state.restore_for_inference(config, workdir)
-  print("[2/3] sampling the config's prompts")
+  print("[2/3] samples of the config's prompts (EMA weights, written at the last training step)")
   prompts = list(config.sample.prompts)
-  imgs = sample.generate_images(s, params, prompts, config.sample.num_images, seed=0, steps=config.sample.steps,
-                                cfg_scale=config.sample.cfg, sampler=config.sample.sampler)
   path = os.path.join(workdir, "demo_samples.png")
-  sample.save_grid(imgs.reshape(-1, *imgs.shape[2:]), path, cols=config.sample.num_images)
+  shutil.copyfile(os.path.join(workdir, "samples", f"step_{step:07d}.png"), path)
   print(f"      {path} (one row per prompt: {'; '.join(prompts)})")
   print("[3/3] evaluating on held-out prompts")
   e = config.eval
