@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lidit_jax import flow
 from lidit_jax import prompt as prompt_lib
 from lidit_jax.models import dit as dit_lib
 from lidit_jax.models import layers, llm, refiner
@@ -135,6 +136,12 @@ def build_model(config) -> LIDiT:
 def latent_shape(config) -> tuple[int, int, int]:
   s = config.data.image_size // config.autoencoder.factor
   return (s, s, config.autoencoder.channels)
+
+
+def image_shift(config) -> float:
+  """The flow's time shift for this config: fixed, or from the image token count (Flux rule)."""
+  tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
+  return flow.effective_shift(config.flow, tokens)
 
 
 def abstract_inputs(config, batch_size: int, tower_dims: Sequence[int] | None = None):

@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 from lidit_jax import flow
+from lidit_jax import model as model_lib
 from lidit_jax import sharding
+from lidit_jax.data import pipeline
 
 
 def text_inputs(towers, tower_params, tokens):
@@ -35,8 +37,7 @@ def text_inputs(towers, tower_params, tokens):
 def make_generator(s, steps: int, cfg_scale: float, sampler: str):
   """Jitted (params, tower_params, tokens, noise) -> images in [-1, 1]."""
   config = s.config
-  num_tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
-  shift = flow.effective_shift(config.flow, num_tokens)
+  shift = model_lib.image_shift(config)
 
   def generate(params, tower_params, tokens, noise):
     feats, valids, prompts = text_inputs(s.towers, tower_params, tokens)
@@ -64,17 +65,15 @@ def make_generator(s, steps: int, cfg_scale: float, sampler: str):
 def generate_images(s, params, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
                     cfg_scale: float = 3.0, sampler: str = "euler", batch_size: int = 64, generator=None):
   """uint8 images [len(prompts), num_images, H, W, C]; noise depends only on (seed, prompt index, image index)."""
-  from lidit_jax.data.pipeline import tokenize
-  from lidit_jax.model import latent_shape
   gen = generator or make_generator(s, steps, cfg_scale, sampler)
   flat = [(i, j, p) for i, p in enumerate(prompts) for j in range(num_images)]
-  shape = latent_shape(s.config)
+  shape = model_lib.latent_shape(s.config)
   out = np.zeros((len(prompts), num_images, *shape), np.uint8)
   for start in range(0, len(flat), batch_size):
     chunk = flat[start:start + batch_size]
     pad = batch_size - len(chunk) if len(flat) > batch_size else 0  # keep one compiled shape
     items = chunk + [chunk[-1]] * pad
-    tokens = tokenize(s.towers, [p for _, _, p in items])
+    tokens = pipeline.tokenize(s.towers, [p for _, _, p in items])
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j), shape)
                        for i, j, _ in items])
     x = np.asarray(gen(params, s.tower_params, tokens, noise))

@@ -21,6 +21,7 @@ import optax
 
 from lidit_jax import checkpoint as ckpt_lib
 from lidit_jax import flow, sharding
+from lidit_jax import model as model_lib
 from lidit_jax import sample as sample_lib
 from lidit_jax import state as state_lib
 from lidit_jax.data import pipeline
@@ -34,8 +35,7 @@ def ema_decay(config, step):
 
 def make_train_step(s: state_lib.Setup):
   config = s.config
-  num_tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
-  shift = flow.effective_shift(config.flow, num_tokens)
+  shift = model_lib.image_shift(config)
 
   def train_step(state: state_lib.TrainState, tower_params, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
