@@ -8,11 +8,22 @@
 Two random frozen tiny Llama towers with the demo's word tokenizer, both refiners, a scanned DiT.
 Expected on a 2-core CPU: see the README's "Demo results" (time and held-out accuracies).
 `configs/shapes.py:tiny` is the same config shrunk for tests (seconds, not minutes).
+`configs/shapes.py:hf` reads two tiny Hugging Face LLMs (a Llama-3 and a Qwen2, random weights) converted
+to Orbax, in place of the random towers; make them first (no download, no torch):
+  python -m lidit_jax.convert.tiny_models checkpoints/tiny --convert
+Variants combine: `configs/shapes.py:tiny,hf`.
 """
 from lidit_jax import configs
 
 
+HF_TOWERS = {"llama": "checkpoints/tiny/llama-orbax", "qwen2": "checkpoints/tiny/qwen2-orbax"}
+
+
 def get_config(variant: str = ""):
+  variants = {v.strip() for v in variant.split(",") if v.strip()}
+  unknown = variants - {"tiny", "hf"}
+  if unknown:
+    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny and/or hf")
   c = configs.base_config()
   c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both")
   for t in c.text.towers.values():
@@ -23,7 +34,7 @@ def get_config(variant: str = ""):
   c.train.update(num_steps=1500, batch_size=32, log_every=25, checkpoint_every=250, sample_every=500)
   c.sample.update(steps=25, sampler="euler", cfg=3.0)
   c.eval.update(num_prompts=128, steps=25, cfg=3.0)
-  if variant == "tiny":
+  if "tiny" in variants:
     c.model.update(width=32, depth=2, num_heads=2, patch_size=4)
     c.model.refiner.update(depth=1, num_heads=2)
     c.text.towers.llama_a.update(hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -32,6 +43,7 @@ def get_config(variant: str = ""):
     c.train.update(num_steps=6, batch_size=4, log_every=2, checkpoint_every=3, sample_every=6)
     c.sample.update(steps=3, num_images=2)
     c.eval.update(num_prompts=4, steps=3, batch_size=4)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/shapes.py; use '' or 'tiny'")
+  if "hf" in variants:  # architecture, tokenizer and vocabulary come from the checkpoints
+    c.text.use = ",".join(HF_TOWERS)
+    c.text.towers = {name: configs.tower(init=path, max_length=56) for name, path in HF_TOWERS.items()}
   return c

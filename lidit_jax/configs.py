@@ -29,10 +29,13 @@ DEFAULT_RULES = (
 
 
 def tower(**overrides) -> ml_collections.ConfigDict:
-  """One frozen LLM tower. `init`: "random" (demo) or a checkpoint path (real LLMs, later issue);
-  `tokenizer`: "words" (the demo's word-level tokenizer) or a local tokenizer directory."""
+  """One frozen text tower. `init`: "random" (a random Llama-style tower built from the fields below, the
+  demo's) or a local directory: a Hugging Face model (config.json + safetensors) or the output of
+  `python -m lidit_jax.convert hf-text`; its architecture then comes from that directory and the fields
+  kind .. rope_theta are ignored. `tokenizer`: "" (the demo's word tokenizer for random towers, else the
+  one in `init`), "words", or a local tokenizer directory. `layer`: which hidden state LI-DiT reads."""
   t = ml_collections.ConfigDict(dict(
-      kind="llama", init="random", tokenizer="words", vocab_size=0,
+      kind="llama", init="random", tokenizer="", vocab_size=0,
       hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192, rope_theta=10000.0,
       layer=-3,  # LI-DiT reads the third-to-last block's output
       max_length=64, dtype="bfloat16"))
@@ -109,10 +112,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if n not in c.text.towers:
       _fail("text.use", c.text.use, f"tower {n!r} is not defined in text.towers", f"use names from {sorted(c.text.towers)}")
     t = c.text.towers[n]
-    if not -(t.num_layers + 1) <= t.layer <= t.num_layers:
+    # Checkpoint towers: architecture and layer range are checked against their config.json at setup.
+    if t.init == "random" and not -(t.num_layers + 1) <= t.layer <= t.num_layers:
       _fail(f"text.towers.{n}.layer", t.layer, f"outside the {t.num_layers + 1} hidden states of this tower",
             f"pick an index in [-{t.num_layers + 1}, {t.num_layers}] (LI-DiT: -3)")
-    if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
+    if t.init == "random" and (t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads):
       _fail(f"text.towers.{n}.num_heads", t.num_heads,
             f"hidden_size {t.hidden_size} / num_heads / num_kv_heads {t.num_kv_heads} do not divide evenly",
             "make hidden_size a multiple of num_heads and num_heads a multiple of num_kv_heads")

@@ -8,15 +8,18 @@ out of the optimizer. Run `python -m lidit_jax.model --config configs/lidit_1b.p
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from lidit_jax import flow
 from lidit_jax import prompt as prompt_lib
+from lidit_jax import sharding as sharding_lib
 from lidit_jax.models import dit as dit_lib
 from lidit_jax.models import layers, llm, refiner
 
@@ -71,53 +74,89 @@ class LIDiT(nn.Module):
 
 @dataclasses.dataclass
 class TextTower:
-  """A frozen LLM with its tokenizer and the layer LI-DiT reads."""
+  """A frozen text model with its tokenizer and the hidden state LI-DiT reads."""
   name: str
   module: nn.Module
   encoder: prompt_lib.PromptEncoder
   layer: int
   dtype: Dtype
+  hidden_size: int
+  source: str  # "random" or the checkpoint directory
 
   def features(self, params, input_ids, attention_mask):
     hidden = self.module.apply({"params": params}, input_ids, attention_mask)
-    return jax.lax.stop_gradient(hidden[self.layer])
+    if getattr(self.module, "output_layer", None) is None:  # T5 / CLIP return every layer
+      hidden = hidden[self.layer]
+    return jax.lax.stop_gradient(hidden)
+
+
+def tower_spec(tc, where: str):
+  """(converter family, model config) of a tower: from its fields for a random tower, else from the
+  checkpoint directory's config (Hugging Face or converted). Reads JSON only, no weights."""
+  from lidit_jax.convert import hf_llm, hf_text
+  if tc.init == "random":
+    if tc.kind != "llama":
+      raise ValueError(f"{where}.kind={tc.kind!r}: random towers are Llama-style; use kind='llama' or set "
+                       f"{where}.init to a checkpoint directory.")
+    return hf_llm, random_llama_config(tc)
+  return hf_text.read_family_and_config(tc.init, where=f"{where}.init")
 
 
 def build_towers(config) -> list[TextTower]:
   from lidit_jax.data import shapes  # the word tokenizer's vocabulary is the demo's
   towers = []
   for name in tower_names(config):
-    tc = config.text.towers[name]
-    if tc.kind != "llama":
-      raise ValueError(f"text.towers.{name}.kind={tc.kind!r} is not supported yet; use 'llama'.")
-    if tc.init != "random":
-      raise ValueError(f"text.towers.{name}.init={tc.init!r}: loading real checkpoints is not implemented yet; "
-                       "use init='random' (the demo's random frozen tower).")
-    tok = prompt_lib.load_tokenizer(tc.tokenizer, extra_words=shapes.VOCABULARY)
+    tc, where = config.text.towers[name], f"text.towers.{name}"
+    fam, cfg = tower_spec(tc, where)
+    n = cfg.num_layers
+    if not -(n + 1) <= tc.layer <= n:
+      raise ValueError(f"{where}.layer={tc.layer} is outside the {n + 1} hidden states of {tc.init}. "
+                       f"Fix: pick an index in [-{n + 1}, {n}] (LI-DiT: -3).")
+    tokenizer = tc.tokenizer or ("words" if tc.init == "random" else tc.init)
+    tok = prompt_lib.load_tokenizer(tokenizer, extra_words=shapes.VOCABULARY)
+    if len(tok) > cfg.vocab_size:
+      raise ValueError(f"{where}.tokenizer={tokenizer!r} has {len(tok)} tokens but the model's vocabulary has "
+                       f"{cfg.vocab_size}. Fix: use the tokenizer saved with {tc.init}.")
     encoder = prompt_lib.PromptEncoder(tok, tc.max_length, config.text.instruction or None,
                                        config.text.use_chat_template, config.text.padding_side)
     dtype = DTYPES[tc.dtype]
-    towers.append(TextTower(name, llm.LlamaTower(llama_config(tc, len(tok)), dtype), encoder, tc.layer, dtype))
+    module = fam.make_module(cfg, dtype)
+    if hasattr(module, "output_layer"):  # decoders can keep just the wanted layer as they go
+      module = module.clone(output_layer=tc.layer)
+    towers.append(TextTower(name, module, encoder, tc.layer, dtype, cfg.hidden_size, tc.init))
   return towers
 
 
-def llama_config(tc, vocab_size: int | None = None) -> llm.LlamaConfig:
-  return llm.LlamaConfig(vocab_size=vocab_size or tc.vocab_size, hidden_size=tc.hidden_size,
-                         num_layers=tc.num_layers, num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
-                         intermediate_size=tc.intermediate_size, rope_theta=tc.rope_theta)
+def random_llama_config(tc) -> llm.DecoderConfig:
+  vocab = tc.vocab_size
+  if not vocab:  # the word tokenizer's size is known only once it is built
+    from lidit_jax.data import shapes
+    vocab = len(prompt_lib.load_tokenizer(tc.tokenizer or "words", extra_words=shapes.VOCABULARY))
+  return llm.DecoderConfig(vocab_size=vocab, hidden_size=tc.hidden_size,
+                           num_layers=tc.num_layers, num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
+                           intermediate_size=tc.intermediate_size, rope_theta=tc.rope_theta)
 
 
 def tower_names(config) -> list[str]:
   return [n.strip() for n in config.text.use.split(",") if n.strip()]
 
 
-def init_tower_params(config, towers: list[TextTower], rng: jax.Array):
-  """Random frozen towers are recreated from the seed (so no checkpoint needs to store them)."""
+def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):
+  """Frozen tower parameters in their dtype, sharded by their logical axes when a mesh is given.
+  Random towers are recreated from the seed, so no checkpoint needs to store them."""
+  from lidit_jax.convert import hf_text
   out = {}
+  rng = jax.random.key(config.seed + 1)
   for i, t in enumerate(towers):
-    ids = jnp.zeros((1, t.encoder.max_length), jnp.int32)
-    params = jax.jit(t.module.init)(jax.random.fold_in(rng, i), ids, jnp.ones_like(ids))["params"]
-    out[t.name] = jax.tree.map(lambda p: p.astype(t.dtype), nn.unbox(params))
+    if t.source == "random":
+      ids = jnp.zeros((1, t.encoder.max_length), jnp.int32)
+      abstract = jax.eval_shape(t.module.init, rng, ids, ids)["params"]
+      shardings = None if mesh is None else sharding_lib.fit_to_shapes(abstract, mesh, rules)
+      init = jax.jit(lambda r, ids=ids, m=t.module, dt=t.dtype: jax.tree.map(
+          lambda p: p.astype(dt), nn.unbox(m.init(r, ids, jnp.ones_like(ids))["params"])), out_shardings=shardings)
+      out[t.name] = init(jax.random.fold_in(rng, i))
+    else:
+      out[t.name] = hf_text.load_hf_text_model(t.source, t.dtype, mesh, rules)[1]
   return out
 
 
@@ -172,18 +211,15 @@ def param_report(config) -> dict:
   report = {"denoiser (DiT)": report.pop("denoiser"),
             "refiners + embeddings": sum(report.values())}
   report["trainable total"] = sum(report.values())
-  frozen = {}
   for name in tower_names(config):
     tc = config.text.towers[name]
-    vocab = tc.vocab_size
-    if not vocab:  # the word tokenizer's size is known only once it is built
-      from lidit_jax.data import shapes
-      vocab = len(prompt_lib.load_tokenizer(tc.tokenizer, extra_words=shapes.VOCABULARY))
-    cfg = llama_config(tc, vocab)
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    p = jax.eval_shape(lambda i: llm.LlamaTower(cfg).init(jax.random.key(0), i, i), ids)["params"]
-    frozen[f"frozen LLM {name}"] = count_params(nn.unbox(p))
-  report.update(frozen)
+    if tc.init != "random" and not os.path.isdir(tc.init):  # counts from the config fields until converted
+      fam, cfg = tower_spec(ml_collections.ConfigDict({**tc.to_dict(), "init": "random"}), name)
+    else:
+      fam, cfg = tower_spec(tc, f"text.towers.{name}")
+    from lidit_jax.convert import hf_text
+    report[f"frozen text model {name}"] = count_params(nn.unbox(hf_text.abstract_params(fam.make_module(cfg,
+                                                                                                       jnp.float32))))
   return report
 
 

@@ -60,3 +60,20 @@ def active(mesh: Mesh, config):
   """Mesh + logical rules in scope, for tracing and running sharded functions."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)):
     yield
+
+
+def fit_to_shapes(abstract_tree, mesh: Mesh, rule_pairs) -> "pytree of NamedSharding":
+  """Shardings from logical axes, replicating any dimension its mesh axes do not divide (a vocabulary of
+  50257 over 4 devices, say), so that any checkpoint loads on any mesh."""
+  specs = nn.get_partition_spec(abstract_tree)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rule_pairs)
+
+  def fit(value, sh):
+    shape = value.value.shape if isinstance(value, nn.meta.AxisMetadata) else value.shape
+    spec = []
+    for dim, axes in zip(shape, tuple(sh.spec) + (None,) * (len(shape) - len(sh.spec))):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      spec.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(fit, abstract_tree, shardings, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

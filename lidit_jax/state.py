@@ -64,7 +64,7 @@ class Setup:
 
 
 def _init_state(s: Setup, rng) -> TrainState:
-  inputs = model_lib.abstract_inputs(s.config, 1, [t.module.cfg.hidden_size for t in s.towers])
+  inputs = model_lib.abstract_inputs(s.config, 1, [t.hidden_size for t in s.towers])
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), inputs)
   params = s.model.init(rng, **zeros)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=s.tx.init(params))
@@ -87,8 +87,8 @@ def setup(config) -> Setup:
   s.state_shardings = sharding.logical_shardings(boxed, mesh, config)
   s.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   nn.unbox(boxed), s.state_shardings)
-  s.tower_params = jax.device_put(model_lib.init_tower_params(config, towers, jax.random.key(config.seed + 1)),
-                                  sharding.replicated(mesh))
+  with sharding.active(mesh, config):
+    s.tower_params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
   return s
 
 

@@ -41,7 +41,7 @@ def test_paper_configs_build_abstractly_with_the_right_sizes():
     c = configs.validate(configs.load_config_file(str(ROOT / "configs" / name)))
     report = model_lib.param_report(c)
     assert low < report["trainable total"] < high, (name, report)
-    assert report["frozen LLM llama3"] > 7e9  # the towers are counted apart, not trained
+    assert report["frozen text model llama3"] > 7e9  # the towers are counted apart, not trained
 
 
 def test_variants_are_checked():

@@ -28,7 +28,7 @@ def unboxed_init(module, *args, **kw):
 @pytest.fixture(scope="module")
 def tower():
   cfg = llm.tiny_llama(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2)
-  m = llm.LlamaTower(cfg)
+  m = llm.DecoderLM(cfg)
   ids = jnp.ones((1, 6), jnp.int32)
   return m, unboxed_init(m, ids, ids)
 

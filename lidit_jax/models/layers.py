@@ -78,10 +78,28 @@ def attention_mask(q_valid_BL: jax.Array | None, k_valid_BS: jax.Array | None,
   return mask
 
 
-def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float = 10000.0) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: tuple = ()) -> jax.Array:
+  """Inverse frequencies [K/2]. `scaling` is a tuple of (name, value) pairs: rope_type "linear"
+  (factor) or "llama3" (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  s = dict(scaling)
+  kind = s.get("rope_type", "default")
+  if kind == "linear":
+    return inv_freq / s["factor"]
+  if kind == "llama3":
+    # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, a smooth ramp between.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    ramp = jnp.clip((old_len / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1 - ramp) * inv_freq / factor + ramp * inv_freq
+  assert kind == "default", f"unknown rope_type {kind!r}"
+  return inv_freq
+
+
+def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float = 10000.0, scaling: tuple = ()) -> jax.Array:
   """Rotary embedding, half-split convention (as in Llama's Hugging Face implementation)."""
-  k = x_BLHK.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  inv_freq = rope_frequencies(x_BLHK.shape[-1], theta, scaling)
   angles = positions_BL[..., None].astype(jnp.float32) * inv_freq  # [B, L, K/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -89,6 +107,20 @@ def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float = 10000.0) -> 
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BLHK.dtype)
+
+
+def softcapped_attention(q_BLHK, k_BSGK, v_BSGK, mask, scale: float, softcap: float):
+  """Attention with tanh logit soft-capping (Gemma 2), which fused kernels do not offer. GQA groups
+  consecutive query heads on one key/value head, as `jax.nn.dot_product_attention` does."""
+  b, l, h, kd = q_BLHK.shape
+  g = k_BSGK.shape[2]
+  q = q_BLHK.reshape(b, l, g, h // g, kd)
+  logits = jnp.einsum("blgrk,bsgk->bgrls", q, k_BSGK, preferred_element_type=jnp.float32) * scale
+  logits = jnp.tanh(logits / softcap) * softcap
+  if mask is not None:
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSGK.dtype)
+  return jnp.einsum("bgrls,bsgk->blgrk", probs, v_BSGK).reshape(b, l, h, kd)
 
 
 class Attention(nn.Module):
@@ -102,7 +134,12 @@ class Attention(nn.Module):
   head_dim: int | None = None
   qk_norm: bool = False
   use_bias: bool = False
+  out_bias: bool | None = None  # default: use_bias (Qwen2 has q/k/v biases but none on the output)
   rope_theta: float | None = None
+  rope_scaling: tuple = ()
+  scale: float | None = None  # default 1/sqrt(head_dim)
+  logit_softcap: float | None = None
+  norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   implementation: str | None = None  # None/"xla" everywhere; "cudnn" on GPU (see sharding issue)
 
@@ -122,18 +159,23 @@ class Attention(nn.Module):
     k = proj("key", ctx, kvh)
     v = proj("value", ctx, kvh)
     if self.qk_norm:
-      q = RMSNorm(axis_name="kv", dtype=self.dtype, name="q_norm")(q)
-      k = RMSNorm(axis_name="kv", dtype=self.dtype, name="k_norm")(k)
+      q = RMSNorm(self.norm_eps, axis_name="kv", dtype=self.dtype, name="q_norm")(q)
+      k = RMSNorm(self.norm_eps, axis_name="kv", dtype=self.dtype, name="k_norm")(k)
     if self.rope_theta is not None:
       assert positions_BL is not None, "rope needs positions"
-      q = rope(q, positions_BL, self.rope_theta)
-      k = rope(k, positions_BL, self.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+      q = rope(q, positions_BL, self.rope_theta, self.rope_scaling)
+      k = rope(k, positions_BL, self.rope_theta, self.rope_scaling)
+    if self.logit_softcap:
+      scale = self.scale if self.scale is not None else k_dim ** -0.5
+      out = softcapped_attention(q, k, v, mask, scale, self.logit_softcap)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=self.implementation)
     if mask is not None:
       has_key = jnp.any(mask, axis=-1)  # [B, 1, L]
       has_key = jnp.broadcast_to(has_key, (out.shape[0], 1, out.shape[1]))[:, 0, :, None, None]
       out = jnp.where(has_key, out, 0)
-    return HeadsDense((h, k_dim, d), "...hk,hkd->...d", ("heads", "kv", "embed"), self.use_bias, self.dtype,
+    out_bias = self.use_bias if self.out_bias is None else self.out_bias
+    return HeadsDense((h, k_dim, d), "...hk,hkd->...d", ("heads", "kv", "embed"), out_bias, self.dtype,
                       name="out")(out)
 
 

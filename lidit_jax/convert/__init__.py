@@ -1,0 +1,2 @@
+"""PyTorch checkpoints -> Flax parameters. See `hf_text` for text towers; `python -m lidit_jax.convert`."""
+from lidit_jax.convert.hf_text import load_hf_text_model  # noqa: F401

@@ -1,0 +1,77 @@
+"""CLIP text encoder checkpoints -> `models.clip.CLIPTextTower`.
+
+Reads a CLIPTextModel save (keys un-prefixed in transformers 5, "text_model." in older ones such as
+Stable Diffusion's text_encoder) or a full CLIPModel save ("text_model." prefix, config nested under
+"text_config"); the vision tower and projections are skipped.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+
+from lidit_jax.convert.safetensors_io import Source, heads_bias, heads_in, heads_out, linear
+from lidit_jax.models import clip
+
+MODEL_TYPES = ("clip_text_model", "clip")
+ANCHORS = ("embeddings.token_embedding.weight",)
+# final_layer_norm is unused: no hidden state in the reference's convention has it applied.
+IGNORED = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale", "final_layer_norm.",
+           "embeddings.position_ids")
+
+Config = clip.CLIPTextConfig
+
+# transformers' CLIPTextConfig defaults. A CLIPModel config.json stores in "text_config" only the values
+# that differ from them, so they are needed to read one.
+_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def config_from_hf(hf: dict) -> Config:
+  if hf.get("model_type") == "clip":
+    # Older CLIPModel configs carry overrides in "text_config_dict", which took precedence.
+    text = dict(hf.get("text_config") or {})
+    text.update(hf.get("text_config_dict") or {})
+    hf = text
+
+  def get(key):
+    value = hf.get(key)
+    return _DEFAULTS[key] if value is None else value
+
+  act = get("hidden_act")
+  if act not in clip.ACTIVATIONS:
+    raise ValueError(f"config.json: hidden_act={act!r} is not supported for CLIP text; "
+                     f"supported: {list(clip.ACTIVATIONS)}.")
+  pos = hf.get("position_embedding_type", "absolute")
+  if pos != "absolute":
+    raise ValueError(f"config.json: position_embedding_type={pos!r} is not supported for CLIP text; "
+                     "supported: ['absolute'] (learned positions 0..L-1).")
+  return Config(vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_layers=get("num_hidden_layers"),
+                num_heads=get("num_attention_heads"), intermediate_size=get("intermediate_size"),
+                max_positions=get("max_position_embeddings"), hidden_act=act, eps=float(get("layer_norm_eps")))
+
+
+def make_module(cfg: Config, dtype) -> nn.Module:
+  return clip.CLIPTextTower(cfg, dtype)
+
+
+def plan(cfg: Config) -> dict[tuple[str, ...], Source]:
+  h = cfg.num_heads
+
+  def layer(suffix, *transform):  # one tensor per encoder layer, stacked on the scanned axis
+    return Source.layers("encoder.layers.{}." + suffix, cfg.num_layers, *transform)
+
+  p = {
+      ("token_embedding",): Source.one("embeddings.token_embedding.weight"),
+      ("position_embedding",): Source.one("embeddings.position_embedding.weight"),
+  }
+  for ours, theirs in (("norm1", "layer_norm1"), ("norm2", "layer_norm2")):
+    p[("layers", ours, "scale")] = layer(f"{theirs}.weight")
+    p[("layers", ours, "bias")] = layer(f"{theirs}.bias")
+  for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+    p[("layers", "attn", ours, "kernel")] = layer(f"self_attn.{theirs}.weight", heads_in(h))
+    p[("layers", "attn", ours, "bias")] = layer(f"self_attn.{theirs}.bias", heads_bias(h))
+  p[("layers", "attn", "out", "kernel")] = layer("self_attn.out_proj.weight", heads_out(h))
+  p[("layers", "attn", "out", "bias")] = layer("self_attn.out_proj.bias")
+  for fc in ("fc1", "fc2"):
+    p[("layers", fc, "kernel")] = layer(f"mlp.{fc}.weight", linear)
+    p[("layers", fc, "bias")] = layer(f"mlp.{fc}.bias")
+  return p

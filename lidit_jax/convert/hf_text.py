@@ -1,0 +1,132 @@
+"""Hugging Face text models (decoder LLMs, T5 encoders, CLIP text) -> our Flax towers.
+
+`load_hf_text_model(path, dtype)` accepts either a Hugging Face model directory (config.json +
+safetensors) or a directory written by `python -m lidit_jax.convert hf-text` (Orbax params + the
+family and config as JSON), and returns `(module, params)`. `module.apply({"params": params}, ids, mask)`
+gives every hidden state, stacked [num_layers + 1, B, L, D], in the reference's convention.
+
+Each family module (hf_llm, hf_t5, hf_clip) provides MODEL_TYPES, ANCHORS, IGNORED (key prefixes that
+are expected and not used, like an LM head), config_from_hf(dict) -> Config, make_module(cfg, dtype)
+and plan(cfg) -> {param path: Source}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+from types import ModuleType
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lidit_jax.convert import safetensors_io as io
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("hf_llm", "hf_t5", "hf_clip")  # modules of lidit_jax.convert, imported when first needed
+CONVERTED_MARKER = "lidit_text_model.json"  # written beside the Orbax params by `convert hf-text`
+
+
+def family(name: str) -> ModuleType:
+  return importlib.import_module(f"lidit_jax.convert.{name}")
+
+
+def family_for(hf_config: dict, where: str = "config.json") -> ModuleType:
+  model_type = hf_config.get("model_type")
+  # A full CLIP model nests its text config; we read only the text side.
+  for fam in map(family, FAMILIES):
+    if model_type in fam.MODEL_TYPES:
+      return fam
+  supported = sorted(t for f in map(family, FAMILIES) for t in f.MODEL_TYPES)
+  raise ValueError(f"{where}: model_type={model_type!r} is not supported. Supported: {supported}.")
+
+
+def read_hf_config(path: str) -> dict:
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{path} has no config.json (nor {CONVERTED_MARKER}); expected a Hugging Face model "
+                            "directory or the output of `python -m lidit_jax.convert hf-text`.")
+  with open(cfg_path) as f:
+    return json.load(f)
+
+
+def read_family_and_config(path: str, where: str = "path"):
+  """(family module, config) of a Hugging Face or converted directory, from JSON only."""
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{where}={path!r} is not a directory. Fix: point it at a local Hugging Face model "
+                            "directory or at the output of `python -m lidit_jax.convert hf-text SRC OUT`.")
+  marker = os.path.join(path, CONVERTED_MARKER)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      fam, cfg, _ = from_description(json.load(f), jnp.float32)
+    return fam, cfg
+  hf = read_hf_config(path)
+  fam = family_for(hf, os.path.join(path, "config.json"))
+  return fam, fam.config_from_hf(hf)
+
+
+def strip_boxes(tree):
+  """Values of a tree of logically partitioned boxes (nn.unbox would apply sharding constraints, which
+  fail on abstract values under a mesh)."""
+  return jax.tree.map(lambda b: b.value if isinstance(b, nn.meta.AxisMetadata) else b, tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def abstract_params(module: nn.Module, max_length: int = 8):
+  ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
+  return jax.eval_shape(lambda i: module.init(jax.random.key(0), i, i), ids)["params"]
+
+
+def target_shardings(abstract, mesh, rules):
+  """{path: NamedSharding} from the parameters' logical axes, or None without a mesh."""
+  if mesh is None:
+    return None
+  from lidit_jax import sharding
+  return io.flatten_shapes(sharding.fit_to_shapes(abstract, mesh, rules))
+
+
+def convert_hf_dir(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_pickle: bool = False,
+                   progress: bool = False):
+  """(family, cfg, module, params, unused keys) straight from a Hugging Face directory."""
+  hf = read_hf_config(path)
+  fam = family_for(hf, os.path.join(path, "config.json"))
+  cfg = fam.config_from_hf(hf)
+  module = fam.make_module(cfg, dtype)
+  files = io.CheckpointFiles(path, allow_pickle=allow_pickle)
+  files.find_prefix(fam.ANCHORS)
+  abstract = abstract_params(module)
+  expected = io.flatten_shapes(strip_boxes(abstract))
+  params = io.build_params(fam.plan(cfg), files, expected, dtype, target_shardings(abstract, mesh, rules),
+                           progress=progress)
+  unused = [k for k in files.unused() if not k[len(files.prefix):].startswith(fam.IGNORED)
+            and not k.startswith(fam.IGNORED)]
+  if unused:
+    logger.warning("%s: %d tensors were not used: %s", path, len(unused), unused[:20])
+  return fam, cfg, module, params, unused
+
+
+def load_hf_text_model(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_pickle: bool = False):
+  """(module, params) from a Hugging Face directory or a converted one; see the module docstring."""
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"text model path {path!r} is not a directory. Fix: point it at a local Hugging Face "
+                            "model directory or at the output of `python -m lidit_jax.convert hf-text`.")
+  if os.path.exists(os.path.join(path, CONVERTED_MARKER)):
+    from lidit_jax.convert import orbax_io
+    return orbax_io.load_converted(path, dtype, mesh, rules)
+  _, _, module, params, _ = convert_hf_dir(path, dtype, mesh, rules, allow_pickle)
+  return module, params
+
+
+def describe(fam: ModuleType, cfg) -> dict:
+  return {"family": fam.__name__.rsplit(".", 1)[-1], "config": dataclasses.asdict(cfg)}
+
+
+def from_description(desc: dict, dtype):
+  fam = family(desc["family"])
+  cfg = fam.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in desc["config"].items()})
+  return fam, cfg, fam.make_module(cfg, dtype)
