@@ -41,7 +41,7 @@ def train_step_rate(config_path: str, steps: int) -> dict:
   s = state_lib.setup(config)
   state = s.init_state(jax.random.key(0))
   step = train.make_train_step(s)
-  data = pipeline.ShapesBatches(config, s.towers)
+  data = pipeline.ShapesBatches(config, s.text_for)
   batches = [train.device_batch(next(data), s.mesh) for _ in range(steps + 2)]
   rng = jax.random.key(1)
   with sharding.active(s.mesh, config):

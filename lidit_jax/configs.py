@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
                  refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative"))
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
+                cache="",  # a `python -m lidit_jax.encode_prompts` output: train without running the LLMs
                 towers=dict(llama_a=tower(), llama_b=tower(hidden_size=96, num_layers=5, num_heads=4,
                                                            num_kv_heads=4, intermediate_size=256)))
   c.data = dict(source="shapes", image_size=32, max_objects=3, caption_dropout=0.1)

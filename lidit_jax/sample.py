@@ -22,15 +22,16 @@ from PIL import Image
 from lidit_jax import flow
 from lidit_jax import model as model_lib
 from lidit_jax import sharding
-from lidit_jax.data import pipeline
 
 
-def text_inputs(towers, tower_params, tokens):
-  """Frozen-tower features and masks for the denoiser, from tokenized prompts."""
-  feats = [t.features(tower_params[t.name], tokens[t.name]["input_ids"], tokens[t.name]["attention_mask"])
+def text_inputs(towers, tower_params, text):
+  """Frozen-tower features and masks for the denoiser, from tokenized prompts (the towers run here) or
+  from cached features (`text_cache`: the towers are not needed)."""
+  feats = [text[t.name]["hidden"] if "hidden" in text[t.name] else
+           t.features(tower_params[t.name], text[t.name]["input_ids"], text[t.name]["attention_mask"])
            for t in towers]
-  valids = [tokens[t.name]["attention_mask"].astype(bool) for t in towers]
-  prompts = [tokens[t.name]["prompt_mask"].astype(bool) for t in towers]
+  valids = [text[t.name]["attention_mask"].astype(bool) for t in towers]
+  prompts = [text[t.name]["prompt_mask"].astype(bool) for t in towers]
   return feats, valids, prompts
 
 
@@ -73,7 +74,7 @@ def generate_images(s, params, prompts: list[str], num_images: int = 1, seed: in
     chunk = flat[start:start + batch_size]
     pad = batch_size - len(chunk) if len(flat) > batch_size else 0  # keep one compiled shape
     items = chunk + [chunk[-1]] * pad
-    tokens = pipeline.tokenize(s.towers, [p for _, _, p in items])
+    tokens = s.text_for([p for _, _, p in items])
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j), shape)
                        for i, j, _ in items])
     x = np.asarray(gen(params, s.tower_params, tokens, noise))

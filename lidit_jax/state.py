@@ -6,6 +6,7 @@ materialised unsharded. The frozen text towers are separate: bf16, outside the o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -16,7 +17,8 @@ import optax
 
 from lidit_jax import checkpoint as ckpt_lib
 from lidit_jax import model as model_lib
-from lidit_jax import sharding
+from lidit_jax import sharding, text_cache
+from lidit_jax.data import pipeline
 
 
 @flax.struct.dataclass
@@ -51,6 +53,7 @@ class Setup:
   model: model_lib.LIDiT
   towers: list
   tower_params: Any
+  text_for: Any  # captions -> per-tower text inputs: tokens, or features from text.cache
   mesh: Any
   tx: Any
   schedule: Any
@@ -70,7 +73,8 @@ def _init_state(s: Setup, rng) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=s.tx.init(params))
 
 
-def setup(config) -> Setup:
+def setup(config, use_text_cache: bool = True) -> Setup:
+  """`use_text_cache=False` loads the towers even when text.cache is set (sampling new prompts)."""
   if config.autoencoder.kind != "identity":
     raise NotImplementedError(f"autoencoder.kind={config.autoencoder.kind!r}: the VAE is not implemented yet; "
                               "train in pixel space with autoencoder.kind='identity' (the shapes demo).")
@@ -81,21 +85,25 @@ def setup(config) -> Setup:
   model = model_lib.build_model(config)
   towers = model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)
-  s = Setup(config, model, towers, None, mesh, tx, schedule, None, None)
+  s = Setup(config, model, towers, None, None, mesh, tx, schedule, None, None)
   with sharding.active(mesh, config):
     boxed = jax.eval_shape(lambda r: _init_state(s, r), jax.random.key(0))
   s.state_shardings = sharding.logical_shardings(boxed, mesh, config)
   s.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   nn.unbox(boxed), s.state_shardings)
-  with sharding.active(mesh, config):
-    s.tower_params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+  if config.text.cache and use_text_cache:  # features come from disk; the LLMs are never loaded
+    s.text_for, s.tower_params = text_cache.TextCache(config.text.cache, config, towers), {}
+  else:
+    s.text_for = functools.partial(pipeline.tokenize, towers)
+    with sharding.active(mesh, config):
+      s.tower_params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
   return s
 
 
 def restore_for_inference(config, workdir: str):
   """(Setup, EMA params, step) from the latest checkpoint in workdir, or a clear error."""
   ckpt = ckpt_lib.require(workdir)  # fail before building anything
-  s = setup(config)
+  s = setup(config, use_text_cache=False)  # new prompts need the towers
   state, _ = ckpt.restore(s.abstract_state)
   ckpt.close()
   return s, state.ema_params, int(state.step)

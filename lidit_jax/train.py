@@ -40,7 +40,7 @@ def make_train_step(s: state_lib.Setup):
   def train_step(state: state_lib.TrainState, tower_params, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     r_drop, r_flow = jax.random.split(rng)
-    feats, valids, prompts = sample_lib.text_inputs(s.towers, tower_params, batch["tokens"])
+    feats, valids, prompts = sample_lib.text_inputs(s.towers, tower_params, batch["text"])
     x0 = batch["image"]
     drop = jax.random.bernoulli(r_drop, config.data.caption_dropout, (x0.shape[0],))
 
@@ -60,7 +60,8 @@ def make_train_step(s: state_lib.Setup):
 
   repl = sharding.replicated(s.mesh)
   batch_sh = sharding.batch_sharding(s.mesh)
-  jitted = jax.jit(train_step, in_shardings=(s.state_shardings, repl, batch_sh, repl),
+  towers_sh = jax.tree.map(lambda x: x.sharding, s.tower_params)  # as loaded (sharded by logical axes)
+  jitted = jax.jit(train_step, in_shardings=(s.state_shardings, towers_sh, batch_sh, repl),
                    out_shardings=(s.state_shardings, repl), donate_argnums=(0,))
 
   def run(state, tower_params, batch, rng):
@@ -72,7 +73,7 @@ def make_train_step(s: state_lib.Setup):
 
 def device_batch(batch: dict, mesh) -> dict:
   """Per-process numpy batch -> global arrays sharded over (data, fsdp)."""
-  arrays = {"image": batch["image"], "tokens": batch["tokens"]}
+  arrays = {"image": batch["image"], "text": batch["text"]}
   sh = sharding.batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), arrays)
 
@@ -128,7 +129,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   s = state_lib.setup(config)
   t = config.train
   ckpt = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
-  data = pipeline.ShapesBatches(config, s.towers)
+  data = pipeline.ShapesBatches(config, s.text_for)
   restored = ckpt.restore(s.abstract_state)
   if restored is None:
     state = s.init_state(jax.random.key(config.seed))

@@ -122,3 +122,47 @@ def test_demo_entry_point_runs_end_to_end(tmp_path):
   assert "relation_accuracy=" in r.stdout
   assert json.loads((tmp_path / "eval.json").read_text())["checkpoint_step"] == 6
   assert (tmp_path / "demo_samples.png").exists()
+
+
+def test_training_from_a_text_cache_matches_online_towers(trained, tmp_path):
+  """encode_prompts caches the towers' features; training on them never loads the LLMs and follows
+  the same loss curve as running the towers in the step."""
+  config, reference = trained
+  cache = str(tmp_path / "cache")
+  r = subprocess.run([sys.executable, "-m", "lidit_jax.encode_prompts", "--config", TINY, "--out", cache,
+                      "--config.train.checkpoint_every=2"], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  summary = json.loads(r.stdout.strip().splitlines()[-1])
+  assert 0 < summary["captions"] <= 6 * 4 + len(config.sample.prompts)
+  cached = tiny_config(**{"train.checkpoint_every": 2, "text.cache": cache})
+  s = state_lib.setup(cached)
+  assert s.tower_params == {}  # the LLMs are not even loaded
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(cached, workdir)
+  got, want = read_metrics(workdir), read_metrics(reference)
+  np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+  # Sampling new prompts from a cache-trained config loads the towers again.
+  s, params, step = state_lib.restore_for_inference(cached, workdir)
+  assert step == 6 and set(s.tower_params) == {"llama_a", "llama_b"}
+  assert sample.generate_images(s, params, ["a purple star"], steps=2).shape == (1, 1, 32, 32, 3)
+
+
+def test_text_cache_refuses_a_mismatched_config_and_unknown_captions(tmp_path):
+  from lidit_jax import model as model_lib, text_cache
+  config = tiny_config()
+  towers = model_lib.build_towers(config)
+  params = model_lib.load_tower_params(config, towers)
+  text_cache.write(str(tmp_path), config, towers, params, ["a red circle", "a blue square"], batch_size=4,
+                   progress=False)
+  cache = text_cache.TextCache(str(tmp_path), config, towers)
+  out = cache(["a blue square", "a red circle"])
+  direct = towers[0].features(params["llama_a"], *(jnp.asarray(pipeline.tokenize(towers, ["a blue square"])
+                                                               ["llama_a"][k]) for k in ("input_ids", "attention_mask")))
+  np.testing.assert_array_equal(np.asarray(out["llama_a"]["hidden"][0], np.float32), np.asarray(direct[0], np.float32))
+  with pytest.raises(KeyError, match="a green star"):
+    cache(["a green star"])
+  other = tiny_config(**{"text.towers.llama_a.layer": -2})
+  with pytest.raises(ValueError, match="llama_a"):
+    text_cache.TextCache(str(tmp_path), other, model_lib.build_towers(other))
+  with pytest.raises(FileExistsError):
+    text_cache.write(str(tmp_path), config, towers, params, ["x"], progress=False)

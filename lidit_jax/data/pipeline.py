@@ -1,4 +1,4 @@
-"""Host-side batches: images plus tokenized prompts for every text tower.
+"""Host-side batches: images plus the text input of every tower (tokens, or cached features).
 
 The shapes demo source is index-addressable, so the iterator state is one integer and a resumed run
 sees exactly the batches it would have seen.
@@ -19,10 +19,11 @@ def tokenize(towers, captions) -> dict:
 class ShapesBatches:
   """Infinite iterator over demo batches; each process reads its own slice of every global batch."""
 
-  def __init__(self, config, towers, split: str = "train"):
+  def __init__(self, config, text_for, split: str = "train"):
+    """`text_for(captions)` gives the per-tower text inputs (`Setup.text_for`: tokens or cached features)."""
     self.source = shapes.ShapesSource(size=config.data.image_size, seed=config.seed, split=split,
                                       max_objects=config.data.max_objects)
-    self.towers = towers
+    self.text_for = text_for
     self.global_batch = config.train.batch_size
     self.local_batch = self.global_batch // jax.process_count()
     self.index = 0  # global example index of the next batch
@@ -40,5 +41,5 @@ class ShapesBatches:
     start = self.index + jax.process_index() * self.local_batch
     b = self.source.batch(start, self.local_batch)
     self.index += self.global_batch
-    return {"image": np.asarray(b["image"], np.float32), "tokens": tokenize(self.towers, b["caption"]),
+    return {"image": np.asarray(b["image"], np.float32), "text": self.text_for(b["caption"]),
             "caption": b["caption"]}

@@ -370,14 +370,21 @@ class ShapesSource:
         self.size, self.seed, self.split = size, seed, split
         self.max_objects, self.object_weights = max_objects, tuple(object_weights)
 
-    def example(self, index: int) -> dict:
+    def _scene(self, index: int):
         if index < 0:
             raise IndexError(index)
         # A fresh generator per example, keyed on (seed, split, index): random access and
         # identical data regardless of batch size, order or sharding.
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], int(index)])
         scene = sample_scene(rng, self.split, self.max_objects, self.object_weights)
-        caption = scene.caption(int(rng.integers(N_TEMPLATES)))
+        return rng, scene, scene.caption(int(rng.integers(N_TEMPLATES)))
+
+    def caption(self, index: int) -> str:
+        """Example `index`'s caption, without rendering its image."""
+        return self._scene(index)[2]
+
+    def example(self, index: int) -> dict:
+        rng, scene, caption = self._scene(index)
         image = render(scene, rng, self.size).astype(np.float32) / 127.5 - 1.0
         return {"image": image, "caption": caption, "scene": scene}
 

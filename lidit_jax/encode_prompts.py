@@ -1,0 +1,60 @@
+"""Cache the text towers' features for a caption set, so training can run without the LLMs in the step.
+
+  python -m lidit_jax.encode_prompts --config configs/shapes.py --out runs/shapes_text
+  python -m lidit_jax.train --config configs/shapes.py --config.text.cache=runs/shapes_text --workdir runs/x
+
+Captions: by default every caption the training run will read from the config's data source
+(train.num_steps x train.batch_size examples) plus the config's sample prompts; or --captions FILE (one
+per line), which adds to them. See `lidit_jax/text_cache.py` for the format. Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import json
+
+
+def run_captions(config, num_examples: int | None = None) -> list[str]:
+  """The captions a training run of `config` reads, in order, plus its sample prompts."""
+  if config.data.source != "shapes":
+    raise ValueError(f"data.source={config.data.source!r}: enumerating its captions is not implemented; "
+                     "pass --captions FILE instead.")
+  from lidit_jax.data import shapes
+  src = shapes.ShapesSource(size=config.data.image_size, seed=config.seed, split="train",
+                            max_objects=config.data.max_objects)
+  n = config.train.num_steps * config.train.batch_size if num_examples is None else num_examples
+  return [src.caption(i) for i in range(n)] + list(config.sample.prompts)
+
+
+def main(argv):
+  from absl import flags
+  from lidit_jax import configs, model as model_lib, sharding, text_cache
+  f = flags.FLAGS
+  config = configs.load_from_flags()
+  captions = [] if f.no_source else run_captions(config, f.num_examples)
+  if f.captions:
+    with open(f.captions, encoding="utf-8") as fh:
+      captions += [line.strip() for line in fh if line.strip()]
+  towers = model_lib.build_towers(config)
+  mesh = sharding.make_mesh(config)
+  with sharding.active(mesh, config):
+    params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+    summary = text_cache.write(f.out, config, towers, params, captions, f.batch_size)
+  print(json.dumps(summary))
+
+
+def define_flags():
+  from absl import flags
+  from lidit_jax import configs
+  configs.define_flags()
+  flags.declare_key_flag("config")
+  flags.DEFINE_string("out", None, "Output directory of the cache (must not hold one yet).", required=True)
+  flags.DEFINE_string("captions", None, "Text file of extra captions, one per line.")
+  flags.DEFINE_boolean("no_source", False, "Do not enumerate the data source's captions (only --captions).")
+  flags.DEFINE_integer("num_examples", None, "Examples of the data source to cover "
+                       "(default: train.num_steps x train.batch_size).")
+  flags.DEFINE_integer("batch_size", 64, "Captions per tower call.")
+
+
+if __name__ == "__main__":
+  from absl import app
+  define_flags()
+  app.run(main)

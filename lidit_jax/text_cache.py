@@ -1,0 +1,110 @@
+"""Offline text features: each tower's chosen hidden state (and masks) for a caption set, computed once.
+
+`python -m lidit_jax.encode_prompts` writes a cache directory; training with `--config.text.cache=DIR`
+then reads features from it and never runs (or even loads) the LLMs. Layout of DIR:
+  features.safetensors   per tower NAME: NAME.hidden [N, L, D] (tower dtype), NAME.attention_mask and
+                         NAME.prompt_mask [N, L] (uint8)
+  captions.json          the N captions, row i <-> caption i
+  meta.json              what the features depend on (towers, layer, lengths, instruction, template);
+                         written last, and checked against the training config on load
+The cache is held in host memory (N x L x D per tower), sized for caption sets of up to a few million
+tokens per tower; larger sets belong in the `features` data source of the data pipeline.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+META = "meta.json"
+
+
+def signature(config, towers) -> dict:
+  """Everything in the config that changes the cached features."""
+  t = config.text
+  return {"instruction": t.instruction, "use_chat_template": bool(t.use_chat_template),
+          "padding_side": t.padding_side,
+          "towers": {tw.name: {"init": os.path.abspath(tw.source) if tw.source != "random" else "random",
+                               "seed": config.seed if tw.source == "random" else None,
+                               "layer": tw.layer, "max_length": tw.encoder.max_length,
+                               "dtype": jnp.dtype(tw.dtype).name, "hidden_size": tw.hidden_size}
+                     for tw in towers}}
+
+
+def write(out: str, config, towers, tower_params, captions, batch_size: int = 64, progress: bool = True) -> dict:
+  """Encode the unique `captions` with every tower; returns the summary that is also printed by the CLI."""
+  from tqdm import tqdm
+  from lidit_jax.data import pipeline
+  if os.path.exists(os.path.join(out, META)):
+    raise FileExistsError(f"{out} already holds a text cache. Fix: choose a new --out or delete it.")
+  unique = list(dict.fromkeys(captions))
+  if not unique:
+    raise ValueError("no captions to encode. Fix: pass --captions FILE (one per line) or --source shapes.")
+  n = len(unique)
+  arrays = {}
+  for tw in towers:
+    arrays[f"{tw.name}.hidden"] = np.zeros((n, tw.encoder.max_length, tw.hidden_size), jnp.dtype(tw.dtype))
+    for m in ("attention_mask", "prompt_mask"):
+      arrays[f"{tw.name}.{m}"] = np.zeros((n, tw.encoder.max_length), np.uint8)
+  encode = {tw.name: jax.jit(tw.features) for tw in towers}
+  for start in tqdm(range(0, n, batch_size), desc="encoding", unit="batch", disable=not progress):
+    chunk = unique[start:start + batch_size]
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+    tokens = pipeline.tokenize(towers, padded)
+    for tw in towers:
+      tok = tokens[tw.name]
+      hidden = encode[tw.name](tower_params[tw.name], tok["input_ids"], tok["attention_mask"])
+      rows = slice(start, start + len(chunk))
+      arrays[f"{tw.name}.hidden"][rows] = np.asarray(hidden)[:len(chunk)]
+      for m in ("attention_mask", "prompt_mask"):
+        arrays[f"{tw.name}.{m}"][rows] = tok[m][:len(chunk)]
+  os.makedirs(out, exist_ok=True)
+  save_file(arrays, os.path.join(out, "features.safetensors"))
+  with open(os.path.join(out, "captions.json"), "w", encoding="utf-8") as f:
+    json.dump(unique, f)
+  meta = {**signature(config, towers), "num_captions": n}
+  with open(os.path.join(out, META + ".tmp"), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=2)
+  os.replace(os.path.join(out, META + ".tmp"), os.path.join(out, META))
+  return {"out": out, "captions": n, "bytes": int(sum(a.nbytes for a in arrays.values()))}
+
+
+class TextCache:
+  """Captions -> {tower: {hidden, attention_mask, prompt_mask}} numpy arrays, as the towers would give."""
+
+  def __init__(self, path: str, config, towers):
+    meta_path = os.path.join(path, META)
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(f"text.cache={path!r} holds no finished text cache ({META} is missing). Fix: run "
+                              f"python -m lidit_jax.encode_prompts --config ... --out {path}")
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    want = signature(config, towers)
+    for key in ("instruction", "use_chat_template", "padding_side"):
+      if meta[key] != want[key]:
+        raise ValueError(f"text.cache={path!r} was encoded with text.{key}={meta[key]!r}, the config has "
+                         f"{want[key]!r}. Fix: re-run encode_prompts with this config, or drop text.cache.")
+    for name, spec in want["towers"].items():
+      have = meta["towers"].get(name)
+      if have != spec:
+        raise ValueError(f"text.cache={path!r} does not match tower {name!r}: cached {have}, config {spec}. "
+                         "Fix: re-run python -m lidit_jax.encode_prompts with this config.")
+    with open(os.path.join(path, "captions.json"), encoding="utf-8") as f:
+      self.index = {c: i for i, c in enumerate(json.load(f))}
+    self.arrays = load_file(os.path.join(path, "features.safetensors"))
+    self.path, self.names = path, list(want["towers"])
+
+  def __call__(self, captions) -> dict:
+    rows = [self.index.get(c, -1) for c in captions]
+    missing = [c for c, r in zip(captions, rows) if r < 0]
+    if missing:
+      raise KeyError(f"{len(missing)} caption(s) are not in text cache {self.path}, e.g. {missing[0]!r}. Fix: "
+                     "re-run encode_prompts over the captions this run reads, or drop text.cache.")
+    rows = np.asarray(rows)
+    return {n: {"hidden": self.arrays[f"{n}.hidden"][rows],
+                "attention_mask": self.arrays[f"{n}.attention_mask"][rows].astype(np.int32),
+                "prompt_mask": self.arrays[f"{n}.prompt_mask"][rows].astype(np.int32)} for n in self.names}
