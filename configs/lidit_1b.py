@@ -3,20 +3,23 @@ LLaMA3-8B + Qwen1.5-7B text towers (frozen, bf16), 2-block token refiners + coll
 
 Parameter counts without allocating anything:
   python -m lidit_jax.model --config configs/lidit_1b.py
-Training needs converted LLM checkpoints and the VAE (later issues); point text.towers.*.init /
-tokenizer at them. Paper: batch 2048, 500k iterations, 30M pairs; GenEval 0.60, DPG-Bench 81.65.
+The towers read local checkpoints: download the Hugging Face models yourself (meta-llama/Meta-Llama-3-8B,
+Qwen/Qwen1.5-7B), convert once with `python -m lidit_jax.convert hf-text SRC checkpoints/llama3-8b` (or point
+init at the Hugging Face directory itself), or override `--config.text.towers.llama3.init=DIR`. Their
+architecture then comes from the checkpoint; the fields below only serve parameter counts without one.
+Training also needs the VAE (a later issue). Paper: batch 2048, 500k iterations, 30M pairs; GenEval 0.60, DPG-Bench 81.65.
 """
 from lidit_jax import configs
 
 
 def llama3_8b():
-  return configs.tower(init="checkpoints/llama3-8b", tokenizer="checkpoints/llama3-8b", vocab_size=128256,
+  return configs.tower(init="checkpoints/llama3-8b", vocab_size=128256,
                        hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
                        rope_theta=500000.0, max_length=256)
 
 
 def qwen15_7b():
-  return configs.tower(init="checkpoints/qwen1.5-7b", tokenizer="checkpoints/qwen1.5-7b", vocab_size=151936,
+  return configs.tower(init="checkpoints/qwen1.5-7b", vocab_size=151936,
                        hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
                        rope_theta=1000000.0, max_length=256)
 

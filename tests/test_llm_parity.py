@@ -171,3 +171,16 @@ def test_pickle_checkpoints_need_explicit_consent(tmp_path):
   ids, mask = batch()
   got = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
   assert_match(got, reference_hidden(ref, ids, mask), mask, atol=1e-4)
+
+
+def test_unexpected_tensors_are_listed_and_lm_heads_ignored(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  from lidit_jax.convert import hf_text
+  make_reference("qwen2", tmp_path)  # a ForCausalLM save: keys under "model.", plus an untied lm_head
+  f = tmp_path / "model.safetensors"
+  tensors = load_file(str(f))
+  assert "lm_head.weight" in tensors
+  tensors["model.layers.0.mystery.weight"] = np.zeros(3, np.float32)
+  save_file(tensors, str(f), metadata={"format": "pt"})
+  *_, unused = hf_text.convert_hf_dir(str(tmp_path))
+  assert unused == ["model.layers.0.mystery.weight"]

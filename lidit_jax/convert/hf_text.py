@@ -58,7 +58,8 @@ def read_family_and_config(path: str, where: str = "path"):
   path = os.path.expanduser(os.fspath(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{where}={path!r} is not a directory. Fix: point it at a local Hugging Face model "
-                            "directory or at the output of `python -m lidit_jax.convert hf-text SRC OUT`.")
+                            "directory or at the output of `python -m lidit_jax.convert hf-text SRC OUT` (the "
+                            "tiny demo LLMs: `python -m lidit_jax.convert.tiny_models checkpoints/tiny --convert`).")
   marker = os.path.join(path, CONVERTED_MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
