@@ -201,25 +201,36 @@ def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def planned_towers(config) -> dict:
+  """{name: (family, model config)} of the configured towers, from their checkpoints when these exist and
+  from the config's architecture fields otherwise (planning a run before converting anything)."""
+  out = {}
+  for name in tower_names(config):
+    tc = config.text.towers[name]
+    if tc.init != "random" and not os.path.isdir(os.path.expanduser(tc.init)):
+      tc = ml_collections.ConfigDict({**tc.to_dict(), "init": "random"})
+    out[name] = tower_spec(tc, f"text.towers.{name}")
+  return out
+
+
+def abstract_params(config, towers: dict | None = None):
+  """Boxed abstract parameters of the trainable model (logical axes kept), allocating nothing."""
+  towers = towers or planned_towers(config)
+  inputs = abstract_inputs(config, 1, [cfg.hidden_size for _, cfg in towers.values()])
+  return jax.eval_shape(lambda kw: build_model(config).init(jax.random.key(0), **kw), inputs)["params"]
+
+
 def param_report(config) -> dict:
   """Parameter counts by component, from abstract shapes only (nothing is allocated)."""
-  model = build_model(config)
-  inputs = abstract_inputs(config, 1)
-  shapes = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw), inputs)["params"]
-  shapes = nn.unbox(shapes)
-  report = {k: count_params(v) for k, v in shapes.items()}
+  from lidit_jax.convert import hf_text
+  towers = planned_towers(config)
+  report = {k: count_params(v) for k, v in nn.unbox(abstract_params(config, towers)).items()}
   report = {"denoiser (DiT)": report.pop("denoiser"),
             "refiners + embeddings": sum(report.values())}
   report["trainable total"] = sum(report.values())
-  for name in tower_names(config):
-    tc = config.text.towers[name]
-    if tc.init != "random" and not os.path.isdir(tc.init):  # counts from the config fields until converted
-      fam, cfg = tower_spec(ml_collections.ConfigDict({**tc.to_dict(), "init": "random"}), name)
-    else:
-      fam, cfg = tower_spec(tc, f"text.towers.{name}")
-    from lidit_jax.convert import hf_text
-    report[f"frozen text model {name}"] = count_params(nn.unbox(hf_text.abstract_params(fam.make_module(cfg,
-                                                                                                       jnp.float32))))
+  for name, (fam, cfg) in towers.items():
+    abstract = hf_text.abstract_params(fam.make_module(cfg, jnp.float32))
+    report[f"frozen text model {name}"] = count_params(hf_text.strip_boxes(abstract))
   return report
 
 

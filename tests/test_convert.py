@@ -126,3 +126,27 @@ def test_shapes_demo_on_two_converted_llms(tiny, tmp_path, monkeypatch):
   train.train_and_evaluate(c, str(tmp_path / "run"))
   rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert np.isfinite([r["loss"] for r in rows if "loss" in r]).all()
+
+
+def test_t5_and_clip_towers_feed_lidit(tmp_path):
+  """Encoder towers plug in like decoder LLMs: a T5 encoder and a CLIP text model (tiny, random, saved by
+  transformers) as the two towers of the tiny demo, trained for a few steps."""
+  torch = pytest.importorskip("torch")
+  import transformers
+  from lidit_jax import prompt, train
+  from lidit_jax.data import shapes
+  vocab = len(prompt.build_word_tokenizer(shapes.VOCABULARY))
+  torch.manual_seed(0)
+  transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+      feed_forward_proj="gated-gelu")).save_pretrained(tmp_path / "t5")
+  transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0)).save_pretrained(tmp_path / "clip")
+  c = configs.load_config_file(str(ROOT / "configs" / "shapes.py") + ":tiny")
+  c.text.use = "t5,clip"
+  c.text.towers = {"t5": configs.tower(init=str(tmp_path / "t5"), tokenizer="words", layer=-1, max_length=56),
+                   "clip": configs.tower(init=str(tmp_path / "clip"), tokenizer="words", layer=-2, max_length=56)}
+  configs.validate(c)
+  metrics = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert np.isfinite(metrics["loss"])

@@ -35,6 +35,10 @@ class T5Config:
   max_distance: int = 128
   eps: float = 1e-6
 
+  @property
+  def hidden_size(self) -> int:  # the name the other towers use
+    return self.d_model
+
   def __post_init__(self):
     if self.feed_forward not in FEED_FORWARDS:
       raise ValueError(f"T5 feed_forward={self.feed_forward!r} is not supported; supported: {list(FEED_FORWARDS)}.")
