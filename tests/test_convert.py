@@ -99,12 +99,12 @@ def test_sharded_placement_on_a_mesh(tiny):
   assert r.returncode == 0, r.stderr[-3000:]
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 2
-  for line in lines:  # embed width 32 split over fsdp=4; up_proj [3, 32, 64]: embed over fsdp, mlp over tensor
+  for line in lines:  # embed width 32 split over fsdp=4; up_proj [3, 64, 32] ([out, in]): mlp over tensor, embed over fsdp
     got = json.loads(line)
     (vocab, width), shard = got["embed"]
     # vocab goes over tensor=2 when it divides, else it is replicated (fit_to_shapes)
     assert width == 32 and shard == [vocab // 2 if vocab % 2 == 0 else vocab, 8] and got["devices"] == 8
-    assert got["up_proj"] == [[3, 32, 64], [3, 8, 32]]
+    assert got["up_proj"] == [[3, 64, 32], [3, 32, 8]]
 
 
 def test_shapes_demo_on_two_converted_llms(tiny, tmp_path, monkeypatch):

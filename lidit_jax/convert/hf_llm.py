@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import transformers
 
-from lidit_jax.convert.safetensors_io import Source, heads_bias, heads_in, heads_out, linear
+from lidit_jax.convert.safetensors_io import Source, heads_bias
 from lidit_jax.models import llm
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
@@ -91,18 +91,21 @@ def plan(cfg: llm.DecoderConfig) -> dict:
              "post_attn_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
   for ours, theirs in norms.items():
     p[("layers", ours, "scale")] = per_layer(f"{theirs}.weight")
+  # Our decoder kernels are in PyTorch's [out, in] order: reshapes only (views, no copies).
   for ours, theirs, heads in (("query", "q_proj", h), ("key", "k_proj", g), ("value", "v_proj", g)):
-    p[("layers", "attn", ours, "kernel")] = per_layer(f"self_attn.{theirs}.weight", heads_in(heads))
+    p[("layers", "attn", ours, "kernel")] = per_layer(f"self_attn.{theirs}.weight",
+                                                      lambda w, n=heads: w.reshape(n, -1, w.shape[-1]))
     if cfg.qkv_bias:
       p[("layers", "attn", ours, "bias")] = per_layer(f"self_attn.{theirs}.bias", heads_bias(heads))
-  p[("layers", "attn", "out", "kernel")] = per_layer("self_attn.o_proj.weight", heads_out(h))
+  p[("layers", "attn", "out", "kernel")] = per_layer("self_attn.o_proj.weight",
+                                                    lambda w: w.reshape(w.shape[0], h, -1))
   if cfg.out_bias:
     p[("layers", "attn", "out", "bias")] = per_layer("self_attn.o_proj.bias")
   if cfg.qk_norm:
     p[("layers", "attn", "q_norm", "scale")] = per_layer("self_attn.q_norm.weight")
     p[("layers", "attn", "k_norm", "scale")] = per_layer("self_attn.k_norm.weight")
   for name in ("gate_proj", "up_proj", "down_proj"):
-    p[("layers", "mlp", name, "kernel")] = per_layer(f"mlp.{name}.weight", linear)
+    p[("layers", "mlp", name, "kernel")] = per_layer(f"mlp.{name}.weight")
     if cfg.mlp_bias:
       p[("layers", "mlp", name, "bias")] = per_layer(f"mlp.{name}.bias")
   return p

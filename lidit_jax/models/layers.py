@@ -140,6 +140,9 @@ class Attention(nn.Module):
   scale: float | None = None  # default 1/sqrt(head_dim)
   logit_softcap: float | None = None
   norm_eps: float = 1e-6
+  # Kernels in PyTorch's [out, in] order (q/k/v [H, K, D], out [D, H, K]): converted checkpoints then need
+  # no transposes, only reshapes. XLA picks the matmul layout either way.
+  torch_layout: bool = False
   dtype: Dtype = jnp.float32
   implementation: str | None = None  # None/"xla" everywhere; "cudnn" on GPU (see sharding issue)
 
@@ -152,6 +155,9 @@ class Attention(nn.Module):
     ctx = x_BLD if context_BSD is None else context_BSD
 
     def proj(name, inp, heads):
+      if self.torch_layout:
+        return HeadsDense((heads, k_dim, inp.shape[-1]), "...d,hkd->...hk", ("heads", "kv", "embed"),
+                          self.use_bias, self.dtype, name=name)(inp)
       return HeadsDense((inp.shape[-1], heads, k_dim), "...d,dhk->...hk", ("embed", "heads", "kv"),
                         self.use_bias, self.dtype, name=name)(inp)
 
@@ -175,34 +181,39 @@ class Attention(nn.Module):
       has_key = jnp.broadcast_to(has_key, (out.shape[0], 1, out.shape[1]))[:, 0, :, None, None]
       out = jnp.where(has_key, out, 0)
     out_bias = self.use_bias if self.out_bias is None else self.out_bias
+    if self.torch_layout:
+      return HeadsDense((d, h, k_dim), "...hk,dhk->...d", ("embed", "heads", "kv"), out_bias, self.dtype,
+                        name="out")(out)
     return HeadsDense((h, k_dim, d), "...hk,hkd->...d", ("heads", "kv", "embed"), out_bias, self.dtype,
                       name="out")(out)
 
 
 class HeadsDense(nn.Module):
-  """A projection into or out of attention heads, kernel created in its final 3-D shape so that its
-  logical axis names always match its rank (the kernel of an nn.DenseGeneral is born flat)."""
-  kernel_shape: tuple[int, int, int]
+  """A projection written as an einsum with the kernel in its final shape (into or out of attention heads,
+  or a plain matrix in either orientation), so its logical axis names always match its rank (the kernel
+  of an nn.DenseGeneral is born flat). `equation` is "...<input>,<kernel>-><output>"; the bias has the
+  output's shape. Xavier-uniform on the matrix view (fan in = contracted dims, fan out = output dims)."""
+  kernel_shape: tuple[int, ...]
   equation: str
-  axes: tuple[str, str, str]
+  axes: tuple[str, ...]
   use_bias: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    # Xavier-uniform on the matrix view (fan in = the contracted dims, fan out = the rest).
-    contract_first = self.axes[0] == "embed"
-    fan_in = self.kernel_shape[0] if contract_first else self.kernel_shape[0] * self.kernel_shape[1]
-    fan_out = self.kernel_shape[1] * self.kernel_shape[2] if contract_first else self.kernel_shape[2]
+    kernel_letters = self.equation.split(",")[1].split("->")[0]
+    out_letters = self.equation.split("->")[1].replace("...", "")
+    size = dict(zip(kernel_letters, self.kernel_shape))
+    fan_out = math.prod(size[c] for c in out_letters)
+    fan_in = math.prod(self.kernel_shape) // fan_out
     limit = math.sqrt(6.0 / (fan_in + fan_out))
     init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -limit, limit)
     w = self.param("kernel", logical(init, self.axes), self.kernel_shape, jnp.float32)
     y = jnp.einsum(self.equation, x.astype(self.dtype), w.astype(self.dtype))
     if self.use_bias:
-      bias_shape = self.kernel_shape[1:] if contract_first else self.kernel_shape[2:]
-      bias_axes = self.axes[1:] if contract_first else self.axes[2:]
-      y = y + self.param("bias", logical(nn.initializers.zeros_init(), bias_axes), bias_shape,
-                         jnp.float32).astype(self.dtype)
+      axis_of = dict(zip(kernel_letters, self.axes))
+      y = y + self.param("bias", logical(nn.initializers.zeros_init(), tuple(axis_of[c] for c in out_letters)),
+                         tuple(size[c] for c in out_letters), jnp.float32).astype(self.dtype)
     return y
 
 
@@ -220,10 +231,11 @@ class Mlp(nn.Module):
 
 
 class GatedMlp(nn.Module):
-  """SwiGLU / GeGLU MLP of decoder LLMs: down(act(gate(x)) * up(x)), no biases."""
+  """SwiGLU / GeGLU MLP of decoder LLMs: down(act(gate(x)) * up(x)). `torch_layout`: kernels [out, in]."""
   hidden: int
   activation: str = "silu"
   use_bias: bool = False
+  torch_layout: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -231,9 +243,16 @@ class GatedMlp(nn.Module):
     d = x.shape[-1]
     act = {"silu": nn.silu, "gelu_tanh": lambda v: nn.gelu(v, approximate=True),
            "gelu": lambda v: nn.gelu(v, approximate=False)}[self.activation]
-    g = Dense(self.hidden, ("embed", "mlp"), self.use_bias, dtype=self.dtype, name="gate_proj")(x)
-    u = Dense(self.hidden, ("embed", "mlp"), self.use_bias, dtype=self.dtype, name="up_proj")(x)
-    return Dense(d, ("mlp", "embed"), self.use_bias, dtype=self.dtype, name="down_proj")(act(g) * u)
+
+    def dense(features, axes, name, inp):
+      if self.torch_layout:
+        return HeadsDense((features, inp.shape[-1]), "...i,oi->...o", axes[::-1], self.use_bias, self.dtype,
+                          name=name)(inp)
+      return Dense(features, axes, self.use_bias, dtype=self.dtype, name=name)(inp)
+
+    g = dense(self.hidden, ("embed", "mlp"), "gate_proj", x)
+    u = dense(self.hidden, ("embed", "mlp"), "up_proj", x)
+    return dense(d, ("mlp", "embed"), "down_proj", act(g) * u)
 
 
 def timestep_features(t_B: jax.Array, dim: int, max_period: float = 10000.0, scale: float = 1000.0):

@@ -6,7 +6,8 @@ LI-DiT reads a chosen layer's hidden state of a frozen LLM. `__call__` returns e
 stacked [num_layers + 1, B, L, D], in Hugging Face's convention: index 0 is the embedding output, index
 i the output of block i, and the last entry has the final norm applied. `up_to_layer` stops early (only
 that many blocks run), which is what a frozen tower feeding LI-DiT needs.
-Layers are scanned, so per-layer weights are stacked on a leading `layers` axis.
+Layers are scanned, so per-layer weights are stacked on a leading `layers` axis. Kernels keep PyTorch's
+[out, in] order, so converting a checkpoint is a read and a reshape, never a transpose.
 """
 from __future__ import annotations
 
@@ -82,13 +83,14 @@ class DecoderBlock(nn.Module):
     h = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, qk_norm=c.qk_norm, use_bias=c.qkv_bias,
                          out_bias=c.out_bias, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
                          scale=None if c.query_scale is None else c.query_scale ** -0.5,
-                         logit_softcap=c.attn_softcap, norm_eps=c.norm_eps, dtype=self.dtype,
-                         name="attn")(h, mask=mask, positions_BL=positions_BL)
+                         logit_softcap=c.attn_softcap, norm_eps=c.norm_eps, torch_layout=True,
+                         dtype=self.dtype, name="attn")(h, mask=mask, positions_BL=positions_BL)
     if c.sandwich_norms:
       h = norm("post_attn_out_norm")(h)
     x_BLD = x_BLD + h
     h = norm("post_attn_norm")(x_BLD)
-    h = layers.GatedMlp(c.intermediate_size, c.activation, c.mlp_bias, dtype=self.dtype, name="mlp")(h)
+    h = layers.GatedMlp(c.intermediate_size, c.activation, c.mlp_bias, torch_layout=True, dtype=self.dtype,
+                        name="mlp")(h)
     if c.sandwich_norms:
       h = norm("post_mlp_norm")(h)
     x_BLD = x_BLD + h
