@@ -18,7 +18,8 @@ DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("embed", "fsdp"),
-    ("mlp", "tensor"),
+    ("mlp", ("fsdp", "tensor")),  # an mlp axis alone (biases, modulation) is sharded like a kernel's rows
+    ("mlp", "tensor"),  # next to embed (which takes fsdp), mlp gets tensor
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),

@@ -1,0 +1,183 @@
+"""Memory and compute plan of a config on a device mesh, from abstract shapes only (nothing is allocated,
+no devices are needed):
+
+  python -m lidit_jax.plan --config configs/lidit_10b.py --config.mesh.fsdp=256 [--devices 256] [--chip v5p]
+
+Per device: bytes of parameters, gradients, optimizer state (AdamW: two moments) and EMA, each sharded by
+the config's logical-axis rules on the mesh; the frozen text towers; an estimate of the activations kept
+for the backward pass at the config's batch and remat policy. Per step: model FLOPs (training counts
+forward + backward = 3x forward; the frozen towers' forward separately) and, for a chip, the step time at
+a given MFU. `train.py` logs TFLOP/s per device and MFU from the same FLOP count.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lidit_jax import model as model_lib
+from lidit_jax import sharding
+
+# Dense bf16 peak TFLOP/s per chip (vendor figures); "cpu" is this project's 2-core reference VM, float32
+# jitted matmul measured by benchmarks/demo_step.py (2026-11-22).
+CHIP_PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0, "h200": 989.0,
+                    "cpu": 0.176}
+DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v5": "v5p",
+                "TPU v6 lite": "v6e", "TPU v6e": "v6e", "NVIDIA H100": "h100", "NVIDIA H200": "h200", "cpu": "cpu"}
+GiB = 1024 ** 3
+
+
+def chip_of(device) -> str | None:
+  kind = getattr(device, "device_kind", "") or device.platform
+  for prefix, chip in sorted(DEVICE_KINDS.items(), key=lambda kv: -len(kv[0])):
+    if kind.lower().startswith(prefix.lower()):
+      return chip
+  return None
+
+
+def shard_elements(shape, spec, mesh_sizes: dict) -> int:
+  """Elements of one device's shard (dims split by their mesh axes, rounded up)."""
+  n = 1
+  for i, dim in enumerate(shape):
+    axes = spec[i] if i < len(spec) else None
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    n *= math.ceil(dim / math.prod(mesh_sizes[a] for a in names))
+  return n
+
+
+def per_device_bytes(boxed_tree, mesh_sizes: dict, rules, itemsize: int | None = None) -> int:
+  """Bytes of one device's shards of a tree of (boxed) abstract arrays under logical `rules`."""
+  specs = nn.get_partition_spec(boxed_tree)
+  leaves = jax.tree.leaves(boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  total = 0
+  for leaf, spec in zip(leaves, spec_leaves):
+    value = leaf.value if isinstance(leaf, nn.meta.AxisMetadata) else leaf
+    mesh_spec = nn.logical_to_mesh_axes(spec, rules) if len(spec) else spec
+    total += shard_elements(value.shape, tuple(mesh_spec), mesh_sizes) * (itemsize or value.dtype.itemsize)
+  return total
+
+
+def model_flops_per_example(config, tower_cfgs: dict) -> dict:
+  """Forward FLOPs of one example: 2 x (matmul weights x tokens they see) + attention (QK^T and PV)."""
+  m, r = config.model, config.model.refiner
+  h, w, _ = model_lib.latent_shape(config)
+  t = (h // m.patch_size) * (w // m.patch_size)  # image tokens
+  lens = [config.text.towers[n].max_length for n in tower_cfgs]
+  s = sum(lens)  # text tokens after concatenation
+  d, f = m.width, int(m.width * m.mlp_ratio)
+  per_block = (2 * t * (4 * d * d + 2 * d * f)  # self-attn q,k,v,o + MLP on image tokens
+               + 2 * t * 2 * d * d + 2 * s * 2 * d * d  # cross-attn q,o on image tokens; k,v on text tokens
+               + 4 * t * t * d + 4 * t * s * d)  # attention scores and weighted sums
+  dit = m.depth * per_block
+  fr = int(d * r.mlp_ratio)
+  refiners = sum(r.depth * (2 * l * (4 * d * d + 2 * d * fr) + 4 * l * l * d) + 2 * l * cfg.hidden_size * d
+                 for l, cfg in zip(lens, (c for _, c in tower_cfgs.values())))
+  if r.fusion == "collaborative" and len(lens) > 1:
+    refiners += 2 * s * (4 * d * d + 2 * d * fr) + 4 * s * s * d
+  towers = 0
+  for l, (_, cfg) in zip(lens, tower_cfgs.values()):
+    hd = cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", 4 * hd)
+    towers += cfg.num_layers * (2 * l * (4 * hd * hd + 3 * hd * inter) + 4 * l * l * hd)
+  return {"dit": dit, "refiners": refiners, "towers": towers}
+
+
+def activation_bytes_per_device(config, mesh_sizes: dict, itemsize: int) -> int:
+  """Rough bytes kept for the backward pass by the DiT blocks (the bulk), per device.
+
+  Per block and image token: remat "full" keeps the block input (1 x D); "dots_no_batch" the outputs of
+  weight matmuls (about (6 + 2 mlp_ratio) x D); "dots" those plus attention scores; "none" everything
+  (about (14 + 2 mlp_ratio) x D plus scores). Tensor parallelism splits D and the heads.
+  """
+  m = config.model
+  b = math.ceil(config.train.batch_size / (mesh_sizes["data"] * mesh_sizes["fsdp"]))
+  h, w, _ = model_lib.latent_shape(config)
+  t = (h // m.patch_size) * (w // m.patch_size)
+  s = sum(config.text.towers[n].max_length for n in model_lib.tower_names(config))
+  tp = mesh_sizes["tensor"]
+  d = m.width / tp
+  scores = m.num_heads / tp * t * (t + s)  # per example: self + cross attention probabilities
+  per_token = {"full": 1.0, "dots_no_batch": 6 + 2 * m.mlp_ratio, "dots": 6 + 2 * m.mlp_ratio,
+               "none": 14 + 2 * m.mlp_ratio}[m.remat]
+  keep_scores = m.remat in ("dots", "none")
+  per_block = b * (t * per_token * d + (scores if keep_scores else 0))
+  return int(m.depth * per_block * itemsize)
+
+
+def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) -> dict:
+  dims = sharding.mesh_shape(config.mesh, num_devices)
+  mesh_sizes = dict(zip(sharding.AXES, dims))
+  rules = sharding.rules(config)
+  towers = model_lib.planned_towers(config)
+  params = model_lib.abstract_params(config, towers)
+  n_params = model_lib.count_params(nn.unbox(params))
+  p_bytes = per_device_bytes(params, mesh_sizes, rules, itemsize=4)  # float32 master weights
+  tower_bytes, tower_params = 0, 0
+  from lidit_jax.convert import hf_text
+  for name, (fam, cfg) in towers.items():
+    abstract = hf_text.abstract_params(fam.make_module(cfg, jnp.float32))
+    tower_params += model_lib.count_params(hf_text.strip_boxes(abstract))
+    itemsize = jnp.dtype(model_lib.DTYPES[config.text.towers[name].dtype]).itemsize
+    tower_bytes += per_device_bytes(abstract, mesh_sizes, rules, itemsize)
+  act_itemsize = jnp.dtype(model_lib.DTYPES[config.model.dtype]).itemsize
+  acts = activation_bytes_per_device(config, mesh_sizes, act_itemsize)
+  flops = model_flops_per_example(config, towers)
+  batch = config.train.batch_size
+  train_flops = 3 * (flops["dit"] + flops["refiners"]) * batch
+  tower_flops = 0 if config.text.cache else flops["towers"] * batch
+  per_device = {"params": p_bytes, "grads": p_bytes, "optimizer": 2 * p_bytes, "ema": p_bytes,
+                "frozen_towers": tower_bytes, "activations_estimate": acts}
+  per_device["total"] = sum(per_device.values())
+  out = {"mesh": mesh_sizes, "devices": num_devices, "trainable_params": n_params, "tower_params": tower_params,
+         "bytes_per_device": per_device,
+         "params_plus_optimizer_vs_even_split": (p_bytes * 3) / (n_params * 4 * 3 / num_devices),
+         "model_tflop_per_step": train_flops / 1e12, "tower_tflop_per_step": tower_flops / 1e12,
+         "batch_size": batch, "remat": config.model.remat}
+  if chip:
+    peak = CHIP_PEAK_TFLOPS[chip]
+    out.update(chip=chip, peak_tflops_per_chip=peak, assumed_mfu=mfu,
+               step_seconds_at_mfu=(train_flops + tower_flops) / 1e12 / (num_devices * peak * mfu))
+  return out
+
+
+def format_plan(p: dict) -> str:
+  lines = [f"mesh {p['mesh']} on {p['devices']} devices; {p['trainable_params'] / 1e9:.3f} B trainable, "
+           f"{p['tower_params'] / 1e9:.3f} B frozen; batch {p['batch_size']}, remat {p['remat']}",
+           "per device:"]
+  for k, v in p["bytes_per_device"].items():
+    lines.append(f"  {k:>22}: {v / GiB:10.3f} GiB")
+  lines.append(f"  params + optimizer vs total / devices: {p['params_plus_optimizer_vs_even_split']:.3f}x")
+  lines.append(f"model FLOPs per step: {p['model_tflop_per_step']:.1f} TFLOP (+ towers "
+               f"{p['tower_tflop_per_step']:.1f} TFLOP forward)")
+  if "chip" in p:
+    lines.append(f"on {p['devices']} x {p['chip']} ({p['peak_tflops_per_chip']:.0f} TFLOP/s peak) at MFU "
+                 f"{p['assumed_mfu']:.2f}: {p['step_seconds_at_mfu']:.2f} s/step")
+  return "\n".join(lines)
+
+
+def main(argv):
+  from absl import flags
+  from lidit_jax import configs
+  f = flags.FLAGS
+  config = configs.load_from_flags()
+  devices = f.devices or math.prod(max(1, int(config.mesh[a])) for a in sharding.AXES)
+  p = plan(config, devices, f.chip, f.mfu)
+  print(format_plan(p))
+  print(json.dumps(p))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from lidit_jax import configs
+  configs.define_flags()
+  flags.declare_key_flag("config")
+  flags.DEFINE_integer("devices", None, "Number of devices (default: the product of the mesh axes; needed "
+                       "when an axis is -1).")
+  flags.DEFINE_enum("chip", None, sorted(CHIP_PEAK_TFLOPS), "Chip, for the step time at --mfu.")
+  flags.DEFINE_float("mfu", 0.4, "Model FLOP utilization assumed for the step time.")
+  app.run(main)
