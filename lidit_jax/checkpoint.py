@@ -13,11 +13,13 @@ import orbax.checkpoint as ocp
 
 
 class Checkpoints:
-  def __init__(self, workdir: str, keep: int = 3, save_every: int = 1):
+  def __init__(self, workdir: str, keep: int = 3, save_every: int = 1, keep_every: int = 0):
+    """Keeps the last `keep` checkpoints, plus every step divisible by `keep_every` (if > 0) for good."""
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data", "config"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True,
+                                             keep_period=keep_every or None))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

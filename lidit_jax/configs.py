@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = dict(lr=1e-4, warmup_steps=1000, min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
                  grad_clip=1.0, ema_decay=0.9999)
   c.train = dict(num_steps=100_000, batch_size=256, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
+                 keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple, for good
+                 grad_accum=1,  # micro-batches per step (same update, less activation memory)
                  sample_every=5000)
   c.sample = dict(steps=30, sampler="euler", cfg=4.0, num_images=4,
                   prompts=("a red circle to the left of a blue square",
@@ -94,6 +96,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           "pick a divisor of the width")
   for key, value in (("model.depth", m.depth), ("model.patch_size", m.patch_size), ("train.num_steps", c.train.num_steps),
                      ("train.batch_size", c.train.batch_size), ("train.log_every", c.train.log_every),
+                     ("train.grad_accum", c.train.grad_accum),
                      ("train.checkpoint_every", c.train.checkpoint_every), ("sample.steps", c.sample.steps)):
     if value < 1:
       _fail(key, value, "must be at least 1", "set a positive value")

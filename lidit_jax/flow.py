@@ -49,11 +49,13 @@ def interpolate(x0, eps, t):
   return (1.0 - tt) * x0 + tt * eps
 
 
-def loss_terms(velocity: VelocityFn, x0, rng, flow_cfg, shift: float = 1.0):
-  """Mean squared velocity error (per example) for one batch; returns (loss_B, t_B)."""
-  rt, re = jax.random.split(rng)
-  t = sample_timesteps(rt, x0.shape[0], flow_cfg, shift)
-  eps = jax.random.normal(re, x0.shape, x0.dtype)
+def loss_terms(velocity: VelocityFn, x0, rng, flow_cfg, shift: float = 1.0, t=None, eps=None):
+  """Mean squared velocity error (per example) for one batch; returns (loss_B, t_B). `t` and `eps` are
+  drawn from `rng` unless given (gradient accumulation draws them for the whole batch at once)."""
+  if t is None or eps is None:
+    rt, re = jax.random.split(rng)
+    t = sample_timesteps(rt, x0.shape[0], flow_cfg, shift)
+    eps = jax.random.normal(re, x0.shape, x0.dtype)
   v = velocity(interpolate(x0, eps, t), t)
   err = (v.astype(jnp.float32) - (eps - x0)) ** 2
   return jnp.mean(err.reshape(err.shape[0], -1), axis=1), t

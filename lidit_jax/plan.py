@@ -87,6 +87,15 @@ def model_flops_per_example(config, tower_cfgs: dict) -> dict:
   return {"dit": dit, "refiners": refiners, "towers": towers}
 
 
+def step_flops(config, tower_cfgs: dict | None = None) -> dict:
+  """Model FLOPs of one training step: `train` (forward + backward of the trainable model, 3x forward)
+  and `towers` (their forward; 0 when features come from text.cache)."""
+  flops = model_flops_per_example(config, tower_cfgs or model_lib.planned_towers(config))
+  b = config.train.batch_size
+  return {"train": 3 * (flops["dit"] + flops["refiners"]) * b,
+          "towers": 0 if config.text.cache else flops["towers"] * b}
+
+
 def activation_bytes_per_device(config, mesh_sizes: dict, itemsize: int) -> int:
   """Rough bytes kept for the backward pass by the DiT blocks (the bulk), per device.
 
@@ -126,10 +135,9 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
     tower_bytes += per_device_bytes(abstract, mesh_sizes, rules, itemsize)
   act_itemsize = jnp.dtype(model_lib.DTYPES[config.model.dtype]).itemsize
   acts = activation_bytes_per_device(config, mesh_sizes, act_itemsize)
-  flops = model_flops_per_example(config, towers)
+  flops = step_flops(config, towers)
   batch = config.train.batch_size
-  train_flops = 3 * (flops["dit"] + flops["refiners"]) * batch
-  tower_flops = 0 if config.text.cache else flops["towers"] * batch
+  train_flops, tower_flops = flops["train"], flops["towers"]
   per_device = {"params": p_bytes, "grads": p_bytes, "optimizer": 2 * p_bytes, "ema": p_bytes,
                 "frozen_towers": tower_bytes, "activations_estimate": acts}
   per_device["total"] = sum(per_device.values())

@@ -79,9 +79,11 @@ def setup(config, use_text_cache: bool = True) -> Setup:
     raise NotImplementedError(f"autoencoder.kind={config.autoencoder.kind!r}: the VAE is not implemented yet; "
                               "train in pixel space with autoencoder.kind='identity' (the shapes demo).")
   mesh = sharding.make_mesh(config)
-  if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the data x fsdp devices "
-                     f"({mesh.shape['data']} x {mesh.shape['fsdp']}). Fix: change the batch size or the mesh.")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum
+  if config.train.batch_size % shards:
+    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by data x fsdp devices x "
+                     f"train.grad_accum ({mesh.shape['data']} x {mesh.shape['fsdp']} x {config.train.grad_accum})."
+                     " Fix: change the batch size, the mesh or grad_accum.")
   model = model_lib.build_model(config)
   towers = model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)

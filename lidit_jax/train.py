@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
 import time
 
 import flax.linen as nn
@@ -22,6 +24,7 @@ import optax
 from lidit_jax import checkpoint as ckpt_lib
 from lidit_jax import flow, sharding
 from lidit_jax import model as model_lib
+from lidit_jax import plan as plan_lib
 from lidit_jax import sample as sample_lib
 from lidit_jax import state as state_lib
 from lidit_jax.data import pipeline
@@ -39,17 +42,33 @@ def make_train_step(s: state_lib.Setup):
 
   def train_step(state: state_lib.TrainState, tower_params, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    r_drop, r_flow = jax.random.split(rng)
-    feats, valids, prompts = sample_lib.text_inputs(s.towers, tower_params, batch["text"])
+    r_drop, r_t, r_eps = jax.random.split(rng, 3)
     x0 = batch["image"]
-    drop = jax.random.bernoulli(r_drop, config.data.caption_dropout, (x0.shape[0],))
+    b = x0.shape[0]
+    # Noise, times and caption dropout for the whole batch, so micro-batching changes nothing but memory.
+    full = {"image": x0, "text": batch["text"], "drop": jax.random.bernoulli(r_drop, config.data.caption_dropout, (b,)),
+            "t": flow.sample_timesteps(r_t, b, config.flow, shift), "eps": jax.random.normal(r_eps, x0.shape, x0.dtype)}
 
-    def loss_fn(params):
-      velocity = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, drop)
-      loss_B, _ = flow.loss_terms(velocity, x0, r_flow, config.flow, shift)
+    def loss_fn(params, mb):
+      feats, valids, prompts = sample_lib.text_inputs(s.towers, tower_params, mb["text"])
+      velocity = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, mb["drop"])
+      loss_B, _ = flow.loss_terms(velocity, mb["image"], None, config.flow, shift, t=mb["t"], eps=mb["eps"])
       return jnp.mean(loss_B)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    k = config.train.grad_accum
+    if k == 1:
+      loss, grads = jax.value_and_grad(loss_fn)(state.params, full)
+    else:
+      # Micro-batch i takes examples i, i + k, ...: every device keeps contributing to each micro-batch.
+      micro = jax.tree.map(lambda a: jnp.swapaxes(a.reshape(b // k, k, *a.shape[1:]), 0, 1), full)
+
+      def accumulate(carry, mb):
+        l, g = jax.value_and_grad(loss_fn)(state.params, mb)
+        return (carry[0] + l, jax.tree.map(jnp.add, carry[1], g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+      loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(config, state.step)
@@ -122,13 +141,41 @@ def save_samples(s, params, workdir: str, step: int, generator):
     return path
 
 
+class StopRequest:
+  """SIGTERM (how schedulers and spot / preemptible VMs announce preemption) -> save at the step reached
+  and leave cleanly. With several processes all must stop at the same step: JAX's preemption sync point
+  (the coordination service watches for the signal on every host) decides instead of the local flag."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+
+  def __call__(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # no preemption service in this cluster set-up: fall back to the signal
+        pass
+    return self.signum is not None
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train (resuming from workdir if possible); returns the last logged metrics."""
   from tqdm import tqdm
   os.makedirs(workdir, exist_ok=True)
   s = state_lib.setup(config)
   t = config.train
-  ckpt = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
+  ckpt = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
   data = pipeline.ShapesBatches(config, s.text_for)
   restored = ckpt.restore(s.abstract_state)
   if restored is None:
@@ -144,6 +191,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_fn = make_train_step(s)
   generator = sample_lib.make_generator(s, config.sample.steps, config.sample.cfg, config.sample.sampler)
   rng = jax.random.key(config.seed + 2)
+  flops = plan_lib.step_flops(config)
+  step_tflop = (flops["train"] + flops["towers"]) / 1e12
+  peak = plan_lib.CHIP_PEAK_TFLOPS.get(plan_lib.chip_of(jax.devices()[0]))
 
   bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
   window, last, pending = [], {}, None
@@ -164,10 +214,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       dt = time.perf_counter() - t_window
       last = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
       last.update(steps_per_sec=len(window) / dt, examples_per_sec=len(window) * t.batch_size / dt)
+      last["tflops_per_device"] = step_tflop * last["steps_per_sec"] / jax.device_count()
+      if peak:  # model FLOPs utilization against the chip's dense peak (plan.CHIP_PEAK_TFLOPS)
+        last["mfu"] = last["tflops_per_device"] / peak
       log.write(step_done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{last['steps_per_sec']:.2f}")
       window, t_window = [], time.perf_counter()
 
+  stop = StopRequest()
   try:
     for step in range(start, t.num_steps):
       batch = device_batch(next(data), s.mesh)
@@ -176,6 +230,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         finish(*pending)
       pending = (step + 1, metrics)
       done = step + 1
+      if stop(done):
+        finish(*pending)
+        pending = None
+        ckpt.save(done, state, data.state(), config, force=True)
+        ckpt.wait()
+        bar.write(f"stop requested (SIGTERM): saved step {done} in {ckpt.directory}; re-run the same command "
+                  "to resume")
+        break
       if done % t.checkpoint_every == 0 or done == t.num_steps:
         finish(*pending)
         pending = None
@@ -190,6 +252,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if pending is not None:
       finish(*pending)
   finally:  # also on Ctrl-C or an error: let an in-flight checkpoint save finish
+    stop.close()
     bar.close()
     ckpt.close()
     log.close()

@@ -1,0 +1,129 @@
+"""Scale-out on simulated devices, and surviving preemption: each run is its own process.
+
+The device count is fixed when JAX starts, so multi-device runs happen in subprocesses with
+XLA_FLAGS=--xla_force_host_platform_device_count=8.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TINY = str(ROOT / "configs/shapes.py:tiny")
+QUIET = ["--config.train.sample_every=100000", "--config.train.log_every=1"]
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+# Sets up a run, prints per-device shard shapes of a few parameters, then trains it (same CLI flags).
+SETUP_AND_TRAIN = r"""
+import json, sys
+from absl import app, flags
+from lidit_jax import configs, state, train
+configs.define_flags()
+flags.DEFINE_string("workdir", None, "")
+def main(_):
+  config = configs.load_from_flags()
+  s = state.setup(config)
+  st = s.init_state(__import__("jax").random.key(0))
+  fc1 = st.params["denoiser"]["blocks"]["block"]["mlp"]["fc1"]["kernel"]
+  up = s.tower_params["llama_a"]["layers"]["mlp"]["up_proj"]["kernel"]
+  print("SHARDS " + json.dumps({"fc1": [fc1.shape, fc1.addressable_shards[0].data.shape],
+                                "mu": list(st.opt_state[1][0].mu["denoiser"]["blocks"]["block"]["mlp"]["fc1"]
+                                           ["kernel"].addressable_shards[0].data.shape),
+                                "tower_up": [up.shape, up.addressable_shards[0].data.shape],
+                                "devices": len(fc1.sharding.device_set)}))
+  train.train_and_evaluate(config, flags.FLAGS.workdir)
+app.run(main)
+"""
+
+
+def run(args, env_extra=None, script=None, **kw):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "lidit_jax.train"]
+  return subprocess.run(cmd + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, **kw)
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("single"))
+  r = run(["--config", TINY, "--workdir", workdir, "--config.train.num_steps=10", "--config.train.batch_size=8",
+           *QUIET])
+  assert r.returncode == 0, r.stderr[-3000:]
+  return losses(workdir)
+
+
+@pytest.mark.parametrize("mesh,expect", [
+    # (data, fsdp, tensor): fc1 kernel [depth 2, width 32, mlp 128] shard, its Adam moment, a tower kernel
+    ((8, 1, 1), {"fc1": [2, 32, 128], "tower_up": [3, 64, 32]}),
+    ((1, 8, 1), {"fc1": [2, 4, 128], "tower_up": [3, 64, 4]}),
+    ((2, 2, 2), {"fc1": [2, 16, 64], "tower_up": [3, 32, 16]}),
+])
+def test_meshes_shard_parameters_and_match_the_single_device_run(mesh, expect, single_device, tmp_path):
+  d, f, t = mesh
+  r = run(["--config", TINY, "--workdir", str(tmp_path), "--config.train.num_steps=10",
+           "--config.train.batch_size=8", f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}",
+           f"--config.mesh.tensor={t}", *QUIET], env_extra=EIGHT, script=SETUP_AND_TRAIN)
+  assert r.returncode == 0, r.stderr[-3000:]
+  shards = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("SHARDS "))[7:])
+  assert shards["devices"] == 8
+  assert shards["fc1"][0] == [2, 32, 128] and shards["fc1"][1] == expect["fc1"]
+  assert shards["mu"] == expect["fc1"]  # optimizer state is sharded like its parameter
+  assert shards["tower_up"][1] == expect["tower_up"]  # frozen towers are sharded too
+  got, want = losses(str(tmp_path)), single_device
+  assert sorted(got) == list(range(1, 11))
+  np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-4)
+
+
+def test_sigterm_saves_the_step_reached_and_exits_cleanly(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-m", "lidit_jax.train", "--config", TINY, "--workdir", str(tmp_path),
+                           "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", *QUIET],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())
+  assert saved and saved[-1] == max(losses(str(tmp_path))) >= 3  # the step it had reached, not a periodic one
+  assert "stop requested (SIGTERM)" in out + err
+
+
+def test_sigkill_and_restart_gives_the_same_losses(tmp_path):
+  """Killed without warning mid-run (possibly mid-save), then restarted: the run resumes from the last
+  complete checkpoint and its losses equal those of an uninterrupted run."""
+  steps = ["--config.train.num_steps=120", "--config.train.checkpoint_every=4", *QUIET]
+  reference = tmp_path / "reference"
+  r = run(["--config", TINY, "--workdir", str(reference), *steps])
+  assert r.returncode == 0, r.stderr[-3000:]
+  workdir = tmp_path / "killed"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-m", "lidit_jax.train", "--config", TINY, "--workdir", str(workdir),
+                           *steps], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = max(losses(str(workdir)))
+  assert killed_at < 120, "the run finished before it could be killed; the test needs more steps"
+  r = run(["--config", TINY, "--workdir", str(workdir), *steps])
+  assert r.returncode == 0, r.stderr[-3000:]
+  got, want = losses(str(workdir)), losses(str(reference))
+  assert sorted(got) == sorted(want) == list(range(1, 121))
+  np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5)
