@@ -23,6 +23,7 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "etils[epath]>=1.5",
     ],
     extras_require={
         # The PyTorch side is only a reference for parity tests. Pin torch: a bare `torch`

@@ -16,6 +16,8 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def main(argv):
+  from lidit_jax import distributed
+  distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from lidit_jax import evaluate, state, train
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS

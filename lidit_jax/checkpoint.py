@@ -10,12 +10,19 @@ import json
 import os
 
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints; a bucket URL (gs://...) is kept as it is, a local path made absolute."""
+  root = workdir if "://" in workdir else os.path.abspath(workdir)
+  return str(epath.Path(root) / "checkpoints")
 
 
 class Checkpoints:
   def __init__(self, workdir: str, keep: int = 3, save_every: int = 1, keep_every: int = 0):
     """Keeps the last `keep` checkpoints, plus every step divisible by `keep_every` (if > 0) for good."""
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data", "config"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True,
@@ -48,8 +55,8 @@ class Checkpoints:
 
 def require(workdir: str) -> "Checkpoints":
   """Open a workdir that must hold a checkpoint, with a clear error when it does not."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  ckpt = Checkpoints(workdir) if os.path.isdir(directory) else None
+  directory = checkpoint_dir(workdir)
+  ckpt = Checkpoints(workdir) if epath.Path(directory).is_dir() else None
   if ckpt is None or ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {directory}. Fix: train first "
                             f"(python -m lidit_jax.train --config ... --workdir {workdir}) or pass the right --workdir.")

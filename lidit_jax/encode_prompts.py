@@ -25,6 +25,8 @@ def run_captions(config, num_examples: int | None = None) -> list[str]:
 
 
 def main(argv):
+  from lidit_jax import distributed
+  distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from absl import flags
   from lidit_jax import configs, model as model_lib, sharding, text_cache
   f = flags.FLAGS

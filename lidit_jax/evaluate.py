@@ -74,6 +74,8 @@ def evaluate(s, params, num_prompts: int, steps: int, cfg_scale: float, seed: in
 
 
 def main(argv):
+  from lidit_jax import distributed
+  distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from absl import flags
   from lidit_jax import configs, state as state_lib
   f = flags.FLAGS

@@ -127,6 +127,30 @@ def build_towers(config) -> list[TextTower]:
   return towers
 
 
+def abstract_towers(config) -> list[TextTower]:
+  """Towers without tokenizers (encoder=None), architecture from planned_towers: compile-only set-ups."""
+  out = []
+  for name, (fam, cfg) in planned_towers(config).items():
+    tc = config.text.towers[name]
+    module = fam.make_module(cfg, DTYPES[tc.dtype])
+    if hasattr(module, "output_layer"):
+      module = module.clone(output_layer=tc.layer)
+    out.append(TextTower(name, module, None, tc.layer, DTYPES[tc.dtype], cfg.hidden_size, tc.init))
+  return out
+
+
+def abstract_tower_params(towers: list[TextTower], mesh, rules) -> dict:
+  """ShapeDtypeStructs (with shardings) of the towers' parameters."""
+  from lidit_jax.convert import hf_text
+  out = {}
+  for t in towers:
+    boxed = hf_text.abstract_params(t.module)
+    shardings = sharding_lib.fit_to_shapes(boxed, mesh, rules)
+    out[t.name] = jax.tree.map(lambda a, sh, dt=t.dtype: jax.ShapeDtypeStruct(a.shape, dt, sharding=sh),
+                               hf_text.strip_boxes(boxed), shardings)
+  return out
+
+
 def random_llama_config(tc) -> llm.DecoderConfig:
   vocab = tc.vocab_size
   if not vocab:  # the word tokenizer's size is known only once it is built

@@ -55,11 +55,15 @@ def make_generator(s, steps: int, cfg_scale: float, sampler: str):
       velocity = flow.guided(both, cfg_scale)
     return jnp.clip(flow.solve(velocity, noise, steps, sampler, shift), -1.0, 1.0)
 
-  jitted = jax.jit(generate)
+  repl = sharding.replicated(s.mesh)
+  # Images come back whole on every process (several processes cannot read a sharded result).
+  jitted = jax.jit(generate, out_shardings=repl)
 
   def run(params, tower_params, tokens, noise):
+    # Host inputs become global arrays, identical on every process.
+    host = jax.tree.map(lambda x: jax.make_array_from_process_local_data(repl, np.asarray(x)), (tokens, noise))
     with sharding.active(s.mesh, config):
-      return jitted(params, tower_params, tokens, noise)
+      return jitted(params, tower_params, *host)
   return run
 
 
@@ -100,6 +104,14 @@ def save_grid(images, path: str, cols: int | None = None, scale: int = 4):
     grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
   pil = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
   pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+  if "://" in path:  # a bucket: encode here, write through epath
+    import io
+    from etils import epath
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(path).write_bytes(buf.getvalue())
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   pil.save(path)
 
@@ -115,6 +127,8 @@ def output_paths(out: str, prompts: list[str]) -> list[str]:
 
 
 def main(argv):
+  from lidit_jax import distributed
+  distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from absl import flags
   from tqdm import tqdm
   from lidit_jax import configs, state as state_lib

@@ -73,9 +73,11 @@ def _init_state(s: Setup, rng) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=s.tx.init(params))
 
 
-def setup(config, use_text_cache: bool = True) -> Setup:
-  """`use_text_cache=False` loads the towers even when text.cache is set (sampling new prompts)."""
-  if config.autoencoder.kind != "identity":
+def setup(config, use_text_cache: bool = True, abstract: bool = False) -> Setup:
+  """`use_text_cache=False` loads the towers even when text.cache is set (sampling new prompts).
+  `abstract=True` builds everything from shapes only (no tokenizers, checkpoints or parameters; towers from
+  their checkpoints' configs or the config's fields): for compiling and planning a run before it exists."""
+  if config.autoencoder.kind != "identity" and not abstract:
     raise NotImplementedError(f"autoencoder.kind={config.autoencoder.kind!r}: the VAE is not implemented yet; "
                               "train in pixel space with autoencoder.kind='identity' (the shapes demo).")
   mesh = sharding.make_mesh(config)
@@ -85,7 +87,7 @@ def setup(config, use_text_cache: bool = True) -> Setup:
                      f"train.grad_accum ({mesh.shape['data']} x {mesh.shape['fsdp']} x {config.train.grad_accum})."
                      " Fix: change the batch size, the mesh or grad_accum.")
   model = model_lib.build_model(config)
-  towers = model_lib.build_towers(config)
+  towers = model_lib.abstract_towers(config) if abstract else model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)
   s = Setup(config, model, towers, None, None, mesh, tx, schedule, None, None)
   with sharding.active(mesh, config):
@@ -93,7 +95,9 @@ def setup(config, use_text_cache: bool = True) -> Setup:
   s.state_shardings = sharding.logical_shardings(boxed, mesh, config)
   s.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   nn.unbox(boxed), s.state_shardings)
-  if config.text.cache and use_text_cache:  # features come from disk; the LLMs are never loaded
+  if abstract:
+    s.tower_params = model_lib.abstract_tower_params(towers, mesh, sharding.rules(config))
+  elif config.text.cache and use_text_cache:  # features come from disk; the LLMs are never loaded
     s.text_for, s.tower_params = text_cache.TextCache(config.text.cache, config, towers), {}
   else:
     s.text_for = functools.partial(pipeline.tokenize, towers)

@@ -17,6 +17,7 @@ import time
 
 import flax.linen as nn
 import jax
+from etils import epath
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -97,31 +98,59 @@ def device_batch(batch: dict, mesh) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), arrays)
 
 
+def lower_train_step(config):
+  """The train step lowered on abstract inputs (nothing allocated): `.compile()` it to check a config on a
+  mesh, `.cost_analysis()` for FLOPs. Text inputs are token ids, or cached features with text.cache."""
+  s = state_lib.setup(config, abstract=True)
+  b, sh = config.train.batch_size, sharding.batch_sharding(s.mesh)
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  text = {}
+  for t in s.towers:
+    n = config.text.towers[t.name].max_length
+    text[t.name] = {k: sds((b, n), jnp.int32) for k in ("attention_mask", "prompt_mask")}
+    if config.text.cache:
+      text[t.name]["hidden"] = sds((b, n, t.hidden_size), t.dtype)
+    else:
+      text[t.name]["input_ids"] = sds((b, n), jnp.int32)
+  batch = {"image": sds((b, *model_lib.latent_shape(config)), jnp.float32), "text": text}
+  step = make_train_step(s)
+  with sharding.active(s.mesh, config):
+    return step.jitted.lower(s.abstract_state, s.tower_params, batch, jax.random.key(0))
+
+
 class MetricsLog:
-  """metrics.jsonl + TensorBoard, written from process 0 only. On resume, lines past the restored step go."""
+  """metrics.jsonl + TensorBoard, written from process 0 only. On resume, lines past the restored step go.
+  The workdir may be a bucket (gs://...): the file is rewritten whole (objects cannot be appended to), and
+  TensorBoard events, which need a local filesystem, are skipped there."""
 
   def __init__(self, workdir: str, resume_step: int):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.tb = None
+    self.lines: list[str] = []
     if not self.enabled:
       return
-    if os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        kept = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
-      with open(self.path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    if self.path.exists():
+      self.lines = [l + "\n" for l in self.path.read_text(encoding="utf-8").splitlines()
+                    if l.strip() and json.loads(l)["step"] <= resume_step]
+      self.path.write_text("".join(self.lines), encoding="utf-8")
+    if "://" not in workdir:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
-    for k, v in metrics.items():
-      self.tb.add_scalar(k, v, step)
-    self.tb.flush()
+    self.lines.append(json.dumps({"step": step, **metrics}) + "\n")
+    if "://" in str(self.path):
+      self.path.write_text("".join(self.lines), encoding="utf-8")
+    else:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(self.lines[-1])
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(k, v, step)
+      self.tb.flush()
 
   def close(self):
     if self.tb is not None:
@@ -134,10 +163,10 @@ def save_samples(s, params, workdir: str, step: int, generator):
   imgs = sample_lib.generate_images(s, params, prompts, config.sample.num_images, seed=config.seed,
                                     generator=generator)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    path = str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png")
     sample_lib.save_grid(imgs.reshape(-1, *imgs.shape[2:]), path, cols=config.sample.num_images)
-    with open(os.path.join(workdir, "samples", "prompts.txt"), "w", encoding="utf-8") as f:
-      f.write("One row per prompt:\n" + "\n".join(prompts) + "\n")
+    (epath.Path(workdir) / "samples" / "prompts.txt").write_text(
+        "One row per prompt:\n" + "\n".join(prompts) + "\n", encoding="utf-8")
     return path
 
 
@@ -172,7 +201,7 @@ class StopRequest:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train (resuming from workdir if possible); returns the last logged metrics."""
   from tqdm import tqdm
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local directory or a bucket (gs://...)
   s = state_lib.setup(config)
   t = config.train
   ckpt = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
@@ -185,8 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     data.restore(data_state)
   start = int(state.step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2), encoding="utf-8")
   log = MetricsLog(workdir, start)
   step_fn = make_train_step(s)
   generator = sample_lib.make_generator(s, config.sample.steps, config.sample.cfg, config.sample.sampler)
@@ -260,6 +288,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def main(argv):
+  from lidit_jax import distributed
+  distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from lidit_jax import configs
   from absl import flags
   config = configs.load_from_flags()

@@ -127,3 +127,29 @@ def test_sigkill_and_restart_gives_the_same_losses(tmp_path):
   got, want = losses(str(workdir)), losses(str(reference))
   assert sorted(got) == sorted(want) == list(range(1, 121))
   np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5)
+
+
+def test_two_processes_train_as_one_runtime(single_device, tmp_path):
+  """Two JAX processes (4 simulated devices each) joined by distributed.initialize(): each feeds its half
+  of every batch, process 0 alone writes metrics, and the losses match the single-device run."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "lidit_jax.train", "--config", TINY, "--workdir", str(tmp_path),
+         "--config.train.num_steps=10", "--config.train.batch_size=8", "--config.mesh.data=2",
+         "--config.mesh.fsdp=4", *QUIET], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=ROOT))
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "process 1 of 2: 4 local / 8 global devices" in outs[1][1]
+  got = losses(str(tmp_path))
+  np.testing.assert_allclose([got[k] for k in sorted(got)], [single_device[k] for k in sorted(single_device)],
+                             rtol=1e-4)
+  assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())[-1] == 10

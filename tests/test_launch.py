@@ -1,0 +1,36 @@
+"""launch/ scripts: --dry-run prints the commands they would run (no gcloud or SLURM here)."""
+import subprocess
+
+from conftest import ROOT
+
+
+def launch(script, *args):
+  return subprocess.run(["bash", str(ROOT / "launch" / script), "--dry-run", *args], capture_output=True,
+                        text=True, cwd=ROOT, timeout=60)
+
+
+def test_tpu_vm_commands():
+  base = ["--name", "lidit", "--zone", "us-east5-a"]
+  r = launch("tpu_vm.sh", "create", *base, "--type", "v5p-128", "--spot")
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["gcloud", "compute", "tpus", "tpu-vm", "create", "lidit", "--zone", "us-east5-a",
+                              "--accelerator-type", "v5p-128", "--version", "v2-alpha-tpuv5", "--spot"]
+  r = launch("tpu_vm.sh", "train", *base, "--workdir", "gs://b/run", "--", "--config.mesh.fsdp=-1")
+  assert r.returncode == 0, r.stderr
+  assert "--worker=all" in r.stdout and "lidit_jax.train" in r.stdout and "fsdp=-1" in r.stdout
+  r = launch("tpu_vm.sh", "install", *base)
+  assert "archive" in r.stdout and "--worker=all" in r.stdout and "lidit_jax\\[tpu\\]" in r.stdout
+  assert "pkill -TERM" in launch("tpu_vm.sh", "stop", *base).stdout.replace("\\ ", " ")
+  r = launch("tpu_vm.sh", "train", *base)
+  assert r.returncode == 2 and "--workdir is required" in r.stderr
+
+
+def test_gpu_commands():
+  r = launch("gpu.sh", "slurm", "--nodes", "4", "--config", "configs/lidit_1b.py", "--workdir", "/shared/x")
+  assert r.returncode == 0, r.stderr
+  assert "#SBATCH --nodes=4" in r.stdout and "#SBATCH --signal=TERM@300" in r.stdout
+  assert "srun --kill-on-bad-exit=1 python -m lidit_jax.train --config configs/lidit_1b.py" in r.stdout
+  r = launch("gpu.sh", "local", "--config", "configs/shapes.py", "--workdir", "runs/x")
+  assert r.stdout.split() == ["python", "-m", "lidit_jax.train", "--config", "configs/shapes.py", "--workdir",
+                              "runs/x"]
+  assert launch("gpu.sh", "slurm").returncode == 2
