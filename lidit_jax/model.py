@@ -184,11 +184,25 @@ def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):
   return out
 
 
+def attention_implementation(config, platform: str | None = None) -> str:
+  """model.attention resolved for this machine: "auto" is cuDNN's fused kernel on GPUs in 16-bit and XLA
+  elsewhere; an explicit "cudnn" on another platform is refused rather than silently replaced."""
+  platform = platform or jax.devices()[0].platform
+  want, half = config.model.attention, config.model.dtype in ("bfloat16", "float16")
+  if want == "auto":
+    return "cudnn" if platform == "gpu" and half else "xla"
+  if want == "cudnn" and (platform != "gpu" or not half):
+    raise ValueError(f"model.attention='cudnn' needs a GPU and model.dtype bfloat16 (this process: {platform}, "
+                     f"{config.model.dtype}). Fix: --config.model.attention=auto (or xla).")
+  return want
+
+
 def build_model(config) -> LIDiT:
   m = config.model
   dcfg = dit_lib.DiTConfig(width=m.width, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size,
                            in_channels=config.autoencoder.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
-                           pos_embed=m.pos_embed, remat=m.remat, scan=m.scan)
+                           pos_embed=m.pos_embed, remat=m.remat, scan=m.scan,
+                           attention=attention_implementation(config))
   r = m.refiner
   return LIDiT(dcfg, refiner_depth=r.depth, refiner_heads=r.num_heads, refiner_mlp_ratio=r.mlp_ratio,
                refiner_causal=r.causal,

@@ -47,3 +47,18 @@ def test_paper_configs_build_abstractly_with_the_right_sizes():
 def test_variants_are_checked():
   with pytest.raises(ValueError, match="unknown variant"):
     configs.load_config_file(str(ROOT / "configs/shapes.py:huge"))
+
+
+def test_attention_implementation_is_guarded_by_platform():
+  from lidit_jax import model as model_lib
+  c = configs.load_config_file(str(ROOT / "configs" / "shapes.py") + ":tiny")
+  assert model_lib.attention_implementation(c) == "xla"  # this CPU
+  c.model.dtype = "bfloat16"
+  assert model_lib.attention_implementation(c, platform="gpu") == "cudnn"
+  assert model_lib.attention_implementation(c, platform="tpu") == "xla"
+  c.model.attention = "cudnn"
+  with pytest.raises(ValueError, match="needs a GPU"):
+    model_lib.attention_implementation(c)
+  c.model.attention = "flash"
+  with pytest.raises(ValueError, match="model.attention"):
+    configs.validate(c)

@@ -37,6 +37,7 @@ class DiTConfig:
   pos_embed: str = "resblock"  # "resblock" (LI-DiT), "sincos", or "both"
   remat: str = "none"
   scan: bool = True
+  attention: str = "xla"  # "xla" everywhere, "cudnn" (fused, GPU only): see model.attention_implementation
 
 
 class DiTBlock(nn.Module):
@@ -51,11 +52,14 @@ class DiTBlock(nn.Module):
     sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 9, axis=-1)
 
     h = layers.modulate(layers.layer_norm(self.dtype, name="norm_sa")(x_BLD), sh_sa, sc_sa)
-    h = layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype, name="self_attn")(h)
+    impl = None if c.attention == "xla" else c.attention
+    h = layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype, implementation=impl,
+                         name="self_attn")(h)
     x_BLD = x_BLD + g_sa[:, None, :] * h
 
     h = layers.modulate(layers.layer_norm(self.dtype, name="norm_ca")(x_BLD), sh_ca, sc_ca)
-    h = layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype, name="cross_attn")(
+    h = layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype, implementation=impl,
+                         name="cross_attn")(
         h, ctx_BSD, mask=ctx_mask)
     x_BLD = x_BLD + g_ca[:, None, :] * h
 
