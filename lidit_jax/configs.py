@@ -72,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
                            "a blue square below a red triangle",
                            "a yellow square to the right of a green circle"))
   c.eval = dict(num_prompts=128, steps=30, cfg=4.0, batch_size=64)
-  c.mesh = dict(data=1, fsdp=1, tensor=1)
+  c.mesh = dict(data=1, fsdp=1, tensor=1,  # within one slice (or all devices); -1 = the rest
+                dcn_data=1, dcn_fsdp=1)  # multi-slice pods: slices along data / fsdp
   c.sharding_rules = DEFAULT_RULES
   return c
 
@@ -162,6 +163,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for ax in ("data", "fsdp", "tensor"):
     if c.mesh[ax] < 1 and c.mesh[ax] != -1:
       _fail(f"mesh.{ax}", c.mesh[ax], "must be >= 1 or -1 (fill with the remaining devices)", "fix the mesh shape")
+  for ax in ("dcn_data", "dcn_fsdp"):
+    if c.mesh[ax] < 1:
+      _fail(f"mesh.{ax}", c.mesh[ax], "must be >= 1 (the number of slices along that axis)", "use 1 for one slice")
   return c
 
 

@@ -32,9 +32,22 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(config, devices=None) -> Mesh:
+  """The config's mesh. With several slices (`mesh.dcn_data` / `mesh.dcn_fsdp` > 1, multi-slice TPU pods
+  joined over the data-center network), each axis is split into an in-slice (ICI) and a cross-slice
+  (DCN) factor, so that only the gradient reduction of data / fsdp crosses slices."""
   devices = devices if devices is not None else jax.devices()
-  shape = mesh_shape(config.mesh, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  dcn = (int(config.mesh.get("dcn_data", 1)), int(config.mesh.get("dcn_fsdp", 1)), 1)
+  if math.prod(dcn) == 1:
+    shape = mesh_shape(config.mesh, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), AXES)
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  if None in slices or len(slices) != math.prod(dcn):
+    raise ValueError(f"mesh.dcn_data x dcn_fsdp = {math.prod(dcn)} slices, but the devices come from "
+                     f"{'no multi-slice set-up' if None in slices else f'{len(slices)} slice(s)'}. Fix: set them to "
+                     "the number of slices of the pod (or 1).")
+  from jax.experimental import mesh_utils
+  ici = mesh_shape(config.mesh, len(devices) // math.prod(dcn))  # the config's axes describe one slice
+  return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), AXES)
 
 
 def rules(config):

@@ -62,3 +62,22 @@ def test_attention_implementation_is_guarded_by_platform():
   c.model.attention = "flash"
   with pytest.raises(ValueError, match="model.attention"):
     configs.validate(c)
+
+
+def test_multi_slice_mesh_puts_slices_on_the_dcn_axis(monkeypatch):
+  """Two slices of 4 devices, mesh data=1 x fsdp=4 per slice, dcn_data=2: the data axis crosses slices,
+  fsdp stays within one (devices are stand-ins with a slice_index, as on a multi-slice TPU pod)."""
+  import types
+  import numpy as np
+  from lidit_jax import sharding
+  devices = [types.SimpleNamespace(id=i, slice_index=i // 4, process_index=i // 4, platform="cpu",
+                                   device_kind="cpu") for i in range(8)]
+  monkeypatch.setattr(sharding, "Mesh", lambda arr, axes: (np.vectorize(lambda d: d.slice_index)(arr), axes))
+  c = configs.base_config()
+  c.mesh.update(data=1, fsdp=4, tensor=1, dcn_data=2)
+  slices, axes = sharding.make_mesh(c, devices)
+  assert axes == ("data", "fsdp", "tensor") and slices.shape == (2, 4, 1)
+  assert (slices[0] == 0).all() and (slices[1] == 1).all()
+  c.mesh.dcn_data = 4
+  with pytest.raises(ValueError, match="4 slices"):
+    sharding.make_mesh(c, devices)
