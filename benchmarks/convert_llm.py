@@ -1,30 +1,42 @@
-"""Hugging Face -> Flax/Orbax conversion of a synthetic ~1.1B-parameter Llama: seconds and peak memory.
+"""Hugging Face -> Flax/Orbax conversion of a synthetic ~1.1B-parameter Llama: seconds and peak memory,
+from a warm and from a cold page cache.
 
-  python -m benchmarks.convert_llm [--quick] [--workdir DIR] [--keep]
+  python -m benchmarks.convert_llm [--quick] [--workdir DIR] [--keep] [--no-record] [--no-cold]
   python benchmarks/convert_llm.py  (same)
 
 1. Writes a random bf16 Llama (hidden 2048, 16 layers, 16 heads / 8 KV heads, MLP 8192, vocab 32000, untied
    lm_head: 1.14B parameters, 2.28 GB) as transformers lays it out: config.json, model-0000X-of-0000N.safetensors
    shards of at most --shard-mb, model.safetensors.index.json. Tensors are generated and written one at a time
    (random bit patterns of bf16 numbers in +-[2^-7, 2^-5), norms 1), so the writer holds one tensor at most.
-2. Baseline in the same run: seconds to read every shard twice, with raw `readinto` calls into one reused
-   64 MiB buffer (the goal's yardstick), and also with safetensors' numpy API (`get_tensor` of every tensor).
-   The files were just written, so both read from a warm page cache; nothing is dropped from it.
+2. Baseline in the same run: seconds to read every shard twice with raw `readinto` calls into one reused
+   64 MiB buffer (the goal's yardstick), (a) warm: after an untimed pass, so every page is cached; (b) cold:
+   the shards are evicted from the page cache before each of the two passes (fsync, then
+   posix_fadvise(POSIX_FADV_DONTNEED); mincore() confirms that no page stays resident). Also, warm, with
+   safetensors' numpy API (`get_tensor` of every tensor).
 3. Each conversion runs in a fresh subprocess, so its peak RSS is its own: (a) `load_hf_text_model(path,
    jnp.bfloat16)` to jax arrays in memory, (b) the CLI (`lidit_jax.convert.__main__.main`, called in-process
-   by the child so it can be sampled) to an Orbax directory. A thread samples /proc/self/status every 5 ms
-   (RssAnon: heap and arrays; RssFile: file-backed pages, such as mmap'd checkpoint shards); VmHWM is the
-   exact peak. The interpreter's own RSS after `import jax, lidit_jax.convert` is recorded as its baseline.
-4. Prints one JSON line and (not with --quick) adds a row to benchmarks/RESULTS.md. Goals: peak RSS at most
-   1.3x the checkpoint's bytes on disk; conversion no slower than reading the checkpoint twice.
+   by the child so it can be sampled) to an Orbax directory; each warm, then each cold (shards evicted just
+   before the child starts). `os.sync()` runs before every timed step, so no earlier write-back competes.
+   Times: *total* is the child's wall time from spawn to exit (interpreter start and imports included);
+   *start-up* is spawn -> the first call of `build_params` (imports, including transformers' and torch's,
+   config.json parsing, `eval_shape`), which does not grow with the model; *excl. start-up* = total -
+   start-up. `build_params` (the streaming core) and the CLI's Orbax save are also timed on their own.
+   Memory: a thread samples /proc/self/status every 5 ms (RssAnon: heap and arrays; RssFile: file-backed
+   pages); VmHWM is the exact peak. The interpreter's RSS after `import jax, lidit_jax.convert` is recorded.
+4. Prints one JSON line and (not with --quick / --no-record) adds a warm and a cold row to
+   benchmarks/RESULTS.md. Goals: peak RSS at most 1.3x the checkpoint's bytes on disk; conversion no slower
+   than reading the checkpoint twice (compared within one cache state).
 
 The temp directory (several GB) is deleted at the end unless --keep or --workdir is given.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import json
+import mmap
 import os
 import platform
 import resource
@@ -159,6 +171,63 @@ def timed(fn, *args) -> tuple[float, object]:
   return time.perf_counter() - t, r
 
 
+def evict(paths) -> None:
+  """Drop the files' pages from the page cache (written back first, so they are clean and can go)."""
+  for p in paths:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+_libc = None
+
+
+def resident_fraction(paths) -> float:
+  """Fraction of the files' pages in the page cache, by mincore() on a mapping (which reads nothing)."""
+  global _libc
+  if _libc is None:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+  page = mmap.PAGESIZE
+  resident = total = 0
+  for p in paths:
+    size = os.path.getsize(p)
+    if not size:
+      continue
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+      n = (size + page - 1) // page
+      vec = (ctypes.c_ubyte * n)()
+      addr = _mmap_address(m)
+      if _libc.mincore(ctypes.c_void_p(addr), size, vec):
+        raise OSError(ctypes.get_errno(), "mincore failed")
+      resident += sum(b & 1 for b in bytes(vec))
+      total += n
+  return resident / max(total, 1)
+
+
+def _mmap_address(m: mmap.mmap) -> int:
+  """Start address of a read-only mapping (ctypes.from_buffer needs a writable one)."""
+  buf = np.frombuffer(m, np.uint8)
+  addr = buf.ctypes.data
+  del buf
+  return addr
+
+
+def read_x2(paths, view: memoryview, cold: bool) -> float:
+  """Seconds to read every shard twice; cold: evicted before each pass (eviction not timed)."""
+  seconds, total = 0.0, 0
+  for _ in range(2):
+    if cold:
+      evict(paths)
+    os.sync()
+    dt, n = timed(read_raw, paths, view)
+    seconds, total = seconds + dt, total + n
+  return seconds, total
+
+
 # --------------------------------------------------------------------------------------------- child side
 def proc_status() -> dict[str, int]:
   """Memory lines of /proc/self/status, in bytes."""
@@ -212,40 +281,55 @@ def child(mode: str, src: str, out: str | None) -> None:
   after_import = proc_status()
   import_s = time.perf_counter() - t0
   sampler.mark("convert")
-  from lidit_jax.convert import hf_text
+  from lidit_jax.convert import hf_text, safetensors_io
   phases = {}
+  build = safetensors_io.build_params
+
+  def timed_build(*a, **k):  # the streaming core alone (read, transform, cast, place), without config/imports
+    phases["build_start_epoch"] = time.time()
+    t_build = time.perf_counter()
+    out = jax.block_until_ready(build(*a, **k))
+    phases["build_params_s"] = time.perf_counter() - t_build
+    return out
+  safetensors_io.build_params = timed_build
   t = time.perf_counter()
   if mode == "memory":
     _, params = hf_text.load_hf_text_model(src, dtype=jnp.bfloat16)
     jax.block_until_ready(params)
     n = int(sum(x.size for x in jax.tree.leaves(params)))
     nbytes = int(sum(x.nbytes for x in jax.tree.leaves(params)))
+    kinds = sorted({type(x).__name__ for x in jax.tree.leaves(params)})
   else:
     from lidit_jax.convert import __main__ as cli, orbax_io
-    save = orbax_io.save_converted
+    writer = orbax_io.ParamsWriter
 
-    def timed_save(*a, **k):  # splits the CLI's time (and memory peaks) into conversion and Orbax save
-      phases["convert_s"] = time.perf_counter() - t
-      sampler.mark("save")
-      t_save = time.perf_counter()
-      save(*a, **k)
-      phases["save_s"] = time.perf_counter() - t_save
-    orbax_io.save_converted = timed_save
+    class TimedWriter(writer):  # notes what the CLI hands to Orbax and how long the save runs on after
+      def put(self, path, value):
+        phases["saved_leaf_types"] = sorted(set(phases.get("saved_leaf_types", [])) | {type(value).__name__})
+        super().put(path, value)
+
+      def finish(self):
+        sampler.mark("save_tail")
+        t_finish = time.perf_counter()
+        super().finish()
+        phases["save_tail_s"] = time.perf_counter() - t_finish  # writing left after the last parameter
+    orbax_io.ParamsWriter = TimedWriter
     if cli.main(["hf-text", src, out, "--dtype", "bfloat16"]) != 0:
       raise SystemExit("conversion failed")
-    n = nbytes = None
+    n = nbytes = kinds = None
   seconds = time.perf_counter() - t
   sampler.stop()
   end = proc_status()
   print(RESULT_TAG + json.dumps({
       "mode": mode, "seconds": seconds, **phases, "import_s": import_s, "params": n, "param_bytes": nbytes,
-      "rss_after_import": after_import["VmRSS"], "anon_after_import": after_import["RssAnon"],
+      "leaf_types": kinds, "rss_after_import": after_import["VmRSS"], "anon_after_import": after_import["RssAnon"],
       "peak_rss": end["VmHWM"], "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-      "rss_end": end["VmRSS"], "phases": sampler.peaks}), flush=True)
+      "rss_end": end["VmRSS"], "phases": sampler.peaks, "end_epoch": time.time()}), flush=True)
 
 
 def run_child(mode: str, src: str, out: str | None = None) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.convert_llm", "--child", mode, src] + ([out] if out else [])
+  spawn_epoch = time.time()
   t = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True,
                           env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
@@ -256,7 +340,12 @@ def run_child(mode: str, src: str, out: str | None = None) -> dict:
     raise RuntimeError(f"child {mode} failed (status {status}):\n{stdout[-3000:]}")
   line = next(x for x in stdout.splitlines() if x.startswith(RESULT_TAG))
   result = json.loads(line[len(RESULT_TAG):])
-  result.update(process_wall_s=wall, process_maxrss=usage.ru_maxrss * 1024)
+  startup = result.pop("build_start_epoch") - spawn_epoch
+  exit_s = spawn_epoch + wall - result.pop("end_epoch")  # result printed -> process gone (interpreter teardown)
+  result.update(process_wall_s=wall, process_maxrss=usage.ru_maxrss * 1024, startup_s=startup, exit_s=exit_s,
+                excl_startup_s=wall - startup, work_s=wall - startup - exit_s,
+                peak_anon=max(p["RssAnon"] for p in result["phases"].values()),
+                peak_file=max(p["RssFile"] for p in result["phases"].values()))
   return result
 
 
@@ -272,50 +361,95 @@ def machine() -> str:
   return f"{model}, {os.cpu_count()} cores, {ram:.0f} GiB RAM"
 
 
+def versions() -> dict:
+  import importlib.metadata as md
+  out = {}
+  for name in ("jax", "flax", "orbax-checkpoint", "tensorstore", "safetensors", "numpy", "transformers", "torch"):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
 def dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(path) for n in ns)
 
 
-def add_row(result: dict) -> str:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+TABLE_HEADER = (
+    "| date | machine | jax / orbax / safetensors | params | ckpt GB | page cache | read x2 s | in memory s: "
+    "total / excl. start-up (core) | CLI s: total / excl. start-up (core + save tail) | fixed s, start-up + "
+    "exit: mem / CLI | "
+    "/ read x2, total (excl. start-up): mem / CLI | peak GB in memory (anon + file) | peak GB CLI (anon + file) "
+    "| peak / ckpt: mem / CLI | memory goal: mem / CLI | speed goal, total (excl. start-up): mem / CLI |\n")
+TABLE_RULE = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+TABLE_INTRO = (
+    "A random bf16 Llama written by the benchmark itself (hidden 2048, 16 layers, 16 heads / 8 KV heads, MLP "
+    "8192, vocab 32000, untied lm_head, which the converter skips), sharded and indexed as transformers saves "
+    "it. Each run adds two rows: *warm* (every shard in the page cache) and *cold* (the shards evicted with "
+    "fsync + `posix_fadvise(POSIX_FADV_DONTNEED)` before each timed read pass and before each conversion; "
+    "mincore confirms that no page stays cached). *read x2*: seconds to read every shard twice with raw "
+    "`readinto` into one reused 64 MiB buffer, the yardstick. *in memory*: `load_hf_text_model(path, "
+    "jnp.bfloat16)` to jax arrays; *CLI*: `python -m lidit_jax.convert hf-text SRC OUT`, which converts to "
+    "host arrays and streams each finished parameter to the Orbax writer (uncompressed OCDBT, written with "
+    "fsync). Each conversion runs in a fresh process: *total* is its wall time from spawn to exit; *start-up* "
+    "is spawn -> first call of `build_params` (interpreter, imports including transformers and torch, "
+    "config.json parsing, `eval_shape`) and *exit* is result printed -> process gone (interpreter teardown), "
+    "fixed costs that do not grow with the model; *excl. start-up* = total - start-up; *core* is "
+    "`build_params` alone (read, reshape, place); *save tail* is the Orbax writing still left once the last "
+    "parameter is converted. Peak RSS is the process's VmHWM (in parentheses: peak anonymous + peak "
+    "file-backed RSS, sampled every 5 ms). Goals: peak RSS <= 1.3x the checkpoint's bytes on disk; "
+    "conversion seconds <= read x2 of the same cache state.\n\n")
+
+
+def rows(result: dict) -> str:
   gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
-  r, m, o = result, result["memory"], result["orbax"]
   yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
-  row = (f"| {r['date']} | {r['machine']} | {r['jax']} | {r['safetensors']} | {r['params'] / 1e9:.2f}B "
-         f"({r['shards']} shards) | {gb(r['checkpoint_bytes'])} | {r['read_raw_x2_s']:.2f} "
-         f"({r['read_safetensors_x2_s']:.2f}) | {m['seconds']:.2f} | {o['seconds']:.2f} "
-         f"({o['convert_s']:.2f} + {o['save_s']:.2f}) | {r['memory_over_read_x2']:.2f} / "
-         f"{r['orbax_over_read_x2']:.2f} | {gb(m['peak_rss'])} ({gb(m['peak_anon'])} + {gb(m['peak_file'])}) | "
-         f"{gb(o['peak_rss'])} ({gb(o['peak_anon'])} + {gb(o['peak_file'])}) | {gb(m['rss_after_import'])} | "
-         f"{r['memory_peak_over_ckpt']:.2f} ({r['memory_net_over_ckpt']:.2f}) / "
-         f"{r['orbax_peak_over_ckpt']:.2f} ({r['orbax_net_over_ckpt']:.2f}) | "
-         f"{yes(r['memory_goal_met'])} / {yes(r['orbax_memory_goal_met'])} | "
-         f"{yes(r['speed_goal_met'])} / {yes(r['orbax_speed_goal_met'])} |\n")
-  header = (
-      f"\n{SECTION}\n\n"
-      "A random bf16 Llama written by the benchmark itself (hidden 2048, 16 layers, 16 heads / 8 KV heads, MLP "
-      "8192, vocab 32000, untied lm_head, which the converter skips), sharded and indexed as transformers "
-      "saves it. *read x2*: seconds to read every shard twice with raw `readinto` (in parentheses: with "
-      "safetensors' numpy `get_tensor`), from a warm page cache (the files were just written; the cache is not "
-      "dropped). *in memory*: `load_hf_text_model(path, jnp.bfloat16)`; *Orbax*: the `hf-text` CLI (conversion "
-      "+ Orbax save). Each conversion runs in a fresh process; peak RSS is its VmHWM (in parentheses: peak "
-      "anonymous + peak file-backed RSS, sampled every 5 ms). *interp.* is the child's RSS after `import jax, "
-      "lidit_jax.convert`; *net* ratios subtract it. Goals: peak RSS <= 1.3x the checkpoint's bytes on disk; "
-      "conversion seconds <= read x2 (raw).\n\n"
-      "| date | machine | jax | safetensors | params | ckpt GB | read x2 s | in memory s | Orbax s (convert + "
-      "save) | / read x2 (mem / Orbax) | peak GB in memory (anon + file) | peak GB Orbax (anon + file) | "
-      "interp. GB | peak / ckpt (net), mem / Orbax | memory goal (mem / Orbax) | speed goal (mem / Orbax) |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+  r, v = result, result["versions"]
+  out = ""
+  for cache in r["caches"]:
+    c = r[cache]
+    m, o = c["memory"], c["orbax"]
+    out += (
+        f"| {r['date']} | {r['machine']} | {v['jax']} / {v['orbax-checkpoint']} / {v['safetensors']} | "
+        f"{r['params'] / 1e9:.2f}B ({r['shards']} shards) | {gb(r['checkpoint_bytes'])} | {cache} | "
+        f"{c['read_raw_x2_s']:.2f} | {m['process_wall_s']:.2f} / {m['excl_startup_s']:.2f} "
+        f"({m['build_params_s']:.2f}) | {o['process_wall_s']:.2f} / {o['excl_startup_s']:.2f} "
+        f"({o['build_params_s']:.2f} + {o['save_tail_s']:.2f}) | {m['startup_s']:.2f} + {m['exit_s']:.2f} / "
+        f"{o['startup_s']:.2f} + {o['exit_s']:.2f} | "
+        f"{c['memory_over_read_x2']:.1f} ({c['memory_excl_over_read_x2']:.1f}) / {c['orbax_over_read_x2']:.1f} "
+        f"({c['orbax_excl_over_read_x2']:.1f}) | {gb(m['peak_rss'])} ({gb(m['peak_anon'])} + "
+        f"{gb(m['peak_file'])}) | {gb(o['peak_rss'])} ({gb(o['peak_anon'])} + {gb(o['peak_file'])}) | "
+        f"{c['memory_peak_over_ckpt']:.2f} / {c['orbax_peak_over_ckpt']:.2f} | "
+        f"{yes(c['memory_goal_met'])} / {yes(c['orbax_memory_goal_met'])} | "
+        f"{yes(c['speed_goal_met'])} ({yes(c['speed_goal_excl_met'])}) / {yes(c['orbax_speed_goal_met'])} "
+        f"({yes(c['orbax_speed_goal_excl_met'])}) |\n")
+  return out
+
+
+def add_rows(result: dict, path: str | None = None) -> str:
+  """Appends this run's rows to the current table of the conversion section of RESULTS.md (a section or a
+  table that does not exist yet is created; the section may sit anywhere in the file)."""
+  path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+  new = rows(result)
   with open(path, encoding="utf-8") as f:
-    text = f.read()
-  if SECTION not in text:  # new section at the end
-    text = text.rstrip("\n") + "\n" + header + row
-  else:  # the row goes after the last table row of this section, wherever the section is
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt < 0 else nxt + 1
-    body = text[start:end].rstrip("\n") + "\n" + row
-    text = text[:start] + body + ("\n" + text[end:] if nxt >= 0 else "")
+    lines = f.read().splitlines(keepends=True)
+  try:
+    start = next(i for i, l in enumerate(lines) if l.rstrip("\n") == SECTION)
+  except StopIteration:  # new section at the end
+    text = "".join(lines).rstrip("\n") + "\n\n" + SECTION + "\n\n" + TABLE_INTRO + TABLE_HEADER + TABLE_RULE + new
+  else:
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    try:
+      head = next(i for i in range(start, end) if lines[i] == TABLE_HEADER)
+    except StopIteration:  # this table is new: intro + table right under the section's title
+      lines[start + 1:start + 1] = ["\n", TABLE_INTRO, TABLE_HEADER, TABLE_RULE, new]
+    else:  # after the last row of the current table
+      last = head
+      while last + 1 < end and lines[last + 1].startswith("|"):
+        last += 1
+      lines.insert(last + 1, new)
+    text = "".join(lines)
   with open(path, "w", encoding="utf-8") as f:
     f.write(text)
   return path
@@ -326,7 +460,8 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="a small model, a smoke check; RESULTS.md is not touched")
   ap.add_argument("--workdir", help="write the checkpoint and outputs here (kept) instead of a temp dir")
   ap.add_argument("--keep", action="store_true", help="keep the temp dir")
-  ap.add_argument("--no-record", action="store_true", help="do not add a row to RESULTS.md")
+  ap.add_argument("--no-record", action="store_true", help="do not add rows to RESULTS.md")
+  ap.add_argument("--no-cold", action="store_true", help="warm page cache only")
   ap.add_argument("--shard-mb", type=int, default=None, help="largest shard (default 600 MB; 2 MB with --quick)")
   ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -338,6 +473,7 @@ def main(argv=None) -> int:
   shard_bytes = (args.shard_mb or (2 if args.quick else 600)) * 10 ** 6
   work = args.workdir or tempfile.mkdtemp(prefix="convert_llm_")
   src, out = os.path.join(work, "hf"), os.path.join(work, "orbax")
+  caches = ("warm",) if args.no_cold else ("warm", "cold")
   try:
     for p in (src, out):
       if os.path.exists(p):
@@ -346,42 +482,58 @@ def main(argv=None) -> int:
     print(f"wrote {info['params'] / 1e9:.3f}B params, {info['checkpoint_bytes'] / 1e9:.2f} GB in "
           f"{info['shards']} shards to {src} in {write_s:.1f} s", file=sys.stderr)
     paths = shard_paths(src)
-    view = memoryview(bytearray(64 * MiB))  # one reused read buffer
-    read_raw(paths, view)  # one untimed pass, so every timed read starts from the same (warm) cache
-    raw_s, raw_n = timed(lambda: read_raw(paths, view) + read_raw(paths, view))
-    st_s, st_n = timed(lambda: read_safetensors(paths) + read_safetensors(paths))
-    assert raw_n == 2 * info["checkpoint_bytes"] and st_n == 2 * info["tensor_bytes"], (raw_n, st_n, info)
-    print(f"read x2: raw {raw_s:.2f} s, safetensors get_tensor {st_s:.2f} s", file=sys.stderr)
-    results = {}
-    for mode in ("memory", "orbax"):
-      r = run_child(mode, src, out if mode == "orbax" else None)
-      r.update(peak_anon=max(p["RssAnon"] for p in r["phases"].values()),
-               peak_file=max(p["RssFile"] for p in r["phases"].values()))
-      results[mode] = r
-      print(f"{mode}: {r['seconds']:.2f} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB", file=sys.stderr)
-    import jax
-    import safetensors
     ckpt = info["checkpoint_bytes"]
-    mem, orb = results["memory"], results["orbax"]
-    assert mem["params"] == info["params_converted"], (mem["params"], info)
-    result = {
-        "date": datetime.date.today().isoformat(), "machine": machine(), "jax": jax.__version__,
-        "safetensors": safetensors.__version__, "arch": arch, **info, "write_s": write_s,
-        "read_raw_x2_s": raw_s, "read_safetensors_x2_s": st_s, "page_cache": "warm (just written, not dropped)",
-        "orbax_bytes": dir_bytes(out),
-        "memory_over_read_x2": mem["seconds"] / raw_s, "orbax_over_read_x2": orb["seconds"] / raw_s,
-        "memory_over_read_safetensors_x2": mem["seconds"] / st_s, "orbax_over_read_safetensors_x2": orb["seconds"] / st_s,
-        "memory_peak_over_ckpt": mem["peak_rss"] / ckpt, "orbax_peak_over_ckpt": orb["peak_rss"] / ckpt,
-        "memory_net_over_ckpt": (mem["peak_rss"] - mem["rss_after_import"]) / ckpt,
-        "orbax_net_over_ckpt": (orb["peak_rss"] - orb["rss_after_import"]) / ckpt,
-        "memory": mem, "orbax": orb}
-    result.update(memory_goal_met=result["memory_peak_over_ckpt"] <= MEMORY_GOAL,
-                  orbax_memory_goal_met=result["orbax_peak_over_ckpt"] <= MEMORY_GOAL,
-                  speed_goal_met=result["memory_over_read_x2"] <= SPEED_GOAL,
-                  orbax_speed_goal_met=result["orbax_over_read_x2"] <= SPEED_GOAL)
+    view = memoryview(bytearray(64 * MiB))  # one reused read buffer
+    os.sync()
+    read_raw(paths, view)  # one untimed pass: every shard is cached and the buffer's pages exist
+    result = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
+              "arch": arch, **info, "write_s": write_s, "caches": caches}
+    result["jax"], result["safetensors"] = result["versions"]["jax"], result["versions"]["safetensors"]
+    for cache in caches:
+      c = result[cache] = {}
+      raw_s, raw_n = read_x2(paths, view, cold=cache == "cold")
+      assert raw_n == 2 * ckpt, (raw_n, info)
+      c["read_raw_x2_s"] = raw_s
+      if cache == "warm":
+        st_s, st_n = timed(lambda: read_safetensors(paths) + read_safetensors(paths))
+        assert st_n == 2 * info["tensor_bytes"], (st_n, info)
+        c["read_safetensors_x2_s"] = st_s
+      else:  # the eviction works: after it, nothing is resident, and a read is slower than a warm one
+        evict(paths)
+        c["resident_after_evict"] = resident_fraction(paths)
+      print(f"{cache}: read x2 raw {raw_s:.2f} s", file=sys.stderr)
+      for mode in ("memory", "orbax"):
+        if os.path.exists(out):
+          shutil.rmtree(out)
+        if cache == "cold":
+          evict(paths)
+        else:
+          read_raw(paths, view)  # warm again (a cold step before may have evicted; it does not, as ordered)
+        os.sync()
+        r = run_child(mode, src, out if mode == "orbax" else None)
+        c[mode] = r
+        print(f"{cache} {mode}: {r['process_wall_s']:.2f} s total, {r['excl_startup_s']:.2f} s excl. start-up "
+              f"({r['startup_s']:.2f} s), peak RSS {r['peak_rss'] / 1e9:.2f} GB", file=sys.stderr)
+      mem, orb = c["memory"], c["orbax"]
+      assert mem["params"] == info["params_converted"], (mem["params"], info)
+      c.update(
+          orbax_bytes=dir_bytes(out),
+          memory_over_read_x2=mem["process_wall_s"] / raw_s, orbax_over_read_x2=orb["process_wall_s"] / raw_s,
+          memory_excl_over_read_x2=mem["excl_startup_s"] / raw_s,
+          orbax_excl_over_read_x2=orb["excl_startup_s"] / raw_s,
+          core_over_read_x2=mem["build_params_s"] / raw_s,
+          memory_peak_over_ckpt=mem["peak_rss"] / ckpt, orbax_peak_over_ckpt=orb["peak_rss"] / ckpt,
+          memory_net_over_ckpt=(mem["peak_rss"] - mem["rss_after_import"]) / ckpt,
+          orbax_net_over_ckpt=(orb["peak_rss"] - orb["rss_after_import"]) / ckpt)
+      c.update(memory_goal_met=c["memory_peak_over_ckpt"] <= MEMORY_GOAL,
+               orbax_memory_goal_met=c["orbax_peak_over_ckpt"] <= MEMORY_GOAL,
+               speed_goal_met=c["memory_over_read_x2"] <= SPEED_GOAL,
+               speed_goal_excl_met=c["memory_excl_over_read_x2"] <= SPEED_GOAL,
+               orbax_speed_goal_met=c["orbax_over_read_x2"] <= SPEED_GOAL,
+               orbax_speed_goal_excl_met=c["orbax_excl_over_read_x2"] <= SPEED_GOAL)
     print(json.dumps(result))
     if not (args.quick or args.no_record):
-      print(f"added a row to {add_row(result)}", file=sys.stderr)
+      print(f"added rows to {add_rows(result)}", file=sys.stderr)
   finally:
     if not (args.workdir or args.keep):
       shutil.rmtree(work, ignore_errors=True)

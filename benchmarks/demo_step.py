@@ -3,8 +3,8 @@
   python -m benchmarks.demo_step [--steps 20] [--config configs/shapes.py]
 
 Prints one JSON line (model GFLOP per step from XLA's cost analysis, step time, achieved GFLOP/s, the peak
-GFLOP/s of a large jitted matmul measured in the same process, and their ratio) and appends a dated
-row to benchmarks/RESULTS.md.
+GFLOP/s of a large jitted matmul measured in the same process, and their ratio) and adds a dated
+row to its table in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -73,17 +73,43 @@ def main():
                 machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
                 date=datetime.date.today().isoformat(), jax=jax.__version__)
   print(json.dumps(result))
-  path = os.path.join(os.path.dirname(__file__), "RESULTS.md")
-  new = not os.path.exists(path)
-  with open(path, "a", encoding="utf-8") as f:
-    if new:
-      f.write("# Benchmark results\n\nEach row is one run of the command named; ratios are measured within that run.\n\n"
-              "## Demo train step vs matmul peak (`python -m benchmarks.demo_step`)\n\n"
-              "| date | machine | jax | config | batch | GFLOP/step | steps/s | GFLOP/s | matmul peak GFLOP/s | utilization |\n"
-              "|---|---|---|---|---|---|---|---|---|---|\n")
-    f.write(f"| {result['date']} | {result['machine']} | {result['jax']} | {result['config']} | {result['batch_size']} | "
-            f"{result['gflop_per_step']:.1f} | {result['steps_per_sec']:.2f} | {result['gflops_achieved']:.1f} | "
-            f"{peak:.0f} | {result['flop_utilization']:.2f} |\n")
+  add_row(result, peak)
+
+
+SECTION = "## Demo train step vs matmul peak (`python -m benchmarks.demo_step`)"
+TABLE = ("| date | machine | jax | config | batch | GFLOP/step | steps/s | GFLOP/s | matmul peak GFLOP/s | utilization |\n"
+         "|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def add_row(result: dict, peak: float, path: str | None = None) -> str:
+  """Inserts the row after the last row of this benchmark's table in RESULTS.md, wherever its section is
+  (other benchmarks' sections may follow it); a missing file or section is created."""
+  path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+  row = (f"| {result['date']} | {result['machine']} | {result['jax']} | {result['config']} | {result['batch_size']} | "
+         f"{result['gflop_per_step']:.1f} | {result['steps_per_sec']:.2f} | {result['gflops_achieved']:.1f} | "
+         f"{peak:.0f} | {result['flop_utilization']:.2f} |\n")
+  lines = []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines(keepends=True)
+  if not lines:
+    lines = ["# Benchmark results\n", "\n", "Each row is one run of the command named; ratios are measured within "
+             "that run.\n"]
+  try:
+    start = next(i for i, l in enumerate(lines) if l.rstrip("\n") == SECTION)
+  except StopIteration:  # a new section at the end
+    text = "".join(lines).rstrip("\n") + "\n\n" + SECTION + "\n\n" + TABLE + row
+  else:
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    table_rows = [i for i in range(start, end) if lines[i].startswith("|")]
+    if table_rows:
+      lines.insert(table_rows[-1] + 1, row)
+    else:
+      lines[start + 1:start + 1] = ["\n", TABLE, row]
+    text = "".join(lines)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+  return path
 
 
 if __name__ == "__main__":

@@ -11,10 +11,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
 import jax.numpy as jnp
+
+
+def convert_and_save(src: str, out: str, dtype, allow_pickle: bool = False, progress: bool = False):
+  """(family, cfg, parameter count, unused keys). Each parameter stays a host numpy array and goes to the
+  Orbax writer as soon as it is complete (written while the next ones convert, then let go; jax Arrays
+  would cost Orbax a second copy)."""
+  import jax
+  from lidit_jax.convert import hf_text, orbax_io
+  conv = hf_text.Conversion.prepare(src, dtype, allow_pickle)  # a mismatch fails here, before OUT is touched
+  shapes = {p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in conv.expected.items()}
+  orbax_io.stream_converted(out, src, conv.fam, conv.cfg, dtype, shapes,
+                            lambda sink: conv.run(dtype, progress=progress, as_numpy=True, sink=sink))
+  return conv.fam, conv.cfg, sum(math.prod(s.shape) for s in shapes.values()), conv.unused()
 
 
 def main(argv=None) -> int:
@@ -30,19 +44,16 @@ def main(argv=None) -> int:
                  help="accept pytorch_model.bin pickles (loaded with torch's weights_only mode)")
   args = parser.parse_args(argv)
 
-  from lidit_jax.convert import hf_text, orbax_io
-  from lidit_jax.model import count_params
+  from lidit_jax.convert import hf_text
   start = time.perf_counter()
   dtype = jnp.dtype(args.dtype)
   try:
-    fam, cfg, _, params, unused = hf_text.convert_hf_dir(args.src, dtype, allow_pickle=args.allow_pickle,
-                                                         progress=sys.stderr.isatty())
-    orbax_io.save_converted(args.out, args.src, fam, cfg, params, dtype)
+    fam, cfg, count, unused = convert_and_save(args.src, args.out, dtype, args.allow_pickle, sys.stderr.isatty())
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps({"out": args.out, "family": hf_text.describe(fam, cfg)["family"],
-                    "params": count_params(params), "dtype": dtype.name,
+                    "params": count, "dtype": dtype.name,
                     "seconds": round(time.perf_counter() - start, 2), "unused_tensors": unused}))
   return 0
 

@@ -90,24 +90,52 @@ def target_shardings(abstract, mesh, rules):
   return io.flatten_shapes(sharding.fit_to_shapes(abstract, mesh, rules))
 
 
+@dataclasses.dataclass
+class Conversion:
+  """A Hugging Face directory checked against our module: call `run` to stream its parameters."""
+  path: str
+  fam: ModuleType
+  cfg: object
+  module: nn.Module
+  files: io.CheckpointFiles
+  abstract: object  # boxed abstract params (logical axes)
+  expected: dict
+
+  @classmethod
+  def prepare(cls, path: str, dtype=jnp.float32, allow_pickle: bool = False) -> "Conversion":
+    """Reads config.json and the tensor index only; every missing or mis-shaped tensor is reported here."""
+    hf = read_hf_config(path)
+    fam = family_for(hf, os.path.join(path, "config.json"))
+    cfg = fam.config_from_hf(hf)
+    module = fam.make_module(cfg, dtype)
+    files = io.CheckpointFiles(path, allow_pickle=allow_pickle)
+    files.find_prefix(fam.ANCHORS)
+    abstract = abstract_params(module)
+    expected = io.flatten_shapes(strip_boxes(abstract))
+    io.check_plan(fam.plan(cfg), files, expected)
+    return cls(path, fam, cfg, module, files, abstract, expected)
+
+  def run(self, dtype, mesh=None, rules=(), progress: bool = False, **kw) -> dict:
+    """build_params over the plan (kw: as_numpy, sink); placed in the mesh's shardings when given."""
+    return io.build_params(self.fam.plan(self.cfg), self.files, self.expected, dtype,
+                           target_shardings(self.abstract, mesh, rules), progress=progress, **kw)
+
+  def unused(self) -> list[str]:
+    """Tensors read by no parameter, besides the expected ones (LM heads, decoders, vision towers)."""
+    ignored = self.fam.IGNORED
+    out = [k for k in self.files.unused() if not k[len(self.files.prefix):].startswith(ignored)
+           and not k.startswith(ignored)]
+    if out:
+      logger.warning("%s: %d tensors were not used: %s", self.path, len(out), out[:20])
+    return out
+
+
 def convert_hf_dir(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_pickle: bool = False,
                    progress: bool = False):
   """(family, cfg, module, params, unused keys) straight from a Hugging Face directory."""
-  hf = read_hf_config(path)
-  fam = family_for(hf, os.path.join(path, "config.json"))
-  cfg = fam.config_from_hf(hf)
-  module = fam.make_module(cfg, dtype)
-  files = io.CheckpointFiles(path, allow_pickle=allow_pickle)
-  files.find_prefix(fam.ANCHORS)
-  abstract = abstract_params(module)
-  expected = io.flatten_shapes(strip_boxes(abstract))
-  params = io.build_params(fam.plan(cfg), files, expected, dtype, target_shardings(abstract, mesh, rules),
-                           progress=progress)
-  unused = [k for k in files.unused() if not k[len(files.prefix):].startswith(fam.IGNORED)
-            and not k.startswith(fam.IGNORED)]
-  if unused:
-    logger.warning("%s: %d tensors were not used: %s", path, len(unused), unused[:20])
-  return fam, cfg, module, params, unused
+  conv = Conversion.prepare(path, dtype, allow_pickle)
+  params = conv.run(dtype, mesh, rules, progress)
+  return conv.fam, conv.cfg, conv.module, params, conv.unused()
 
 
 def load_hf_text_model(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_pickle: bool = False):

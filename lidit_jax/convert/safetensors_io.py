@@ -5,14 +5,17 @@ key(s) it comes from and a numpy transform). `build_params` walks the plan one t
 (plain file reads at the offsets of the safetensors header, no torch, no mmap), transform, cast, and
 place straight into the target sharding. A scanned stack of layers is filled layer by layer into one
 preallocated host buffer, so the host never holds more than one parameter besides what is already on the
-devices.
+devices. The convert CLI asks for host numpy arrays instead (`as_numpy`) and hands each finished
+parameter to its Orbax writer (`sink`), so it never holds the whole tree.
 
 Memory: tensors are read with `readinto` into buffers this module allocates, not through safetensors'
 mmap, whose touched pages would stay resident (file-backed RSS the size of the checkpoint) for as long as
 the shards are open. Host buffers are 64-byte aligned so that `jax.device_put` on CPU adopts them
-without a copy. Speed: layout transforms (transposes) run as jitted XLA ops on the CPU backend, which
-transposes bf16 ~3x faster than numpy's strided copy; they are pure data movement, so the result is
-bit-identical.
+without a copy. Speed: a transform that only reshapes (e.g. [H*K, D] -> [H, K, D], as the decoder LLMs'
+[out, in] kernels need) is a numpy view, and a stacked layer of that kind is read straight into its
+slot of the stack: no copy at all besides the read. Other layout transforms (transposes, for the T5 and
+CLIP towers) run as jitted XLA ops on the CPU backend, which transposes bf16 ~3x faster than numpy's
+strided copy; they are pure data movement, so the result is bit-identical.
 """
 from __future__ import annotations
 
@@ -230,19 +233,10 @@ def _set(tree: dict, path: tuple[str, ...], value):
   tree[path[-1]] = value
 
 
-def build_params(plan: Plan, files: CheckpointFiles, expected: Mapping[tuple[str, ...], jax.ShapeDtypeStruct],
-                 dtype, shardings: Mapping[tuple[str, ...], jax.sharding.Sharding] | None = None,
-                 progress: bool = False, as_numpy: bool = False) -> dict:
-  """Stream every planned tensor into a nested params dict of jax Arrays (in `dtype`).
-
-  `expected` gives each path's shape (from `jax.eval_shape` of the module's init). All missing keys and
-  mis-shaped tensors are gathered and reported together, by name, before anything is read.
-  `as_numpy=True` returns host numpy arrays instead (64-byte aligned, C-contiguous, in `dtype`), for a
-  caller that only writes them out (the convert CLI): nothing is placed on a device. It takes no
-  `shardings`.
-  """
-  if as_numpy and shardings:
-    raise ValueError("build_params: as_numpy=True returns host arrays; it takes no shardings.")
+def check_plan(plan: Plan, files: CheckpointFiles,
+               expected: Mapping[tuple[str, ...], jax.ShapeDtypeStruct]) -> dict[tuple[str, ...], list[str]]:
+  """{path: checkpoint keys} of every planned parameter, without reading any tensor. Raises one
+  ConversionError naming every unplanned parameter, missing key and mis-shaped tensor."""
   problems = []
   unplanned = sorted(set(expected) - set(plan))
   if unplanned:
@@ -266,6 +260,25 @@ def build_params(plan: Plan, files: CheckpointFiles, expected: Mapping[tuple[str
   if problems:
     raise ConversionError(f"cannot convert {files.directory}:\n  " + "\n  ".join(problems) +
                           "\nFix: check that config.json is the one these weights were saved with.")
+  return resolved
+
+
+def build_params(plan: Plan, files: CheckpointFiles, expected: Mapping[tuple[str, ...], jax.ShapeDtypeStruct],
+                 dtype, shardings: Mapping[tuple[str, ...], jax.sharding.Sharding] | None = None,
+                 progress: bool = False, as_numpy: bool = False,
+                 sink: Callable[[tuple[str, ...], object], None] | None = None) -> dict:
+  """Stream every planned tensor into a nested params dict of jax Arrays (in `dtype`).
+
+  `expected` gives each path's shape (from `jax.eval_shape` of the module's init). All missing keys and
+  mis-shaped tensors are gathered and reported together, by name, before anything is read.
+  `as_numpy=True` returns host numpy arrays instead (64-byte aligned, C-contiguous, in `dtype`), for a
+  caller that only writes them out (the convert CLI): nothing is placed on a device. It takes no
+  `shardings`. `sink(path, value)`, where given, receives each parameter as soon as it is complete (a
+  writer can start on it while the next ones convert), and the returned dict leaves it out.
+  """
+  if as_numpy and shardings:
+    raise ValueError("build_params: as_numpy=True returns host arrays; it takes no shardings.")
+  resolved = check_plan(plan, files, expected)
 
   np_dtype = np.dtype(jnp.dtype(dtype))
   params: dict = {}
@@ -309,7 +322,11 @@ def build_params(plan: Plan, files: CheckpointFiles, expected: Mapping[tuple[str
     else:
       value = jax.make_array_from_callback(want, sharding, lambda idx, h=host: h[idx])
     del host
-    _set(params, path, value)
+    if sink is None:
+      _set(params, path, value)
+    else:
+      sink(path, value)
+    del value
   return params
 
 
