@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = dict(width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True,
                  pos_embed="resblock", remat="none", scan=True, dtype="float32",
-                 attention="auto",  # DiT attention kernel: auto (cuDNN on GPU in bf16, else XLA), xla, cudnn
+                 attention="auto",  # DiT attention: auto (cuDNN on GPU in bf16, splash on TPU, else XLA), xla,
+                                    # cudnn, splash
                  refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative"))
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
@@ -110,7 +111,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   from lidit_jax.models.dit import REMAT_POLICIES
   _one_of("model.remat", m.remat, set(REMAT_POLICIES))
   _one_of("model.dtype", m.dtype, {"float32", "bfloat16"})
-  _one_of("model.attention", m.attention, {"auto", "xla", "cudnn"})
+  _one_of("model.attention", m.attention, {"auto", "xla", "cudnn", "splash"})
   _one_of("model.refiner.fusion", m.refiner.fusion, {"collaborative", "concat"})
 
   names = [n.strip() for n in c.text.use.split(",") if n.strip()]

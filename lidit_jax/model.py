@@ -185,15 +185,25 @@ def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):
 
 
 def attention_implementation(config, platform: str | None = None) -> str:
-  """model.attention resolved for this machine: "auto" is cuDNN's fused kernel on GPUs in 16-bit and XLA
-  elsewhere; an explicit "cudnn" on another platform is refused rather than silently replaced."""
+  """model.attention resolved for this machine. "auto": cuDNN's fused kernel on GPUs in 16-bit, Pallas
+  splash attention on TPUs when the image and text token counts are multiples of 128 (its block size),
+  XLA elsewhere. An explicit kernel the platform cannot run is refused rather than silently replaced."""
   platform = platform or jax.devices()[0].platform
   want, half = config.model.attention, config.model.dtype in ("bfloat16", "float16")
+  image_tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
+  text_tokens = sum(config.text.towers[n].max_length for n in tower_names(config))
+  blocks_fit = image_tokens % 128 == 0 and text_tokens % 128 == 0
   if want == "auto":
-    return "cudnn" if platform == "gpu" and half else "xla"
+    if platform == "gpu" and half:
+      return "cudnn"
+    return "splash" if platform == "tpu" and blocks_fit else "xla"
   if want == "cudnn" and (platform != "gpu" or not half):
     raise ValueError(f"model.attention='cudnn' needs a GPU and model.dtype bfloat16 (this process: {platform}, "
                      f"{config.model.dtype}). Fix: --config.model.attention=auto (or xla).")
+  if want == "splash" and (platform != "tpu" or not blocks_fit):
+    raise ValueError(f"model.attention='splash' needs a TPU and image / text token counts that are multiples of "
+                     f"128 (this process: {platform}; {image_tokens} image, {text_tokens} text tokens). "
+                     "Fix: --config.model.attention=auto (or xla).")
   return want
 
 

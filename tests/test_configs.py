@@ -55,7 +55,12 @@ def test_attention_implementation_is_guarded_by_platform():
   assert model_lib.attention_implementation(c) == "xla"  # this CPU
   c.model.dtype = "bfloat16"
   assert model_lib.attention_implementation(c, platform="gpu") == "cudnn"
-  assert model_lib.attention_implementation(c, platform="tpu") == "xla"
+  assert model_lib.attention_implementation(c, platform="tpu") == "xla"  # 64 image tokens: no 128 blocks
+  c.model.patch_size, c.text.towers.llama_a.max_length, c.text.towers.llama_b.max_length = 2, 64, 64
+  assert model_lib.attention_implementation(c, platform="tpu") == "splash"  # 256 image, 128 text tokens
+  c.model.attention = "splash"
+  with pytest.raises(ValueError, match="needs a TPU"):
+    model_lib.attention_implementation(c)
   c.model.attention = "cudnn"
   with pytest.raises(ValueError, match="needs a GPU"):
     model_lib.attention_implementation(c)

@@ -37,7 +37,7 @@ class DiTConfig:
   pos_embed: str = "resblock"  # "resblock" (LI-DiT), "sincos", or "both"
   remat: str = "none"
   scan: bool = True
-  attention: str = "xla"  # "xla" everywhere, "cudnn" (fused, GPU only): see model.attention_implementation
+  attention: str = "xla"  # "xla", "cudnn" (GPU), "splash" (TPU): see model.attention_implementation
 
 
 class DiTBlock(nn.Module):

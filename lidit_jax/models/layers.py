@@ -123,6 +123,43 @@ def softcapped_attention(q_BLHK, k_BSGK, v_BSGK, mask, scale: float, softcap: fl
   return jnp.einsum("bgrls,bsgk->blgrk", probs, v_BSGK).reshape(b, l, h, kd)
 
 
+def _block(n: int) -> int:
+  return next((b for b in (512, 256, 128) if n % b == 0), n)
+
+
+def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool = False):
+  """Pallas splash attention (TPU; `interpret=True` runs the same kernel on any backend, for tests).
+  Key padding is expressed as segment ids (queries 1, valid keys 1, masked keys 0). Under a mesh the kernel
+  runs per shard (shard_map over the batch and head axes the logical rules give)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  b, l, h, k = q_BLHK.shape
+  s = k_BSHK.shape[1]
+  valid = jnp.ones((b, s), jnp.int32) if key_valid_BS is None else key_valid_BS.astype(jnp.int32)
+
+  def local(q, key, v, kv_ids):
+    heads = q.shape[2]
+    sizes = sa.BlockSizes(block_q=_block(l), block_kv=_block(s), block_kv_compute=_block(s),
+                          block_q_dkv=_block(l), block_kv_dkv=_block(s), block_kv_dkv_compute=_block(s),
+                          block_q_dq=_block(l), block_kv_dq=_block(s))
+    kernel = sa.make_splash_mha(sa.MultiHeadMask([sa.FullMask((l, s))] * heads), head_shards=1, q_seq_shards=1,
+                                block_sizes=sizes, interpret=interpret)
+
+    def one(q1, k1, v1, ids):  # the kernel takes [heads, length, dim] and does not scale the queries
+      seg = sa.SegmentIds(q=jnp.ones((l,), jnp.int32), kv=ids)
+      return kernel(jnp.swapaxes(q1, 0, 1) * k ** -0.5, jnp.swapaxes(k1, 0, 1), jnp.swapaxes(v1, 0, 1),
+                    segment_ids=seg)
+    return jnp.swapaxes(jax.vmap(one)(q, key, v, kv_ids), 1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q_BLHK, k_BSHK, v_BSHK, valid)
+  from jax.sharding import PartitionSpec as P
+  batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  spec = P(batch, None, heads, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
+                       check_vma=False)(q_BLHK, k_BSHK, v_BSHK, valid)
+
+
 class Attention(nn.Module):
   """Multi-head (grouped-query) attention; self-attention when `context` is None.
 
@@ -144,7 +181,9 @@ class Attention(nn.Module):
   # no transposes, only reshapes. XLA picks the matmul layout either way.
   torch_layout: bool = False
   dtype: Dtype = jnp.float32
-  implementation: str | None = None  # None/"xla" everywhere; "cudnn" on GPU (see sharding issue)
+  # None / "xla" everywhere; "cudnn" on GPU; "splash" on TPU ("splash_interpret": the same kernel on any
+  # backend, for tests). See model.attention_implementation.
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x_BLD, context_BSD=None, mask=None, positions_BL=None):
@@ -174,6 +213,12 @@ class Attention(nn.Module):
     if self.logit_softcap:
       scale = self.scale if self.scale is not None else k_dim ** -0.5
       out = softcapped_attention(q, k, v, mask, scale, self.logit_softcap)
+    elif self.implementation in ("splash", "splash_interpret"):
+      assert self.scale is None and kvh == h, "splash attention: default scale and equal q / kv heads only"
+      if mask is not None and mask.shape[2] != 1:
+        raise ValueError("splash attention takes key-padding masks only (not causal or per-query masks)")
+      key_valid = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
+      out = splash_attention(q, k, v, key_valid, interpret=self.implementation == "splash_interpret")
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=self.implementation)
     if mask is not None:
