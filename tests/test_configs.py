@@ -1,4 +1,5 @@
 """Config validation (before any compute) and the paper-sized configs built abstractly."""
+import json
 import subprocess
 import sys
 
@@ -86,3 +87,22 @@ def test_multi_slice_mesh_puts_slices_on_the_dcn_axis(monkeypatch):
   c.mesh.dcn_data = 4
   with pytest.raises(ValueError, match="4 slices"):
     sharding.make_mesh(c, devices)
+
+
+def test_plan_for_lidit_10b_on_256_devices_shards_state_evenly():
+  """`python -m lidit_jax.plan`: LI-DiT-10B with fsdp=256 puts (params + Adam) / device within 5% of the
+  total / 256, from abstract shapes; the CLI prints the same plan as JSON."""
+  from lidit_jax import plan
+  c = configs.load_config_file(str(ROOT / "configs" / "lidit_10b.py"))
+  c.mesh.update(data=1, fsdp=256, tensor=1)
+  p = plan.plan(configs.validate(c), 256, chip="v5p")
+  b = p["bytes_per_device"]
+  even = p["trainable_params"] * 4 * 3 / 256  # float32 params + two Adam moments, split evenly
+  assert abs((b["params"] + b["optimizer"]) / even - 1) < 0.05
+  assert 10.0e9 < p["trainable_params"] < 11.0e9 and p["step_seconds_at_mfu"] > 0
+  r = subprocess.run([sys.executable, "-m", "lidit_jax.plan", "--config", str(ROOT / "configs" / "lidit_1b.py"),
+                      "--config.mesh.fsdp=64", "--chip", "v5p"], capture_output=True, text=True, cwd=ROOT,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 64 and out["mesh"]["fsdp"] == 64 and "per device" in r.stdout
