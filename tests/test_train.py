@@ -35,7 +35,8 @@ def test_training_writes_metrics_checkpoints_and_samples(trained):
   rows = read_metrics(workdir)
   assert [r["step"] for r in rows] == [2, 4, 6]
   assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
-  assert {"grad_norm", "param_norm", "lr", "steps_per_sec"} <= set(rows[0])
+  assert {"grad_norm", "param_norm", "lr", "steps_per_sec", "tflops_per_device", "mfu"} <= set(rows[0])
+  assert 0 < rows[-1]["mfu"] < 1  # model FLOPs against this CPU's measured matmul peak (plan.CHIP_PEAK_TFLOPS)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "6"
   assert os.path.exists(os.path.join(workdir, "samples", "step_0000006.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
