@@ -219,7 +219,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_fn = make_train_step(s)
   generator = sample_lib.make_generator(s, config.sample.steps, config.sample.cfg, config.sample.sampler)
   rng = jax.random.key(config.seed + 2)
-  flops = plan_lib.step_flops(config)
+  # The towers' configs are already at hand: no second read of their checkpoints' config.json.
+  flops = plan_lib.step_flops(config, {t.name: (None, t.module.cfg) for t in s.towers})
   step_tflop = (flops["train"] + flops["towers"]) / 1e12
   peak = plan_lib.CHIP_PEAK_TFLOPS.get(plan_lib.chip_of(jax.devices()[0]))
 

@@ -100,6 +100,7 @@ class Conversion:
   files: io.CheckpointFiles
   abstract: object  # boxed abstract params (logical axes)
   expected: dict
+  resolved: dict  # param path -> checkpoint keys, from check_plan
 
   @classmethod
   def prepare(cls, path: str, dtype=jnp.float32, allow_pickle: bool = False) -> "Conversion":
@@ -112,13 +113,14 @@ class Conversion:
     files.find_prefix(fam.ANCHORS)
     abstract = abstract_params(module)
     expected = io.flatten_shapes(strip_boxes(abstract))
-    io.check_plan(fam.plan(cfg), files, expected)
-    return cls(path, fam, cfg, module, files, abstract, expected)
+    resolved = io.check_plan(fam.plan(cfg), files, expected)
+    return cls(path, fam, cfg, module, files, abstract, expected, resolved)
 
   def run(self, dtype, mesh=None, rules=(), progress: bool = False, **kw) -> dict:
     """build_params over the plan (kw: as_numpy, sink); placed in the mesh's shardings when given."""
     return io.build_params(self.fam.plan(self.cfg), self.files, self.expected, dtype,
-                           target_shardings(self.abstract, mesh, rules), progress=progress, **kw)
+                           target_shardings(self.abstract, mesh, rules), progress=progress,
+                           resolved=self.resolved, **kw)
 
   def unused(self) -> list[str]:
     """Tensors read by no parameter, besides the expected ones (LM heads, decoders, vision towers)."""

@@ -266,7 +266,8 @@ def check_plan(plan: Plan, files: CheckpointFiles,
 def build_params(plan: Plan, files: CheckpointFiles, expected: Mapping[tuple[str, ...], jax.ShapeDtypeStruct],
                  dtype, shardings: Mapping[tuple[str, ...], jax.sharding.Sharding] | None = None,
                  progress: bool = False, as_numpy: bool = False,
-                 sink: Callable[[tuple[str, ...], object], None] | None = None) -> dict:
+                 sink: Callable[[tuple[str, ...], object], None] | None = None,
+                 resolved: Mapping[tuple[str, ...], list[str]] | None = None) -> dict:
   """Stream every planned tensor into a nested params dict of jax Arrays (in `dtype`).
 
   `expected` gives each path's shape (from `jax.eval_shape` of the module's init). All missing keys and
@@ -275,10 +276,11 @@ def build_params(plan: Plan, files: CheckpointFiles, expected: Mapping[tuple[str
   caller that only writes them out (the convert CLI): nothing is placed on a device. It takes no
   `shardings`. `sink(path, value)`, where given, receives each parameter as soon as it is complete (a
   writer can start on it while the next ones convert), and the returned dict leaves it out.
+  `resolved` is check_plan's result when the caller has already checked the plan.
   """
   if as_numpy and shardings:
     raise ValueError("build_params: as_numpy=True returns host arrays; it takes no shardings.")
-  resolved = check_plan(plan, files, expected)
+  resolved = resolved if resolved is not None else check_plan(plan, files, expected)
 
   np_dtype = np.dtype(jnp.dtype(dtype))
   params: dict = {}

@@ -57,10 +57,6 @@ class DecoderConfig:
       raise ValueError(f"LLM windows has {len(self.windows)} entries for {self.num_layers} layers.")
 
 
-# Kept for configs and tests that name the original family.
-LlamaConfig = DecoderConfig
-
-
 class DecoderBlock(nn.Module):
   cfg: DecoderConfig
   dtype: Dtype = jnp.float32
