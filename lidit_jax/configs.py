@@ -57,7 +57,15 @@ def base_config() -> ml_collections.ConfigDict:
                 cache="",  # a `python -m lidit_jax.encode_prompts` output: train without running the LLMs
                 towers=dict(llama_a=tower(), llama_b=tower(hidden_size=96, num_layers=5, num_heads=4,
                                                            num_kv_heads=4, intermediate_size=256)))
-  c.data = dict(source="shapes", image_size=32, max_objects=3, caption_dropout=0.1)
+  c.data = dict(source="shapes",  # shapes (the embedded demo) or tfds (`python -m lidit_jax.data.prepare`)
+                image_size=32, caption_dropout=0.1,
+                max_objects=3,  # shapes only
+                # tfds: dataset NAME in DATA_DIR, read with grain
+                name="", data_dir="", split="train",
+                buckets=False,  # aspect-ratio buckets around image_size**2 pixels, else square centre crops
+                aspect_ratios=(0.5, 0.6667, 0.75, 1.0, 1.3333, 1.5, 2.0),  # width / height, one bucket each
+                workers=0,  # grain worker processes (0: decode in threads of the training process)
+                threads=16, prefetch=64)  # read / decode threads; examples read ahead
   c.autoencoder = dict(kind="identity", factor=1, channels=3)
   c.flow = dict(timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                 shift=1.0, resolution_shift=False)
@@ -145,7 +153,17 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("data.image_size", c.data.image_size,
           f"not divisible by patch_size x autoencoder factor = {m.patch_size} x {ae.factor} = {unit}",
           f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(c.data.image_size / unit))}")
-  _one_of("data.source", c.data.source, {"shapes"})
+  _one_of("data.source", c.data.source, {"shapes", "tfds"})
+  if c.data.source == "tfds" and not (c.data.name and c.data.data_dir):
+    _fail("data.name/data_dir", (c.data.name, c.data.data_dir), "data.source='tfds' needs both",
+          "prepare a dataset (python -m lidit_jax.data.prepare --src IMAGES --out DIR --name NAME), then pass "
+          "--config.data.name=NAME --config.data.data_dir=DIR")
+  if c.data.buckets and (not c.data.aspect_ratios or min(c.data.aspect_ratios) <= 0):
+    _fail("data.aspect_ratios", c.data.aspect_ratios, "buckets need positive width / height ratios",
+          "use e.g. (0.75, 1.0, 1.3333)")
+  for key in ("workers", "threads", "prefetch"):
+    if c.data[key] < 0:
+      _fail(f"data.{key}", c.data[key], "must be >= 0", "use 0 (workers) or a positive number")
   if not 0.0 <= c.data.caption_dropout < 1.0:
     _fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
 

@@ -45,6 +45,8 @@ def make_train_step(s: state_lib.Setup):
     rng = jax.random.fold_in(rng, state.step)
     r_drop, r_t, r_eps = jax.random.split(rng, 3)
     x0 = batch["image"]
+    if x0.dtype == jnp.uint8:  # decoded images arrive as bytes: scale on device
+      x0 = x0.astype(jnp.float32) / 127.5 - 1.0
     b = x0.shape[0]
     # Noise, times and caption dropout for the whole batch, so micro-batching changes nothing but memory.
     full = {"image": x0, "text": batch["text"], "drop": jax.random.bernoulli(r_drop, config.data.caption_dropout, (b,)),
@@ -202,10 +204,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Train (resuming from workdir if possible); returns the last logged metrics."""
   from tqdm import tqdm
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local directory or a bucket (gs://...)
+  data = pipeline.make_batches(config, text_for=None)  # a missing or corrupt dataset fails before any compute
   s = state_lib.setup(config)
+  data.text_for = s.text_for
   t = config.train
   ckpt = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
-  data = pipeline.ShapesBatches(config, s.text_for)
   restored = ckpt.restore(s.abstract_state)
   if restored is None:
     state = s.init_state(jax.random.key(config.seed))
@@ -243,6 +246,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       dt = time.perf_counter() - t_window
       last = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
       last.update(steps_per_sec=len(window) / dt, examples_per_sec=len(window) * t.batch_size / dt)
+      last.update(data.counters())  # records skipped at read time (corrupt images), by reason
       last["tflops_per_device"] = step_tflop * last["steps_per_sec"] / jax.device_count()
       if peak:  # model FLOPs utilization against the chip's dense peak (plan.CHIP_PEAK_TFLOPS)
         last["mfu"] = last["tflops_per_device"] / peak
@@ -282,6 +286,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       finish(*pending)
   finally:  # also on Ctrl-C or an error: let an in-flight checkpoint save finish
     stop.close()
+    data.close()
     bar.close()
     ckpt.close()
     log.close()

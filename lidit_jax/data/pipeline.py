@@ -1,19 +1,34 @@
 """Host-side batches: images plus the text input of every tower (tokens, or cached features).
 
-The shapes demo source is index-addressable, so the iterator state is one integer and a resumed run
-sees exactly the batches it would have seen.
+Two sources, picked by `config.data.source`:
+- "shapes": the embedded demo, rendered on the fly (index-addressable; the iterator state is one integer).
+- "tfds": a dataset written by `python -m lidit_jax.data.prepare`, read with grain (`TfdsBatches`).
+
+Either way a resumed run sees exactly the batches it would have seen: the state saved with each
+checkpoint is the number of batches consumed, and the pipeline is a pure function of that number.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
 
-from lidit_jax.data import shapes
+from lidit_jax.data import images, shapes
 
 
 def tokenize(towers, captions) -> dict:
   """{tower name: {input_ids, attention_mask, prompt_mask}} as numpy arrays."""
   return {t.name: t.encoder(list(captions)) for t in towers}
+
+
+def make_batches(config, text_for):
+  """The training iterator of `config.data.source` (each process reads its own part)."""
+  if config.data.source == "shapes":
+    return ShapesBatches(config, text_for)
+  if config.data.source == "tfds":
+    return TfdsBatches(config, text_for)
+  raise ValueError(f"config data.source={config.data.source!r} has no training pipeline. Fix: use shapes or tfds.")
 
 
 class ShapesBatches:
@@ -34,6 +49,12 @@ class ShapesBatches:
   def restore(self, state: dict):
     self.index = int(state["index"])
 
+  def counters(self) -> dict:
+    return {}
+
+  def close(self):
+    pass
+
   def __iter__(self):
     return self
 
@@ -43,3 +64,184 @@ class ShapesBatches:
     self.index += self.global_batch
     return {"image": np.asarray(b["image"], np.float32), "text": self.text_for(b["caption"]),
             "caption": b["caption"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Prepared TFDS datasets, read with grain
+# ------------------------------------------------------------------------------------------------
+def open_dataset(data_dir: str, name: str, split: str = "train"):
+  """(data source, record sizes [N, 2] or None, version directory), or an error naming the path and the fix.
+  Every shard file is opened once here, so a missing or corrupt one fails before any compute."""
+  import tensorflow_datasets as tfds
+  from array_record.python.array_record_module import ArrayRecordReader
+  fix = (f"Fix: build it with `python -m lidit_jax.data.prepare --src YOUR_IMAGES --out {data_dir or 'DATA_DIR'} "
+         f"--name {name or 'NAME'}`, or point --config.data.data_dir / --config.data.name at an existing one.")
+  if not name or not data_dir:
+    raise ValueError(f"data.source='tfds' needs data.name and data.data_dir (got {name!r}, {data_dir!r}). {fix}")
+  if not os.path.isdir(os.path.join(data_dir, name)):
+    raise FileNotFoundError(f"no TFDS dataset {name!r} in {data_dir} ({os.path.join(data_dir, name)} is not a "
+                            f"directory). {fix}")
+  builder = tfds.builder(name, data_dir=data_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {builder.data_dir} has no split {split!r}, only {list(builder.info.splits)}. "
+                     "Fix: set --config.data.split.")
+  for fn in builder.info.splits[split].filenames:
+    path = os.path.join(builder.data_dir, fn)
+    try:
+      ArrayRecordReader(path).close()
+    except Exception as e:
+      raise RuntimeError(f"cannot read shard {path}: {e}. Fix: rebuild the dataset with --overwrite.") from e
+  source = builder.as_data_source(split=split)
+  sizes_path = os.path.join(builder.data_dir, "lidit_sizes.npy")
+  sizes = np.load(sizes_path) if os.path.exists(sizes_path) else None
+  if sizes is not None and len(sizes) != len(source):
+    raise ValueError(f"{sizes_path} lists {len(sizes)} images but the dataset has {len(source)}. Fix: rebuild it.")
+  return source, sizes, builder.data_dir
+
+
+def assign_buckets(sizes, shapes_hw, global_batch: int, ranges) -> tuple[np.ndarray, list]:
+  """Bucket of each record (nearest aspect ratio), after merging away buckets that cannot fill a global
+  batch or that some process has no example of: those records are cropped to the nearest kept shape.
+  Returns (bucket id per record, kept shapes)."""
+  assign = images.nearest_bucket(sizes, shapes_hw)
+  kept = list(range(len(shapes_hw)))
+  log_ar = {b: np.log(w / h) for b, (h, w) in enumerate(shapes_hw)}
+  while len(kept) > 1:
+    total = np.bincount(assign, minlength=len(shapes_hw))
+    least = np.min([np.bincount(assign[lo:hi], minlength=len(shapes_hw)) for lo, hi in ranges], axis=0)
+    weak = [b for b in kept if total[b] < global_batch or least[b] == 0]
+    if not weak:
+      break
+    b = min(weak, key=lambda k: total[k])
+    kept.remove(b)
+    target = min(kept, key=lambda k: abs(log_ar[k] - log_ar[b]))
+    assign[assign == b] = target
+  remap = {b: i for i, b in enumerate(kept)}
+  return np.vectorize(remap.get, otypes=[np.int64])(assign), [shapes_hw[b] for b in kept]
+
+
+class LoadExample:
+  """grain random map: record index -> {"image" uint8 [h, w, 3], "caption", "index", "skipped" [reasons]}.
+  A record that fails to decode is replaced by a random one of the same bucket and counted."""
+
+  def __init__(self, source, height: int, width: int, pool: np.ndarray, tries: int = 16):
+    self.source, self.height, self.width, self.pool, self.tries = source, height, width, pool, tries
+
+  def __call__(self, index, rng: np.random.Generator) -> dict:
+    skipped = np.zeros(len(images.SKIP_REASONS), np.int32)
+    index = int(index)
+    for _ in range(self.tries):
+      try:
+        record = self.source[index]
+        captions = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in record["captions"]]
+        captions = [c for c in captions if c.strip()]
+        if not captions:
+          raise images.Skip("empty_caption")
+        image = images.decode_crop(record["image"], self.height, self.width)
+        return {"image": image, "caption": captions[int(rng.integers(len(captions)))], "index": np.int64(index),
+                "skipped": skipped}
+      except Exception as e:  # a corrupt record or image: count it, take another
+        skipped[images.SKIP_REASONS.index(e.reason if isinstance(e, images.Skip) else "unreadable")] += 1
+        index = int(self.pool[int(rng.integers(len(self.pool)))])
+    raise RuntimeError(f"{self.tries} records in a row could not be decoded (last: record {index}); the dataset "
+                       "looks corrupt. Fix: rebuild it with `python -m lidit_jax.data.prepare --overwrite`.")
+
+
+class TfdsBatches:
+  """Batches from a prepared TFDS dataset with grain: per-process shards, seeded shuffle, buckets.
+
+  Process p of P owns records [p N/P, (p+1) N/P) (whole ArrayRecord files when the shard count divides
+  evenly) and shuffles them each epoch with its own seed. Records go to the aspect-ratio bucket nearest to
+  their shape (`data.buckets`), else to one square bucket of data.image_size. Per bucket: shuffle, repeat,
+  decode + centre crop, batch; buckets are interleaved by their global sizes in an order every process
+  computes alike, so all hosts feed the same shape at each step (one compilation per bucket shape).
+  """
+
+  def __init__(self, config, text_for, process_index: int | None = None, process_count: int | None = None,
+               source=None, sizes=None):
+    import grain
+    d = config.data
+    self.text_for = text_for
+    self.workers, self.threads, self.prefetch = d.workers, d.threads, d.prefetch
+    if source is None:
+      source, sizes, self.path = open_dataset(d.data_dir, d.name, d.split)
+    else:
+      self.path = "<given source>"
+    n = len(source)
+    p = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    self.global_batch = config.train.batch_size
+    self.local_batch = self.global_batch // count
+    per = n // count
+    ranges = [(k * per, (k + 1) * per) for k in range(count)]
+    if per < self.local_batch:
+      raise ValueError(f"dataset {self.path} has {n} examples: fewer than train.batch_size={self.global_batch} "
+                       f"over {count} process(es). Fix: lower the batch size or prepare more data.")
+    unit = config.model.patch_size * config.autoencoder.factor
+    wanted = images.bucket_shapes(d.image_size, d.aspect_ratios if d.buckets else (1.0,), unit)
+    if sizes is None:
+      if len(wanted) > 1:
+        sizes = np.stack([np.asarray(source[i]["size"]) for i in range(n)])  # slow path: not from prepare
+      else:
+        sizes = np.ones((n, 2), np.int32)
+    assign, self.shapes = assign_buckets(sizes, wanted, self.global_batch, ranges)
+    lo, hi = ranges[p]
+    self.own = np.arange(lo, hi)
+    totals = np.bincount(assign, minlength=len(self.shapes))
+    self.bucket_sizes = {f"{h}x{w}": int(totals[b]) for b, (h, w) in enumerate(self.shapes)}
+    parts = []
+    for b, (h, w) in enumerate(self.shapes):
+      pool = self.own[assign[lo:hi] == b]
+      ds = (grain.MapDataset.source(pool).seed(config.seed * 1009 + b).shuffle().repeat(None)
+            .random_map(LoadExample(source, h, w, pool)).batch(self.local_batch, drop_remainder=True))
+      parts.append(ds)
+    # mix is deterministic given the weights, which are global counts: every process agrees on the order.
+    self.dataset = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(totals[b]) for b in range(len(parts))])
+    self.index = 0  # batches consumed
+    self.skipped = np.zeros(len(images.SKIP_REASONS), np.int64)
+    self._it = None
+
+  def state(self) -> dict:
+    return {"batch": int(self.index), "skipped": {r: int(k) for r, k in zip(images.SKIP_REASONS, self.skipped)}}
+
+  def restore(self, state: dict):
+    self.close()
+    self.index = int(state["batch"])
+    self.skipped = np.array([state.get("skipped", {}).get(r, 0) for r in images.SKIP_REASONS], np.int64)
+
+  def counters(self) -> dict:
+    """Records skipped at read time so far, by reason (this process), for the training log."""
+    out = {f"data_skipped_{r}": int(k) for r, k in zip(images.SKIP_REASONS, self.skipped) if k}
+    out["data_skipped"] = int(self.skipped.sum())
+    return out
+
+  def _start(self):
+    import grain
+    ds = self.dataset[self.index:].to_iter_dataset(
+        grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
+    if self.workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
+    self._it = iter(ds)
+
+  def close(self):
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+  def __iter__(self):
+    return self
+
+  def raw(self) -> dict:
+    """The next batch as grain gives it (uint8 images, captions, record indices, skip counts)."""
+    if self._it is None:
+      self._start()
+    b = next(self._it)
+    self.index += 1
+    self.skipped += b["skipped"].sum(axis=0)
+    return b
+
+  def __next__(self) -> dict:
+    b = self.raw()
+    captions = [str(c) for c in b["caption"]]
+    # Images stay uint8 (a quarter of the bytes to move); the train step scales them to [-1, 1].
+    return {"image": b["image"], "text": self.text_for(captions), "caption": captions, "index": b["index"]}

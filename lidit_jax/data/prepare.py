@@ -1,0 +1,311 @@
+"""Build a TFDS image-text dataset (ArrayRecord) once from your files; training streams it with grain.
+
+  python -m lidit_jax.data.prepare --src photos/ --out data/ [--name my_photos]
+  python -m lidit_jax.data.prepare --src 'shards/*.tar' --out data/ --name laion_part  # WebDataset tars
+
+Inputs: a folder of images with sidecar captions (`cat.jpg` + `cat.txt`, or `cat.json` holding a string,
+a list of strings, or an object with "caption(s)" / "text" / "prompt"), searched recursively; or
+WebDataset tar shards (members `KEY.jpg` + `KEY.txt` / `KEY.json`). Every record holds the image bytes
+(plain RGB JPEG / PNG / WebP kept as they are; other modes converted and re-encoded), its size, all its
+captions and a stable key (the path without extension; `TAR_NAME/KEY` for tars).
+
+Bad files are skipped and counted by reason, never fatal: unreadable or truncated images, images below
+--min_size, missing / empty / unparseable captions, duplicate keys. Odd modes (grey, palette, RGBA,
+CMYK, 16-bit, animated, EXIF-rotated) are converted and counted. An unreadable tar is an error naming it.
+
+Writes DATA_DIR/NAME/1.0.0/ (TFDS metadata, NAME-train.array_record-*, lidit_sizes.npy with every
+record's (height, width) for aspect-ratio buckets, lidit_prepare.json), built in a temporary directory
+and renamed when complete. Ends with one JSON line: examples written, skip and conversion counts.
+
+No TensorFlow is needed: images are stored as encoded bytes (a scalar bytes tensor, not tfds' Image
+feature, whose encoder needs TensorFlow) and decoded with Pillow at training time.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tarfile
+import time
+
+import numpy as np
+
+from lidit_jax.data import images
+
+VERSION = "1.0.0"
+SPLIT = "train"
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+CAPTION_EXTS = {"txt", "json"}
+SIZES_FILE = "lidit_sizes.npy"
+STATS_FILE = "lidit_prepare.json"
+_CAPTION_KEYS = ("captions", "caption", "text", "prompt")
+
+
+def features():
+  import tensorflow_datasets as tfds
+  f = tfds.features
+  return f.FeaturesDict({
+      "image": f.Tensor(shape=(), dtype=np.object_, doc="encoded image bytes (JPEG / PNG / WebP), RGB"),
+      "size": f.Tensor(shape=(2,), dtype=np.int32, doc="(height, width) in pixels"),
+      "captions": f.Sequence(f.Text()),
+      "key": f.Text(doc="stable id: source path without extension"),
+  })
+
+
+def parse_captions(raw: bytes, ext: str) -> list[str]:
+  """Captions from a .txt (one caption; the whole file) or .json sidecar, or images.Skip."""
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise images.Skip("bad_caption", f"not UTF-8: {e}") from None
+  if ext == "txt":
+    found = [text]
+  else:
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise images.Skip("bad_caption", f"invalid JSON: {e}") from None
+    if isinstance(obj, dict):
+      vals = [obj[k] for k in _CAPTION_KEYS if k in obj]
+      obj = [c for v in vals for c in (v if isinstance(v, list) else [v])]
+    found = obj if isinstance(obj, list) else [obj]
+    if not all(isinstance(c, str) for c in found):
+      raise images.Skip("bad_caption", f"expected strings, got {found!r:.80}")
+  captions = list(dict.fromkeys(" ".join(c.split()) for c in found))  # collapse whitespace, dedupe
+  captions = [c for c in captions if c]
+  if not captions:
+    raise images.Skip("empty_caption")
+  return captions
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: (key, image_ext, image path or bytes, [(caption_ext, caption path or bytes)])
+# ------------------------------------------------------------------------------------------------
+def _split_ext(name: str) -> tuple[str, str]:
+  stem, dot, ext = name.rpartition(".")
+  return (stem, ext.lower()) if dot else (name, "")
+
+
+def folder_items(root: str):
+  """Group files by path without extension; an image with no caption sidecar becomes a skip."""
+  groups: dict[str, dict] = collections.defaultdict(lambda: {"images": [], "captions": []})
+  for dirpath, _, files in os.walk(root):
+    for fn in files:
+      stem, ext = _split_ext(fn)
+      key = os.path.relpath(os.path.join(dirpath, stem), root).replace(os.sep, "/")
+      if ext in IMAGE_EXTS:
+        groups[key]["images"].append((ext, os.path.join(dirpath, fn)))
+      elif ext in CAPTION_EXTS:
+        groups[key]["captions"].append((ext, os.path.join(dirpath, fn)))
+  for key in sorted(groups):
+    g = groups[key]
+    for i, (ext, path) in enumerate(sorted(g["images"])):
+      yield key, ext, path, sorted(g["captions"]), i > 0
+
+
+def tar_items(paths: list[str]):
+  """WebDataset convention: members are grouped by basename up to the first dot, consecutive in the tar."""
+  for path in paths:
+    prefix = os.path.basename(path).split(".")[0]
+    try:
+      with tarfile.open(path, "r|*") as tar:
+        key, group = None, None
+        for m in tar:
+          if not m.isfile():
+            continue
+          d, _, base = m.name.rpartition("/")
+          k, _, ext = base.partition(".")
+          k = f"{d}/{k}" if d else k
+          if k != key:
+            if group is not None:
+              yield from _tar_group(prefix, key, group)
+            key, group = k, {"images": [], "captions": []}
+          ext = ext.lower().rpartition(".")[2]
+          if ext in IMAGE_EXTS or ext in CAPTION_EXTS:
+            group["images" if ext in IMAGE_EXTS else "captions"].append((ext, tar.extractfile(m).read()))
+        if group is not None:
+          yield from _tar_group(prefix, key, group)
+    except (tarfile.TarError, EOFError, OSError) as e:
+      raise RuntimeError(f"cannot read WebDataset shard {path}: {e}. Fix: re-download or re-create it, or "
+                         "leave it out of --src.") from e
+
+
+def _tar_group(prefix, key, group):
+  for i, (ext, data) in enumerate(group["images"]):
+    yield f"{prefix}/{key}", ext, data, group["captions"], i > 0
+
+
+def _read(x) -> bytes:
+  if isinstance(x, bytes):
+    return x
+  with open(x, "rb") as f:
+    return f.read()
+
+
+def process(item, min_size: int, max_pixels: int):
+  """One input -> ("ok", key, serialized record, (h, w), conversions) or ("skip", key, reason, detail)."""
+  key, _, image, caption_files, duplicate = item
+  try:
+    if duplicate:
+      raise images.Skip("duplicate_key", "another image has the same name")
+    if not caption_files:
+      raise images.Skip("missing_caption", "no .txt or .json beside the image")
+    captions = []
+    for ext, src in caption_files:
+      captions += parse_captions(_read(src), ext)
+    data, size, done = images.normalize(_read(image), min_size, max_pixels)
+  except images.Skip as e:
+    return "skip", key, e.reason, str(e)
+  record = _FEATURES.serialize_example({"image": data, "size": np.asarray(size, np.int32),
+                                        "captions": list(dict.fromkeys(captions)), "key": key})
+  return "ok", key, record, size, done
+
+
+_FEATURES = None
+
+
+def _init_worker(_=None):
+  global _FEATURES
+  _FEATURES = features()
+
+
+def _process_star(args):
+  return process(*args)
+
+
+class ShardWriter:
+  """ArrayRecord shards of `shard_size` records, renamed to TFDS's NAME-SPLIT.array_record-i-of-n at the end."""
+
+  def __init__(self, directory: str, name: str, shard_size: int):
+    self.dir, self.name, self.shard_size = directory, name, shard_size
+    self.lengths, self.num_bytes, self.writer = [], 0, None
+
+  def write(self, record: bytes):
+    from array_record.python.array_record_module import ArrayRecordWriter
+    if self.writer is None or self.lengths[-1] == self.shard_size:
+      self._close()
+      # group_size:1 keeps random access cheap (one record per chunk), what a global shuffle needs.
+      self.writer = ArrayRecordWriter(os.path.join(self.dir, f"part-{len(self.lengths):05d}"), "group_size:1")
+      self.lengths.append(0)
+    self.writer.write(record)
+    self.lengths[-1] += 1
+    self.num_bytes += len(record)
+
+  def _close(self):
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None
+
+  def finish(self) -> list[int]:
+    self._close()
+    n = len(self.lengths)
+    for i in range(n):
+      os.rename(os.path.join(self.dir, f"part-{i:05d}"),
+                os.path.join(self.dir, f"{self.name}-{SPLIT}.array_record-{i:05d}-of-{n:05d}"))
+    return self.lengths
+
+
+def source_items(src: str):
+  """(items, total or None, description) for a folder of images or WebDataset tars (file, folder, or glob)."""
+  if os.path.isdir(src):
+    tars = sorted(glob.glob(os.path.join(src, "*.tar")))
+    has_images = any(_split_ext(f)[1] in IMAGE_EXTS for _, _, fs in os.walk(src) for f in fs)
+    if tars and not has_images:
+      return tar_items(tars), None, f"{len(tars)} WebDataset shards in {src}"
+    items = list(folder_items(src))
+    return items, len(items), f"image folder {src}"
+  tars = sorted(glob.glob(src))
+  if not tars:
+    raise FileNotFoundError(f"--src {src!r} is neither a folder nor a file / glob that matches anything. "
+                            "Fix: pass a folder of images with captions, or WebDataset .tar shards.")
+  return tar_items(tars), None, f"{len(tars)} WebDataset shards matching {src}"
+
+
+def prepare(src: str, out: str, name: str | None = None, min_size: int = 64, max_pixels: int = 0,
+            shard_size: int = 2048, workers: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+  """Build the dataset; returns the summary that the CLI prints as JSON."""
+  from tqdm import tqdm
+  t0 = time.time()
+  name = name or re.sub(r"[^a-z0-9_]", "_", os.path.basename(os.path.normpath(src.split("*")[0])).lower()).strip("_")
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
+    raise ValueError(f"--name {name!r}: TFDS names are snake_case (a lower-case letter, then a-z, 0-9, _). "
+                     "Fix: pass e.g. --name my_photos.")
+  final = os.path.join(out, name, VERSION)
+  if os.path.exists(final) and not overwrite:
+    raise FileExistsError(f"{final} already exists. Fix: pass --overwrite to rebuild it, or another --name.")
+  items, total, what = source_items(src)
+  tmp = os.path.join(out, name, f".{VERSION}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  writer = ShardWriter(tmp, name, shard_size)
+  sizes, skipped, converted, examples = [], collections.Counter(), collections.Counter(), {}
+  workers = workers or os.cpu_count() or 1
+  args = ((it, min_size, max_pixels) for it in items)
+  try:
+    if workers > 1:
+      pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker)
+      results = pool.imap(_process_star, args, chunksize=8)  # ordered: the dataset is deterministic
+    else:
+      pool, results = None, map(_process_star, args)
+      _init_worker()
+    for r in tqdm(results, total=total, desc=f"prepare {name}", unit="img", disable=not progress, dynamic_ncols=True):
+      if r[0] == "skip":
+        skipped[r[2]] += 1
+        examples.setdefault(r[2], f"{r[1]}: {r[3]}")
+        continue
+      _, key, record, size, done = r
+      writer.write(record)
+      sizes.append(size)
+      converted.update(done)
+    if pool is not None:
+      pool.close()
+    lengths = writer.finish()
+    if not sizes:
+      raise RuntimeError(f"no examples written from {what}: skipped {dict(skipped)}, e.g. {examples}. Fix: check "
+                         "that images have .txt / .json captions beside them.")
+    import tensorflow_datasets as tfds
+    tfds.folder_dataset.write_metadata(
+        data_dir=tmp, features=features(), check_data=False, description=f"Prepared by lidit_jax from {what}.",
+        split_infos=[tfds.core.SplitInfo(name=SPLIT, shard_lengths=lengths, num_bytes=writer.num_bytes)])
+    np.save(os.path.join(tmp, SIZES_FILE), np.asarray(sizes, np.int32).reshape(-1, 2))
+    summary = {"name": name, "data_dir": out, "path": final, "examples": len(sizes), "shards": len(lengths),
+               "bytes": writer.num_bytes, "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
+               "converted": dict(sorted(converted.items())), "skip_examples": examples,
+               "seconds": round(time.time() - t0, 2)}
+    with open(os.path.join(tmp, STATS_FILE), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.rename(tmp, final)  # complete or absent: a crash above leaves only the temporary directory
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return summary
+
+
+def main(argv):
+  from absl import flags
+  f = flags.FLAGS
+  summary = prepare(f.src, f.out, f.name, f.min_size, f.max_pixels, f.shard_size, f.workers, f.overwrite)
+  summary.pop("skip_examples")
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("src", None, "A folder of images + .txt/.json captions, or WebDataset .tar shards "
+                      "(a .tar, a glob like 'shards/*.tar', or a folder holding them).", required=True)
+  flags.DEFINE_string("out", None, "TFDS data_dir to write into (train with --config.data.data_dir=OUT).",
+                      required=True)
+  flags.DEFINE_string("name", None, "Dataset name, snake_case (default: from --src). Train with "
+                      "--config.data.name=NAME.")
+  flags.DEFINE_integer("min_size", 64, "Skip images whose shorter side is below this many pixels.")
+  flags.DEFINE_integer("max_pixels", 0, "Skip images with more pixels than this (0: Pillow's own limit).")
+  flags.DEFINE_integer("shard_size", 2048, "Records per ArrayRecord shard.")
+  flags.DEFINE_integer("workers", 0, "Decoding processes (0: one per CPU core).")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing DATA_DIR/NAME/1.0.0.")
+  app.run(main)
