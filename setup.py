@@ -24,11 +24,17 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "etils[epath]>=1.5",
+        # Data: TFDS ArrayRecord datasets read with grain, without TensorFlow.
+        "tensorflow-datasets>=4.9.9",
+        "grain>=0.2.12",
+        "array-record>=0.7",
+        "importlib_resources",  # imported by tfds, no longer brought in by etils
     ],
     extras_require={
         # The PyTorch side is only a reference for parity tests. Pin torch: a bare `torch`
         # pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.31"],
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.31",
+                 "scikit-image>=0.24"],  # its package data: real photos for the data tests
         "tpu": ["jax[tpu]>=0.6,<0.11"],
         "gpu": ["jax[cuda12]>=0.6,<0.11"],
     },

@@ -220,6 +220,9 @@ class TfdsBatches:
     ds = self.dataset[self.index:].to_iter_dataset(
         grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
     if self.workers > 0:
+      from absl import flags
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may not have parsed them
+        flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
     self._it = iter(ds)
 
