@@ -64,8 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
                 name="", data_dir="", split="train",
                 buckets=False,  # aspect-ratio buckets around image_size**2 pixels, else square centre crops
                 aspect_ratios=(0.5, 0.6667, 0.75, 1.0, 1.3333, 1.5, 2.0),  # width / height, one bucket each
-                workers=0,  # grain worker processes (0: decode in threads of the training process)
-                threads=16, prefetch=64)  # read / decode threads; examples read ahead
+                workers=0,  # grain worker processes, each building whole batches (0: in the training process)
+                threads=16,  # decoding threads per batch
+                prefetch=2)  # batches read ahead (per worker process)
   c.autoencoder = dict(kind="identity", factor=1, channels=3)
   c.flow = dict(timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                 shift=1.0, resolution_shift=False)
@@ -164,6 +165,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("workers", "threads", "prefetch"):
     if c.data[key] < 0:
       _fail(f"data.{key}", c.data[key], "must be >= 0", "use 0 (workers) or a positive number")
+  if c.data.prefetch < 1:
+    _fail("data.prefetch", c.data.prefetch, "must be >= 1 batch", "use e.g. 2")
   if not 0.0 <= c.data.caption_dropout < 1.0:
     _fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
 

@@ -120,16 +120,22 @@ def assign_buckets(sizes, shapes_hw, global_batch: int, ranges) -> tuple[np.ndar
   return np.vectorize(remap.get, otypes=[np.int64])(assign), [shapes_hw[b] for b in kept]
 
 
-class LoadExample:
-  """grain random map: record index -> {"image" uint8 [h, w, 3], "caption", "index", "skipped" [reasons]}.
-  A record that fails to decode is replaced by a random one of the same bucket and counted."""
+class LoadBatch:
+  """grain random map: record indices -> {"image" uint8 [B, h, w, 3], "caption" [B], "index" [B], "skipped"
+  [reasons]}. Decoding runs in `threads` threads (Pillow releases the GIL); each example draws from its own
+  generator seeded from the batch's, so results do not depend on thread timing. A record that fails to
+  decode is replaced by a random one of the same bucket, and counted."""
 
-  def __init__(self, source, height: int, width: int, pool: np.ndarray, tries: int = 16):
-    self.source, self.height, self.width, self.pool, self.tries = source, height, width, pool, tries
+  def __init__(self, source, height: int, width: int, pool: np.ndarray, threads: int = 8, tries: int = 16):
+    self.source, self.height, self.width, self.pool = source, height, width, pool
+    self.threads, self.tries, self._executor = threads, tries, None
 
-  def __call__(self, index, rng: np.random.Generator) -> dict:
+  def __getstate__(self):  # worker processes get a copy without the thread pool
+    return {**self.__dict__, "_executor": None}
+
+  def _one(self, index: int, seed: int):
+    rng = np.random.default_rng(seed)
     skipped = np.zeros(len(images.SKIP_REASONS), np.int32)
-    index = int(index)
     for _ in range(self.tries):
       try:
         record = self.source[index]
@@ -138,13 +144,25 @@ class LoadExample:
         if not captions:
           raise images.Skip("empty_caption")
         image = images.decode_crop(record["image"], self.height, self.width)
-        return {"image": image, "caption": captions[int(rng.integers(len(captions)))], "index": np.int64(index),
-                "skipped": skipped}
+        return image, captions[int(rng.integers(len(captions)))], index, skipped
       except Exception as e:  # a corrupt record or image: count it, take another
         skipped[images.SKIP_REASONS.index(e.reason if isinstance(e, images.Skip) else "unreadable")] += 1
         index = int(self.pool[int(rng.integers(len(self.pool)))])
     raise RuntimeError(f"{self.tries} records in a row could not be decoded (last: record {index}); the dataset "
                        "looks corrupt. Fix: rebuild it with `python -m lidit_jax.data.prepare --overwrite`.")
+
+  def __call__(self, indices, rng: np.random.Generator) -> dict:
+    seeds = rng.integers(2**63, size=len(indices))
+    jobs = [(int(i), int(s)) for i, s in zip(indices, seeds)]
+    if self.threads > 1:
+      if self._executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+      out = list(self._executor.map(lambda job: self._one(*job), jobs))
+    else:
+      out = [self._one(*job) for job in jobs]
+    return {"image": np.stack([o[0] for o in out]), "caption": np.array([o[1] for o in out]),
+            "index": np.array([o[2] for o in out], np.int64), "skipped": np.sum([o[3] for o in out], axis=0)}
 
 
 class TfdsBatches:
@@ -193,7 +211,7 @@ class TfdsBatches:
     for b, (h, w) in enumerate(self.shapes):
       pool = self.own[assign[lo:hi] == b]
       ds = (grain.MapDataset.source(pool).seed(config.seed * 1009 + b).shuffle().repeat(None)
-            .random_map(LoadExample(source, h, w, pool)).batch(self.local_batch, drop_remainder=True))
+            .batch(self.local_batch, drop_remainder=True).random_map(LoadBatch(source, h, w, pool, d.threads)))
       parts.append(ds)
     # mix is deterministic given the weights, which are global counts: every process agrees on the order.
     self.dataset = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(totals[b]) for b in range(len(parts))])
@@ -217,13 +235,14 @@ class TfdsBatches:
 
   def _start(self):
     import grain
+    # Elements are whole batches: read `prefetch` batches ahead, two at a time (each decodes in threads).
     ds = self.dataset[self.index:].to_iter_dataset(
-        grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
+        grain.ReadOptions(num_threads=min(2, self.prefetch), prefetch_buffer_size=self.prefetch))
     if self.workers > 0:
       from absl import flags
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may not have parsed them
         flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.prefetch))
     self._it = iter(ds)
 
   def close(self):
@@ -240,7 +259,7 @@ class TfdsBatches:
       self._start()
     b = next(self._it)
     self.index += 1
-    self.skipped += b["skipped"].sum(axis=0)
+    self.skipped += b["skipped"]
     return b
 
   def __next__(self) -> dict:
