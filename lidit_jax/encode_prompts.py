@@ -13,7 +13,14 @@ import json
 
 
 def run_captions(config, num_examples: int | None = None) -> list[str]:
-  """The captions a training run of `config` reads, in order, plus its sample prompts."""
+  """The captions a training run of `config` reads, in order, plus its sample prompts. For a prepared
+  dataset (data.source=tfds): every caption of every record (the run picks one per example at random)."""
+  if config.data.source == "tfds":
+    from lidit_jax.data import pipeline
+    source, _, _ = pipeline.open_dataset(config.data.data_dir, config.data.name, config.data.split)
+    n = len(source) if num_examples is None else min(num_examples, len(source))
+    captions = (c.decode("utf-8") for i in range(n) for c in source[i]["captions"])
+    return list(dict.fromkeys(c for c in captions if c.strip())) + list(config.sample.prompts)
   if config.data.source != "shapes":
     raise ValueError(f"data.source={config.data.source!r}: enumerating its captions is not implemented; "
                      "pass --captions FILE instead.")
@@ -51,8 +58,8 @@ def define_flags():
   flags.DEFINE_string("out", None, "Output directory of the cache (must not hold one yet).", required=True)
   flags.DEFINE_string("captions", None, "Text file of extra captions, one per line.")
   flags.DEFINE_boolean("no_source", False, "Do not enumerate the data source's captions (only --captions).")
-  flags.DEFINE_integer("num_examples", None, "Examples of the data source to cover "
-                       "(default: train.num_steps x train.batch_size).")
+  flags.DEFINE_integer("num_examples", None, "Examples of the data source to cover (default: "
+                       "train.num_steps x train.batch_size for shapes, every record of a prepared dataset).")
   flags.DEFINE_integer("batch_size", 64, "Captions per tower call.")
 
 

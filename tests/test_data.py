@@ -224,3 +224,13 @@ def test_train_on_prepared_dataset_and_resume(prepared, tmp_path, monkeypatch):
   np.testing.assert_allclose([m["loss"] for m in split], [m["loss"] for m in whole], rtol=1e-5)
   assert all(np.isfinite(m["loss"]) and m["data_skipped"] == 0 for m in whole)
   assert len({m["loss"] for m in whole}) == 5  # distinct batches: the comparison can fail
+
+
+def test_encode_prompts_enumerates_every_caption_of_a_prepared_dataset(prepared):
+  from lidit_jax import encode_prompts
+  c = tfds_config(prepared[0])
+  captions = encode_prompts.run_captions(c)
+  source, _, _ = pipeline.open_dataset(prepared[0], "mixed")
+  every = {cap.decode() for i in range(len(source)) for cap in source[i]["captions"]}
+  assert set(captions) == every | set(c.sample.prompts) and len(captions) == len(set(captions))
+  assert any(cap.startswith("synthetic: ") for cap in captions)  # second captions are cached too

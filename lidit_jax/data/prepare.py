@@ -290,7 +290,10 @@ def prepare(src: str, out: str, name: str | None = None, min_size: int = 64, max
 def main(argv):
   from absl import flags
   f = flags.FLAGS
-  summary = prepare(f.src, f.out, f.name, f.min_size, f.max_pixels, f.shard_size, f.workers, f.overwrite)
+  try:
+    summary = prepare(f.src, f.out, f.name, f.min_size, f.max_pixels, f.shard_size, f.workers, f.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    raise SystemExit(f"prepare: {e}") from None
   summary.pop("skip_examples")
   print(json.dumps(summary))
 
