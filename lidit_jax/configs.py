@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
                 cache="",  # a `python -m lidit_jax.encode_prompts` output: train without running the LLMs
                 towers=dict(llama_a=tower(), llama_b=tower(hidden_size=96, num_layers=5, num_heads=4,
                                                            num_kv_heads=4, intermediate_size=256)))
-  c.data = dict(source="shapes",  # shapes (the embedded demo) or tfds (`python -m lidit_jax.data.prepare`)
+  c.data = dict(source="shapes",  # shapes (the embedded demo), tfds (`python -m lidit_jax.data.prepare`) or
+                                 # features (latents from `python -m lidit_jax.data.latents`)
                 image_size=32, caption_dropout=0.1,
                 max_objects=3,  # shapes only
                 # tfds: dataset NAME in DATA_DIR, read with grain
@@ -154,9 +155,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("data.image_size", c.data.image_size,
           f"not divisible by patch_size x autoencoder factor = {m.patch_size} x {ae.factor} = {unit}",
           f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(c.data.image_size / unit))}")
-  _one_of("data.source", c.data.source, {"shapes", "tfds"})
-  if c.data.source == "tfds" and not (c.data.name and c.data.data_dir):
-    _fail("data.name/data_dir", (c.data.name, c.data.data_dir), "data.source='tfds' needs both",
+  _one_of("data.source", c.data.source, {"shapes", "tfds", "features"})
+  if c.data.source in ("tfds", "features") and not (c.data.name and c.data.data_dir):
+    _fail("data.name/data_dir", (c.data.name, c.data.data_dir), f"data.source={c.data.source!r} needs both",
           "prepare a dataset (python -m lidit_jax.data.prepare --src IMAGES --out DIR --name NAME), then pass "
           "--config.data.name=NAME --config.data.data_dir=DIR")
   if c.data.buckets and (not c.data.aspect_ratios or min(c.data.aspect_ratios) <= 0):

@@ -225,6 +225,14 @@ def latent_shape(config) -> tuple[int, int, int]:
   return (s, s, config.autoencoder.channels)
 
 
+def encode_images(config, images_BHWC):
+  """uint8 images -> the autoencoder's latents, float32 [B, h, w, C] (pixel space: scaled to [-1, 1])."""
+  if config.autoencoder.kind != "identity":
+    raise NotImplementedError(f"autoencoder.kind={config.autoencoder.kind!r}: the VAE is not implemented yet. "
+                              "Fix: encode with autoencoder.kind='identity' (pixel space).")
+  return images_BHWC.astype(jnp.float32) / 127.5 - 1.0
+
+
 def image_shift(config) -> float:
   """The flow's time shift for this config: fixed, or from the image token count (Flux rule)."""
   tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2

@@ -46,7 +46,8 @@ def make_train_step(s: state_lib.Setup):
     r_drop, r_t, r_eps = jax.random.split(rng, 3)
     x0 = batch["image"]
     if x0.dtype == jnp.uint8:  # decoded images arrive as bytes: scale on device
-      x0 = x0.astype(jnp.float32) / 127.5 - 1.0
+      x0 = model_lib.encode_images(config, x0)
+    x0 = x0.astype(jnp.float32)  # stored latents are float16
     b = x0.shape[0]
     # Noise, times and caption dropout for the whole batch, so micro-batching changes nothing but memory.
     full = {"image": x0, "text": batch["text"], "drop": jax.random.bernoulli(r_drop, config.data.caption_dropout, (b,)),

@@ -234,3 +234,43 @@ def test_encode_prompts_enumerates_every_caption_of_a_prepared_dataset(prepared)
   every = {cap.decode() for i in range(len(source)) for cap in source[i]["captions"]}
   assert set(captions) == every | set(c.sample.prompts) and len(captions) == len(set(captions))
   assert any(cap.startswith("synthetic: ") for cap in captions)  # second captions are cached too
+
+
+def test_latents_dataset_matches_the_images_and_trains(prepared, tmp_path):
+  """data.source=features: latents encoded once (pixel space here) equal the image pipeline's crops, and train."""
+  from lidit_jax import train
+  from lidit_jax.data import latents
+  over = {"data.buckets": True, "train.batch_size": 4}
+  summary = latents.encode(tfds_config(prepared[0], **over), str(tmp_path), "mixed_latents", batch_size=4,
+                           progress=False)
+  assert summary["examples"] == prepared[1]["examples"]
+  fc = tfds_config(str(tmp_path), **{**over, "data.source": "features", "data.name": "mixed_latents"})
+  d = pipeline.TfdsBatches(fc, _tokens)
+  lat_source, _, _ = pipeline.open_dataset(str(tmp_path), "mixed_latents")
+  img_source, _, _ = pipeline.open_dataset(prepared[0], "mixed")
+  by_key = {img_source[i]["key"]: i for i in range(len(img_source))}
+  shapes_seen = set()
+  for _ in range(6):
+    b = next(d)
+    assert b["image"].dtype == np.float16
+    shapes_seen.add(b["image"].shape[1:3])
+    for z, idx, caption in zip(b["image"], b["index"], b["caption"]):
+      rec = img_source[by_key[lat_source[int(idx)]["key"]]]
+      want = images.decode_crop(rec["image"], *z.shape[:2]).astype(np.float32) / 127.5 - 1.0
+      np.testing.assert_allclose(z.astype(np.float32), want, atol=2e-3)
+      assert caption in [c.decode() for c in rec["captions"]]
+  assert len(shapes_seen) >= 2
+
+  with pytest.raises(ValueError, match="not among this config"):  # encoded for another resolution
+    pipeline.TfdsBatches(tfds_config(str(tmp_path), **{**over, "data.source": "features", "data.name": "mixed_latents",
+                                                       "data.image_size": 48}), _tokens)
+  fc.train.update(num_steps=3, log_every=1, checkpoint_every=3, sample_every=100)
+  metrics = train.train_and_evaluate(fc, str(tmp_path / "run"))
+  assert np.isfinite(metrics["loss"])
+
+
+def test_latent_buckets_too_small_are_left_out():
+  sizes = np.array([[16, 16]] * 6 + [[12, 20]] * 1)
+  assign, kept = pipeline.assign_buckets(sizes, [(16, 16), (12, 20)], global_batch=2, ranges=[(0, 7)],
+                                         merge=False, exact=True)
+  assert kept == [(16, 16)] and list(assign) == [0] * 6 + [-1]

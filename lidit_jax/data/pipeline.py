@@ -3,6 +3,7 @@
 Two sources, picked by `config.data.source`:
 - "shapes": the embedded demo, rendered on the fly (index-addressable; the iterator state is one integer).
 - "tfds": a dataset written by `python -m lidit_jax.data.prepare`, read with grain (`TfdsBatches`).
+- "features": latents written by `python -m lidit_jax.data.latents` from such a dataset, read the same way.
 
 Either way a resumed run sees exactly the batches it would have seen: the state saved with each
 checkpoint is the number of batches consumed, and the pipeline is a pure function of that number.
@@ -26,9 +27,17 @@ def make_batches(config, text_for):
   """The training iterator of `config.data.source` (each process reads its own part)."""
   if config.data.source == "shapes":
     return ShapesBatches(config, text_for)
-  if config.data.source == "tfds":
+  if config.data.source in ("tfds", "features"):
     return TfdsBatches(config, text_for)
-  raise ValueError(f"config data.source={config.data.source!r} has no training pipeline. Fix: use shapes or tfds.")
+  raise ValueError(f"config data.source={config.data.source!r} has no training pipeline. "
+                   "Fix: use shapes, tfds or features.")
+
+
+def image_shapes(config) -> list[tuple[int, int]]:
+  """The (height, width) in pixels that training uses: the buckets' shapes, or one square of data.image_size."""
+  d = config.data
+  unit = config.model.patch_size * config.autoencoder.factor
+  return images.bucket_shapes(d.image_size, d.aspect_ratios if d.buckets else (1.0,), unit)
 
 
 class ShapesBatches:
@@ -99,24 +108,32 @@ def open_dataset(data_dir: str, name: str, split: str = "train"):
   return source, sizes, builder.data_dir
 
 
-def assign_buckets(sizes, shapes_hw, global_batch: int, ranges) -> tuple[np.ndarray, list]:
+def assign_buckets(sizes, shapes_hw, global_batch: int, ranges, merge: bool = True,
+                   exact: bool = False) -> tuple[np.ndarray, list]:
   """Bucket of each record (nearest aspect ratio), after merging away buckets that cannot fill a global
-  batch or that some process has no example of: those records are cropped to the nearest kept shape.
-  Returns (bucket id per record, kept shapes)."""
-  assign = images.nearest_bucket(sizes, shapes_hw)
+  batch or that some process has no example of: those records are cropped to the nearest kept shape
+  (merge=False, for latents, which cannot be re-cropped: they are left out, bucket -1).
+  exact=True: each size is one of the shapes (latents), matched exactly. Returns (bucket per record, kept shapes)."""
+  if exact:
+    lookup = {tuple(s): b for b, s in enumerate(shapes_hw)}
+    assign = np.array([lookup[tuple(s)] for s in np.asarray(sizes).tolist()], np.int64)
+  else:
+    assign = images.nearest_bucket(sizes, shapes_hw)
   kept = list(range(len(shapes_hw)))
   log_ar = {b: np.log(w / h) for b, (h, w) in enumerate(shapes_hw)}
-  while len(kept) > 1:
-    total = np.bincount(assign, minlength=len(shapes_hw))
-    least = np.min([np.bincount(assign[lo:hi], minlength=len(shapes_hw)) for lo, hi in ranges], axis=0)
+  count = lambda a: np.bincount(a[a >= 0], minlength=len(shapes_hw))
+  while len(kept) > (1 if merge else 0):  # merging needs one bucket left to merge into
+    total = count(assign)
+    least = np.min([count(assign[lo:hi]) for lo, hi in ranges], axis=0)
     weak = [b for b in kept if total[b] < global_batch or least[b] == 0]
     if not weak:
       break
     b = min(weak, key=lambda k: total[k])
     kept.remove(b)
-    target = min(kept, key=lambda k: abs(log_ar[k] - log_ar[b]))
+    target = min(kept, key=lambda k: abs(log_ar[k] - log_ar[b])) if merge else -1
     assign[assign == b] = target
   remap = {b: i for i, b in enumerate(kept)}
+  remap[-1] = -1
   return np.vectorize(remap.get, otypes=[np.int64])(assign), [shapes_hw[b] for b in kept]
 
 
@@ -126,8 +143,9 @@ class LoadBatch:
   generator seeded from the batch's, so results do not depend on thread timing. A record that fails to
   decode is replaced by a random one of the same bucket, and counted."""
 
-  def __init__(self, source, height: int, width: int, pool: np.ndarray, threads: int = 8, tries: int = 16):
-    self.source, self.height, self.width, self.pool = source, height, width, pool
+  def __init__(self, source, height: int, width: int, pool: np.ndarray, threads: int = 8, tries: int = 16,
+               latents: bool = False):
+    self.source, self.height, self.width, self.pool, self.latents = source, height, width, pool, latents
     self.threads, self.tries, self._executor = threads, tries, None
 
   def __getstate__(self):  # worker processes get a copy without the thread pool
@@ -143,7 +161,12 @@ class LoadBatch:
         captions = [c for c in captions if c.strip()]
         if not captions:
           raise images.Skip("empty_caption")
-        image = images.decode_crop(record["image"], self.height, self.width)
+        if self.latents:
+          shape = tuple(int(k) for k in record["shape"])
+          assert shape[:2] == (self.height, self.width), f"latent of shape {shape} in the {self.height}x{self.width} bucket"
+          image = np.frombuffer(record["latent"], np.float16).reshape(shape)
+        else:
+          image = images.decode_crop(record["image"], self.height, self.width)
         return image, captions[int(rng.integers(len(captions)))], index, skipped
       except Exception as e:  # a corrupt record or image: count it, take another
         skipped[images.SKIP_REASONS.index(e.reason if isinstance(e, images.Skip) else "unreadable")] += 1
@@ -195,23 +218,35 @@ class TfdsBatches:
     if per < self.local_batch:
       raise ValueError(f"dataset {self.path} has {n} examples: fewer than train.batch_size={self.global_batch} "
                        f"over {count} process(es). Fix: lower the batch size or prepare more data.")
-    unit = config.model.patch_size * config.autoencoder.factor
-    wanted = images.bucket_shapes(d.image_size, d.aspect_ratios if d.buckets else (1.0,), unit)
-    if sizes is None:
+    wanted = image_shapes(config)
+    latents = d.source == "features"
+    if latents:  # records hold latents at bucket shapes: each must be one of this config's
+      f = config.autoencoder.factor
+      wanted = [(h // f, w // f) for h, w in wanted]
+      odd = {tuple(s) for s in np.unique(sizes, axis=0)} - set(wanted)
+      if odd:
+        raise ValueError(f"latents in {self.path} have shapes {sorted(odd)}, not among this config's {wanted} "
+                         "(data.image_size / data.buckets / autoencoder differ from the encoding run). Fix: "
+                         "train with the config they were encoded with, or re-encode with python -m lidit_jax.data.latents.")
+    elif sizes is None:
       if len(wanted) > 1:
         sizes = np.stack([np.asarray(source[i]["size"]) for i in range(n)])  # slow path: not from prepare
       else:
         sizes = np.ones((n, 2), np.int32)
-    assign, self.shapes = assign_buckets(sizes, wanted, self.global_batch, ranges)
+    assign, self.shapes = assign_buckets(sizes, wanted, self.global_batch, ranges, merge=not latents, exact=latents)
+    if not self.shapes:
+      raise ValueError(f"no latent shape of {self.path} holds train.batch_size={self.global_batch} examples on "
+                       f"every process. Fix: lower the batch size or encode more data.")
+    self.dropped = int((assign < 0).sum())  # latents in buckets too small to fill a batch
     lo, hi = ranges[p]
     self.own = np.arange(lo, hi)
-    totals = np.bincount(assign, minlength=len(self.shapes))
+    totals = np.bincount(assign[assign >= 0], minlength=len(self.shapes))
     self.bucket_sizes = {f"{h}x{w}": int(totals[b]) for b, (h, w) in enumerate(self.shapes)}
     parts = []
     for b, (h, w) in enumerate(self.shapes):
       pool = self.own[assign[lo:hi] == b]
       ds = (grain.MapDataset.source(pool).seed(config.seed * 1009 + b).shuffle().repeat(None)
-            .batch(self.local_batch, drop_remainder=True).random_map(LoadBatch(source, h, w, pool, d.threads)))
+            .batch(self.local_batch, drop_remainder=True).random_map(LoadBatch(source, h, w, pool, d.threads, latents=latents)))
       parts.append(ds)
     # mix is deterministic given the weights, which are global counts: every process agrees on the order.
     self.dataset = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(totals[b]) for b in range(len(parts))])
@@ -231,6 +266,8 @@ class TfdsBatches:
     """Records skipped at read time so far, by reason (this process), for the training log."""
     out = {f"data_skipped_{r}": int(k) for r, k in zip(images.SKIP_REASONS, self.skipped) if k}
     out["data_skipped"] = int(self.skipped.sum())
+    if self.dropped:  # latents whose shape bucket cannot fill a batch (fixed for the run)
+      out["data_left_out"] = self.dropped
     return out
 
   def _start(self):

@@ -209,6 +209,59 @@ class ShardWriter:
     return self.lengths
 
 
+def check_name(name: str) -> str:
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
+    raise ValueError(f"--name {name!r}: TFDS names are snake_case (a lower-case letter, then a-z, 0-9, _). "
+                     "Fix: pass e.g. --name my_photos.")
+  return name
+
+
+class DatasetWriter:
+  """A TFDS dataset DATA_DIR/NAME/1.0.0, written in a temporary directory and renamed when complete, so a
+  crash leaves either the old dataset or the new one (used as a context manager: an error removes the
+  temporary directory). Records are serialized examples of `features`; `sizes` go to lidit_sizes.npy."""
+
+  def __init__(self, out: str, name: str, features, shard_size: int, overwrite: bool):
+    self.name, self.features = check_name(name), features
+    self.final = os.path.join(out, name, VERSION)
+    if os.path.exists(self.final) and not overwrite:
+      raise FileExistsError(f"{self.final} already exists. Fix: pass --overwrite to rebuild it, or another --name.")
+    self.tmp = os.path.join(out, name, f".{VERSION}.tmp-{os.getpid()}")
+    shutil.rmtree(self.tmp, ignore_errors=True)
+    os.makedirs(self.tmp)
+    self.shards = ShardWriter(self.tmp, name, shard_size)
+    self.sizes: list = []
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, value, tb):
+    shutil.rmtree(self.tmp, ignore_errors=True)  # gone after the rename; a failure's leftovers otherwise
+
+  def write(self, record: bytes, size_hw):
+    """One serialized record (`features.serialize_example(...)`) and its (height, width)."""
+    self.shards.write(record)
+    self.sizes.append(tuple(size_hw))
+
+  def finish(self, description: str, summary: dict) -> dict:
+    import tensorflow_datasets as tfds
+    lengths = self.shards.finish()
+    if not self.sizes:
+      raise RuntimeError(f"no examples written: {summary}. Fix: check the input (see the skip counts).")
+    tfds.folder_dataset.write_metadata(
+        data_dir=self.tmp, features=self.features, check_data=False, description=description,
+        split_infos=[tfds.core.SplitInfo(name=SPLIT, shard_lengths=lengths, num_bytes=self.shards.num_bytes)])
+    np.save(os.path.join(self.tmp, SIZES_FILE), np.asarray(self.sizes, np.int32).reshape(-1, 2))
+    summary = {"name": self.name, "path": self.final, "examples": len(self.sizes), "shards": len(lengths),
+               "bytes": self.shards.num_bytes, **summary}
+    with open(os.path.join(self.tmp, STATS_FILE), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    if os.path.exists(self.final):
+      shutil.rmtree(self.final)
+    os.rename(self.tmp, self.final)
+    return summary
+
+
 def source_items(src: str):
   """(items, total or None, description) for a folder of images or WebDataset tars (file, folder, or glob)."""
   if os.path.isdir(src):
@@ -230,61 +283,33 @@ def prepare(src: str, out: str, name: str | None = None, min_size: int = 64, max
   """Build the dataset; returns the summary that the CLI prints as JSON."""
   from tqdm import tqdm
   t0 = time.time()
-  name = name or re.sub(r"[^a-z0-9_]", "_", os.path.basename(os.path.normpath(src.split("*")[0])).lower()).strip("_")
-  if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
-    raise ValueError(f"--name {name!r}: TFDS names are snake_case (a lower-case letter, then a-z, 0-9, _). "
-                     "Fix: pass e.g. --name my_photos.")
-  final = os.path.join(out, name, VERSION)
-  if os.path.exists(final) and not overwrite:
-    raise FileExistsError(f"{final} already exists. Fix: pass --overwrite to rebuild it, or another --name.")
+  name = check_name(name or re.sub(r"[^a-z0-9_]", "_",
+                                  os.path.basename(os.path.normpath(src.split("*")[0])).lower()).strip("_"))
   items, total, what = source_items(src)
-  tmp = os.path.join(out, name, f".{VERSION}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  writer = ShardWriter(tmp, name, shard_size)
-  sizes, skipped, converted, examples = [], collections.Counter(), collections.Counter(), {}
+  skipped, converted, examples = collections.Counter(), collections.Counter(), {}
   workers = workers or os.cpu_count() or 1
   args = ((it, min_size, max_pixels) for it in items)
-  try:
+  with DatasetWriter(out, name, features(), shard_size, overwrite) as writer:
     if workers > 1:
       pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker)
       results = pool.imap(_process_star, args, chunksize=8)  # ordered: the dataset is deterministic
     else:
       pool, results = None, map(_process_star, args)
       _init_worker()
-    for r in tqdm(results, total=total, desc=f"prepare {name}", unit="img", disable=not progress, dynamic_ncols=True):
-      if r[0] == "skip":
-        skipped[r[2]] += 1
-        examples.setdefault(r[2], f"{r[1]}: {r[3]}")
-        continue
-      _, key, record, size, done = r
-      writer.write(record)
-      sizes.append(size)
-      converted.update(done)
-    if pool is not None:
-      pool.close()
-    lengths = writer.finish()
-    if not sizes:
-      raise RuntimeError(f"no examples written from {what}: skipped {dict(skipped)}, e.g. {examples}. Fix: check "
-                         "that images have .txt / .json captions beside them.")
-    import tensorflow_datasets as tfds
-    tfds.folder_dataset.write_metadata(
-        data_dir=tmp, features=features(), check_data=False, description=f"Prepared by lidit_jax from {what}.",
-        split_infos=[tfds.core.SplitInfo(name=SPLIT, shard_lengths=lengths, num_bytes=writer.num_bytes)])
-    np.save(os.path.join(tmp, SIZES_FILE), np.asarray(sizes, np.int32).reshape(-1, 2))
-    summary = {"name": name, "data_dir": out, "path": final, "examples": len(sizes), "shards": len(lengths),
-               "bytes": writer.num_bytes, "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
-               "converted": dict(sorted(converted.items())), "skip_examples": examples,
-               "seconds": round(time.time() - t0, 2)}
-    with open(os.path.join(tmp, STATS_FILE), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.rename(tmp, final)  # complete or absent: a crash above leaves only the temporary directory
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return summary
+    try:
+      for r in tqdm(results, total=total, desc=f"prepare {name}", unit="img", disable=not progress, dynamic_ncols=True):
+        if r[0] == "skip":
+          skipped[r[2]] += 1
+          examples.setdefault(r[2], f"{r[1]}: {r[3]}")
+        else:
+          writer.write(r[2], r[3])
+          converted.update(r[4])
+    finally:
+      if pool is not None:
+        pool.terminate()
+    return writer.finish(f"Prepared by lidit_jax from {what}.", {
+        "data_dir": out, "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
+        "converted": dict(sorted(converted.items())), "skip_examples": examples, "seconds": round(time.time() - t0, 2)})
 
 
 def main(argv):
