@@ -26,8 +26,8 @@ setup(
         "etils[epath]>=1.5",
         # Data: TFDS ArrayRecord datasets read with grain, without TensorFlow.
         "tensorflow-datasets>=4.9.9",
-        "grain>=0.2.12",
-        "array-record>=0.7",
+        "grain>=0.2.18",
+        "array-record>=0.8",
         "importlib_resources",  # imported by tfds, no longer brought in by etils
     ],
     extras_require={

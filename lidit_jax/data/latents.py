@@ -8,9 +8,8 @@ autoencoder (`data.source=features`):
 
 Reads the config's prepared dataset (data.name / data.data_dir), centre-crops each image to the config's
 resolution (with data.buckets, to its nearest bucket shape that holds train.batch_size images; training
-must then use buckets too), encodes it
-with the config's autoencoder, and writes a TFDS dataset whose records hold the latent (float16 bytes and
-its shape), the captions and the key. Text features come from `encode_prompts` (text.cache) or the towers,
+must then use buckets too), encodes it with the config's autoencoder, and writes a TFDS dataset whose
+records hold the latent (float16 bytes and its shape), the captions and the key. Text features come from `encode_prompts` (text.cache) or the towers,
 as with images. Undecodable images are skipped and counted. Ends with one JSON line.
 """
 from __future__ import annotations
