@@ -29,6 +29,7 @@ setup(
         "grain>=0.2.18",
         "array-record>=0.8",
         "importlib_resources",  # imported by tfds, no longer brought in by etils
+        "matplotlib>=3.8",  # the ablation study's position plot
     ],
     extras_require={
         # The PyTorch side is only a reference for parity tests. Pin torch: a bare `torch`

@@ -34,10 +34,12 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def train_step_rate(config_path: str, steps: int) -> dict:
+def train_step_rate(config_path, steps: int) -> dict:
+  """Median seconds of the jitted train step of `config_path` (a file, or a ConfigDict) and its FLOPs from
+  XLA's cost analysis."""
   from lidit_jax import configs, sharding, state as state_lib, train
   from lidit_jax.data import pipeline
-  config = configs.validate(configs.load_config_file(config_path))
+  config = configs.validate(configs.load_config_file(config_path) if isinstance(config_path, str) else config_path)
   s = state_lib.setup(config)
   state = s.init_state(jax.random.key(0))
   step = train.make_train_step(s)
@@ -57,7 +59,7 @@ def train_step_rate(config_path: str, steps: int) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   sec = float(np.median(times))
-  return {"config": config_path, "batch_size": config.train.batch_size, "gflop_per_step": cost["flops"] / 1e9,
+  return {"config": config_path if isinstance(config_path, str) else "given", "batch_size": config.train.batch_size, "gflop_per_step": cost["flops"] / 1e9,
           "sec_per_step": sec, "steps_per_sec": 1.0 / sec, "gflops_achieved": cost["flops"] / 1e9 / sec}
 
 

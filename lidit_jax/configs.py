@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = dict(width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True,
                  pos_embed="resblock", remat="none", scan=True, dtype="float32",
+                 modulation="block",  # adaLN-Zero per block (LI-DiT), or "single" (PixArt-alpha's adaLN-single)
                  attention="auto",  # DiT attention: auto (cuDNN on GPU in bf16, splash on TPU, else XLA), xla,
                                     # cudnn, splash
                  refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative"))
@@ -116,6 +117,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.refiner.depth < 0:
     _fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
   _one_of("model.pos_embed", m.pos_embed, {"resblock", "sincos", "both"})
+  _one_of("model.modulation", m.modulation, {"block", "single"})
   if m.pos_embed in ("sincos", "both") and m.width % 4:
     _fail("model.width", m.width, "sin-cos positions need a width divisible by 4", "round the width to a multiple of 4")
   from lidit_jax.models.dit import REMAT_POLICIES

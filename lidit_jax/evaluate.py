@@ -43,21 +43,21 @@ def summarize(scenes, scores) -> dict:
   return out
 
 
-def eval_scenes(split: str, n: int, seed: int) -> list:
-  """Two- and three-object scenes: held-out compositions, or ones drawn like the training data
+def eval_scenes(split: str, n: int, seed: int, min_objects: int = 2) -> list:
+  """min_objects..3-object scenes: held-out compositions, or ones drawn like the training data
   (the gap between the two separates compositional generalisation from fitting)."""
   if split == "heldout":
-    return shapes.heldout_scenes(n, seed=seed)
+    return shapes.heldout_scenes(n, seed=seed, min_objects=min_objects)
   if split == "train":
     rng = np.random.default_rng([seed, 0x7A1])
-    return [shapes.sample_scene(rng, "train", 3, (0.0, 1.0, 1.0)) for _ in range(n)]
+    return [shapes.sample_scene(rng, "train", 3, (0.0, 1.0 if min_objects == 2 else 0.0, 1.0)) for _ in range(n)]
   raise ValueError(f"evaluation split {split!r}: use 'heldout' or 'train'")
 
 
 def evaluate(s, params, num_prompts: int, steps: int, cfg_scale: float, seed: int = 0,
              sampler: str = "euler", batch_size: int = 64, out_dir: str | None = None,
-             split: str = "heldout") -> dict:
-  scenes = eval_scenes(split, num_prompts, s.config.seed)
+             split: str = "heldout", min_objects: int = 2) -> dict:
+  scenes = eval_scenes(split, num_prompts, s.config.seed, min_objects)
   captions = [sc.caption(k % shapes.N_TEMPLATES) for k, sc in enumerate(scenes)]
   images = sample_lib.generate_images(s, params, captions, 1, seed=seed, steps=steps, cfg_scale=cfg_scale,
                                       sampler=sampler, batch_size=batch_size)[:, 0]

@@ -211,7 +211,7 @@ def build_model(config) -> LIDiT:
   m = config.model
   dcfg = dit_lib.DiTConfig(width=m.width, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size,
                            in_channels=config.autoencoder.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
-                           pos_embed=m.pos_embed, remat=m.remat, scan=m.scan,
+                           pos_embed=m.pos_embed, remat=m.remat, scan=m.scan, modulation=m.modulation,
                            attention=attention_implementation(config))
   r = m.refiner
   return LIDiT(dcfg, refiner_depth=r.depth, refiner_heads=r.num_heads, refiner_mlp_ratio=r.mlp_ratio,

@@ -295,3 +295,35 @@ def test_splash_attention_kernel_matches_xla_in_the_dit():
     got, g_got = jax.value_and_grad(loss(splash))(params)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), g_got, g_want)
+
+
+def test_adaln_single_has_pixart_structure():
+  """modulation="single" lays out parameters as diffusers' PixArtTransformer2DModel: the same count per block
+  and in total, apart from the documented differences (PixArt's caption projection, our pooled-text layer)."""
+  torch = pytest.importorskip("torch")
+  from diffusers import PixArtTransformer2DModel
+  from benchmarks.vs_torch import PixArtLike, pixart_configs
+  import flax.linen as nn
+  d, heads, depth, latent = 32, 4, 3, 8
+  ours_cfg, theirs_cfg = pixart_configs(d, heads, depth, latent)
+  ref = PixArtTransformer2DModel(**theirs_cfg)
+  x = jnp.zeros((2, latent, latent, 4))
+  ctx, valid = jnp.ones((2, 5, d)), jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  model = PixArtLike(ours_cfg)
+  params = unboxed_init(model, x, jnp.array([0.1, 0.9]), ctx, valid)
+  count = lambda tree: sum(int(np.prod(v.shape)) for v in jax.tree.leaves(tree))
+  ref_count = lambda prefix: sum(p.numel() for n, p in ref.named_parameters() if n.startswith(prefix))
+  assert count(params["denoiser"]["blocks"]) == depth * ref_count("transformer_blocks.0.")
+  ours_total = count(params) - count(params["denoiser"]["text_pool_proj"])
+  assert ours_total == ref_count("") - ref_count("caption_projection")
+  # The block-modulated (LI-DiT) layout differs, so the comparison above can fail.
+  block_cfg = dit_lib.DiTConfig(**{**ours_cfg.__dict__, "modulation": "block"})
+  assert count(unboxed_init(PixArtLike(block_cfg), x, jnp.array([0.1, 0.9]), ctx, valid)) != count(params)
+  # Trainable and finite; the padded text tokens are ignored.
+  p = perturb(params)
+  t = jnp.array([0.3, 0.7])
+  out = model.apply({"params": p}, x + 0.5, t, ctx, valid)
+  assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+  ctx2 = ctx.at[0, 3:].set(7.0)  # change only padded tokens of example 0
+  np.testing.assert_allclose(model.apply({"params": p}, x + 0.5, t, ctx2, valid)[0], out[0], atol=1e-5)
+  assert not np.allclose(model.apply({"params": p}, x + 0.5, t, ctx.at[0, 0].set(7.0), valid)[0], out[0], atol=1e-3)

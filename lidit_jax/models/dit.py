@@ -3,6 +3,10 @@
 Each block is modulated (adaLN-Zero: shift, scale, gate per sub-layer) by c = timestep embedding +
 pooled text. Self- and cross-attention use RMSNorm QK-norm; cross-attention masks padded and
 instruction text tokens. Blocks are scanned (`nn.scan`) so compile time is flat in depth.
+
+`modulation="single"` is PixArt-alpha's adaLN-single instead: one projection of c to 6 x width shared by
+all blocks, plus a learned (6, width) table per block; cross-attention is then neither normed,
+modulated nor gated (as diffusers' PixArtTransformer2DModel, for side-by-side benchmarks).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class DiTConfig:
   remat: str = "none"
   scan: bool = True
   attention: str = "xla"  # "xla", "cudnn" (GPU), "splash" (TPU): see model.attention_implementation
+  modulation: str = "block"  # "block": adaLN-Zero per block (LI-DiT); "single": PixArt-alpha's adaLN-single
 
 
 class DiTBlock(nn.Module):
@@ -46,22 +51,29 @@ class DiTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD, ctx_BSD, ctx_mask, c_BD):
+    """c_BD: the conditioning vector, or with modulation="single" the shared projection [B, 6 x width]."""
     c = self.cfg
     d = x_BLD.shape[-1]
-    mod = layers.Dense(9 * d, ("embed", "mlp"), zero_init=True, dtype=self.dtype, name="modulation")(nn.silu(c_BD))
-    sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 9, axis=-1)
+    impl = None if c.attention == "xla" else c.attention
+    attention = lambda name: layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype,
+                                              implementation=impl, name=name)
+    if c.modulation == "single":
+      table = self.param("scale_shift_table", layers.logical(nn.initializers.normal(d ** -0.5), (None, "embed")),
+                         (6, d), jnp.float32)
+      mod = table[None].astype(self.dtype) + c_BD.reshape(-1, 6, d).astype(self.dtype)
+      sh_sa, sc_sa, g_sa, sh_mlp, sc_mlp, g_mlp = (mod[:, k] for k in range(6))
+    else:
+      mod = layers.Dense(9 * d, ("embed", "mlp"), zero_init=True, dtype=self.dtype, name="modulation")(nn.silu(c_BD))
+      sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 9, axis=-1)
 
     h = layers.modulate(layers.layer_norm(self.dtype, name="norm_sa")(x_BLD), sh_sa, sc_sa)
-    impl = None if c.attention == "xla" else c.attention
-    h = layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype, implementation=impl,
-                         name="self_attn")(h)
-    x_BLD = x_BLD + g_sa[:, None, :] * h
+    x_BLD = x_BLD + g_sa[:, None, :] * attention("self_attn")(h)
 
-    h = layers.modulate(layers.layer_norm(self.dtype, name="norm_ca")(x_BLD), sh_ca, sc_ca)
-    h = layers.Attention(c.num_heads, qk_norm=c.qk_norm, use_bias=True, dtype=self.dtype, implementation=impl,
-                         name="cross_attn")(
-        h, ctx_BSD, mask=ctx_mask)
-    x_BLD = x_BLD + g_ca[:, None, :] * h
+    if c.modulation == "single":
+      x_BLD = x_BLD + attention("cross_attn")(x_BLD, ctx_BSD, mask=ctx_mask)
+    else:
+      h = layers.modulate(layers.layer_norm(self.dtype, name="norm_ca")(x_BLD), sh_ca, sc_ca)
+      x_BLD = x_BLD + g_ca[:, None, :] * attention("cross_attn")(h, ctx_BSD, mask=ctx_mask)
 
     h = layers.modulate(layers.layer_norm(self.dtype, name="norm_mlp")(x_BLD), sh_mlp, sc_mlp)
     x_BLD = x_BLD + g_mlp[:, None, :] * layers.Mlp(int(d * c.mlp_ratio), dtype=self.dtype, name="mlp")(h)
@@ -126,18 +138,27 @@ class DiT(nn.Module):
                                                       name="text_pool_proj")(text_pooled_BD.astype(self.dtype))
     ctx_mask = layers.attention_mask(None, ctx_valid_BS)
     ctx = ctx_BSD.astype(self.dtype)
+    block_cond = cond
+    if c.modulation == "single":  # adaLN-single: one projection for every block
+      block_cond = layers.Dense(6 * c.width, ("embed", "mlp"), zero_init=True, dtype=self.dtype,
+                                name="shared_modulation")(nn.silu(cond))
     if c.scan:
       blocks = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = blocks(c, self.dtype, name="blocks")(x, ctx, ctx_mask, cond)
+      x, _ = blocks(c, self.dtype, name="blocks")(x, ctx, ctx_mask, block_cond)
     else:
       for i in range(c.depth):
-        x, _ = ScannedBlock(c, self.dtype, name=f"blocks_{i}")(x, ctx, ctx_mask, cond)
+        x, _ = ScannedBlock(c, self.dtype, name=f"blocks_{i}")(x, ctx, ctx_mask, block_cond)
 
-    mod = layers.Dense(2 * c.width, ("embed", "mlp"), zero_init=True, dtype=self.dtype, name="final_modulation")(
-        nn.silu(cond))
-    shift, scale = jnp.split(mod, 2, axis=-1)
+    if c.modulation == "single":  # PixArt: a learned (2, width) table plus the conditioning vector itself
+      table = self.param("final_scale_shift_table", layers.logical(nn.initializers.normal(c.width ** -0.5),
+                                                                   (None, "embed")), (2, c.width), jnp.float32)
+      shift, scale = table[0][None] + cond, table[1][None] + cond
+    else:
+      mod = layers.Dense(2 * c.width, ("embed", "mlp"), zero_init=True, dtype=self.dtype, name="final_modulation")(
+          nn.silu(cond))
+      shift, scale = jnp.split(mod, 2, axis=-1)
     x = layers.modulate(layers.layer_norm(self.dtype, name="final_norm")(x), shift, scale)
     x = layers.Dense(p * p * ch, ("embed", "patch"), zero_init=True, dtype=self.dtype, name="final_proj")(x)
     x = x.reshape(b, gh, gw, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, ch)

@@ -1,0 +1,166 @@
+"""Side by side with PyTorch on this machine, in one process:
+
+- our DiT configured as diffusers' `PixArtTransformer2DModel` (adaLN-single, sin-cos positions, no QK-norm,
+  tanh-GELU MLP, the same widths; `PixArtLike` below) against that model: a training step (forward,
+  backward, AdamW) and one network evaluation of sampling (forward, no gradient);
+- our decoder LLM (`models/llm.py`) against transformers' `LlamaModel` of the same size, loaded from the same
+  safetensors file: forward tokens per second.
+
+Both sides run float32 on all cores (torch.set_num_threads = the cores this process may use). Speedup > 1
+means we are faster. Used by `python -m benchmarks.run`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lidit_jax.models import dit as dit_lib, layers
+
+
+class PixArtLike(nn.Module):
+  """Timestep embedder + our DiT with PixArt-alpha's choices. Differences left: PixArt projects the caption
+  (two D x D layers on the text tokens; our text arrives at width D from the refiners) and we add pooled text
+  to the conditioning (one D x D layer)."""
+  cfg: dit_lib.DiTConfig
+
+  @nn.compact
+  def __call__(self, x_BHWC, t_B, ctx_BSD, valid_BS):
+    t_emb = layers.TimestepEmbedder(self.cfg.width, name="t_embedder")(t_B)
+    pooled = layers.masked_mean(ctx_BSD, valid_BS)
+    return dit_lib.DiT(self.cfg, name="denoiser")(x_BHWC, t_emb, pooled, ctx_BSD, valid_BS)
+
+
+def pixart_configs(width: int, heads: int, depth: int, latent: int, channels: int = 4, patch: int = 2):
+  ours = dit_lib.DiTConfig(width=width, depth=depth, num_heads=heads, patch_size=patch, in_channels=channels,
+                           qk_norm=False, pos_embed="sincos", modulation="single", scan=True)
+  theirs = dict(num_attention_heads=heads, attention_head_dim=width // heads, in_channels=channels,
+                out_channels=channels, num_layers=depth, cross_attention_dim=width, caption_channels=width,
+                sample_size=latent, patch_size=patch, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate")
+  return ours, theirs
+
+
+def _median_time(fn, reps: int) -> float:
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def dit_vs_pixart(width=1152, heads=16, depth=2, batch=4, latent=32, text_len=120, reps=3) -> dict:
+  import torch
+  from diffusers import PixArtTransformer2DModel
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  ours_cfg, theirs_cfg = pixart_configs(width, heads, depth, latent)
+  rng = np.random.default_rng(0)
+  x0 = rng.standard_normal((batch, latent, latent, 4)).astype(np.float32)
+  eps = rng.standard_normal(x0.shape).astype(np.float32)
+  t = rng.uniform(size=batch).astype(np.float32)
+  ctx = rng.standard_normal((batch, text_len, width)).astype(np.float32)
+  valid = np.ones((batch, text_len), bool)
+  valid[:, text_len // 2:] = rng.uniform(size=(batch, 1)) < 0.5  # some padded captions
+  xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+
+  # Ours: the flow-matching loss + AdamW, jitted, params donated.
+  model = PixArtLike(ours_cfg)
+  params = nn.unbox(model.init(jax.random.key(0), xt, t, ctx, valid))["params"]
+  tx = optax.adamw(1e-4)
+  opt = tx.init(params)
+
+  def loss_fn(p, xt, t, ctx, valid, target):
+    return jnp.mean((model.apply({"params": p}, xt, t, ctx, valid) - target) ** 2)
+
+  @jax.jit
+  def step(p, o, xt, t, ctx, valid, target):
+    loss, g = jax.value_and_grad(loss_fn)(p, xt, t, ctx, valid, target)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+
+  forward = jax.jit(lambda p, xt, t, ctx, valid: model.apply({"params": p}, xt, t, ctx, valid))
+  args = [jnp.asarray(a) for a in (xt, t, ctx, valid, eps - x0)]
+  state = {"p": params, "o": opt}
+
+  def ours_train():
+    state["p"], state["o"], loss = step(state["p"], state["o"], *args)
+    loss.block_until_ready()
+
+  ours_train()  # compile
+  forward(state["p"], *args[:4]).block_until_ready()
+  ours_train_s = _median_time(ours_train, reps)
+  ours_fwd_s = _median_time(lambda: forward(state["p"], *args[:4]).block_until_ready(), reps)
+  ours_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+  del state, params, opt
+
+  # Theirs: the same tensors in NCHW; timestep on PixArt's 0..1000 scale.
+  ref = PixArtTransformer2DModel(**theirs_cfg).float().train()
+  topt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+  txt = torch.from_numpy(xt.transpose(0, 3, 1, 2).copy())
+  tt, tctx = torch.from_numpy(t * 1000), torch.from_numpy(ctx)
+  tmask = torch.from_numpy(valid.astype(np.float32))
+  target = torch.from_numpy((eps - x0).transpose(0, 3, 1, 2).copy())
+  cond = {"resolution": None, "aspect_ratio": None}
+
+  def theirs_train():
+    topt.zero_grad(set_to_none=True)
+    out = ref(txt, encoder_hidden_states=tctx, timestep=tt, encoder_attention_mask=tmask, added_cond_kwargs=cond).sample
+    loss = torch.mean((out - target) ** 2)
+    loss.backward()
+    topt.step()
+
+  def theirs_forward():
+    with torch.no_grad():
+      ref(txt, encoder_hidden_states=tctx, timestep=tt, encoder_attention_mask=tmask, added_cond_kwargs=cond)
+
+  theirs_train()
+  theirs_forward()
+  theirs_train_s = _median_time(theirs_train, reps)
+  theirs_fwd_s = _median_time(theirs_forward, reps)
+  theirs_params = sum(p.numel() for p in ref.parameters())
+  return {"width": width, "heads": heads, "depth": depth, "batch": batch, "latent": latent, "text_len": text_len,
+          "ours_params": ours_params, "torch_params": theirs_params,
+          "ours_train_s": ours_train_s, "torch_train_s": theirs_train_s, "train_speedup": theirs_train_s / ours_train_s,
+          "ours_forward_s": ours_fwd_s, "torch_forward_s": theirs_fwd_s, "sample_speedup": theirs_fwd_s / ours_fwd_s,
+          "torch": torch.__version__}
+
+
+def llm_vs_transformers(hidden=512, layers_=8, heads=8, kv_heads=4, inter=1536, vocab=32000, batch=8, seq=128,
+                        reps=5) -> dict:
+  import torch
+  import transformers
+  from lidit_jax.convert import hf_text
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers_, num_attention_heads=heads,
+                                 num_key_value_heads=kv_heads, intermediate_size=inter, vocab_size=vocab,
+                                 max_position_embeddings=4 * seq)
+  ref = transformers.LlamaModel(cfg).float().eval()
+  ids = np.random.default_rng(0).integers(0, vocab, (batch, seq))
+  mask = np.ones((batch, seq), np.int64)
+  with tempfile.TemporaryDirectory() as d:
+    ref.save_pretrained(d)
+    module, params = hf_text.load_hf_text_model(d, jnp.float32)
+  module = module.clone(output_layer=-1)  # the last hidden state, as LlamaModel returns
+  fwd = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m))
+  ji, jm = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+  fwd(params, ji, jm).block_until_ready()
+  ours_s = _median_time(lambda: fwd(params, ji, jm).block_until_ready(), reps)
+  ti, tm = torch.from_numpy(ids), torch.from_numpy(mask)
+
+  def theirs():
+    with torch.no_grad():
+      ref(input_ids=ti, attention_mask=tm)
+
+  theirs()
+  theirs_s = _median_time(theirs, reps)
+  tokens = batch * seq
+  return {"hidden": hidden, "layers": layers_, "batch": batch, "seq": seq, "ours_tokens_per_s": tokens / ours_s,
+          "torch_tokens_per_s": tokens / theirs_s, "speedup": theirs_s / ours_s}
