@@ -11,6 +11,8 @@ means we are faster. Used by `python -m benchmarks.run`.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import tempfile
 import time
@@ -56,6 +58,46 @@ def _median_time(fn, reps: int) -> float:
   return float(np.median(times))
 
 
+def torch_matmul_peak(n: int = 2048, reps: int = 10) -> float:
+  import torch
+  a = torch.ones(n, n)
+  a @ a
+  best = float("inf")
+  for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(reps):
+      a @ a
+    best = min(best, (time.perf_counter() - t) / reps)
+  return 2 * n ** 3 / best / 1e9
+
+
+def _ours_times(cfg, args, reps: int) -> tuple[float, float]:
+  """(train step seconds, forward seconds) of PixArtLike(cfg): flow-matching loss + AdamW, params donated."""
+  model = PixArtLike(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), *args[:4]))["params"]
+  tx = optax.adamw(1e-4)
+
+  def loss_fn(p, xt, t, ctx, valid, target):
+    return jnp.mean((model.apply({"params": p}, xt, t, ctx, valid) - target) ** 2)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, o, *a):
+    loss, g = jax.value_and_grad(loss_fn)(p, *a)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+
+  forward = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+  state = {"p": params, "o": tx.init(params)}
+
+  def train():
+    state["p"], state["o"], loss = step(state["p"], state["o"], *args)
+    loss.block_until_ready()
+
+  train()  # compile
+  forward(state["p"], *args[:4]).block_until_ready()
+  return _median_time(train, reps), _median_time(lambda: forward(state["p"], *args[:4]).block_until_ready(), reps)
+
+
 def dit_vs_pixart(width=1152, heads=16, depth=2, batch=4, latent=32, text_len=120, reps=3) -> dict:
   import torch
   from diffusers import PixArtTransformer2DModel
@@ -70,35 +112,18 @@ def dit_vs_pixart(width=1152, heads=16, depth=2, batch=4, latent=32, text_len=12
   valid[:, text_len // 2:] = rng.uniform(size=(batch, 1)) < 0.5  # some padded captions
   xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
 
-  # Ours: the flow-matching loss + AdamW, jitted, params donated.
-  model = PixArtLike(ours_cfg)
-  params = nn.unbox(model.init(jax.random.key(0), xt, t, ctx, valid))["params"]
-  tx = optax.adamw(1e-4)
-  opt = tx.init(params)
-
-  def loss_fn(p, xt, t, ctx, valid, target):
-    return jnp.mean((model.apply({"params": p}, xt, t, ctx, valid) - target) ** 2)
-
-  @jax.jit
-  def step(p, o, xt, t, ctx, valid, target):
-    loss, g = jax.value_and_grad(loss_fn)(p, xt, t, ctx, valid, target)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, loss
-
-  forward = jax.jit(lambda p, xt, t, ctx, valid: model.apply({"params": p}, xt, t, ctx, valid))
   args = [jnp.asarray(a) for a in (xt, t, ctx, valid, eps - x0)]
-  state = {"p": params, "o": opt}
-
-  def ours_train():
-    state["p"], state["o"], loss = step(state["p"], state["o"], *args)
-    loss.block_until_ready()
-
-  ours_train()  # compile
-  forward(state["p"], *args[:4]).block_until_ready()
-  ours_train_s = _median_time(ours_train, reps)
-  ours_fwd_s = _median_time(lambda: forward(state["p"], *args[:4]).block_until_ready(), reps)
-  ours_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-  del state, params, opt
+  # FLOPs, for both sides: XLA's count of the unrolled model (it counts a scanned loop's body only once).
+  unrolled = PixArtLike(dataclasses.replace(ours_cfg, scan=False))
+  u_params = jax.eval_shape(lambda: nn.unbox(unrolled.init(jax.random.key(0), *args[:4]))["params"])
+  u_fwd = lambda p, *a: unrolled.apply({"params": p}, *a)
+  u_loss = lambda p, *a: jnp.mean((u_fwd(p, *a[:4]) - a[4]) ** 2)
+  cost = lambda f, *a: jax.jit(f).lower(*a).compile().cost_analysis()["flops"] / 1e9
+  forward_gflop = cost(u_fwd, u_params, *args[:4])
+  train_gflop = cost(lambda p, *a: jax.grad(u_loss)(p, *a), u_params, *args)  # forward + backward
+  ours_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(u_params))
+  # Ours: the flow-matching loss + AdamW, jitted, params donated; scanned blocks (the default) and unrolled.
+  ours = {scan: _ours_times(dataclasses.replace(ours_cfg, scan=scan), args, reps) for scan in (True, False)}
 
   # Theirs: the same tensors in NCHW; timestep on PixArt's 0..1000 scale.
   ref = PixArtTransformer2DModel(**theirs_cfg).float().train()
@@ -125,10 +150,15 @@ def dit_vs_pixart(width=1152, heads=16, depth=2, batch=4, latent=32, text_len=12
   theirs_train_s = _median_time(theirs_train, reps)
   theirs_fwd_s = _median_time(theirs_forward, reps)
   theirs_params = sum(p.numel() for p in ref.parameters())
+  from benchmarks.demo_step import matmul_peak
   return {"width": width, "heads": heads, "depth": depth, "batch": batch, "latent": latent, "text_len": text_len,
+          "train_gflop": train_gflop, "forward_gflop": forward_gflop, "jax_matmul_gflops": matmul_peak(),
+          "torch_matmul_gflops": torch_matmul_peak(),
           "ours_params": ours_params, "torch_params": theirs_params,
-          "ours_train_s": ours_train_s, "torch_train_s": theirs_train_s, "train_speedup": theirs_train_s / ours_train_s,
-          "ours_forward_s": ours_fwd_s, "torch_forward_s": theirs_fwd_s, "sample_speedup": theirs_fwd_s / ours_fwd_s,
+          "ours_train_s": ours[True][0], "torch_train_s": theirs_train_s, "train_speedup": theirs_train_s / ours[True][0],
+          "ours_forward_s": ours[True][1], "torch_forward_s": theirs_fwd_s, "sample_speedup": theirs_fwd_s / ours[True][1],
+          "ours_unrolled_train_s": ours[False][0], "ours_unrolled_forward_s": ours[False][1],
+          "train_speedup_unrolled": theirs_train_s / ours[False][0], "sample_speedup_unrolled": theirs_fwd_s / ours[False][1],
           "torch": torch.__version__}
 
 
