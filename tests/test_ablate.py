@@ -22,6 +22,7 @@ def test_ablation_table_and_position_plot(tmp_path):
   results = json.load(open(tmp_path / "results.json"))
   runs = results["runs"]["refiner_depth_0"]
   assert set(runs) == {"0", "1"} and all(r["checkpoint_step"] == 2 for r in runs.values())
+  assert not (tmp_path / "baseline" / "seed_0" / "checkpoints").exists()  # evaluated runs keep no checkpoints
   # The variant really changed the model: its config has no refiner blocks, the baseline's has.
   cfg = lambda v: json.load(open(tmp_path / v / "seed_0" / "config.json"))["model"]["refiner"]["depth"]
   assert cfg("refiner_depth_0") == 0 and cfg("baseline") == 1

@@ -6,7 +6,9 @@ Every variant trains configs/shapes.py with one change and the same budget (step
 then generates one image per held-out three-object prompt ("a red circle to the left of a blue square
 above a green triangle": three attribute-object phrases, so a phrase's position can matter) and scores
 it with the demo's detector. Written to OUT:
-  VARIANT/seed_S/        the run (checkpoints, metrics) and its eval.json; finished runs are reused
+  VARIANT/seed_S/        the run (config, metrics, samples) and its eval.json; finished runs are reused, so an
+                         interrupted study resumes. Checkpoints are deleted once a run is evaluated (unless
+                         --keep_checkpoints), which keeps OUT small enough to commit (e.g. --out docs/ablation).
   results.json           every run's metrics, and per variant the mean and spread over seeds
   ablation.md            the table: accuracies per variant, mean +- standard deviation over seeds
   position.png           object accuracy by phrase position in the prompt, per variant (paper Figure 3)
@@ -47,7 +49,7 @@ def variant_config(base: str, name: str, seed: int, steps: int):
   return configs.validate(c)
 
 
-def run_one(config, workdir: str, num_prompts: int) -> dict:
+def run_one(config, workdir: str, num_prompts: int, keep_checkpoints: bool = False) -> dict:
   from lidit_jax import evaluate, state, train
   path = os.path.join(workdir, "eval.json")
   if os.path.exists(path):
@@ -61,6 +63,10 @@ def run_one(config, workdir: str, num_prompts: int) -> dict:
   result["checkpoint_step"] = step
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
+  if not keep_checkpoints:
+    import shutil
+    for sub in ("checkpoints", "tb"):
+      shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
   return result
 
 
@@ -106,7 +112,8 @@ def plot(agg: dict, path: str):
   plt.close(fig)
 
 
-def ablate(out: str, base: str, variants: list[str], seeds: list[int], steps: int, num_prompts: int) -> dict:
+def ablate(out: str, base: str, variants: list[str], seeds: list[int], steps: int, num_prompts: int,
+           keep_checkpoints: bool = False) -> dict:
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown}. Fix: pick from {list(VARIANTS)}.")
@@ -114,7 +121,7 @@ def ablate(out: str, base: str, variants: list[str], seeds: list[int], steps: in
   runs = {v: {} for v in variants}
   for (v, s), config in configs_.items():
     print(f"[ablate] {v} seed {s}: {VARIANTS[v][1]}", flush=True)
-    runs[v][s] = run_one(config, os.path.join(out, v, f"seed_{s}"), num_prompts)
+    runs[v][s] = run_one(config, os.path.join(out, v, f"seed_{s}"), num_prompts, keep_checkpoints)
   agg = aggregate(runs)
   with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
     json.dump({"steps": steps, "num_prompts": num_prompts, "seeds": seeds, "base": base,
@@ -130,7 +137,7 @@ def main(argv):
   f = flags.FLAGS
   os.makedirs(f.out, exist_ok=True)
   ablate(f.out, f.config, [v.strip() for v in f.variants.split(",") if v.strip()],
-         [int(s) for s in f.seeds.split(",")], f.steps, f.num_prompts)
+         [int(s) for s in f.seeds.split(",")], f.steps, f.num_prompts, f.keep_checkpoints)
   print(open(os.path.join(f.out, "ablation.md"), encoding="utf-8").read())
   print(f"wrote {f.out}/results.json, ablation.md, position.png")
 
@@ -144,4 +151,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds (model init, data and noise).")
   flags.DEFINE_integer("steps", 600, "Training steps per run.")
   flags.DEFINE_integer("num_prompts", 128, "Held-out three-object prompts per run.")
+  flags.DEFINE_bool("keep_checkpoints", False, "Keep each run's checkpoints after its evaluation.")
   app.run(main)
