@@ -1,6 +1,5 @@
 """The ablation study's command, end to end on the tiny config (two variants, two seeds, a few steps)."""
 import json
-import os
 
 import numpy as np
 import pytest
