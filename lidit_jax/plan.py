@@ -17,7 +17,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lidit_jax import model as model_lib
 from lidit_jax import sharding

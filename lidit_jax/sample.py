@@ -13,7 +13,6 @@ import math
 import os
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

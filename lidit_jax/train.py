@@ -8,14 +8,12 @@ grids to WORKDIR/samples/. A non-finite loss stops the run naming the step; the 
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
 import threading
 import time
 
-import flax.linen as nn
 import jax
 from etils import epath
 import jax.numpy as jnp

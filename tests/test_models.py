@@ -300,10 +300,8 @@ def test_splash_attention_kernel_matches_xla_in_the_dit():
 def test_adaln_single_has_pixart_structure():
   """modulation="single" lays out parameters as diffusers' PixArtTransformer2DModel: the same count per block
   and in total, apart from the documented differences (PixArt's caption projection, our pooled-text layer)."""
-  torch = pytest.importorskip("torch")
   from diffusers import PixArtTransformer2DModel
   from benchmarks.vs_torch import PixArtLike, pixart_configs
-  import flax.linen as nn
   d, heads, depth, latent = 32, 4, 3, 8
   ours_cfg, theirs_cfg = pixart_configs(d, heads, depth, latent)
   ref = PixArtTransformer2DModel(**theirs_cfg)
