@@ -55,7 +55,11 @@ def main():
   ap.add_argument("--quick", action="store_true", help="smaller models and fewer repetitions (a few minutes)")
   ap.add_argument("--out", default=None, help="write the results as JSON here")
   ap.add_argument("--no-record", action="store_true", help="do not touch RESULTS.md")
+  ap.add_argument("--record-from", default=None, help="rewrite RESULTS.md from a saved --out JSON, measuring nothing")
   args = ap.parse_args()
+  if args.record_from:
+    with open(args.record_from, encoding="utf-8") as f:
+      return record(json.load(f))
   import jax
   from benchmarks import demo_step, vs_torch
   q = args.quick
@@ -150,7 +154,12 @@ def record(r: dict) -> None:
              f"{d['consume_lidit_1b_256']:.0f} images/s per v5p chip at 40 % MFU (see its section) |\n")
   if "convert_llm" in r:
     c = r["convert_llm"]
-    body += f"| HF LLM conversion | see its section | - | `{json.dumps(c)[:200]}` |\n"
+    body += "".join(
+        f"| HF LLM conversion ({c['params'] / 1e9:.2f} B, {c['checkpoint_bytes'] / 1e9:.2f} GB), {cache} cache | "
+        f"{c[cache]['memory_over_read_x2']:.1f}x read x2 | - | in memory {c[cache]['memory']['seconds']:.1f} s, "
+        f"core {c[cache]['core_over_read_x2']:.2f}x read x2, peak memory {c[cache]['memory_peak_over_ckpt']:.2f}x "
+        f"the checkpoint (CLI to Orbax {c[cache]['orbax_over_read_x2']:.1f}x, {c[cache]['orbax_peak_over_ckpt']:.2f}x); "
+        "see its section |\n" for cache in ("warm", "cold"))
   replace_section(os.path.join(HERE, "RESULTS.md"), SECTION, body)
 
 
