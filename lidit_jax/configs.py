@@ -194,6 +194,17 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Set dotted keys, e.g. {"model.refiner.depth": 0}, as `--config.model.refiner.depth=0` does."""
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Load `path.py` or `path.py:arg` the way `--config` does (arg is passed to get_config)."""
   path, _, arg = spec.partition(":")

@@ -272,5 +272,5 @@ def test_latents_dataset_matches_the_images_and_trains(prepared, tmp_path):
 def test_latent_buckets_too_small_are_left_out():
   sizes = np.array([[16, 16]] * 6 + [[12, 20]] * 1)
   assign, kept = pipeline.assign_buckets(sizes, [(16, 16), (12, 20)], global_batch=2, ranges=[(0, 7)],
-                                         merge=False, exact=True)
+                                         latents=True)
   assert kept == [(16, 16)] and list(assign) == [0] * 6 + [-1]

@@ -43,11 +43,9 @@ def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 
   t0 = time.time()
   d = config.data
   source, sizes, path = pipeline.open_dataset(d.data_dir, d.name, d.split)
-  shapes = pipeline.image_shapes(config)
-  if sizes is None:
-    sizes = np.stack([np.asarray(source[i]["size"]) for i in range(len(source))])
   # As the image pipeline does: a bucket that cannot fill train.batch_size is merged into its neighbour.
-  assign, shapes = pipeline.assign_buckets(sizes, shapes, config.train.batch_size, [(0, len(source))])
+  assign, shapes = pipeline.assign_buckets(pipeline.record_sizes(source, sizes), pipeline.image_shapes(config),
+                                           config.train.batch_size, [(0, len(source))])
   enc = jax.jit(lambda x: model_lib.encode_images(config, x))
   feats = features()
   skipped, pending = collections.Counter(), collections.defaultdict(list)
@@ -67,8 +65,12 @@ def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 
         writer.write(feats.serialize_example({"latent": z.tobytes(), "shape": np.asarray(z.shape, np.int32),
                                               "captions": list(caps), "key": key}), z.shape[:2])
 
-    for item in tqdm(ex.map(load, range(len(source))), total=len(source), desc=f"encode {name}", unit="img",
-                     disable=not progress, dynamic_ncols=True):
+    # Decoded a window at a time: Executor.map submits everything at once and would hold every image.
+    window = 8 * batch_size
+    loaded = (item for lo in range(0, len(source), window)
+              for item in ex.map(load, range(lo, min(lo + window, len(source)))))
+    for item in tqdm(loaded, total=len(source), desc=f"encode {name}", unit="img", disable=not progress,
+                     dynamic_ncols=True):
       if item[1] is None:
         skipped["unreadable"] += 1
         continue

@@ -15,7 +15,7 @@ import os
 import jax
 import numpy as np
 
-from lidit_jax.data import images, shapes
+from lidit_jax.data import images, prepare, shapes
 
 
 def tokenize(towers, captions) -> dict:
@@ -101,20 +101,26 @@ def open_dataset(data_dir: str, name: str, split: str = "train"):
     except Exception as e:
       raise RuntimeError(f"cannot read shard {path}: {e}. Fix: rebuild the dataset with --overwrite.") from e
   source = builder.as_data_source(split=split)
-  sizes_path = os.path.join(builder.data_dir, "lidit_sizes.npy")
+  sizes_path = os.path.join(builder.data_dir, prepare.SIZES_FILE)
   sizes = np.load(sizes_path) if os.path.exists(sizes_path) else None
   if sizes is not None and len(sizes) != len(source):
     raise ValueError(f"{sizes_path} lists {len(sizes)} images but the dataset has {len(source)}. Fix: rebuild it.")
   return source, sizes, builder.data_dir
 
 
-def assign_buckets(sizes, shapes_hw, global_batch: int, ranges, merge: bool = True,
-                   exact: bool = False) -> tuple[np.ndarray, list]:
+def record_sizes(source, sizes) -> np.ndarray:
+  """Every record's (height, width): `sizes` from open_dataset, else read from the records (slow: a dataset
+  that `prepare` did not write has no sizes file)."""
+  return sizes if sizes is not None else np.stack([np.asarray(source[i]["size"]) for i in range(len(source))])
+
+
+def assign_buckets(sizes, shapes_hw, global_batch: int, ranges, latents: bool = False) -> tuple[np.ndarray, list]:
   """Bucket of each record (nearest aspect ratio), after merging away buckets that cannot fill a global
-  batch or that some process has no example of: those records are cropped to the nearest kept shape
-  (merge=False, for latents, which cannot be re-cropped: they are left out, bucket -1).
-  exact=True: each size is one of the shapes (latents), matched exactly. Returns (bucket per record, kept shapes)."""
-  if exact:
+  batch or that some process has no example of: those records are cropped to the nearest kept shape.
+  latents=True: each size is one of the shapes, matched exactly, and a weak bucket's records are left out
+  (bucket -1), since latents cannot be re-cropped. Returns (bucket per record, kept shapes)."""
+  merge = not latents
+  if latents:
     lookup = {tuple(s): b for b, s in enumerate(shapes_hw)}
     assign = np.array([lookup[tuple(s)] for s in np.asarray(sizes).tolist()], np.int64)
   else:
@@ -163,7 +169,8 @@ class LoadBatch:
           raise images.Skip("empty_caption")
         if self.latents:
           shape = tuple(int(k) for k in record["shape"])
-          assert shape[:2] == (self.height, self.width), f"latent of shape {shape} in the {self.height}x{self.width} bucket"
+          if shape[:2] != (self.height, self.width):
+            raise images.Skip("unreadable", f"latent of shape {shape} in the {self.height}x{self.width} bucket")
           image = np.frombuffer(record["latent"], np.float16).reshape(shape)
         else:
           image = images.decode_crop(record["image"], self.height, self.width)
@@ -228,12 +235,11 @@ class TfdsBatches:
         raise ValueError(f"latents in {self.path} have shapes {sorted(odd)}, not among this config's {wanted} "
                          "(data.image_size / data.buckets / autoencoder differ from the encoding run). Fix: "
                          "train with the config they were encoded with, or re-encode with python -m lidit_jax.data.latents.")
-    elif sizes is None:
-      if len(wanted) > 1:
-        sizes = np.stack([np.asarray(source[i]["size"]) for i in range(n)])  # slow path: not from prepare
-      else:
-        sizes = np.ones((n, 2), np.int32)
-    assign, self.shapes = assign_buckets(sizes, wanted, self.global_batch, ranges, merge=not latents, exact=latents)
+    elif len(wanted) > 1:
+      sizes = record_sizes(source, sizes)
+    else:  # one square bucket: sizes do not matter
+      sizes = np.ones((n, 2), np.int32)
+    assign, self.shapes = assign_buckets(sizes, wanted, self.global_batch, ranges, latents=latents)
     if not self.shapes:
       raise ValueError(f"no latent shape of {self.path} holds train.batch_size={self.global_batch} examples on "
                        f"every process. Fix: lower the batch size or encode more data.")

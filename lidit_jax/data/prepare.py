@@ -83,7 +83,7 @@ def parse_captions(raw: bytes, ext: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Inputs: (key, image_ext, image path or bytes, [(caption_ext, caption path or bytes)])
+# Inputs: (key, image path or bytes, [(caption_ext, caption path or bytes)], duplicate key?)
 # ------------------------------------------------------------------------------------------------
 def _split_ext(name: str) -> tuple[str, str]:
   stem, dot, ext = name.rpartition(".")
@@ -103,8 +103,8 @@ def folder_items(root: str):
         groups[key]["captions"].append((ext, os.path.join(dirpath, fn)))
   for key in sorted(groups):
     g = groups[key]
-    for i, (ext, path) in enumerate(sorted(g["images"])):
-      yield key, ext, path, sorted(g["captions"]), i > 0
+    for i, (_, path) in enumerate(sorted(g["images"])):
+      yield key, path, sorted(g["captions"]), i > 0
 
 
 def tar_items(paths: list[str]):
@@ -135,8 +135,8 @@ def tar_items(paths: list[str]):
 
 
 def _tar_group(prefix, key, group):
-  for i, (ext, data) in enumerate(group["images"]):
-    yield f"{prefix}/{key}", ext, data, group["captions"], i > 0
+  for i, (_, data) in enumerate(group["images"]):
+    yield f"{prefix}/{key}", data, group["captions"], i > 0
 
 
 def _read(x) -> bytes:
@@ -148,7 +148,7 @@ def _read(x) -> bytes:
 
 def process(item, min_size: int, max_pixels: int):
   """One input -> ("ok", key, serialized record, (h, w), conversions) or ("skip", key, reason, detail)."""
-  key, _, image, caption_files, duplicate = item
+  key, image, caption_files, duplicate = item
   try:
     if duplicate:
       raise images.Skip("duplicate_key", "another image has the same name")
@@ -168,7 +168,7 @@ def process(item, min_size: int, max_pixels: int):
 _FEATURES = None
 
 
-def _init_worker(_=None):
+def _init_worker():
   global _FEATURES
   _FEATURES = features()
 
@@ -265,11 +265,10 @@ class DatasetWriter:
 def source_items(src: str):
   """(items, total or None, description) for a folder of images or WebDataset tars (file, folder, or glob)."""
   if os.path.isdir(src):
-    tars = sorted(glob.glob(os.path.join(src, "*.tar")))
-    has_images = any(_split_ext(f)[1] in IMAGE_EXTS for _, _, fs in os.walk(src) for f in fs)
-    if tars and not has_images:
+    items = list(folder_items(src))  # one walk of the tree
+    tars = [] if items else sorted(glob.glob(os.path.join(src, "*.tar")))
+    if tars:
       return tar_items(tars), None, f"{len(tars)} WebDataset shards in {src}"
-    items = list(folder_items(src))
     return items, len(items), f"image folder {src}"
   tars = sorted(glob.glob(src))
   if not tars:

@@ -36,13 +36,7 @@ METRICS = ("colour_accuracy", "shape_accuracy", "object_accuracy", "relation_acc
 
 def variant_config(base: str, name: str, seed: int, steps: int):
   from lidit_jax import configs
-  c = configs.load_config_file(base)
-  for key, value in VARIANTS[name][0].items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c = configs.apply_overrides(configs.load_config_file(base), VARIANTS[name][0])
   c.seed = seed
   c.train.update(num_steps=steps, checkpoint_every=steps, sample_every=steps)
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, steps // 10))
