@@ -274,3 +274,13 @@ def test_latent_buckets_too_small_are_left_out():
   assign, kept = pipeline.assign_buckets(sizes, [(16, 16), (12, 20)], global_batch=2, ranges=[(0, 7)],
                                          latents=True)
   assert kept == [(16, 16)] and list(assign) == [0] * 6 + [-1]
+
+
+def test_dark_16bit_image_keeps_its_brightness():
+  """A 16-bit image whose values all lie below 256 is nearly black, not an 8-bit image in disguise."""
+  from io import BytesIO
+  buf = BytesIO()
+  Image.fromarray(np.full((80, 80), 200, np.uint16)).save(buf, "PNG")
+  data, size, done = images.normalize(buf.getvalue())
+  assert "16bit" in done and size == (80, 80)
+  assert np.asarray(images.open_image(data)).max() <= 1  # 200 / 257, not 200

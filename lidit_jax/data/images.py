@@ -53,9 +53,9 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     img = ImageOps.exif_transpose(img)
     done.append("exif_rotated")
   if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PNG gives "I" or "I;16")
+    # Always the 16-bit range: a dark image (every value <= 255) must stay dark, not be read as 8-bit.
     a = np.asarray(img).astype(np.float64)
-    scale = 257.0 if a.max(initial=0) > 255 else 1.0
-    img = Image.fromarray(np.clip(np.round(a / scale), 0, 255).astype(np.uint8), "L")
+    img = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
     done.append("16bit")
   elif img.mode == "F":
     a = np.asarray(img)
