@@ -111,7 +111,8 @@ def ablate(out: str, base: str, variants: list[str], seeds: list[int], steps: in
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown}. Fix: pick from {list(VARIANTS)}.")
-  configs_ = {(v, s): variant_config(base, v, s, steps) for v in variants for s in seeds}  # all refused up front
+  # Seed-major, so an interrupted study already has every variant at its first seed; all refused up front.
+  configs_ = {(v, s): variant_config(base, v, s, steps) for s in seeds for v in variants}
   runs = {v: {} for v in variants}
   for (v, s), config in configs_.items():
     print(f"[ablate] {v} seed {s}: {VARIANTS[v][1]}", flush=True)
