@@ -30,8 +30,8 @@ VARIANTS = {  # name -> (config overrides, what it tests)
     "one_tower": ({"text.use": "llama_a", "model.refiner.fusion": "concat"}, "one LLM tower instead of two (Table 6)"),
     "concat": ({"model.refiner.fusion": "concat"}, "two towers, plain concatenation, no collaborative refiner (Table 6)"),
 }
-METRICS = ("colour_accuracy", "shape_accuracy", "object_accuracy", "relation_accuracy", "prompt_accuracy",
-           "object_accuracy_first_phrase", "object_accuracy_last_phrase")
+METRICS = ("colour_accuracy", "shape_accuracy", "object_accuracy", "relation_accuracy", "count_accuracy",
+           "prompt_accuracy", "object_accuracy_first_phrase", "object_accuracy_last_phrase")
 
 
 def variant_config(base: str, name: str, seed: int, steps: int):
@@ -77,8 +77,8 @@ def aggregate(runs: dict) -> dict:
 
 
 def table(agg: dict, steps: int, num_prompts: int) -> str:
-  head = ("| variant | what it tests | colour | shape | object | relation | whole prompt | first phrase | last phrase |"
-          " seeds |\n|---|---|---|---|---|---|---|---|---|---|\n")
+  head = ("| variant | what it tests | colour | shape | object | relation | object count | whole prompt | first phrase |"
+          " last phrase | seeds |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
   rows = []
   for name, a in agg.items():
     cells = " | ".join(f"{a[m][0]:.3f} ± {a[m][1]:.3f}" for m in METRICS)
