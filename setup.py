@@ -19,6 +19,7 @@ setup(
         "numpy>=1.26",
         "transformers>=4.50,<6",
         "tokenizers>=0.21",
+        "jinja2>=3.1",  # transformers renders chat templates with it (torch brought it in for the tests only)
         "safetensors>=0.4",
         "pillow>=10",
         "tqdm>=4.66",

@@ -8,9 +8,9 @@ import json
 import os
 import shutil
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from lidit_jax import configs
+from lidit_jax import cli, configs
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.py")
 
@@ -48,4 +48,4 @@ if __name__ == "__main__":
   configs.define_flags(default=DEMO_CONFIG)
   flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", "runs/shapes", "Run directory (resumed if it holds a checkpoint).")
-  app.run(main)
+  cli.run(main)

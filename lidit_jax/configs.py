@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from lidit_jax.cli import UserError, warn
 from lidit_jax.prompt import LIDIT_INSTRUCTION
 
 # Logical axis -> mesh axis. Parameters are sharded over fsdp (their `embed` dim) and tensor (heads / mlp).
@@ -72,8 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.autoencoder = dict(kind="identity", factor=1, channels=3)
   c.flow = dict(timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                 shift=1.0, resolution_shift=False)
-  c.optim = dict(lr=1e-4, warmup_steps=1000, min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
-                 grad_clip=1.0, ema_decay=0.9999)
+  c.optim = dict(lr=1e-4,
+                 warmup_steps=1000,  # clipped to a tenth of the run (with a warning) when not below num_steps
+                 min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
+                 grad_clip=1.0,  # global gradient norm; 0 = no clipping
+                 ema_decay=0.9999)
   c.train = dict(num_steps=100_000, batch_size=256, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
                  keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple, for good
                  grad_accum=1,  # micro-batches per step (same update, less activation memory)
@@ -91,7 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key, value, why, fix):
-  raise ValueError(f"config {key}={value!r}: {why}. Fix: {fix}.")
+  raise ConfigError(f"config {key}={value!r}: {why}. Fix: {fix}.")
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work (a ValueError too, for callers that catch those)."""
 
 
 def _one_of(key, value, options):
@@ -180,9 +188,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   o = c.optim
   if o.lr <= 0 or not math.isfinite(o.lr):
     _fail("optim.lr", o.lr, "must be a positive number", "use e.g. 1e-4")
-  if o.warmup_steps >= c.train.num_steps:
-    _fail("optim.warmup_steps", o.warmup_steps, f"not below train.num_steps={c.train.num_steps}",
-          "shorten the warmup or train longer")
+  if o.warmup_steps < 0:
+    _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0", "use 0 for no warmup")
+  if o.warmup_steps >= c.train.num_steps:  # a short run (--config.train.num_steps=20) just works
+    clipped = c.train.num_steps // 10
+    warn(f"optim.warmup_steps={o.warmup_steps} is not below train.num_steps={c.train.num_steps}: warming up "
+         f"for {clipped} steps instead (a tenth of the run); set --config.optim.warmup_steps to choose")
+    o.warmup_steps = clipped
+  if o.grad_clip < 0:
+    _fail("optim.grad_clip", o.grad_clip, "must be >= 0", "use 0 for no clipping, or a positive global norm (e.g. 1.0)")
   if not 0.0 <= o.ema_decay < 1.0:
     _fail("optim.ema_decay", o.ema_decay, "must be in [0, 1)", "use e.g. 0.999")
   for ax in ("data", "fsdp", "tensor"):
@@ -208,8 +222,9 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Load `path.py` or `path.py:arg` the way `--config` does (arg is passed to get_config)."""
   path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist. Fix: pass an existing file, e.g. "
+                      "--config configs/shapes.py (a variant after a colon: configs/shapes.py:tiny)")
   spec_ = importlib.util.spec_from_file_location("_lidit_config", path)
   mod = importlib.util.module_from_spec(spec_)
   spec_.loader.exec_module(mod)
@@ -224,10 +239,60 @@ def define_flags(default: str | None = None):
                                   "--config.optim.lr=3e-4; unknown fields are refused.", lock_config=True)
 
 
+def _config_args(argv) -> tuple[str | None, list[tuple[str, str | None]]]:
+  """The --config spec and the (key, value) overrides in a command line, as ml_collections reads them."""
+  spec, overrides, args = None, [], list(argv[1:])
+  for i, a in enumerate(args):
+    if not a.startswith("--config"):
+      continue
+    name, eq, value = a[2:].partition("=")
+    value = value if eq else (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None)
+    if name == "config":
+      spec = value
+    elif name.startswith("config."):
+      overrides.append((name[len("config."):], value))
+  return spec, overrides
+
+
+def explain_flag_error(argv, error: Exception) -> str:
+  """One message for a command line that did not parse: a missing config file, an unknown --config.* key,
+  a value of the wrong type, or absl's own flag errors."""
+  import difflib
+  spec, overrides = _config_args(argv)
+  if spec is not None:
+    try:
+      c = load_config_file(spec)
+    except UserError as e:
+      return str(e)
+    except Exception as e:  # the file itself is broken: say so, whatever it raised
+      return f"cannot load config {spec!r}: {type(e).__name__}: {e}"
+    for key, value in overrides:
+      node, parts = c, key.split(".")
+      for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+          known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+          where = ".".join(parts[:depth]) or "the config"
+          close = difflib.get_close_matches(part, known, n=1)
+          hint = f"did you mean {'.'.join(parts[:depth] + close)!r}? " if close else ""
+          return (f"unknown config key {key!r} in --config.{key}: {where} has no field {part!r}. Fix: {hint}"
+                  f"the fields of {where} are {', '.join(known) or '(none)'}")
+        node = node[part]
+  message = str(error).strip() or type(error).__name__
+  return f"bad command line: {message}. Fix: see --help for the flags and their types"
+
+
 def load_from_flags() -> ml_collections.ConfigDict:
   from absl import flags, logging
+  from ml_collections import config_flags
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
-  config = flags.FLAGS.config
-  if config is None:
-    raise SystemExit("--config is required, e.g. --config configs/shapes.py")
+  if flags.FLAGS["config"].value is None:
+    raise ConfigError("--config is required. Fix: pass e.g. --config configs/shapes.py")
+  # ml_collections defers a config file's load error to the first use: load it again to say what failed.
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  try:
+    config = flags.FLAGS.config
+    config.keys()
+  except Exception as e:
+    load_config_file(spec)  # raises the clear message for a missing file, else the file's own error
+    raise ConfigError(f"cannot load config {spec!r}: {e}") from e
   return validate(config)

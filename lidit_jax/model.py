@@ -298,9 +298,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
+  from lidit_jax import cli
   from lidit_jax import configs as _configs
   _configs.define_flags()
   from absl import flags
   flags.declare_key_flag("config")
-  app.run(main)
+  cli.run(main)

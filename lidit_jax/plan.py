@@ -179,7 +179,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+  from lidit_jax import cli
   from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")
@@ -187,4 +188,4 @@ if __name__ == "__main__":
                        "when an axis is -1).")
   flags.DEFINE_enum("chip", None, sorted(CHIP_PEAK_TFLOPS), "Chip, for the step time at --mfu.")
   flags.DEFINE_float("mfu", 0.4, "Model FLOP utilization assumed for the step time.")
-  app.run(main)
+  cli.run(main)

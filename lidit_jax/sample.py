@@ -130,7 +130,7 @@ def main(argv):
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from absl import flags
   from tqdm import tqdm
-  from lidit_jax import configs, state as state_lib
+  from lidit_jax import cli, configs, state as state_lib
   f = flags.FLAGS
   config = configs.load_from_flags()
   prompts = list(f.prompt or [])
@@ -138,7 +138,7 @@ def main(argv):
     with open(f.prompts_file, encoding="utf-8") as fh:
       prompts += [line.strip() for line in fh if line.strip()]
   if not prompts:
-    raise SystemExit("no prompt given: use --prompt \"...\" (repeatable) or --prompts_file FILE")
+    raise cli.UserError("no prompt given. Fix: use --prompt \"...\" (repeatable) or --prompts_file FILE")
   s, params, step = state_lib.restore_for_inference(config, f.workdir)
   steps = f.steps or config.sample.steps
   cfg = config.sample.cfg if f.cfg is None else f.cfg
@@ -168,6 +168,6 @@ def define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from lidit_jax import cli
   define_flags()
-  app.run(main)
+  cli.run(main)

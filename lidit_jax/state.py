@@ -33,8 +33,10 @@ def make_optimizer(config):
   o = config.optim
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, o.lr, o.warmup_steps, config.train.num_steps, end_value=o.lr * o.min_lr_ratio)
-  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                   optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+  # grad_clip=0 means no clipping (clip_by_global_norm(0) would zero every update and freeze the model).
+  clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity()
+  tx = optax.chain(clip, optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                                   mask=decay_mask))
   return tx, schedule
 
 

@@ -302,9 +302,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+  from lidit_jax import cli
   from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/, samples/.", required=True)
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,8 @@ import time
 
 import jax.numpy as jnp
 
+from lidit_jax import cli
+
 
 def convert_and_save(src: str, out: str, dtype, allow_pickle: bool = False, progress: bool = False):
   """(family, cfg, parameter count, unused keys). Each parameter stays a host numpy array and goes to the
@@ -42,16 +44,14 @@ def main(argv=None) -> int:
                  help="storage dtype of the converted parameters (default: bfloat16, as frozen towers run)")
   p.add_argument("--allow-pickle", action="store_true",
                  help="accept pytorch_model.bin pickles (loaded with torch's weights_only mode)")
+  cli.add_debug_flag(p)
   args = parser.parse_args(argv)
 
   from lidit_jax.convert import hf_text
   start = time.perf_counter()
   dtype = jnp.dtype(args.dtype)
-  try:
+  with cli.user_errors():
     fam, cfg, count, unused = convert_and_save(args.src, args.out, dtype, args.allow_pickle, sys.stderr.isatty())
-  except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   print(json.dumps({"out": args.out, "family": hf_text.describe(fam, cfg)["family"],
                     "params": count, "dtype": dtype.name,
                     "seconds": round(time.perf_counter() - start, 2), "unused_tensors": unused}))

@@ -33,6 +33,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from lidit_jax.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 Key = str | tuple[str, ...]  # one name, or alternatives tried in order (e.g. tied embeddings)
@@ -174,8 +176,12 @@ class CheckpointFiles:
   def _entries(self, path: str) -> dict:
     """The header entries of one file: key -> {dtype, shape, data_offsets}."""
     if path not in self._headers:
-      with safe_open(path, "np") as f:  # safetensors validates the header (offsets, sizes) on open
-        f.keys()
+      try:
+        with safe_open(path, "np") as f:  # safetensors validates the header (offsets, sizes) on open
+          f.keys()
+      except Exception as e:  # SafetensorError is no OSError: a truncated or corrupt file is the user's to fix
+        raise UserError(f"cannot read {path}: {e}. Fix: the file is truncated or not a safetensors file; "
+                        "download or copy it again") from e
       self._headers[path] = _read_header(path)
     return self._headers[path][1]
 

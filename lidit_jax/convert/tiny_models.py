@@ -18,6 +18,7 @@ import numpy as np
 import transformers
 from safetensors.numpy import save_file
 
+from lidit_jax import cli
 from lidit_jax import prompt as prompt_lib
 
 ARCHS = {
@@ -74,10 +75,12 @@ def main(argv=None) -> int:
   parser.add_argument("out", help="directory to hold llama/ and qwen2/ (and their converted copies)")
   parser.add_argument("--convert", action="store_true", help="also write <arch>-orbax/ converted copies")
   parser.add_argument("--seed", type=int, default=0)
+  cli.add_debug_flag(parser)
   args = parser.parse_args(argv)
   written = {}
   for i, arch in enumerate(ARCHS):
-    written[arch] = write_tiny_model(os.path.join(args.out, arch), arch, seed=args.seed + i)
+    with cli.user_errors():
+      written[arch] = write_tiny_model(os.path.join(args.out, arch), arch, seed=args.seed + i)
     if args.convert:
       from lidit_jax.convert import __main__ as convert_cli
       out = os.path.join(args.out, f"{arch}-orbax")

@@ -91,15 +91,13 @@ def main(argv):
   from lidit_jax import configs
   f = flags.FLAGS
   config = configs.load_from_flags()
-  try:
-    summary = encode(config, f.out, f.name, f.batch_size, f.shard_size, f.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, NotImplementedError) as e:
-    raise SystemExit(f"latents: {e}") from None
+  summary = encode(config, f.out, f.name, f.batch_size, f.shard_size, f.overwrite)
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+  from lidit_jax import cli
   from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")
@@ -108,4 +106,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", 64, "Images per autoencoder call.")
   flags.DEFINE_integer("shard_size", 2048, "Records per ArrayRecord shard.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of that name.")
-  app.run(main)
+  cli.run(main)

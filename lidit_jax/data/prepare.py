@@ -314,16 +314,14 @@ def prepare(src: str, out: str, name: str | None = None, min_size: int = 64, max
 def main(argv):
   from absl import flags
   f = flags.FLAGS
-  try:
-    summary = prepare(f.src, f.out, f.name, f.min_size, f.max_pixels, f.shard_size, f.workers, f.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-    raise SystemExit(f"prepare: {e}") from None
+  summary = prepare(f.src, f.out, f.name, f.min_size, f.max_pixels, f.shard_size, f.workers, f.overwrite)
   summary.pop("skip_examples")
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+  from lidit_jax import cli
   flags.DEFINE_string("src", None, "A folder of images + .txt/.json captions, or WebDataset .tar shards "
                       "(a .tar, a glob like 'shards/*.tar', or a folder holding them).", required=True)
   flags.DEFINE_string("out", None, "TFDS data_dir to write into (train with --config.data.data_dir=OUT).",
@@ -335,4 +333,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("shard_size", 2048, "Records per ArrayRecord shard.")
   flags.DEFINE_integer("workers", 0, "Decoding processes (0: one per CPU core).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing DATA_DIR/NAME/1.0.0.")
-  app.run(main)
+  cli.run(main)

@@ -138,7 +138,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+  from lidit_jax import cli
   flags.DEFINE_string("out", "runs/ablate", "Output directory (finished runs in it are reused).")
   flags.DEFINE_string("config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "shapes.py"),
                       "Base config (file[:variant]); each variant changes one thing in it.")
@@ -147,4 +148,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", 600, "Training steps per run.")
   flags.DEFINE_integer("num_prompts", 128, "Held-out three-object prompts per run.")
   flags.DEFINE_bool("keep_checkpoints", False, "Keep each run's checkpoints after its evaluation.")
-  app.run(main)
+  cli.run(main)

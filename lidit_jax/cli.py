@@ -1,0 +1,80 @@
+"""How every command line ends: a user error is one message on stderr and exit status 2, never a traceback.
+
+`--debug` on any command, or LIDIT_DEBUG=1 in the environment, lets the error's traceback through instead.
+A user error is anything the user can cause by what they pass or point at (a config value, a path, a
+checkpoint, a file): `UserError`, and the ValueError / OSError family the libraries raise for those. Other
+exceptions (TypeError, AttributeError, ...) are bugs of ours and keep their traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import NoReturn
+
+
+class UserError(Exception):
+  """A problem with what the user gave; the message names the value and the fix."""
+
+
+USER_ERRORS = (UserError, ValueError, OSError, NotImplementedError, FloatingPointError)
+EXIT_USER_ERROR = 2
+
+
+def debug_requested() -> bool:
+  return "--debug" in sys.argv[1:] or os.environ.get("LIDIT_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str) -> NoReturn:
+  sys.stdout.flush()
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def warn(message: str):
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def describe(e: BaseException) -> str:
+  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  return text.strip() or type(e).__name__
+
+
+@contextlib.contextmanager
+def user_errors():
+  """Turn a user error raised inside into `fail(message)` (unless --debug / LIDIT_DEBUG=1)."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    if debug_requested():
+      raise
+    fail(describe(e))
+
+
+def run(main) -> NoReturn:
+  """`absl.app.run(main)` with flag and config errors, and user errors raised by `main`, as one message."""
+  from absl import app, flags
+  if "debug" not in flags.FLAGS:
+    flags.DEFINE_bool("debug", False, "Show the Python traceback of an error instead of one message "
+                      "(also: LIDIT_DEBUG=1).")
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # absl's flags.Error, or whatever ml_collections raises for a --config.* override
+      if debug_requested():
+        raise
+      from lidit_jax import configs
+      fail(configs.explain_flag_error(argv, e))
+
+  def guarded(argv):
+    with user_errors():
+      return main(argv)
+
+  app.run(guarded, flags_parser=parse)
+
+
+def add_debug_flag(parser):
+  """The same switch for argparse entry points."""
+  parser.add_argument("--debug", action="store_true",
+                      help="show the Python traceback of an error instead of one message (also: LIDIT_DEBUG=1)")
