@@ -1,16 +1,30 @@
 """Orbax checkpoints of a run: items `state` (train state), `data` (iterator state), `config` (JSON).
 
 Saves are asynchronous; Orbax writes each step to a temporary directory and renames it when complete,
-so a crash during a save never touches the last good checkpoint. `restore` returns None when the
-workdir holds no checkpoint yet.
+so a crash during a save never touches the last good checkpoint. A save that fails (a full disk) stops the
+run with one message naming the directory, the step and the last good step. `restore` returns None when the
+workdir holds no checkpoint yet, refuses a checkpoint whose parameters differ from the config's (before any
+compute, naming the first one), and falls back to the newest readable checkpoint when the latest cannot be
+read: the damaged one is moved to WORKDIR/checkpoints_damaged/, never deleted.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import shutil
+import sys
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
+
+from lidit_jax.cli import UserError, debug_requested, warn
+
+ITEMS = ("state", "data", "config")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -19,38 +33,178 @@ def checkpoint_dir(workdir: str) -> str:
   return str(epath.Path(root) / "checkpoints")
 
 
+class SaveError(UserError):
+  """A checkpoint could not be written; the last good one is untouched."""
+
+
+class _OrbaxFailures(logging.Filter):
+  """Orbax logs each failed writer thread with its traceback (hundreds on a full disk), and each file of a
+  damaged checkpoint it fails to parse; the failure reaches us as an exception and is reported once (a
+  SaveError, or the fallback's warning). --debug keeps them."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_after_failure():
+  """After a failed async save, tensorstore's late callbacks find Orbax's event loop closed and print a
+  traceback each ('Event loop is closed'): noise once the failure is reported."""
+  previous = sys.excepthook
+
+  def hook(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      previous(kind, value, tb)
+  sys.excepthook = hook
+
+
+_ORBAX_FAILURES = _OrbaxFailures()
+
+
 class Checkpoints:
   def __init__(self, workdir: str, keep: int = 3, save_every: int = 1, keep_every: int = 0):
     """Keeps the last `keep` checkpoints, plus every step divisible by `keep_every` (if > 0) for good."""
     self.directory = checkpoint_dir(workdir)
+    if not debug_requested():
+      absl_logging.get_absl_logger().addFilter(_ORBAX_FAILURES)
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data", "config"),
+        self.directory, item_names=ITEMS,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True,
                                              keep_period=keep_every or None))
+    self._saving = None  # the step of a save in flight, for the message if it fails
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, config, force: bool = False) -> bool:
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+    self.wait()  # a failure of the previous (async) save is reported with its own step
+    with self._reporting(step):
+      self._check_space(state)
+      saved = self.manager.save(step, force=force, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+    self._saving = step if saved else None
+    return saved
+
+  def _check_space(self, state):
+    """Refuse a save that cannot fit before writing anything: the old checkpoints go only once it is done."""
+    if "://" in self.directory:
+      return
+    last = self.latest_step()  # checkpoints compress: the last one on disk is the better estimate
+    if last is not None:
+      size = sum(os.path.getsize(os.path.join(root, f))
+                 for root, _, files in os.walk(os.path.join(self.directory, str(last))) for f in files)
+    else:
+      size = sum(x.nbytes for x in jax.tree.leaves(state))
+    need = size * 1.05 + 2 ** 20
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free, the checkpoint needs about {need / 2**20:.1f} MiB")
+
+  @contextlib.contextmanager
+  def _reporting(self, step: int):
+    """Turn a failed write (this save's, or the previous async one's, which surfaces here) into SaveError."""
+    try:
+      yield
+    except SaveError:
+      raise
+    except Exception as e:
+      if self._failed:  # already reported; what the async writers raise after that adds nothing
+        return
+      self._failed = True
+      if not debug_requested():
+        _quiet_after_failure()
+      failed, self._saving = step, None
+      good = [s for s in self.manager.all_steps() if s != failed]
+      last = f"step {max(good)}" if good else "none yet"
+      text = str(e).splitlines()[0] if str(e) else type(e).__name__
+      if getattr(e, "errno", None) == errno.ENOSPC and e.strerror:
+        why = f"the disk is full: {e.strerror}"
+      elif "No space left on device" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+        why = "the disk is full"
+      else:
+        why = f"{type(e).__name__}: {text[:300]}"
+      raise SaveError(f"saving the checkpoint of step {failed} in {self.directory} failed ({why}); the last good "
+                      f"checkpoint is {last}, untouched. Fix: free space (or point --workdir elsewhere) and "
+                      "re-run the same command to resume from it") from e
 
   def restore(self, abstract_state, step: int | None = None):
-    """(state, data_state) of `step` (default: latest), or None if there is no checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return out.state, out.data
+    """(state, data_state) of `step` (default: the newest readable one), or None if there is no checkpoint."""
+    steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+    for i, s in enumerate(steps):
+      try:
+        meta = self.manager.item_metadata(s)["state"]
+      except Exception as e:  # unreadable metadata: a damaged checkpoint
+        meta, error = None, e
+      if meta is not None:
+        check_matches(getattr(meta, "tree", meta), abstract_state, s, self.directory)
+        try:
+          out = self.manager.restore(s, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+          return out.state, out.data
+        except Exception as e:
+          error = e
+      if step is not None:
+        raise UserError(f"checkpoint step {s} in {self.directory} cannot be read ({type(error).__name__}: "
+                        f"{error}). Fix: restore another step, or delete that step's directory") from error
+      moved = self._set_aside(s)
+      fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no other checkpoint: starting anew"
+      warn(f"checkpoint step {s} in {self.directory} cannot be read ({type(error).__name__}: "
+           f"{(str(error).splitlines() or [''])[0][:200]}); moved to {moved}; {fallback}")
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Move a damaged step out of the manager's sight (kept for inspection, never deleted)."""
+    src = epath.Path(self.directory) / str(step)
+    dst_dir = epath.Path(self.directory).parent / "checkpoints_damaged"
+    dst = dst_dir / str(step)
+    if jax.process_index() == 0:
+      dst_dir.mkdir(parents=True, exist_ok=True)
+      n = 1
+      while dst.exists():
+        dst, n = dst_dir / f"{step}.{n}", n + 1
+      src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"lidit_jax checkpoint {step} set aside")
+    self.manager.reload()
+    return str(dst)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    if self._saving is None:
+      return
+    with self._reporting(self._saving):
+      self.manager.wait_until_finished()
+    self._saving = None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def check_matches(saved_tree, abstract_state, step: int, directory: str):
+  """Refuse a checkpoint whose parameters are not the config's, naming the first one that differs."""
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  saved = {name(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
+  want = {name(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  fix = ("Fix: resume with the config that wrote it (WORKDIR/config.json), or start the new config in a fresh "
+         "--workdir")
+  for key, a in want.items():
+    m = saved.get(key)
+    if m is None:
+      raise UserError(f"the checkpoint of step {step} in {directory} has no {key} (the config has it, shape "
+                      f"{tuple(a.shape)}): it was written by another model. {fix}")
+    if tuple(m.shape) != tuple(a.shape):
+      raise UserError(f"the checkpoint of step {step} in {directory} has {key} of shape {tuple(m.shape)}, "
+                      f"the config {tuple(a.shape)}: the model changed since it was written. {fix}")
+  extra = sorted(set(saved) - set(want))
+  if extra:
+    raise UserError(f"the checkpoint of step {step} in {directory} has {extra[0]}, which the config does not "
+                    f"({len(extra)} such): it was written by another model. {fix}")
 
 
 def require(workdir: str) -> "Checkpoints":
@@ -58,6 +212,6 @@ def require(workdir: str) -> "Checkpoints":
   directory = checkpoint_dir(workdir)
   ckpt = Checkpoints(workdir) if epath.Path(directory).is_dir() else None
   if ckpt is None or ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}. Fix: train first "
-                            f"(python -m lidit_jax.train --config ... --workdir {workdir}) or pass the right --workdir.")
+    raise UserError(f"no checkpoint in {directory}. Fix: train first "
+                    f"(python -m lidit_jax.train --config ... --workdir {workdir}) or pass the right --workdir.")
   return ckpt

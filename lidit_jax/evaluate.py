@@ -102,8 +102,9 @@ def define_flags():
   flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
   flags.DEFINE_string("out", "eval.json", "Where to write the metrics JSON (a sample grid goes beside it).")
-  flags.DEFINE_integer("num_prompts", None, "Held-out prompts to generate (default: config.eval.num_prompts).")
-  flags.DEFINE_integer("steps", None, "Sampler steps (default: config.eval.steps).")
+  flags.DEFINE_integer("num_prompts", None, "Held-out prompts to generate (default: config.eval.num_prompts).",
+                       lower_bound=1)
+  flags.DEFINE_integer("steps", None, "Sampler steps (default: config.eval.steps).", lower_bound=1)
   flags.DEFINE_float("cfg", None, "Guidance scale (default: config.eval.cfg).")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_enum("split", "heldout", ["heldout", "train"],

@@ -19,6 +19,7 @@ import transformers
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 logger = logging.getLogger(__name__)
+_WARNED_UNKNOWN: set = set()
 
 LIDIT_INSTRUCTION = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -257,8 +258,24 @@ class PromptEncoder:
         p1 = max(p0, min(p1, len(full)))
         return self._lead + full[:p0], full[p0:p1], full[p1:] + self._trail
 
+    def _unknown_words(self, prompt: str) -> list[str]:
+        """The prompt's words that the tokenizer can only read as its unknown token (word-level vocabularies
+        such as the demo's; byte-level BPE tokenizers have none)."""
+        tok = self.tokenizer
+        if tok.unk_token_id is None or not tok.is_fast:
+            return []
+        enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        return [prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == tok.unk_token_id]
+
     def _encode_one(self, prompt: str) -> tuple[np.ndarray, int, int]:
         pre, mid, post = self._split_ids(prompt)
+        unknown = self._unknown_words(prompt) if self.tokenizer.unk_token_id in mid else []
+        if unknown and (prompt, tuple(unknown)) not in _WARNED_UNKNOWN:  # once, not once per tower
+            _WARNED_UNKNOWN.add((prompt, tuple(unknown)))
+            logger.warning("Prompt %r: the tokenizer does not know %s; %s read as its unknown token %r (the "
+                           "model sees no meaning in them). Fix: use the vocabulary it was trained with.",
+                           _shorten(prompt), ", ".join(repr(w) for w in dict.fromkeys(unknown)),
+                           "it is" if len(set(unknown)) == 1 else "they are", self.tokenizer.unk_token)
         room = self.max_length - len(pre) - len(post)
         if room <= 0:  # template tokenized differently around this prompt; __post_init__ checked the usual case
             raise ValueError(

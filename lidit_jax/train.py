@@ -233,7 +233,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def finish(step_done: int, metrics):
     """Host-side bookkeeping of a finished step (one step behind dispatch, so the device stays busy)."""
     nonlocal t_window, window, last
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # blocks until the step is done
     if not (np.isfinite(loss) and np.isfinite(grad_norm)):  # a non-finite gradient poisons the weights
       ckpt.wait()
       raise FloatingPointError(
@@ -242,7 +242,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     window.append({k: float(v) for k, v in metrics.items()})
     bar.update(1)
     if step_done % t.log_every == 0 or step_done == t.num_steps:
-      dt = time.perf_counter() - t_window
+      # A log step is finished on the step just dispatched (see the loop), so the window holds the whole
+      # execution of its steps: the rate is never faster than the device (no MFU above 1).
+      now = time.perf_counter()
+      dt = now - t_window
       last = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
       last.update(steps_per_sec=len(window) / dt, examples_per_sec=len(window) * t.batch_size / dt)
       last.update(data.counters())  # records skipped at read time (corrupt images), by reason
@@ -251,33 +254,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last["mfu"] = last["tflops_per_device"] / peak
       log.write(step_done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{last['steps_per_sec']:.2f}")
-      window, t_window = [], time.perf_counter()
+      window, t_window = [], now
 
   stop = StopRequest()
   try:
     for step in range(start, t.num_steps):
       batch = device_batch(next(data), s.mesh)
       state, metrics = step_fn(state, s.tower_params, batch, rng)
+      done = step + 1
       if pending is not None:
         finish(*pending)
-      pending = (step + 1, metrics)
-      done = step + 1
-      if stop(done):
-        finish(*pending)
+      pending = (done, metrics)
+      stopping = stop(done)
+      if (stopping or done == t.num_steps or done % t.log_every == 0 or done % t.checkpoint_every == 0
+          or done % t.sample_every == 0):
+        finish(*pending)  # wait for this step: log what finished, save what is done
         pending = None
+      if stopping:
         ckpt.save(done, state, data.state(), config, force=True)
         ckpt.wait()
         bar.write(f"stop requested (SIGTERM): saved step {done} in {ckpt.directory}; re-run the same command "
                   "to resume")
         break
       if done % t.checkpoint_every == 0 or done == t.num_steps:
-        finish(*pending)
-        pending = None
         ckpt.save(done, state, data.state(), config, force=True)
       if done % t.sample_every == 0 or done == t.num_steps:
-        if pending is not None:
-          finish(*pending)
-          pending = None
         path = save_samples(s, state.ema_params, workdir, done, generator)
         if path:
           bar.write(f"step {done}: samples -> {path}")
