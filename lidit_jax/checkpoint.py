@@ -46,14 +46,17 @@ class _OrbaxFailures(logging.Filter):
     return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
-def _quiet_after_failure():
+def _drop_closed_loop_errors():
   """After a failed async save, tensorstore's late callbacks find Orbax's event loop closed and print a
-  traceback each ('Event loop is closed'): noise once the failure is reported."""
+  traceback each ('Event loop is closed', hundreds on a full disk): noise, as the failure itself is reported."""
+  if getattr(sys.excepthook, "lidit_drops_closed_loop", False):
+    return
   previous = sys.excepthook
 
   def hook(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+    if not (issubclass(kind, RuntimeError) and str(value) == "Event loop is closed"):
       previous(kind, value, tb)
+  hook.lidit_drops_closed_loop = True
   sys.excepthook = hook
 
 
@@ -66,6 +69,7 @@ class Checkpoints:
     self.directory = checkpoint_dir(workdir)
     if not debug_requested():
       absl_logging.get_absl_logger().addFilter(_ORBAX_FAILURES)
+      _drop_closed_loop_errors()
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=ITEMS,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
@@ -114,8 +118,6 @@ class Checkpoints:
       if self._failed:  # already reported; what the async writers raise after that adds nothing
         return
       self._failed = True
-      if not debug_requested():
-        _quiet_after_failure()
       failed, self._saving = step, None
       good = [s for s in self.manager.all_steps() if s != failed]
       last = f"step {max(good)}" if good else "none yet"

@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import ROOT, tiny_config
 import image_folder
+from lidit_jax.cli import UserError
 from lidit_jax.data import images, pipeline, prepare
 
 
@@ -75,7 +76,7 @@ def test_prepare_webdataset_tar_and_errors(prepared, tmp_path):
     prepare.prepare(str(tmp_path / "*.tar"), str(tmp_path / "out"), "Bad-Name", workers=1, progress=False)
   with open(tmp_path / "broken.tar", "wb") as f:  # a cut download
     f.write(open(tmp_path / "part0.tar", "rb").read()[:5000])
-  with pytest.raises(RuntimeError, match="broken.tar"):
+  with pytest.raises(UserError, match="broken.tar"):
     prepare.prepare(str(tmp_path / "broken.tar"), str(tmp_path / "out2"), "cut", workers=1, progress=False)
   assert not os.path.exists(tmp_path / "out2" / "cut" / "1.0.0")  # nothing half-written is left
 
@@ -87,7 +88,7 @@ def test_missing_or_corrupt_dataset_is_a_clear_error(prepared, tmp_path):
   shutil.copytree(os.path.join(prepared[0], "mixed"), tmp_path / "mixed")
   shard = sorted((tmp_path / "mixed" / "1.0.0").glob("mixed-train.array_record-00001-*"))[0]
   shard.write_bytes(shard.read_bytes()[:300])
-  with pytest.raises(RuntimeError, match=shard.name):
+  with pytest.raises(UserError, match=shard.name):
     pipeline.open_dataset(str(tmp_path), "mixed")
 
 

@@ -15,6 +15,7 @@ import os
 import jax
 import numpy as np
 
+from lidit_jax.cli import UserError
 from lidit_jax.data import images, prepare, shapes
 
 
@@ -99,7 +100,7 @@ def open_dataset(data_dir: str, name: str, split: str = "train"):
     try:
       ArrayRecordReader(path).close()
     except Exception as e:
-      raise RuntimeError(f"cannot read shard {path}: {e}. Fix: rebuild the dataset with --overwrite.") from e
+      raise UserError(f"cannot read shard {path}: {e}. Fix: rebuild the dataset with --overwrite.") from e
   source = builder.as_data_source(split=split)
   sizes_path = os.path.join(builder.data_dir, prepare.SIZES_FILE)
   sizes = np.load(sizes_path) if os.path.exists(sizes_path) else None
@@ -178,7 +179,7 @@ class LoadBatch:
       except Exception as e:  # a corrupt record or image: count it, take another
         skipped[images.SKIP_REASONS.index(e.reason if isinstance(e, images.Skip) else "unreadable")] += 1
         index = int(self.pool[int(rng.integers(len(self.pool)))])
-    raise RuntimeError(f"{self.tries} records in a row could not be decoded (last: record {index}); the dataset "
+    raise UserError(f"{self.tries} records in a row could not be decoded (last: record {index}); the dataset "
                        "looks corrupt. Fix: rebuild it with `python -m lidit_jax.data.prepare --overwrite`.")
 
   def __call__(self, indices, rng: np.random.Generator) -> dict:

@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from lidit_jax.cli import UserError
 from lidit_jax.data import images
 
 VERSION = "1.0.0"
@@ -130,7 +131,7 @@ def tar_items(paths: list[str]):
         if group is not None:
           yield from _tar_group(prefix, key, group)
     except (tarfile.TarError, EOFError, OSError) as e:
-      raise RuntimeError(f"cannot read WebDataset shard {path}: {e}. Fix: re-download or re-create it, or "
+      raise UserError(f"cannot read WebDataset shard {path}: {e}. Fix: re-download or re-create it, or "
                          "leave it out of --src.") from e
 
 
@@ -247,7 +248,7 @@ class DatasetWriter:
     import tensorflow_datasets as tfds
     lengths = self.shards.finish()
     if not self.sizes:
-      raise RuntimeError(f"no examples written: {summary}. Fix: check the input (see the skip counts).")
+      raise UserError(f"no examples written: {summary}. Fix: check the input (see the skip counts).")
     tfds.folder_dataset.write_metadata(
         data_dir=self.tmp, features=self.features, check_data=False, description=description,
         split_infos=[tfds.core.SplitInfo(name=SPLIT, shard_lengths=lengths, num_bytes=self.shards.num_bytes)])

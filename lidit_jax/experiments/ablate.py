@@ -130,9 +130,17 @@ def ablate(out: str, base: str, variants: list[str], seeds: list[int], steps: in
 def main(argv):
   from absl import flags
   f = flags.FLAGS
+  from lidit_jax.cli import UserError
+  variants = [v.strip() for v in f.variants.split(",") if v.strip()]
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise UserError(f"--variants: unknown variant(s) {unknown}. Fix: choose from {', '.join(VARIANTS)}")
+  try:
+    seeds = [int(s) for s in f.seeds.split(",")]
+  except ValueError:
+    raise UserError(f"--seeds={f.seeds!r}: not a comma-separated list of integers. Fix: e.g. --seeds 0,1") from None
   os.makedirs(f.out, exist_ok=True)
-  ablate(f.out, f.config, [v.strip() for v in f.variants.split(",") if v.strip()],
-         [int(s) for s in f.seeds.split(",")], f.steps, f.num_prompts, f.keep_checkpoints)
+  ablate(f.out, f.config, variants, seeds, f.steps, f.num_prompts, f.keep_checkpoints)
   print(open(os.path.join(f.out, "ablation.md"), encoding="utf-8").read())
   print(f"wrote {f.out}/results.json, ablation.md, position.png")
 
