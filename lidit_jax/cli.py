@@ -57,6 +57,7 @@ def run(main) -> NoReturn:
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool("debug", False, "Show the Python traceback of an error instead of one message "
                       "(also: LIDIT_DEBUG=1).")
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["debug"])  # listed under --help
 
   def parse(argv):
     try:

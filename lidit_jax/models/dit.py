@@ -106,8 +106,13 @@ class PositionResBlock(nn.Module):
       return nn.Conv(d, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32, name=name,
                      kernel_init=layers.logical(init, (None, None, "mlp", "embed")),
                      bias_init=layers.logical(nn.initializers.zeros_init(), ("embed",)))
-    h = conv("conv1")(nn.silu(layers.layer_norm(self.dtype, affine=True, name="norm1")(x_BHWD)))
-    h = conv("conv2", zero=True)(nn.silu(layers.layer_norm(self.dtype, affine=True, name="norm2")(h)))
+    # The convs' inputs and outputs are held to batch-only sharding: without it, XLA's SPMD partitioner
+    # (jax 0.10.2, Shardy; seen on CPU) swaps examples between batch shards inside two chained convs whose
+    # kernels are sharded over fsdp x tensor (a data=2, fsdp=2, tensor=2 mesh trained this block on the wrong
+    # examples). One device is unchanged, bit for bit. tests/test_scale.py checks gradients against one device.
+    c = lambda a: layers.constrain(a, ("batch", None, None, None))
+    h = c(conv("conv1")(c(nn.silu(layers.layer_norm(self.dtype, affine=True, name="norm1")(x_BHWD)))))
+    h = c(conv("conv2", zero=True)(c(nn.silu(layers.layer_norm(self.dtype, affine=True, name="norm2")(h)))))
     return x_BHWD + h
 
 
