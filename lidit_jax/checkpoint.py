@@ -37,30 +37,36 @@ class SaveError(UserError):
   """A checkpoint could not be written; the last good one is untouched."""
 
 
-class _OrbaxFailures(logging.Filter):
-  """Orbax logs each failed writer thread with its traceback (hundreds on a full disk), and each file of a
-  damaged checkpoint it fails to parse; the failure reaches us as an exception and is reported once (a
-  SaveError, or the fallback's warning). --debug keeps them."""
+class _Drop(logging.Filter):
+  def __init__(self, predicate):
+    super().__init__()
+    self.predicate = predicate
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    return not self.predicate(record)
+
+
+# Orbax logs each failed writer thread with its traceback (hundreds on a full disk), and each file of a damaged
+# checkpoint it fails to parse; asyncio then logs the writers' futures whose exceptions nobody retrieved. The
+# failure reaches us as an exception and is reported once (a SaveError, or the fallback's warning): without
+# --debug those records go.
+_ORBAX_FAILURES = _Drop(lambda r: r.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in r.pathname)
+_LOST_FUTURES = _Drop(lambda r: "exception was never retrieved" in r.getMessage())
 
 
 def _drop_closed_loop_errors():
-  """After a failed async save, tensorstore's late callbacks find Orbax's event loop closed and print a
-  traceback each ('Event loop is closed', hundreds on a full disk): noise, as the failure itself is reported."""
-  if getattr(sys.excepthook, "lidit_drops_closed_loop", False):
+  """After a failed async save, tensorstore's late callbacks find Orbax's event loop closed and each report
+  'Event loop is closed' with a traceback (as unraisable exceptions; hundreds on a full disk): noise, as the
+  failure itself is reported."""
+  if getattr(sys.unraisablehook, "lidit_drops_closed_loop", False):
     return
-  previous = sys.excepthook
+  previous = sys.unraisablehook
 
-  def hook(kind, value, tb):
-    if not (issubclass(kind, RuntimeError) and str(value) == "Event loop is closed"):
-      previous(kind, value, tb)
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
   hook.lidit_drops_closed_loop = True
-  sys.excepthook = hook
-
-
-_ORBAX_FAILURES = _OrbaxFailures()
+  sys.unraisablehook = hook
 
 
 class Checkpoints:
@@ -69,6 +75,7 @@ class Checkpoints:
     self.directory = checkpoint_dir(workdir)
     if not debug_requested():
       absl_logging.get_absl_logger().addFilter(_ORBAX_FAILURES)
+      logging.getLogger("asyncio").addFilter(_LOST_FUTURES)
       _drop_closed_loop_errors()
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=ITEMS,

@@ -229,21 +229,18 @@ def mount_tmpfs(path, size):
 
 @pytest.mark.slow
 def test_a_real_full_disk_stops_with_one_message(tmp_path):
-  """A 6 MiB tmpfs holds the tiny run's first checkpoints only. Once through the command line (the save is
-  refused before writing), once with that check off, so Orbax's writers really hit the full disk."""
+  """A 6 MiB tmpfs holds the tiny run's first checkpoints only. The check before each save is turned off, so
+  Orbax's writers really hit the full disk part way (the check itself: the test above)."""
   disk = tmp_path / "disk"
   mount_tmpfs(disk, "6m")
   try:
-    r = run_cli("lidit_jax.train", "--config", TINY, "--workdir", str(disk / "a"), "--config.train.checkpoint_every=1")
-    assert_user_error(r, "disk is full", str(disk / "a" / "checkpoints"), "the last good checkpoint is step")
-    shutil.rmtree(disk / "a")
     script = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
               "from conftest import tiny_config\nfrom lidit_jax import checkpoint, cli, train\n"
               "checkpoint.Checkpoints._check_space = lambda self, state: None\n"
               "with cli.user_errors():\n"
-              f"  train.train_and_evaluate(tiny_config(**{{'train.checkpoint_every': 1}}), {str(disk / 'b')!r})\n")
+              f"  train.train_and_evaluate(tiny_config(**{{'train.checkpoint_every': 1}}), {str(disk / 'w')!r})\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert_user_error(r, "disk is full", "the last good checkpoint is step")
+    assert_user_error(r, "disk is full", str(disk / "w" / "checkpoints"), "the last good checkpoint is step")
   finally:
     subprocess.run(["umount", str(disk)])
 

