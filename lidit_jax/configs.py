@@ -239,26 +239,23 @@ def define_flags(default: str | None = None):
                                   "--config.optim.lr=3e-4; unknown fields are refused.", lock_config=True)
 
 
-def _config_args(argv) -> tuple[str | None, list[tuple[str, str | None]]]:
-  """The --config spec and the (key, value) overrides in a command line, as ml_collections reads them."""
-  spec, overrides, args = None, [], list(argv[1:])
+def _config_args(argv) -> tuple[str | None, list[str]]:
+  """The --config spec and the keys of the --config.* overrides in a command line."""
+  spec, keys, args = None, [], list(argv[1:])
   for i, a in enumerate(args):
-    if not a.startswith("--config"):
-      continue
     name, eq, value = a[2:].partition("=")
-    value = value if eq else (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None)
-    if name == "config":
-      spec = value
-    elif name.startswith("config."):
-      overrides.append((name[len("config."):], value))
-  return spec, overrides
+    if a.startswith("--") and name == "config":
+      spec = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    elif a.startswith("--config."):
+      keys.append(name[len("config."):])
+  return spec, keys
 
 
 def explain_flag_error(argv, error: Exception) -> str:
   """One message for a command line that did not parse: a missing config file, an unknown --config.* key,
   a value of the wrong type, or absl's own flag errors."""
   import difflib
-  spec, overrides = _config_args(argv)
+  spec, keys = _config_args(argv)
   if spec is not None:
     try:
       c = load_config_file(spec)
@@ -266,7 +263,7 @@ def explain_flag_error(argv, error: Exception) -> str:
       return str(e)
     except Exception as e:  # the file itself is broken: say so, whatever it raised
       return f"cannot load config {spec!r}: {type(e).__name__}: {e}"
-    for key, value in overrides:
+    for key in keys:
       node, parts = c, key.split(".")
       for depth, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
