@@ -116,7 +116,7 @@ class Checkpoints:
 
   @contextlib.contextmanager
   def _reporting(self, step: int):
-    """Turn a failed write (this save's, or the previous async one's, which surfaces here) into SaveError."""
+    """Turn a failed write of `step` into one SaveError; what the same failure raises later is dropped."""
     try:
       yield
     except SaveError:

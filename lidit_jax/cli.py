@@ -17,6 +17,13 @@ class UserError(Exception):
   """A problem with what the user gave; the message names the value and the fix."""
 
 
+class NotFound(UserError, KeyError):
+  """A name the user gave or implied (a caption, a tensor) that is not there; a KeyError too, for callers."""
+
+  def __str__(self):
+    return str(self.args[0]) if self.args else ""  # KeyError would quote the message
+
+
 USER_ERRORS = (UserError, ValueError, OSError, NotImplementedError, FloatingPointError)
 EXIT_USER_ERROR = 2
 
@@ -36,8 +43,7 @@ def warn(message: str):
 
 
 def describe(e: BaseException) -> str:
-  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-  return text.strip() or type(e).__name__
+  return str(e).strip() or type(e).__name__
 
 
 @contextlib.contextmanager

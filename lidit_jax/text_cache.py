@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from lidit_jax.cli import NotFound
+
 META = "meta.json"
 
 
@@ -102,7 +104,7 @@ class TextCache:
     rows = [self.index.get(c, -1) for c in captions]
     missing = [c for c, r in zip(captions, rows) if r < 0]
     if missing:
-      raise KeyError(f"{len(missing)} caption(s) are not in text cache {self.path}, e.g. {missing[0]!r}. Fix: "
+      raise NotFound(f"{len(missing)} caption(s) are not in text cache {self.path}, e.g. {missing[0]!r}. Fix: "
                      "re-run encode_prompts over the captions this run reads, or drop text.cache.")
     rows = np.asarray(rows)
     return {n: {"hidden": self.arrays[f"{n}.hidden"][rows],

@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from lidit_jax.cli import UserError
+from lidit_jax.cli import NotFound, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class CheckpointFiles:
         if k.endswith(anchor) and (k == anchor or k[: -len(anchor)].endswith(".")):
           self.prefix = k[: -len(anchor)]
           return self.prefix
-    raise KeyError(f"{self.directory}: none of {list(anchors)} found among {len(self.key_to_file)} tensors "
+    raise NotFound(f"{self.directory}: none of {list(anchors)} found among {len(self.key_to_file)} tensors "
                    f"(first few: {self.keys()[:5]}). Is this the right kind of model?")
 
   def resolve(self, key: Key) -> str | None:
