@@ -1,6 +1,6 @@
 """The shapes demo's train step against this machine's matmul peak, measured side by side in one run.
 
-  python -m benchmarks.demo_step [--steps 20] [--config configs/shapes.py]
+  python -m benchmarks.demo_step [--steps 20] [--config configs/shapes.py] [--set KEY=VALUE ...]
 
 Prints one JSON line (model GFLOP per step from `plan.step_flops`, step time, achieved GFLOP/s, the peak
 GFLOP/s of a large jitted matmul measured in the same process, and their ratio) and adds a dated
@@ -34,12 +34,13 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def train_step_rate(config_path, steps: int) -> dict:
-  """Median seconds of the jitted train step of `config_path` (a file, or a ConfigDict) and its FLOPs from
-  model FLOPs."""
+def train_step_rate(config_path, steps: int, overrides: dict | None = None) -> dict:
+  """Median seconds of the jitted train step of `config_path` (a file, or a ConfigDict) with `overrides` and its
+  FLOPs from model FLOPs. Batches come from `Setup.text_for` as in training (a text cache included)."""
   from lidit_jax import configs, plan, state as state_lib, train
   from lidit_jax.data import pipeline
-  config = configs.validate(configs.load_config_file(config_path) if isinstance(config_path, str) else config_path)
+  config = configs.load_config_file(config_path) if isinstance(config_path, str) else config_path
+  config = configs.validate(configs.apply_overrides(config, overrides or {}))
   s = state_lib.setup(config)
   state = s.init_state(jax.random.key(0))
   step = train.make_train_step(s)
@@ -60,7 +61,9 @@ def train_step_rate(config_path, steps: int) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   sec = float(np.median(times))
-  return {"config": config_path if isinstance(config_path, str) else "given", "batch_size": config.train.batch_size,
+  name = config_path if isinstance(config_path, str) else "given"
+  name += "".join(f" {k}={v}" for k, v in (overrides or {}).items())
+  return {"config": name, "batch_size": config.train.batch_size,
           "gflop_per_step": gflop, "sec_per_step": sec, "steps_per_sec": 1.0 / sec, "gflops_achieved": gflop / sec}
 
 
@@ -68,9 +71,11 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="configs/shapes.py")
   ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
   args = ap.parse_args()
+  from lidit_jax import configs
   peak_before = matmul_peak()
-  result = train_step_rate(args.config, args.steps)
+  result = train_step_rate(args.config, args.steps, configs.parse_overrides(args.set))
   peak = max(peak_before, matmul_peak())  # measured around the step, same process
   result.update(matmul_peak_gflops=peak, flop_utilization=result["gflops_achieved"] / peak,
                 machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",

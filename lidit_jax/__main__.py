@@ -34,12 +34,12 @@ def main(argv):
   print("[3/3] evaluating on held-out prompts")
   e = config.eval
   result = evaluate.evaluate(s, params, e.num_prompts, e.steps, e.cfg, sampler=config.sample.sampler,
-                             batch_size=e.batch_size, out_dir=workdir)
+                             batch_size=e.batch_size, out_dir=workdir, num_probe_pairs=e.probe_pairs)
   result["checkpoint_step"] = step
   with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as fh:
     json.dump(result, fh, indent=2)
   keys = ("colour_accuracy", "shape_accuracy", "relation_accuracy", "prompt_accuracy",
-          "object_accuracy_first_phrase", "object_accuracy_last_phrase")
+          "count_accuracy", "relation_sensitivity")
   print("      " + ", ".join(f"{k}={result[k]:.3f}" for k in keys))
   print(f"      {os.path.join(workdir, 'eval.json')}, {os.path.join(workdir, 'eval_grid.png')}")
 

@@ -53,10 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
                  modulation="block",  # adaLN-Zero per block (LI-DiT), or "single" (PixArt-alpha's adaLN-single)
                  attention="auto",  # DiT attention: auto (cuDNN on GPU in bf16, splash on TPU, else XLA), xla,
                                     # cudnn, splash
-                 refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative"))
+                 refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative",
+                              rope=False))  # rope: rotary word positions in the token refiners (not in the paper)
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
-                cache="",  # a `python -m lidit_jax.encode_prompts` output: train without running the LLMs
+                cache="",  # a `python -m lidit_jax.encode_prompts` output: train without running the LLMs;
+                           # "memory": run them once per caption and keep the features in host memory
                 towers=dict(llama_a=tower(), llama_b=tower(hidden_size=96, num_layers=5, num_heads=4,
                                                            num_kv_heads=4, intermediate_size=256)))
   c.data = dict(source="shapes",  # shapes (the embedded demo), tfds (`python -m lidit_jax.data.prepare`) or
@@ -71,7 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
                 threads=16,  # decoding threads per batch
                 prefetch=2)  # batches read ahead (per worker process)
   c.autoencoder = dict(kind="identity", factor=1, channels=3)
-  c.flow = dict(timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+  c.flow = dict(prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; flow.as_velocity)
+                x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
+                timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                 shift=1.0, resolution_shift=False)
   c.optim = dict(lr=1e-4,
                  warmup_steps=1000,  # clipped to a tenth of the run (with a warning) when not below num_steps
@@ -87,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
                            "a green triangle above a yellow circle",
                            "a blue square below a red triangle",
                            "a yellow square to the right of a green circle"))
-  c.eval = dict(num_prompts=128, steps=30, cfg=4.0, batch_size=64)
+  c.eval = dict(num_prompts=128, steps=30, cfg=4.0, batch_size=64,
+                probe_pairs=32)  # relation probe: pairs of objects drawn with each relation word (0: off)
   c.mesh = dict(data=1, fsdp=1, tensor=1,  # within one slice (or all devices); -1 = the rest
                 dcn_data=1, dcn_fsdp=1)  # multi-slice pods: slices along data / fsdp
   c.sharding_rules = DEFAULT_RULES
@@ -182,6 +187,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
 
   _one_of("flow.timestep", c.flow.timestep, {"uniform", "logit_normal", "mode"})
+  _one_of("flow.prediction", c.flow.prediction, {"velocity", "x0"})
+  if not 0 < c.flow.x0_t_min < 1:
+    _fail("flow.x0_t_min", c.flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
   if c.flow.shift <= 0:
     _fail("flow.shift", c.flow.shift, "must be positive", "use 1.0 for no shift")
   _one_of("sample.sampler", c.sample.sampler, {"euler", "heun"})
@@ -217,6 +225,22 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
       node = node[p]
     node[last] = value
   return c
+
+
+def parse_overrides(items) -> dict:
+  """["model.depth=6", "text.instruction=Describe the objects:"] -> {key: value}: Python literals where they
+  parse (numbers, True, tuples), else the text itself."""
+  import ast
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ConfigError(f"override {item!r} is not KEY=VALUE. Fix: write e.g. model.depth=6")
+    try:
+      out[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value
+  return out
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 """Rectified flow: x_t = (1 - t) x0 + t eps, velocity target v = eps - x0; t = 1 is pure noise.
 
-Training timesteps: uniform, logit-normal (SD3) or "mode" density, then an optional shift
+The network predicts the velocity, or the clean image (`as_velocity`). Training timesteps: uniform, logit-normal (SD3) or "mode" density, then an optional shift
 t' = k t / (1 + (k - 1) t); with `resolution_shift` k comes from the image token count as in Flux
 (mu linear from (256 tokens, 0.5) to (4096 tokens, 1.15), k = e^mu). Sampling integrates the ODE
 from t = 1 to t = 0 with Euler or Heun steps, with classifier-free guidance.
@@ -42,6 +42,21 @@ def sample_timesteps(rng, batch: int, flow_cfg, shift: float = 1.0):
   else:
     raise ValueError(f"unknown flow.timestep {kind!r}")
   return shift_time(jnp.clip(t, 1e-5, 1.0 - 1e-5), shift)
+
+
+def as_velocity(model_fn, flow_cfg):
+  """The network's output as a velocity. `flow.prediction="velocity"`: it is one. "x0": the network predicts the
+  clean image and v = (x_t - x0_hat) / t, t clipped below at `flow.x0_t_min` (JiT, Li & He 2025: a clean image is
+  an easier target than noise for a pixel-space transformer; the loss stays the velocity MSE, the last sampling
+  step lands on the prediction itself). `model_fn(x_t, t, *rest)`; the same signature comes back."""
+  if flow_cfg.prediction == "velocity":
+    return model_fn
+
+  def velocity(x, t, *rest, **kw):
+    x0 = model_fn(x, t, *rest, **kw).astype(jnp.float32)
+    tt = jnp.maximum(t, flow_cfg.x0_t_min).reshape((-1,) + (1,) * (x.ndim - 1))
+    return (x - x0) / tt
+  return velocity
 
 
 def interpolate(x0, eps, t):

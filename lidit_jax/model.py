@@ -34,6 +34,7 @@ class LIDiT(nn.Module):
   refiner_mlp_ratio: float = 4.0
   refiner_causal: bool = False
   refiner_gated: bool = True
+  refiner_rope: bool = False  # rotary word positions in the token refiners' self-attention
   fusion: str = "collaborative"  # or "concat"
   drop_instruction: bool = True
   dtype: Dtype = jnp.float32
@@ -46,7 +47,8 @@ class LIDiT(nn.Module):
     for i, (f, v, pm) in enumerate(zip(feats, valids, prompts)):
       x, c = refiner.TokenRefiner(w, self.refiner_depth, self.refiner_heads, self.refiner_mlp_ratio,
                                   causal=self.refiner_causal,
-                                  gated=self.refiner_gated, qk_norm=self.dit.qk_norm, dtype=self.dtype,
+                                  gated=self.refiner_gated, qk_norm=self.dit.qk_norm,
+                                  rope_theta=10000.0 if self.refiner_rope else None, dtype=self.dtype,
                                   name=f"token_refiner_{i}")(f, v, pm, t_emb_BD)
       xs.append(x), cs.append(c), vs.append(v.astype(bool))
     if self.fusion == "collaborative":
@@ -216,7 +218,7 @@ def build_model(config) -> LIDiT:
   r = m.refiner
   return LIDiT(dcfg, refiner_depth=r.depth, refiner_heads=r.num_heads, refiner_mlp_ratio=r.mlp_ratio,
                refiner_causal=r.causal,
-               refiner_gated=r.gated, fusion=r.fusion, drop_instruction=config.text.drop_instruction,
+               refiner_gated=r.gated, refiner_rope=r.rope, fusion=r.fusion, drop_instruction=config.text.drop_instruction,
                dtype=DTYPES[m.dtype])
 
 

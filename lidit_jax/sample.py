@@ -42,7 +42,7 @@ def make_generator(s, steps: int, cfg_scale: float, sampler: str):
   def generate(params, tower_params, tokens, noise):
     feats, valids, prompts = text_inputs(s.towers, tower_params, tokens)
     b = noise.shape[0]
-    apply = functools.partial(s.model.apply, {"params": params})
+    apply = flow.as_velocity(functools.partial(s.model.apply, {"params": params}), config.flow)
     if cfg_scale == 1.0:  # guidance off: one conditional evaluation per step
       velocity = lambda x, t: apply(x, t, feats, valids, prompts, jnp.zeros((b,), bool))
     else:
@@ -67,9 +67,12 @@ def make_generator(s, steps: int, cfg_scale: float, sampler: str):
 
 
 def generate_images(s, params, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
-                    cfg_scale: float = 3.0, sampler: str = "euler", batch_size: int = 64, generator=None):
-  """uint8 images [len(prompts), num_images, H, W, C]; noise depends only on (seed, prompt index, image index)."""
+                    cfg_scale: float = 3.0, sampler: str = "euler", batch_size: int = 64, generator=None,
+                    noise_ids: list[int] | None = None):
+  """uint8 images [len(prompts), num_images, H, W, C]; noise depends only on (seed, noise id, image index), the
+  noise id being the prompt's index unless `noise_ids` gives one per prompt (prompts sharing an id share noise)."""
   gen = generator or make_generator(s, steps, cfg_scale, sampler)
+  noise_ids = list(range(len(prompts))) if noise_ids is None else list(noise_ids)
   flat = [(i, j, p) for i, p in enumerate(prompts) for j in range(num_images)]
   shape = model_lib.latent_shape(s.config)
   out = np.zeros((len(prompts), num_images, *shape), np.uint8)
@@ -78,8 +81,8 @@ def generate_images(s, params, prompts: list[str], num_images: int = 1, seed: in
     pad = batch_size - len(chunk) if len(flat) > batch_size else 0  # keep one compiled shape
     items = chunk + [chunk[-1]] * pad
     tokens = s.text_for([p for _, _, p in items])
-    noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j), shape)
-                       for i, j, _ in items])
+    noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), noise_ids[i]), j),
+                                         shape) for i, j, _ in items])
     x = np.asarray(gen(params, s.tower_params, tokens, noise))
     for (i, j, _), img in zip(chunk, x[:len(chunk)]):
       out[i, j] = to_uint8(img)

@@ -99,6 +99,10 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False) -> Setup:
                                   nn.unbox(boxed), s.state_shardings)
   if abstract:
     s.tower_params = model_lib.abstract_tower_params(towers, mesh, sharding.rules(config))
+  elif config.text.cache == "memory" and use_text_cache:  # the towers run once per caption, not once per step
+    with sharding.active(mesh, config):
+      params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+    s.text_for, s.tower_params = text_cache.MemoryCache(towers, params), {}
   elif config.text.cache and use_text_cache:  # features come from disk; the LLMs are never loaded
     s.text_for, s.tower_params = text_cache.TextCache(config.text.cache, config, towers), {}
   else:

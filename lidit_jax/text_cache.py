@@ -110,3 +110,46 @@ class TextCache:
     return {n: {"hidden": self.arrays[f"{n}.hidden"][rows],
                 "attention_mask": self.arrays[f"{n}.attention_mask"][rows].astype(np.int32),
                 "prompt_mask": self.arrays[f"{n}.prompt_mask"][rows].astype(np.int32)} for n in self.names}
+
+
+class MemoryCache:
+  """`text.cache="memory"`: each caption's features are computed by the towers the first time a batch holds it,
+  then kept in host memory (least recently used dropped beyond `capacity` captions). For finite caption sets
+  such as the demo's, most steps then skip the towers. New captions of a batch are encoded together, padded to
+  the batch's size, so the towers compile once."""
+
+  def __init__(self, towers, tower_params, capacity: int = 1 << 17):
+    import collections
+    if jax.process_count() > 1:
+      raise ValueError("text.cache='memory' encodes each process's captions on its own; with several processes "
+                       "precompute the features instead. Fix: python -m lidit_jax.encode_prompts, then "
+                       "--config.text.cache=DIR.")
+    self.towers, self.params, self.capacity = towers, tower_params, capacity
+    self.encode = {t.name: jax.jit(t.features) for t in towers}
+    self.rows: collections.OrderedDict[str, dict] = collections.OrderedDict()
+    self.hits = self.misses = 0
+
+  def _encode(self, captions, batch: int):
+    from lidit_jax.data import pipeline
+    for start in range(0, len(captions), batch):
+      chunk = captions[start:start + batch]
+      tokens = pipeline.tokenize(self.towers, chunk + [chunk[-1]] * (batch - len(chunk)))
+      hidden = {t.name: np.asarray(self.encode[t.name](self.params[t.name], tokens[t.name]["input_ids"],
+                                                       tokens[t.name]["attention_mask"])) for t in self.towers}
+      for k, c in enumerate(chunk):
+        self.rows[c] = {t.name: {"hidden": hidden[t.name][k], "attention_mask": tokens[t.name]["attention_mask"][k],
+                                 "prompt_mask": tokens[t.name]["prompt_mask"][k]} for t in self.towers}
+    while len(self.rows) > self.capacity:
+      self.rows.popitem(last=False)
+
+  def __call__(self, captions) -> dict:
+    captions = list(captions)
+    new = [c for c in dict.fromkeys(captions) if c not in self.rows]
+    self.misses += len(new)
+    self.hits += len(captions) - len(new)
+    if new:
+      self._encode(new, len(captions))
+    for c in captions:
+      self.rows.move_to_end(c)
+    return {t.name: {k: np.stack([self.rows[c][t.name][k] for c in captions])
+                     for k in ("hidden", "attention_mask", "prompt_mask")} for t in self.towers}

@@ -8,6 +8,7 @@ grids to WORKDIR/samples/. A non-finite loss stops the run naming the step; the 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -53,7 +54,8 @@ def make_train_step(s: state_lib.Setup):
 
     def loss_fn(params, mb):
       feats, valids, prompts = sample_lib.text_inputs(s.towers, tower_params, mb["text"])
-      velocity = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, mb["drop"])
+      apply = flow.as_velocity(functools.partial(s.model.apply, {"params": params}), config.flow)
+      velocity = lambda x, t: apply(x, t, feats, valids, prompts, mb["drop"])
       loss_B, _ = flow.loss_terms(velocity, mb["image"], None, config.flow, shift, t=mb["t"], eps=mb["eps"])
       return jnp.mean(loss_B)
 

@@ -75,3 +75,18 @@ def test_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
   assert float(loss.max()) < 1e-8
   wrong = lambda x, t: jnp.zeros_like(x)
   assert float(flow.loss_terms(wrong, c, jax.random.key(2), flow_cfg("uniform"))[0].mean()) > 0.1
+
+
+def test_x0_prediction_gives_the_velocity_and_samples_land_on_the_prediction():
+  cfg = flow_cfg("uniform")
+  cfg.update(prediction="x0", x0_t_min=0.05)
+  c = jnp.full((4, 3), 0.7)
+  exact = flow.as_velocity(lambda x, t: jnp.broadcast_to(c, x.shape), cfg)  # a network that knows x0
+  loss, t = flow.loss_terms(exact, c, jax.random.key(2), cfg)
+  # Exact wherever t >= x0_t_min; below it the clipped denominator shrinks the velocity (bounded loss).
+  assert float(loss[t >= 0.05].max(initial=0.0)) < 1e-8
+  noise = jax.random.normal(jax.random.key(3), (4, 3))
+  np.testing.assert_allclose(flow.solve(exact, noise, 10), c, atol=1e-5)  # last step (t=0.1 -> 0) lands on x0
+  cfg.prediction = "velocity"
+  v = lambda x, t: x
+  assert flow.as_velocity(v, cfg) is v

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lidit_jax import evaluate, sample, state as state_lib, train
-from lidit_jax.data import pipeline
+from lidit_jax.data import pipeline, shapes
 
 from conftest import ROOT, tiny_config
 
@@ -77,7 +77,11 @@ def test_sample_and_evaluate_from_the_checkpoint(trained):
   assert imgs.shape == (2, 2, 32, 32, 3) and imgs.dtype == np.uint8
   again = sample.generate_images(s, params, ["a red circle"], 1, steps=2, cfg_scale=2.0)
   np.testing.assert_array_equal(again[0, 0], imgs[0, 0])  # noise depends on (seed, prompt, image) only
-  result = evaluate.evaluate(s, params, num_prompts=4, steps=2, cfg_scale=2.0, batch_size=4)
+  same = sample.generate_images(s, params, ["a red circle"] * 2, 1, steps=2, cfg_scale=2.0, noise_ids=[5, 5])
+  np.testing.assert_array_equal(same[0], same[1])  # a shared noise id is shared noise (the relation probe's)
+  assert np.abs(same[0].astype(int) - imgs[0].astype(int)).max() > 0
+  result = evaluate.evaluate(s, params, num_prompts=4, steps=2, cfg_scale=2.0, batch_size=4, num_probe_pairs=2)
+  assert result["relation_probe_pairs"] == 2 and set(result["relation_offsets"]) == set(shapes.RELATIONS)
   for k in ("colour_accuracy", "shape_accuracy", "relation_accuracy", "prompt_accuracy",
             "object_accuracy_first_phrase", "object_accuracy_last_phrase"):
     assert 0.0 <= result[k] <= 1.0
@@ -146,6 +150,27 @@ def test_training_from_a_text_cache_matches_online_towers(trained, tmp_path):
   s, params, step = state_lib.restore_for_inference(cached, workdir)
   assert step == 6 and set(s.tower_params) == {"llama_a", "llama_b"}
   assert sample.generate_images(s, params, ["a purple star"], steps=2).shape == (1, 1, 32, 32, 3)
+
+
+def test_memory_text_cache_trains_like_online_towers_and_encodes_each_caption_once(trained, tmp_path):
+  config, reference = trained
+  cached = tiny_config(**{"train.checkpoint_every": 2, "text.cache": "memory"})
+  s = state_lib.setup(cached)
+  assert s.tower_params == {}  # the step never sees the towers: features come from the host
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(cached, workdir)
+  got, want = read_metrics(workdir), read_metrics(reference)
+  np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+  cache = s.text_for
+  first = cache(["a red circle", "a blue square", "a red circle"])
+  misses = cache.misses
+  again = cache(["a blue square", "a red circle"])
+  assert cache.misses == misses  # seen captions are not encoded again
+  np.testing.assert_array_equal(again["llama_b"]["hidden"][1], first["llama_b"]["hidden"][0])
+  direct = s.towers[1].features(cache.params["llama_b"], *(jnp.asarray(pipeline.tokenize(s.towers, ["a blue square"])
+                                                          ["llama_b"][k]) for k in ("input_ids", "attention_mask")))
+  np.testing.assert_allclose(np.asarray(again["llama_b"]["hidden"][0], np.float32),
+                             np.asarray(direct[0], np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_text_cache_refuses_a_mismatched_config_and_unknown_captions(tmp_path):

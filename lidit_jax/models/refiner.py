@@ -20,13 +20,15 @@ class RefinerBlock(nn.Module):
   """LN -> self-attention -> gated residual; LN -> MLP -> gated residual.
 
   Gates come from Linear(SiLU(c)) initialised at zero, so the block starts as the identity
-  ("adaptive gating"); `gated=False` is the paper's ablation with plain residuals.
+  ("adaptive gating"); `gated=False` is the paper's ablation with plain residuals. `rope_theta` adds rotary
+  positions to the self-attention (off in the paper, whose trained LLMs already encode word order).
   """
   num_heads: int
   mlp_ratio: float = 4.0
   causal: bool = False
   gated: bool = True
   qk_norm: bool = True
+  rope_theta: float | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -39,7 +41,9 @@ class RefinerBlock(nn.Module):
     else:
       g_attn = g_mlp = 1.0
     h = layers.layer_norm(self.dtype, affine=True, name="norm1")(x_BLD)
-    h = layers.Attention(self.num_heads, qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype, name="attn")(h, mask=mask)
+    positions = None if self.rope_theta is None else jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
+    h = layers.Attention(self.num_heads, qk_norm=self.qk_norm, use_bias=True, rope_theta=self.rope_theta,
+                         dtype=self.dtype, name="attn")(h, mask=mask, positions_BL=positions)
     x_BLD = x_BLD + g_attn * h
     h = layers.layer_norm(self.dtype, affine=True, name="norm2")(x_BLD)
     x_BLD = x_BLD + g_mlp * layers.Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(h)
@@ -58,6 +62,7 @@ class TokenRefiner(nn.Module):
   causal: bool = False
   gated: bool = True
   qk_norm: bool = True
+  rope_theta: float | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -69,7 +74,7 @@ class TokenRefiner(nn.Module):
     pooled = layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="pool_fc2")(nn.silu(pooled))
     c = t_emb_BD.astype(self.dtype) + pooled
     for i in range(self.depth):
-      x = RefinerBlock(self.num_heads, self.mlp_ratio, self.causal, self.gated, self.qk_norm,
+      x = RefinerBlock(self.num_heads, self.mlp_ratio, self.causal, self.gated, self.qk_norm, self.rope_theta,
                        self.dtype, name=f"block_{i}")(x, valid_BL, c)
     return x, c
 
