@@ -1,4 +1,4 @@
-"""Held-out prompt following against training wall-clock seconds, for one or more arms, side by side in one run.
+"""Held-out prompt following against training wall-clock seconds, for one or more arms run one after another.
 
   python -m benchmarks.learning_curve [--config configs/shapes.py] [--eval_at 500,1000,1500] \
       [--arm NAME=key=value,key=value ...] [--num_prompts 64] [--probe_pairs 16]
@@ -44,7 +44,6 @@ def run_arm(config_path: str, name: str, overrides: dict, eval_at: list[int], nu
   data = pipeline.make_batches(config, s.text_for)
   rng = jax.random.key(config.seed + 2)
   e = config.eval
-  generator = None
   rows, seconds, t0 = [], 0.0, None
   for step in tqdm(range(max(eval_at)), desc=name, dynamic_ncols=True, mininterval=10):
     if step == 1:  # the first step compiles: its time is not training time
@@ -54,8 +53,6 @@ def run_arm(config_path: str, name: str, overrides: dict, eval_at: list[int], nu
     if step + 1 in eval_at:
       jax.block_until_ready(state)
       seconds += time.perf_counter() - t0
-      from lidit_jax import sample as sample_lib
-      generator = generator or sample_lib.make_generator(s, e.steps, e.cfg, config.sample.sampler)
       r = evaluate.evaluate(s, state.ema_params, num_prompts, e.steps, e.cfg, sampler=config.sample.sampler,
                             batch_size=e.batch_size, num_probe_pairs=probe_pairs,
                             out_dir=grids and os.path.join(grids, name, str(step + 1)))
