@@ -70,25 +70,41 @@ def run_arm(config_path: str, name: str, overrides: dict, eval_at: list[int], nu
   return rows
 
 
-def add_table(rows: list[dict], config_path: str, path: str = "benchmarks/RESULTS.md"):
+def machine_line(config_path: str) -> str:
   machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}"
-  lines = [f"\n### {datetime.date.today().isoformat()}, {machine}, jax {jax.__version__}, {config_path}\n\n",
-           "| arm | overrides | step | train s | colour | shape | relation | count | prompt | relation sensitivity px |\n",
-           "|---|---|---|---|---|---|---|---|---|---|\n"]
-  for r in rows:
-    ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(config)"
-    lines.append(f"| {r['arm']} | {ov} | {r['step']} | {r['train_seconds']:.0f} | " +
-                 " | ".join(f"{r[k]:.2f}" for k in METRICS[:-1]) + f" | {r['relation_sensitivity']:+.1f} |\n")
+  return f"\n### {datetime.date.today().isoformat()}, {machine}, jax {jax.__version__}, {config_path}\n\n"
+
+
+def write_section(lines: list[str], marker: str, intro: str, path: str = "benchmarks/RESULTS.md"):
+  """Append `lines` to the RESULTS.md section headed `marker` (made, with `intro`, if missing)."""
   text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
-  marker = "## Demo learning curve (`python -m benchmarks.learning_curve`)"
   if marker not in text:
-    text += (f"\n{marker}\n\nHeld-out accuracy (our evaluator) and the relation probe against training seconds "
-             "(data + steps, compilation and evaluation excluded); the arms of one invocation run one after another in "
-             "one process.\n")
+    text += f"\n{marker}\n\n{intro}\n"
   head, _, tail = text.partition(marker)
   nxt = tail.find("\n## ")
   section, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
   open(path, "w", encoding="utf-8").write(head + marker + section.rstrip("\n") + "\n" + "".join(lines) + rest)
+
+
+def table_lines(rows: list[dict], name: str, extra: list[tuple[str, str, str]]) -> list[str]:
+  """Markdown table: rows[name] | the overrides | each (header, key, format) of `extra` | the metrics."""
+  heads = [name, "overrides", *(h for h, _, _ in extra), "colour", "shape", "relation", "count", "prompt",
+           "relation sensitivity px"]
+  lines = ["| " + " | ".join(heads) + " |\n", "|" + "---|" * len(heads) + "\n"]
+  for r in rows:
+    ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(config)"
+    cells = [r[name], ov, *(format(r[k], f) for _, k, f in extra), *(f"{r[k]:.2f}" for k in METRICS[:-1]),
+             f"{r['relation_sensitivity']:+.1f}"]
+    lines.append("| " + " | ".join(map(str, cells)) + " |\n")
+  return lines
+
+
+def add_table(rows: list[dict], config_path: str, path: str = "benchmarks/RESULTS.md"):
+  lines = [machine_line(config_path), *table_lines(rows, "arm", [("step", "step", "d"), ("train s", "train_seconds", ".0f")])]
+  write_section(lines, "## Demo learning curve (`python -m benchmarks.learning_curve`)",
+                "Held-out accuracy (our evaluator) and the relation probe against training seconds (data + steps, "
+                "compilation and evaluation excluded); the arms of one invocation run one after another in one process.",
+                path)
 
 
 def main():

@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow = dict(prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; flow.as_velocity)
                 x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
                 timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                shift=1.0, resolution_shift=False)
+                shift=1.0, resolution_shift=False,
+                unshifted=0.0)  # fraction of training times drawn without the shift (both ends trained)
   c.optim = dict(lr=1e-4,
                  warmup_steps=1000,  # clipped to a tenth of the run (with a warning) when not below num_steps
                  min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
@@ -87,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
                  grad_accum=1,  # micro-batches per step (same update, less activation memory)
                  sample_every=5000)
   c.sample = dict(steps=30, sampler="euler", cfg=4.0, num_images=4,
+                  shift=0.0,  # time shift of the sampling steps (samples and eval); 0 = the training shift
                   prompts=("a red circle to the left of a blue square",
                            "a green triangle above a yellow circle",
                            "a blue square below a red triangle",
@@ -192,6 +194,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("flow.x0_t_min", c.flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
   if c.flow.shift <= 0:
     _fail("flow.shift", c.flow.shift, "must be positive", "use 1.0 for no shift")
+  if not 0.0 <= c.flow.unshifted <= 1.0:
+    _fail("flow.unshifted", c.flow.unshifted, "must be a fraction in [0, 1]", "use e.g. 0.5")
+  if c.sample.shift < 0:
+    _fail("sample.shift", c.sample.shift, "must be >= 0", "use 0 for the training shift, 1.0 for none")
   _one_of("sample.sampler", c.sample.sampler, {"euler", "heun"})
   o = c.optim
   if o.lr <= 0 or not math.isfinite(o.lr):

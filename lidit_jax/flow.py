@@ -31,6 +31,11 @@ def effective_shift(flow_cfg, num_tokens: int) -> float:
 
 
 def sample_timesteps(rng, batch: int, flow_cfg, shift: float = 1.0):
+  """Training times for one batch. A fraction `flow.unshifted` of the examples skips the shift, so that a run
+  shifted towards noise (where layouts are decided) still trains the low-noise end (where edges are)."""
+  frac = flow_cfg.get("unshifted", 0.0)
+  if frac > 0.0:
+    rng, r_mix = jax.random.split(rng)
   kind = flow_cfg.timestep
   if kind == "uniform":
     t = jax.random.uniform(rng, (batch,))
@@ -41,7 +46,10 @@ def sample_timesteps(rng, batch: int, flow_cfg, shift: float = 1.0):
     t = 1.0 - u - flow_cfg.mode_scale * (jnp.cos(jnp.pi * u / 2) ** 2 - 1.0 + u)
   else:
     raise ValueError(f"unknown flow.timestep {kind!r}")
-  return shift_time(jnp.clip(t, 1e-5, 1.0 - 1e-5), shift)
+  t = jnp.clip(t, 1e-5, 1.0 - 1e-5)
+  if frac > 0.0:
+    return jnp.where(jax.random.uniform(r_mix, (batch,)) < frac, t, shift_time(t, shift))
+  return shift_time(t, shift)
 
 
 def as_velocity(model_fn, flow_cfg):

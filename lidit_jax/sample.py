@@ -37,7 +37,7 @@ def text_inputs(towers, tower_params, text):
 def make_generator(s, steps: int, cfg_scale: float, sampler: str):
   """Jitted (params, tower_params, tokens, noise) -> images in [-1, 1]."""
   config = s.config
-  shift = model_lib.image_shift(config)
+  shift = config.sample.shift or model_lib.image_shift(config)
 
   def generate(params, tower_params, tokens, noise):
     feats, valids, prompts = text_inputs(s.towers, tower_params, tokens)

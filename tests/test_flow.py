@@ -36,6 +36,16 @@ def test_shift_moves_time_towards_noise():
   assert float(flow.shift_time(s, math.exp(mu))) == pytest.approx(math.exp(mu) / (math.exp(mu) + 1 / s - 1), rel=1e-6)
 
 
+def test_unshifted_fraction_mixes_both_densities():
+  cfg = flow_cfg("uniform")
+  cfg.unshifted = 0.5
+  t = flow.sample_timesteps(jax.random.key(0), 20000, cfg, shift=3.0)
+  # P(t < 1/4): 1/4 unshifted, 1/10 shifted by 3 (t' < 1/4 <=> t < 1/10); half of each.
+  assert float(jnp.mean(t < 0.25)) == pytest.approx(0.175, abs=0.01)
+  shifted = flow.sample_timesteps(jax.random.key(0), 20000, flow_cfg("uniform"), shift=3.0)
+  assert float(jnp.mean(shifted < 0.25)) == pytest.approx(0.1, abs=0.01)
+
+
 def gaussian_velocity(mu, sigma):
   """Exact E[eps - x0 | x_t] for x0 ~ N(mu, sigma^2), eps ~ N(0, 1), x_t = (1 - t) x0 + t eps."""
   def v(x, t):

@@ -82,10 +82,39 @@ def test_sample_and_evaluate_from_the_checkpoint(trained):
   assert np.abs(same[0].astype(int) - imgs[0].astype(int)).max() > 0
   result = evaluate.evaluate(s, params, num_prompts=4, steps=2, cfg_scale=2.0, batch_size=4, num_probe_pairs=2)
   assert result["relation_probe_pairs"] == 2 and set(result["relation_offsets"]) == set(shapes.RELATIONS)
-  for k in ("colour_accuracy", "shape_accuracy", "relation_accuracy", "prompt_accuracy",
-            "object_accuracy_first_phrase", "object_accuracy_last_phrase"):
-    assert 0.0 <= result[k] <= 1.0
+  # A whole prompt is right only when each of its parts is; an object only when its colour and shape are.
+  parts = ("object_accuracy", "relation_accuracy", "count_accuracy")
+  assert all(result["prompt_accuracy"] <= result[k] for k in parts), result
+  assert result["object_accuracy"] <= min(result["colour_accuracy"], result["shape_accuracy"]), result
+  for k in ("prompt_accuracy", "count_accuracy", "object_accuracy_first_phrase", "object_accuracy_last_phrase"):
+    assert result[k] * 4 == round(result[k] * 4), (k, result[k])  # one value per prompt, 4 prompts
   assert result["num_prompts"] == 4
+  # sample.shift overrides the training shift (3 in the demo) for the sampling steps only.
+  assert s.config.flow.shift != 1.0
+  s.config.sample.shift = 1.0
+  try:
+    unshifted = sample.generate_images(s, params, ["a red circle"], 1, steps=2, cfg_scale=2.0)
+  finally:
+    s.config.sample.shift = 0.0
+  assert np.abs(unshifted[0].astype(int) - again[0].astype(int)).max() > 0
+
+
+def test_sampler_sweep_on_the_checkpoint(trained, tmp_path):
+  from benchmarks import sampler_sweep
+  config, workdir = trained
+  with pytest.raises(SystemExit, match="model.depth"):  # refused before anything is restored
+    sampler_sweep.sweep(TINY, workdir, [("deeper", {"model.depth": 3})], 4, 2)
+  rows = sampler_sweep.sweep(TINY, workdir, [("base", {}), ("cfg1", {"eval.cfg": 1.0})], 4, 2)
+  assert [(r["setting"], r["step"]) for r in rows] == [("base", 6), ("cfg1", 6)]
+  s, params, _ = state_lib.restore_for_inference(config, workdir)  # the base row is the config's own evaluation
+  want = evaluate.evaluate(s, params, 4, config.eval.steps, config.eval.cfg, batch_size=config.eval.batch_size,
+                           sampler=config.sample.sampler, num_probe_pairs=2)
+  assert rows[0]["relation_sensitivity"] == pytest.approx(want["relation_sensitivity"], abs=1e-6)
+  assert rows[0]["relation_offsets"] != rows[1]["relation_offsets"]  # guidance changed the samples
+  results = tmp_path / "RESULTS.md"
+  sampler_sweep.add_table(rows, TINY, workdir, str(results))
+  text = results.read_text()
+  assert "## Demo sampler sweep" in text and "| cfg1 | eval.cfg=1.0 |" in text and "| base | (config) |" in text
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
