@@ -100,7 +100,8 @@ def table_lines(rows: list[dict], name: str, extra: list[tuple[str, str, str]]) 
 
 
 def add_table(rows: list[dict], config_path: str, path: str = "benchmarks/RESULTS.md"):
-  lines = [machine_line(config_path), *table_lines(rows, "arm", [("step", "step", "d"), ("train s", "train_seconds", ".0f")])]
+  extra = [("step", "step", "d"), ("train s", "train_seconds", ".0f")]
+  lines = [machine_line(config_path), *table_lines(rows, "arm", extra)]
   write_section(lines, "## Demo learning curve (`python -m benchmarks.learning_curve`)",
                 "Held-out accuracy (our evaluator) and the relation probe against training seconds (data + steps, "
                 "compilation and evaluation excluded); the arms of one invocation run one after another in one process.",

@@ -24,7 +24,8 @@ def sweep(config_path: str, workdir: str, settings: list[tuple[str, dict]], num_
   for name, overrides in settings:
     bad = [k for k in overrides if not k.startswith(("sample.", "eval."))]
     if bad:
-      raise SystemExit(f"--setting {name}: {bad} are not sample.* / eval.* keys; a sweep changes sampling only")
+      raise configs.ConfigError(f"--setting {name}: {bad} are not sample.* / eval.* keys. Fix: a sweep changes "
+                                "sampling only; train another checkpoint for other keys (benchmarks.learning_curve)")
   config = configs.validate(configs.load_config_file(config_path))
   s, params, step = state_lib.restore_for_inference(config, workdir)
   rows = []
@@ -58,8 +59,10 @@ def main():
   ap.add_argument("--probe_pairs", type=int, default=16)
   ap.add_argument("--no_table", action="store_true", help="do not write benchmarks/RESULTS.md")
   args = ap.parse_args()
-  rows = sweep(args.config, args.workdir, [parse_arm(x) for x in args.setting or ["config="]], args.num_prompts,
-               args.probe_pairs)
+  from lidit_jax import cli
+  with cli.user_errors():  # a bad setting, config or workdir: one message, exit status 2
+    rows = sweep(args.config, args.workdir, [parse_arm(x) for x in args.setting or ["config="]], args.num_prompts,
+                 args.probe_pairs)
   if not args.no_table:
     add_table(rows, args.config, args.workdir)
 

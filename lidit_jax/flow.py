@@ -33,7 +33,7 @@ def effective_shift(flow_cfg, num_tokens: int) -> float:
 def sample_timesteps(rng, batch: int, flow_cfg, shift: float = 1.0):
   """Training times for one batch. A fraction `flow.unshifted` of the examples skips the shift, so that a run
   shifted towards noise (where layouts are decided) still trains the low-noise end (where edges are)."""
-  frac = flow_cfg.get("unshifted", 0.0)
+  frac = flow_cfg.unshifted
   if frac > 0.0:
     rng, r_mix = jax.random.split(rng)
   kind = flow_cfg.timestep

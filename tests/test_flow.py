@@ -12,7 +12,7 @@ from lidit_jax import flow
 
 def flow_cfg(kind):
   return ml_collections.ConfigDict(dict(timestep=kind, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                                        shift=1.0, resolution_shift=False))
+                                        shift=1.0, resolution_shift=False, unshifted=0.0))
 
 
 @pytest.mark.parametrize("kind", ["uniform", "logit_normal", "mode"])

@@ -102,7 +102,8 @@ def test_sample_and_evaluate_from_the_checkpoint(trained):
 def test_sampler_sweep_on_the_checkpoint(trained, tmp_path):
   from benchmarks import sampler_sweep
   config, workdir = trained
-  with pytest.raises(SystemExit, match="model.depth"):  # refused before anything is restored
+  from lidit_jax import configs
+  with pytest.raises(configs.ConfigError, match="model.depth"):  # refused before anything is restored
     sampler_sweep.sweep(TINY, workdir, [("deeper", {"model.depth": 3})], 4, 2)
   rows = sampler_sweep.sweep(TINY, workdir, [("base", {}), ("cfg1", {"eval.cfg": 1.0})], 4, 2)
   assert [(r["setting"], r["step"]) for r in rows] == [("base", 6), ("cfg1", 6)]
