@@ -28,3 +28,24 @@ def test_summary_on_ground_truth_and_on_wrong_images():
   assert wrong["prompt_accuracy"] < 0.2 and wrong["colour_accuracy"] < 0.9
   assert set(wrong["prompt_accuracy_by_num_objects"]) == {"2", "3"}
   assert len(wrong["object_accuracy_by_phrase_index"]) == 3
+
+
+def test_independent_check_reads_grids_and_agrees_on_ground_truth(tmp_path):
+  """benchmarks/independent_check.py: its own caption reader and detector score the renderer's images 1.0 (as the
+  evaluator does, from the grid PNG the evaluator writes) and images of other prompts far lower."""
+  from benchmarks import independent_check as ic
+  from lidit_jax import sample
+  scenes = evaluate.eval_scenes("heldout", 40, seed=2)
+  captions = [s.caption(k % shapes.N_TEMPLATES) for k, s in enumerate(scenes)]
+  assert [ic.parse_caption(c) for c in captions] == [(list(s.objects), list(s.relations)) for s in scenes]
+  rng = np.random.default_rng(0)
+  renders = np.stack([shapes.render(s, rng) for s in scenes])
+  sample.save_grid(renders, str(tmp_path / "eval_grid.png"), cols=8)
+  (tmp_path / "eval_grid.txt").write_text("".join(f"{k:02d} OK  {c}\n" for k, c in enumerate(captions)))
+  tiles, read = ic.read_grid(str(tmp_path / "eval_grid.png"), str(tmp_path / "eval_grid.txt"))
+  assert read == captions and np.array_equal(tiles, renders)
+  both = ic.compare([str(tmp_path / "eval_grid.png")])
+  assert both["independent"] == both["evaluator"] == {"images": 40, "colour": 1.0, "shape": 1.0, "relation": 1.0,
+                                                      "count": 1.0}
+  wrong = ic.summarize([ic.check(r, c) for r, c in zip(renders, captions[1:] + captions[:1])])
+  assert wrong["shape"] < 0.5 and wrong["relation"] < 0.5 and wrong["colour"] < 0.8
