@@ -27,6 +27,8 @@ DEFAULT_RULES = (
     ("layers", None),
     ("patch", None),
     ("cond", None),
+    ("conv_in", None),  # VAE channels: frozen and small, replicated unless a config maps them
+    ("conv_out", None),
 )
 
 

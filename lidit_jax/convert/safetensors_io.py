@@ -109,17 +109,22 @@ def heads_out(num_heads: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 class CheckpointFiles:
-  """The tensors of a Hugging Face model directory: one `model.safetensors`, or shards + index.
+  """The tensors of a Hugging Face model directory: one `model.safetensors` (diffusers:
+  `diffusion_pytorch_model.safetensors`), or shards + index.
 
   Keys may carry a prefix that depends on the class that saved them ("model." for *ForCausalLM,
   "text_model." for CLIP, "encoder." for T5); `find_prefix` resolves it from an anchor key.
   """
 
+  STEMS = ("model", "diffusion_pytorch_model")  # transformers' file names, diffusers' file names
+
   def __init__(self, directory: str, allow_pickle: bool = False):
     self.directory = directory
     self._headers: dict[str, tuple[int, dict]] = {}  # path -> (data offset, header)
-    index = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
+    stem = next((s for s in self.STEMS if os.path.exists(os.path.join(directory, f"{s}.safetensors.index.json"))
+                 or os.path.exists(os.path.join(directory, f"{s}.safetensors"))), self.STEMS[0])
+    index = os.path.join(directory, f"{stem}.safetensors.index.json")
+    single = os.path.join(directory, f"{stem}.safetensors")
     self._pickle: dict[str, np.ndarray] | None = None
     if os.path.exists(index):
       with open(index) as f:
@@ -134,7 +139,8 @@ class CheckpointFiles:
     else:
       bins = sorted(n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth")))
       if not bins:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}.")
+        raise FileNotFoundError(f"no model.safetensors, diffusion_pytorch_model.safetensors or their "
+                                f".index.json in {directory}.")
       if not allow_pickle:
         raise ValueError(f"{directory} holds only pickle checkpoints ({', '.join(bins)}), which can run code "
                          "when loaded. Fix: convert them to safetensors, or pass allow_pickle=True "
