@@ -98,3 +98,42 @@ def test_refuses_weights_of_another_layout(tmp_path):
     load_vae(str(tmp_path / "vae"), config=str(tmp_path / "other.json"))
   with pytest.raises(Exception, match="not a directory"):
     load_vae(str(tmp_path / "nowhere"))
+
+
+def _write_original(ref, path, prefix, extra=()):
+  """The reference's weights as an original (CompVis LDM / A1111) single file: renamed, the mid-block attention
+  as 1x1 convs. diffusers' own single-file reader checks the file below, so the test's renaming is not ours alone."""
+  from safetensors.torch import save_file
+  from lidit_jax.convert.diffusers_vae import ldm_name
+  n = len(ref.config.block_out_channels)
+  sd = {}
+  for k, v in ref.state_dict().items():
+    name = ldm_name(k, n)
+    sd[prefix + name] = (v[:, :, None, None] if ".attn_1." in name and v.ndim == 2 else v).contiguous()
+  sd.update({k: torch.zeros(2, 2) for k in extra})
+  save_file(sd, str(path))
+
+
+@pytest.mark.parametrize("kind", ["sd_checkpoint_with_config", "bare_vae_inferred"])
+def test_original_single_files(tmp_path, kind):
+  """A whole SD checkpoint (`first_stage_model.*` among U-Net keys; config.json given) and a bare VAE file
+  (`encoder.*` / `decoder.*`; the layout inferred from the shapes) give diffusers' model."""
+  layout = (LAYOUTS["sd"] if kind.startswith("sd") else
+            dict(block_out_channels=(32, 32, 64), layers_per_block=1, latent_channels=4))  # 32 groups: SD's
+  ref = _save(tmp_path, "vae", **layout)
+  file = tmp_path / "model.safetensors"
+  prefix, extra = ("first_stage_model.", ["model.diffusion_model.out.0.weight"]) if kind.startswith("sd") else ("", [])
+  _write_original(ref, file, prefix, extra)
+  config = str(tmp_path / "vae" / "config.json") if kind.startswith("sd") else None
+  x = torch.from_numpy(np.random.default_rng(2).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32))
+  with torch.no_grad():
+    want = ref.encode(x).latent_dist.mean
+    check = diffusers.AutoencoderKL.from_single_file(str(file), config=str(tmp_path / "vae")).encode(x).latent_dist.mean
+    z = torch.from_numpy(np.random.default_rng(3).normal(size=(1, 4, 8, 8)).astype(np.float32))
+    want_img = ref.decode(z).sample.permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(check.numpy(), want.numpy(), atol=1e-6)  # the file is a valid original checkpoint
+  module, params = load_vae(str(file), config=config)
+  got = module.apply({"params": params}, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), method="encode")
+  np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=1e-4)
+  got_img = module.apply({"params": params}, jnp.asarray(z.permute(0, 2, 3, 1).numpy()), method="decode")
+  np.testing.assert_allclose(np.asarray(got_img), want_img, atol=1e-4, rtol=1e-4)

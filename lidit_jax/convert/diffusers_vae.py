@@ -70,18 +70,64 @@ def _kernel(w: np.ndarray) -> np.ndarray:
   return w.T  # Linear [out, in] -> [in, out]
 
 
-def plan(expected: dict[tuple[str, ...], object]) -> dict[tuple[str, ...], io.Source]:
+def _dense(w: np.ndarray) -> np.ndarray:
+  return w.reshape(w.shape[0], w.shape[1]).T  # Linear [out, in], or an original file's 1x1 conv [out, in, 1, 1]
+
+
+def ldm_name(key: str, num_blocks: int) -> str:
+  """A diffusers VAE key in the original (CompVis LDM / A1111) naming; the decoder's blocks count upwards from
+  the lowest resolution in diffusers and from the highest in the original."""
+  key = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m.group(1))}.", key)
+  for diffusers_part, ldm_part in _LDM_PARTS:
+    key = re.sub(diffusers_part, ldm_part, key)
+  return key
+
+
+_LDM_PARTS = (  # (diffusers pattern, original), applied in order
+    (r"^encoder\.down_blocks\.", "encoder.down."), (r"\.resnets\.(\d+)\.", r".block.\1."),
+    (r"\.downsamplers\.0\.", ".downsample."), (r"\.upsamplers\.0\.", ".upsample."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.mid_block\.block\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.block\.1\.", ".mid.block_2."), (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
+    (r"\.attn_1\.group_norm\.", ".attn_1.norm."), (r"\.attn_1\.to_([qkv])\.", r".attn_1.\1."),
+    (r"\.attn_1\.to_out\.0\.", ".attn_1.proj_out."), (r"\.conv_norm_out\.", ".norm_out."),
+)
+
+
+def plan(expected: dict[tuple[str, ...], object], num_blocks: int | None = None) -> dict[tuple[str, ...], io.Source]:
+  """{param path: Source} in diffusers' naming, or the original one when `num_blocks` is given."""
   p = {}
-  for path in expected:
+  for path, shape in expected.items():
     key = ".".join(_torch_name(n) for n in path[:-1])
     leaf = path[-1]
     suffix = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    keys = (f"{key}.{suffix}",)
-    for now, before in _OLD_ATTENTION.items():
-      if key.endswith(".attentions.0." + now):
-        keys += (f"{key[:-len(now)]}{before}.{suffix}",)
-    p[path] = io.Source.one(keys if len(keys) > 1 else keys[0], _kernel if leaf == "kernel" else io._identity)
+    if num_blocks is not None:
+      keys = (ldm_name(f"{key}.{suffix}", num_blocks),)
+    else:
+      keys = (f"{key}.{suffix}",)
+      for now, before in _OLD_ATTENTION.items():
+        if key.endswith(".attentions.0." + now):
+          keys += (f"{key[:-len(now)]}{before}.{suffix}",)
+    transform = io._identity if leaf != "kernel" else _dense if len(shape.shape) == 2 else _kernel
+    p[path] = io.Source.one(keys if len(keys) > 1 else keys[0], transform)
   return p
+
+
+def infer_config(files: io.CheckpointFiles) -> vae.VAEConfig:
+  """An original file's layout from its tensor shapes; norm groups and the latent factors are SD's defaults
+  (shapes do not hold them: pass config= for an SDXL, SD3 or Flux VAE)."""
+  shape = lambda k: files.shape(files.prefix + k)
+  has = lambda k: files.resolve(k) is not None
+  blocks = sorted({int(k.split(".")[2]) for k in files.keys() if k.startswith(files.prefix + "encoder.down.")
+                   for k in [k[len(files.prefix):]]})
+  widths = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in blocks)
+  per_block = len({k.split(".")[4] for k in files.keys() if k.startswith(files.prefix + "encoder.down.0.block.")
+                   for k in [k[len(files.prefix):]]})
+  latent = shape("decoder.conv_in.weight")[1]
+  base = vae.VAEConfig()
+  return vae.VAEConfig(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
+                       block_out_channels=widths, layers_per_block=per_block, latent_channels=latent,
+                       use_quant_conv=has("quant_conv.weight"), use_post_quant_conv=has("post_quant_conv.weight"),
+                       mid_block_add_attention=has("encoder.mid.attn_1.q.weight"), scaling_factor=base.scaling_factor)
 
 
 def vae_dir(path: str) -> str:
@@ -95,21 +141,38 @@ def vae_dir(path: str) -> str:
   return path
 
 
-def load_vae(path: str, dtype=jnp.float32, config: str | None = None):
-  """(AutoencoderKL module, params) from a diffusers VAE folder or pipeline folder; see the module docstring."""
-  folder = vae_dir(path)
-  where = config or os.path.join(folder, "config.json")
+def _read_config(where: str) -> vae.VAEConfig:
   if not os.path.exists(where):
-    raise NotFound(f"no config.json in {folder}. Fix: pass config= the diffusers config.json of these weights")
+    raise NotFound(f"VAE config {where} does not exist. Fix: pass config= the diffusers config.json of these weights")
   with open(where, encoding="utf-8") as f:
-    cfg = config_from_diffusers(json.load(f), where)
+    return config_from_diffusers(json.load(f), where)
+
+
+def load_vae(path: str, dtype=jnp.float32, config: str | None = None):
+  """(AutoencoderKL module, params) from a diffusers VAE or pipeline folder, or an original single file
+  (`first_stage_model.*` keys, or bare `encoder.*` / `decoder.*`); see the module docstring."""
+  path = os.path.expanduser(os.fspath(path))
+  single = os.path.isfile(path)
+  if single:
+    files = io.CheckpointFiles(path)
+    if not path.endswith(".safetensors"):
+      raise NotFound(f"VAE file {path!r} is not a .safetensors file. Fix: convert it to safetensors first")
+    prefix = files.find_prefix(("encoder.conv_in.weight",))
+    diffusers_names = files.resolve("encoder.down_blocks.0.resnets.0.conv1.weight") is not None
+    cfg = _read_config(config) if config else infer_config(files)
+  else:
+    folder = vae_dir(path)
+    cfg = _read_config(config or os.path.join(folder, "config.json"))
+    files, prefix, diffusers_names = io.CheckpointFiles(folder), "", True
   module = make_module(cfg, dtype)
-  files = io.CheckpointFiles(folder)
   from lidit_jax.convert.hf_text import strip_boxes
   expected = io.flatten_shapes(strip_boxes(abstract_params(module)))
-  params = io.build_params(plan(expected), files, expected, dtype)
-  unused = files.unused()
+  p = plan(expected, None if diffusers_names else len(cfg.block_out_channels))
+  params = io.build_params(p, files, expected, dtype)
+  vae_keys = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # a full SD file holds much else
+  unused = [k for k in files.unused() if not single or (k.startswith(prefix) and k[len(prefix):].startswith(vae_keys))]
   if unused:
-    raise io.ConversionError(f"{folder}: {len(unused)} tensors match no parameter of the config in {where}: "
-                             f"{unused[:8]}. Fix: pass the config.json these weights were saved with")
+    raise io.ConversionError(f"{path}: {len(unused)} VAE tensors match no parameter of the config"
+                             f"{' in ' + config if config else ''}: {unused[:8]}. Fix: pass the config.json these "
+                             "weights were saved with")
   return module, params

@@ -121,10 +121,13 @@ class CheckpointFiles:
   def __init__(self, directory: str, allow_pickle: bool = False):
     self.directory = directory
     self._headers: dict[str, tuple[int, dict]] = {}  # path -> (data offset, header)
-    stem = next((s for s in self.STEMS if os.path.exists(os.path.join(directory, f"{s}.safetensors.index.json"))
-                 or os.path.exists(os.path.join(directory, f"{s}.safetensors"))), self.STEMS[0])
-    index = os.path.join(directory, f"{stem}.safetensors.index.json")
-    single = os.path.join(directory, f"{stem}.safetensors")
+    if os.path.isfile(directory) and directory.endswith(".safetensors"):  # one file (an original checkpoint)
+      index, single = "", directory
+    else:
+      stem = next((s for s in self.STEMS if os.path.exists(os.path.join(directory, f"{s}.safetensors.index.json"))
+                   or os.path.exists(os.path.join(directory, f"{s}.safetensors"))), self.STEMS[0])
+      index = os.path.join(directory, f"{stem}.safetensors.index.json")
+      single = os.path.join(directory, f"{stem}.safetensors")
     self._pickle: dict[str, np.ndarray] | None = None
     if os.path.exists(index):
       with open(index) as f:
