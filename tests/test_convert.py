@@ -44,7 +44,7 @@ def test_converted_directory_equals_the_hf_directory(tiny):
     _, from_hf = load_hf_text_model(str(tiny / arch))
     module, converted = load_hf_text_model(str(tiny / f"{arch}-orbax"))
     jax.tree.map(np.testing.assert_array_equal, from_hf, converted)
-    desc = json.loads((tiny / f"{arch}-orbax" / "lidit_text_model.json").read_text())
+    desc = json.loads((tiny / f"{arch}-orbax" / "lidit_converted.json").read_text())
     assert desc["family"] == "hf_llm" and desc["dtype"] == "float32"
     assert (tiny / f"{arch}-orbax" / "tokenizer.json").exists()  # the tokenizer travels with the weights
 

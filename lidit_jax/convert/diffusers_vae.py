@@ -8,6 +8,7 @@ Older diffusers saves name the mid-block attention `query` / `key` / `value` / `
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidit_jax.cli import NotFound
+from lidit_jax.convert import registry
 from lidit_jax.convert import safetensors_io as io
 from lidit_jax.models import vae
 
@@ -46,6 +48,9 @@ def config_from_diffusers(d: dict, where: str = "config.json") -> vae.VAEConfig:
       mid_block_add_attention=bool(get("mid_block_add_attention")), scaling_factor=float(get("scaling_factor")),
       shift_factor=None if d.get("shift_factor") is None else float(d["shift_factor"]),
       latents_mean=tup(d.get("latents_mean")), latents_std=tup(d.get("latents_std")))
+
+
+Config = vae.VAEConfig
 
 
 def make_module(cfg: vae.VAEConfig, dtype) -> vae.AutoencoderKL:
@@ -148,31 +153,67 @@ def _read_config(where: str) -> vae.VAEConfig:
     return config_from_diffusers(json.load(f), where)
 
 
+@dataclasses.dataclass
+class Conversion:
+  """A VAE checkpoint checked against our module (shapes and names only): `run` streams its parameters."""
+  source: str
+  cfg: vae.VAEConfig
+  module: vae.AutoencoderKL
+  files: io.CheckpointFiles
+  expected: dict
+  plan: dict
+  resolved: dict
+
+  @classmethod
+  def prepare(cls, path: str, dtype=jnp.float32, config: str | None = None) -> "Conversion":
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isfile(path):
+      if not path.endswith(".safetensors"):
+        raise NotFound(f"VAE file {path!r} is not a .safetensors file. Fix: convert it to safetensors first")
+      files = io.CheckpointFiles(path)
+      files.find_prefix(("encoder.conv_in.weight",))  # "first_stage_model." in a whole SD checkpoint
+      original = files.resolve("encoder.down_blocks.0.resnets.0.conv1.weight") is None
+      cfg = _read_config(config) if config else infer_config(files) if original else None
+      if cfg is None:
+        raise NotFound(f"{path}: a VAE file in diffusers' naming needs config=. Fix: pass its config.json")
+    else:
+      path = vae_dir(path)
+      cfg, files, original = _read_config(config or os.path.join(path, "config.json")), io.CheckpointFiles(path), False
+    module = make_module(cfg, dtype)
+    expected = io.flatten_shapes(registry.strip_boxes(abstract_params(module)))
+    plan_ = plan(expected, len(cfg.block_out_channels) if original else None)
+    conv = cls(path, cfg, module, files, expected, plan_, io.check_plan(plan_, files, expected))
+    unused = conv.unused()
+    if unused:
+      raise io.ConversionError(f"{path}: {len(unused)} VAE tensors match no parameter of the config"
+                               f"{' in ' + config if config else ''}: {unused[:8]}. Fix: pass the config.json these "
+                               "weights were saved with")
+    return conv
+
+  def run(self, dtype, progress: bool = False, **kw) -> dict:
+    """build_params over the plan (kw: as_numpy, sink)."""
+    return io.build_params(self.plan, self.files, self.expected, dtype, progress=progress, resolved=self.resolved,
+                           **kw)
+
+  def unused(self) -> list[str]:
+    """VAE tensors no parameter reads (a whole SD checkpoint's U-Net and text encoder are not the VAE's)."""
+    planned = {k for names in self.resolved.values() for k in names}
+    p = self.files.prefix
+    vae_keys = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+    return sorted(k for k in self.files.keys() if k not in planned
+                  and (os.path.isdir(self.source) or (k.startswith(p) and k[len(p):].startswith(vae_keys))))
+
+
 def load_vae(path: str, dtype=jnp.float32, config: str | None = None):
-  """(AutoencoderKL module, params) from a diffusers VAE or pipeline folder, or an original single file
-  (`first_stage_model.*` keys, or bare `encoder.*` / `decoder.*`); see the module docstring."""
+  """(AutoencoderKL module, params) from a diffusers VAE or pipeline folder, an original single file
+  (`first_stage_model.*` keys, or bare `encoder.*` / `decoder.*`) or our converted directory (`python -m
+  lidit_jax.convert vae`); see the module docstring. Parameters are stored in `dtype`, which the module computes in."""
   path = os.path.expanduser(os.fspath(path))
-  single = os.path.isfile(path)
-  if single:
-    files = io.CheckpointFiles(path)
-    if not path.endswith(".safetensors"):
-      raise NotFound(f"VAE file {path!r} is not a .safetensors file. Fix: convert it to safetensors first")
-    prefix = files.find_prefix(("encoder.conv_in.weight",))
-    diffusers_names = files.resolve("encoder.down_blocks.0.resnets.0.conv1.weight") is not None
-    cfg = _read_config(config) if config else infer_config(files)
-  else:
-    folder = vae_dir(path)
-    cfg = _read_config(config or os.path.join(folder, "config.json"))
-    files, prefix, diffusers_names = io.CheckpointFiles(folder), "", True
-  module = make_module(cfg, dtype)
-  from lidit_jax.convert.hf_text import strip_boxes
-  expected = io.flatten_shapes(strip_boxes(abstract_params(module)))
-  p = plan(expected, None if diffusers_names else len(cfg.block_out_channels))
-  params = io.build_params(p, files, expected, dtype)
-  vae_keys = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # a full SD file holds much else
-  unused = [k for k in files.unused() if not single or (k.startswith(prefix) and k[len(prefix):].startswith(vae_keys))]
-  if unused:
-    raise io.ConversionError(f"{path}: {len(unused)} VAE tensors match no parameter of the config"
-                             f"{' in ' + config if config else ''}: {unused[:8]}. Fix: pass the config.json these "
-                             "weights were saved with")
-  return module, params
+  if os.path.isdir(path) and registry.marker(path):
+    from lidit_jax.convert import orbax_io
+    desc = registry.read_marker(path)
+    if desc["family"] != "diffusers_vae":
+      raise NotFound(f"{path} holds a converted {desc['family']} model, not a VAE. Fix: point at a VAE")
+    return orbax_io.load_converted(path, dtype)
+  conv = Conversion.prepare(path, dtype, config)
+  return conv.module, conv.run(dtype)

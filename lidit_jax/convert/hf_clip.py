@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from lidit_jax.convert.registry import token_abstract_params as abstract_params  # noqa: F401
 from lidit_jax.convert.safetensors_io import Source, heads_bias, heads_in, heads_out, linear
 from lidit_jax.models import clip
 

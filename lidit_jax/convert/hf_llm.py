@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import transformers
 
+from lidit_jax.convert.registry import token_abstract_params as abstract_params  # noqa: F401
 from lidit_jax.convert.safetensors_io import Source, heads_bias
 from lidit_jax.models import llm
 

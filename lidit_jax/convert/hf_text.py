@@ -12,7 +12,6 @@ and plan(cfg) -> {param path: Source}.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -22,16 +21,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lidit_jax.convert import registry
 from lidit_jax.convert import safetensors_io as io
+from lidit_jax.convert.registry import describe, from_description, strip_boxes  # noqa: F401 (the text API)
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("hf_llm", "hf_t5", "hf_clip")  # modules of lidit_jax.convert, imported when first needed
-CONVERTED_MARKER = "lidit_text_model.json"  # written beside the Orbax params by `convert hf-text`
+FAMILIES = ("hf_llm", "hf_t5", "hf_clip")  # the text families of the registry, imported when first needed
 
 
-def family(name: str) -> ModuleType:
-  return importlib.import_module(f"lidit_jax.convert.{name}")
+family = registry.family
 
 
 def family_for(hf_config: dict, where: str = "config.json") -> ModuleType:
@@ -47,7 +46,7 @@ def family_for(hf_config: dict, where: str = "config.json") -> ModuleType:
 def read_hf_config(path: str) -> dict:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{path} has no config.json (nor {CONVERTED_MARKER}); expected a Hugging Face model "
+    raise FileNotFoundError(f"{path} has no config.json (nor {registry.MARKER}); expected a Hugging Face model "
                             "directory or the output of `python -m lidit_jax.convert hf-text`.")
   with open(cfg_path) as f:
     return json.load(f)
@@ -60,26 +59,16 @@ def read_family_and_config(path: str, where: str = "path"):
     raise FileNotFoundError(f"{where}={path!r} is not a directory. Fix: point it at a local Hugging Face model "
                             "directory or at the output of `python -m lidit_jax.convert hf-text SRC OUT` (the "
                             "tiny demo LLMs: `python -m lidit_jax.convert.tiny_models checkpoints/tiny --convert`).")
-  marker = os.path.join(path, CONVERTED_MARKER)
-  if os.path.exists(marker):
-    with open(marker) as f:
-      fam, cfg, _ = from_description(json.load(f), jnp.float32)
+  if registry.marker(path):
+    fam, cfg, _ = from_description(registry.read_marker(path), jnp.float32)
     return fam, cfg
   hf = read_hf_config(path)
   fam = family_for(hf, os.path.join(path, "config.json"))
   return fam, fam.config_from_hf(hf)
 
 
-def strip_boxes(tree):
-  """Values of a tree of logically partitioned boxes (nn.unbox would apply sharding constraints, which
-  fail on abstract values under a mesh)."""
-  return jax.tree.map(lambda b: b.value if isinstance(b, nn.meta.AxisMetadata) else b, tree,
-                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-
-
 def abstract_params(module: nn.Module, max_length: int = 8):
-  ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
-  return jax.eval_shape(lambda i: module.init(jax.random.key(0), i, i), ids)["params"]
+  return registry.token_abstract_params(module, max_length)
 
 
 def target_shardings(abstract, mesh, rules):
@@ -146,18 +135,8 @@ def load_hf_text_model(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_
   if not os.path.isdir(path):
     raise FileNotFoundError(f"text model path {path!r} is not a directory. Fix: point it at a local Hugging Face "
                             "model directory or at the output of `python -m lidit_jax.convert hf-text`.")
-  if os.path.exists(os.path.join(path, CONVERTED_MARKER)):
+  if registry.marker(path):
     from lidit_jax.convert import orbax_io
     return orbax_io.load_converted(path, dtype, mesh, rules)
   _, _, module, params, _ = convert_hf_dir(path, dtype, mesh, rules, allow_pickle)
   return module, params
-
-
-def describe(fam: ModuleType, cfg) -> dict:
-  return {"family": fam.__name__.rsplit(".", 1)[-1], "config": dataclasses.asdict(cfg)}
-
-
-def from_description(desc: dict, dtype):
-  fam = family(desc["family"])
-  cfg = fam.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in desc["config"].items()})
-  return fam, cfg, fam.make_module(cfg, dtype)

@@ -4,7 +4,7 @@ Layout of OUT (from `python -m lidit_jax.convert hf-text SRC OUT`):
   params/                  Orbax checkpoint (OCDBT, uncompressed) of the parameter tree, stored in the
                            conversion dtype; `StandardCheckpointer().restore` reads it
   config.json, tokenizer*  copied from SRC, so OUT also serves as a tokenizer directory
-  lidit_text_model.json    family, model config, source, dtype; written last, so a half-written OUT is
+  lidit_converted.json     family, model config, source, dtype; written last, so a half-written OUT is
                            never mistaken for a finished one
 
 Writing: leaves go to Orbax as host numpy arrays, written from their own buffers (no copy). The CLI
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lidit_jax.convert import hf_text
+from lidit_jax.convert import registry
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
 
@@ -167,7 +167,7 @@ class ParamsWriter:
 
 def _claim(out: str) -> str:
   out = os.path.abspath(out)
-  if os.path.exists(os.path.join(out, hf_text.CONVERTED_MARKER)) or os.path.exists(os.path.join(out, "params")):
+  if registry.marker(out) or os.path.exists(os.path.join(out, "params")):
     raise FileExistsError(f"{out} already holds a converted model. Fix: choose a new OUT directory or delete it.")
   os.makedirs(out, exist_ok=True)
   return out
@@ -175,15 +175,15 @@ def _claim(out: str) -> str:
 
 def _finish(out: str, src: str, fam, cfg, dtype) -> None:
   """Config and tokenizer files, then the marker, last."""
-  for name in sorted(os.listdir(src)):  # config + tokenizer files, never weights
+  for name in sorted(os.listdir(src)) if os.path.isdir(src) else ():  # config + tokenizer files, never weights
     full = os.path.join(src, name)
     if os.path.isfile(full) and not name.endswith(WEIGHT_SUFFIXES) and not name.endswith(".index.json"):
       shutil.copy2(full, os.path.join(out, name))
-  desc = {**hf_text.describe(fam, cfg), "source": os.path.abspath(src), "dtype": jnp.dtype(dtype).name}
-  tmp = os.path.join(out, hf_text.CONVERTED_MARKER + ".tmp")
+  desc = {**registry.describe(fam, cfg), "source": os.path.abspath(src), "dtype": jnp.dtype(dtype).name}
+  tmp = os.path.join(out, registry.MARKER + ".tmp")
   with open(tmp, "w") as f:
     json.dump(desc, f, indent=2)
-  os.replace(tmp, os.path.join(out, hf_text.CONVERTED_MARKER))
+  os.replace(tmp, os.path.join(out, registry.MARKER))
 
 
 def save_converted(out: str, src: str, fam, cfg, params, dtype) -> None:
@@ -216,15 +216,14 @@ def stream_converted(out: str, src: str, fam, cfg, dtype, shapes: Mapping[tuple[
 
 def load_converted(path: str, dtype=jnp.float32, mesh=None, rules=()):
   """(module, params) of a converted directory, restored straight into `dtype` and the mesh's shardings."""
-  with open(os.path.join(path, hf_text.CONVERTED_MARKER)) as f:
-    fam, cfg, module = hf_text.from_description(json.load(f), dtype)
-  abstract = hf_text.abstract_params(module)
+  fam, cfg, module = registry.from_description(registry.read_marker(path), dtype)
+  abstract = fam.abstract_params(module)
   if mesh is not None:
     from lidit_jax import sharding
     shardings = sharding.fit_to_shapes(abstract, mesh, rules)
   else:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
-                        hf_text.strip_boxes(abstract), hf_text.strip_boxes(shardings))
+                        registry.strip_boxes(abstract), registry.strip_boxes(shardings))
   params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
   return module, params

@@ -1,0 +1,67 @@
+"""The conversion families, found by name: what a converted directory records and what rebuilds its module.
+
+A family is a module of `lidit_jax.convert` (hf_llm, hf_t5, hf_clip, diffusers_vae) with `Config` (a frozen
+dataclass), `make_module(cfg, dtype)` and `abstract_params(module)` (boxed abstract params, from shapes only).
+A converted directory holds Orbax params and MARKER: {"family", "config", "source", "dtype"}, written last.
+Everything here imports no family until it is asked for, so the families, the Orbax writer and the loaders
+all import this module and none of them each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from types import ModuleType
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FAMILIES = ("hf_llm", "hf_t5", "hf_clip", "diffusers_vae")
+MARKER = "lidit_converted.json"
+LEGACY_MARKERS = ("lidit_text_model.json",)  # text models converted before the VAE joined
+
+
+def family(name: str) -> ModuleType:
+  if name not in FAMILIES:
+    raise ValueError(f"unknown conversion family {name!r}; known: {list(FAMILIES)}")
+  return importlib.import_module(f"lidit_jax.convert.{name}")
+
+
+def describe(fam: ModuleType, cfg) -> dict:
+  return {"family": fam.__name__.rsplit(".", 1)[-1], "config": dataclasses.asdict(cfg)}
+
+
+def from_description(desc: dict, dtype):
+  """(family, cfg, module) from a marker's description."""
+  fam = family(desc["family"])
+  cfg = fam.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in desc["config"].items()})
+  return fam, cfg, fam.make_module(cfg, dtype)
+
+
+def marker(directory: str) -> str | None:
+  """The marker file of a converted directory, or None for any other directory."""
+  for name in (MARKER, *LEGACY_MARKERS):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def read_marker(directory: str) -> dict:
+  with open(marker(directory), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def strip_boxes(tree):
+  """Values of a tree of logically partitioned boxes (nn.unbox would apply sharding constraints, which
+  fail on abstract values under a mesh)."""
+  return jax.tree.map(lambda b: b.value if isinstance(b, nn.meta.AxisMetadata) else b, tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def token_abstract_params(module: nn.Module, max_length: int = 8):
+  """A text tower's boxed abstract params (any token count builds every layer)."""
+  ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
+  return jax.eval_shape(lambda i: module.init(jax.random.key(0), i, i), ids)["params"]
