@@ -166,3 +166,21 @@ def test_convert_cli_writes_orbax_that_load_vae_reads(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
       convert_cli.main(["vae", str(file), str(tmp_path / "out"), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_export_is_a_diffusers_folder_diffusers_loads(tmp_path):
+  """Our random tiny VAE written in diffusers' layout (convert.tiny_models --vae, through to_diffusers): diffusers
+  loads it with no missing or unexpected keys and computes what our module computes (export's round trip)."""
+  from lidit_jax.convert import tiny_models
+  from lidit_jax.models import vae
+  out = tiny_models.write_tiny_vae(str(tmp_path / "vae"), seed=3, use_quant_conv=False)
+  ref, info = diffusers.AutoencoderKL.from_pretrained(out, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  module, params = load_vae(out)
+  assert module.cfg == vae.VAEConfig(**{**tiny_models.TINY_VAE, "use_quant_conv": False})
+  x = np.random.default_rng(5).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = ref.double()(torch.from_numpy(x).double().permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
+  got = np.asarray(module.apply({"params": params}, jnp.asarray(x)))  # decode(encode(x)), the posterior mean
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  assert np.abs(want).max() > 0.05

@@ -217,3 +217,37 @@ def load_vae(path: str, dtype=jnp.float32, config: str | None = None):
     return orbax_io.load_converted(path, dtype)
   conv = Conversion.prepare(path, dtype, config)
   return conv.module, conv.run(dtype)
+
+
+def to_diffusers(cfg: vae.VAEConfig, params) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json dict, state dict) in diffusers' naming and layouts: the inverse of the plan (export)."""
+  n = len(cfg.block_out_channels)
+  config = {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
+            "act_fn": "silu", "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.norm_num_groups,
+            "scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor,
+            "latents_mean": None if cfg.latents_mean is None else list(cfg.latents_mean),
+            "latents_std": None if cfg.latents_std is None else list(cfg.latents_std),
+            "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
+            "mid_block_add_attention": cfg.mid_block_add_attention}
+  flat = io.flatten_shapes(registry.strip_boxes(params))  # {path: array}
+  state = {}
+  for path, src in plan(flat).items():
+    key = src.keys[0] if isinstance(src.keys[0], str) else src.keys[0][0]
+    w = np.asarray(flat[path], np.float32)
+    if path[-1] == "kernel":
+      w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T  # HWIO -> OIHW, [in, out] -> [out, in]
+    state[key] = np.ascontiguousarray(w)
+  return config, state
+
+
+def write_diffusers(out: str, cfg: vae.VAEConfig, params) -> str:
+  """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) of `params`."""
+  from safetensors.numpy import save_file
+  config, state = to_diffusers(cfg, params)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
+  save_file(state, os.path.join(out, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+  return out

@@ -5,7 +5,8 @@
 writes `llama/` (a Llama-3-style model: GQA, llama3 RoPE scaling) and `qwen2/` (q/k/v biases) in the
 Hugging Face layout (config.json, model.safetensors, the demo's word tokenizer with a chat template).
 transformers' own classes load them. With --convert each is also converted to `llama-orbax/` and
-`qwen2-orbax/`. Then `--config configs/shapes.py:hf` trains the demo on them.
+`qwen2-orbax/`. Then `--config configs/shapes.py:hf` trains the demo on them. With --vae, `vae/` is a tiny
+random diffusers AutoencoderKL (a 2x latent space, for tests of latent-space training).
 """
 from __future__ import annotations
 
@@ -69,12 +70,29 @@ def write_tiny_model(out: str, arch: str, seed: int = 0) -> str:
   return out
 
 
+TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+
+
+def write_tiny_vae(out: str, seed: int = 0, **overrides) -> str:
+  """A random diffusers AutoencoderKL folder (TINY_VAE's layout: 2x down, 4 latent channels), from our own
+  module's initialisation; diffusers' AutoencoderKL loads it (tests/test_vae_parity.py)."""
+  import jax
+  from lidit_jax.convert import diffusers_vae
+  from lidit_jax.models import vae
+  cfg = vae.VAEConfig(**{**TINY_VAE, **overrides})
+  module = vae.AutoencoderKL(cfg)
+  size = 8 * cfg.downsample_factor
+  params = module.init(jax.random.key(seed), jax.numpy.zeros((1, size, size, cfg.in_channels)))["params"]
+  return diffusers_vae.write_diffusers(out, cfg, params)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m lidit_jax.convert.tiny_models", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("out", help="directory to hold llama/ and qwen2/ (and their converted copies)")
   parser.add_argument("--convert", action="store_true", help="also write <arch>-orbax/ converted copies")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--vae", action="store_true", help="also write vae/, a tiny random diffusers AutoencoderKL")
   cli.add_debug_flag(parser)
   args = parser.parse_args(argv)
   written = {}
@@ -87,6 +105,9 @@ def main(argv=None) -> int:
       if convert_cli.main(["hf-text", written[arch], out, "--dtype", "float32"]):
         return 2
       written[f"{arch}-orbax"] = out
+  if args.vae:
+    with cli.user_errors():
+      written["vae"] = write_tiny_vae(os.path.join(args.out, "vae"), seed=args.seed)
   print(json.dumps(written))
   return 0
 
