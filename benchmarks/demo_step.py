@@ -73,9 +73,14 @@ def main():
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
   args = ap.parse_args()
-  from lidit_jax import configs
-  peak_before = matmul_peak()
-  result = train_step_rate(args.config, args.steps, configs.parse_overrides(args.set))
+  if args.steps < 2:
+    ap.error(f"--steps {args.steps}: time at least 2 steps (the first compiles)")
+  from lidit_jax import cli, configs
+  with cli.user_errors():
+    overrides = configs.parse_overrides(args.set)
+    configs.validate(configs.apply_overrides(configs.load_config_file(args.config), overrides))
+    peak_before = matmul_peak()
+    result = train_step_rate(args.config, args.steps, overrides)
   peak = max(peak_before, matmul_peak())  # measured around the step, same process
   result.update(matmul_peak_gflops=peak, flop_utilization=result["gflops_achieved"] / peak,
                 machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",

@@ -119,12 +119,21 @@ def main():
   ap.add_argument("--grids", default="", help="save each evaluation's sample grid under DIR/ARM/STEP/")
   ap.add_argument("--no_table", action="store_true", help="do not write benchmarks/RESULTS.md")
   args = ap.parse_args()
-  eval_at = sorted({int(x) for x in args.eval_at.split(",") if x.strip()})
-  rows = []
-  for spec in args.arm or ["config="]:
-    name, overrides = parse_arm(spec)
-    rows += run_arm(args.config, name, overrides, eval_at, args.num_prompts, args.probe_pairs, args.out or None,
-                    args.grids or None)
+  try:
+    eval_at = sorted({int(x) for x in args.eval_at.split(",") if x.strip()})
+  except ValueError:
+    ap.error(f"--eval_at {args.eval_at!r}: not comma-separated steps. Fix: e.g. --eval_at 500,1000")
+  if not eval_at or eval_at[0] <= 1:
+    ap.error(f"--eval_at {args.eval_at!r}: give steps above 1 (step 1 compiles and is not timed)")
+  from lidit_jax import cli, configs
+  with cli.user_errors():
+    arms = [parse_arm(spec) for spec in args.arm or ["config="]]
+    for _, overrides in arms:  # every arm's config is refused before the first one trains
+      configs.validate(configs.apply_overrides(configs.load_config_file(args.config), overrides))
+    rows = []
+    for name, overrides in arms:
+      rows += run_arm(args.config, name, overrides, eval_at, args.num_prompts, args.probe_pairs, args.out or None,
+                      args.grids or None)
   if not args.no_table:
     add_table(rows, args.config)
 

@@ -225,13 +225,20 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """Set dotted keys, e.g. {"model.refiner.depth": 0}, as `--config.model.refiner.depth=0` does."""
+  """Set dotted keys, e.g. {"model.refiner.depth": 0}, as `--config.model.refiner.depth=0` does: unknown keys
+  and values of another type are refused (ConfigDict's own type check)."""
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
     for p in path:
-      node = node[p]
-    node[last] = value
+      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+      raise ConfigError(f"config has no key {key!r}. Fix: check its spelling against the config file "
+                        "(configs/*.py and lidit_jax/configs.py:base_config)")
+    try:
+      node[last] = value
+    except TypeError as e:
+      raise ConfigError(f"config {key}={value!r}: {e}. Fix: give a value of the key's type") from None
   return c
 
 

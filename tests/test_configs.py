@@ -36,6 +36,17 @@ def test_unknown_key_is_refused_on_the_command_line():
   assert "learning_rate" in r.stderr
 
 
+def test_overrides_from_python_refuse_unknown_keys_and_wrong_types():
+  """configs.apply_overrides (benchmarks, the ablation, tests): a misspelt key is not silently added."""
+  with pytest.raises(configs.ConfigError, match="no key 'model.widthh'"):
+    tiny_config(**{"model.widthh": 64})
+  with pytest.raises(configs.ConfigError, match="no key 'nosuch.depth'"):
+    tiny_config(**{"nosuch.depth": 1})
+  with pytest.raises(configs.ConfigError, match="model.width='wide'.*Fix: give a value of the key's type"):
+    tiny_config(**{"model.width": "wide"})
+  assert tiny_config(**{"model.refiner.depth": 0}).model.refiner.depth == 0
+
+
 def test_paper_configs_build_abstractly_with_the_right_sizes():
   """LI-DiT-1B and -10B: parameters from eval_shape only (nothing allocated)."""
   for name, low, high in (("lidit_1b.py", 1.0e9, 1.2e9), ("lidit_10b.py", 9.5e9, 11.0e9)):
