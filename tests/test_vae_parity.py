@@ -184,3 +184,11 @@ def test_export_is_a_diffusers_folder_diffusers_loads(tmp_path):
   got = np.asarray(module.apply({"params": params}, jnp.asarray(x)))  # decode(encode(x)), the posterior mean
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
   assert np.abs(want).max() > 0.05
+
+
+def test_a_converted_vae_is_not_a_text_tower(tmp_path):
+  from lidit_jax.convert import __main__ as convert_cli, load_hf_text_model, tiny_models
+  src = tiny_models.write_tiny_vae(str(tmp_path / "vae"))
+  assert convert_cli.main(["vae", src, str(tmp_path / "out")]) == 0
+  with pytest.raises(Exception, match="holds a converted diffusers_vae model, not a text model"):
+    load_hf_text_model(str(tmp_path / "out"))

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lidit_jax.cli import NotFound
 from lidit_jax.convert import registry
 from lidit_jax.convert import safetensors_io as io
 from lidit_jax.convert.registry import describe, from_description, strip_boxes  # noqa: F401 (the text API)
@@ -52,6 +53,16 @@ def read_hf_config(path: str) -> dict:
     return json.load(f)
 
 
+def _converted_text(path: str) -> bool:
+  """Whether `path` is a converted directory, refusing one that holds another kind of model (a VAE)."""
+  if not registry.marker(path):
+    return False
+  kind = registry.read_marker(path)["family"]
+  if kind not in FAMILIES:
+    raise NotFound(f"{path} holds a converted {kind} model, not a text model. Fix: point at a text tower's directory")
+  return True
+
+
 def read_family_and_config(path: str, where: str = "path"):
   """(family module, config) of a Hugging Face or converted directory, from JSON only."""
   path = os.path.expanduser(os.fspath(path))
@@ -59,7 +70,7 @@ def read_family_and_config(path: str, where: str = "path"):
     raise FileNotFoundError(f"{where}={path!r} is not a directory. Fix: point it at a local Hugging Face model "
                             "directory or at the output of `python -m lidit_jax.convert hf-text SRC OUT` (the "
                             "tiny demo LLMs: `python -m lidit_jax.convert.tiny_models checkpoints/tiny --convert`).")
-  if registry.marker(path):
+  if _converted_text(path):
     fam, cfg, _ = from_description(registry.read_marker(path), jnp.float32)
     return fam, cfg
   hf = read_hf_config(path)
@@ -135,7 +146,7 @@ def load_hf_text_model(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_
   if not os.path.isdir(path):
     raise FileNotFoundError(f"text model path {path!r} is not a directory. Fix: point it at a local Hugging Face "
                             "model directory or at the output of `python -m lidit_jax.convert hf-text`.")
-  if registry.marker(path):
+  if _converted_text(path):
     from lidit_jax.convert import orbax_io
     return orbax_io.load_converted(path, dtype, mesh, rules)
   _, _, module, params, _ = convert_hf_dir(path, dtype, mesh, rules, allow_pickle)
