@@ -16,23 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 SD = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32)
 QUICK = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32)
-
-
-def _median(fn, reps: int) -> float:
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def speed(src: str, size: int, reps: int) -> dict:
@@ -41,6 +30,7 @@ def speed(src: str, size: int, reps: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import torch
+  from benchmarks.vs_torch import _median_time
   from lidit_jax.convert import load_vae
   ref = diffusers.AutoencoderKL.from_pretrained(src).eval()
   module, params = load_vae(src)
@@ -54,10 +44,10 @@ def speed(src: str, size: int, reps: int) -> dict:
   xt, zt = torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(z).permute(0, 3, 1, 2)
   with torch.no_grad():
     ref.encode(xt), ref.decode(zt)  # warm up
-    out = {"torch_encode_s": _median(lambda: ref.encode(xt).latent_dist.mean, reps),
-           "torch_decode_s": _median(lambda: ref.decode(zt).sample, reps)}
-  out["ours_encode_s"] = _median(lambda: enc(params, xj).block_until_ready(), reps)
-  out["ours_decode_s"] = _median(lambda: dec(params, zj).block_until_ready(), reps)
+    out = {"torch_encode_s": _median_time(lambda: ref.encode(xt).latent_dist.mean, reps),
+           "torch_decode_s": _median_time(lambda: ref.decode(zt).sample, reps)}
+  out["ours_encode_s"] = _median_time(lambda: enc(params, xj).block_until_ready(), reps)
+  out["ours_decode_s"] = _median_time(lambda: dec(params, zj).block_until_ready(), reps)
   out["encode_ratio"] = out["torch_encode_s"] / out["ours_encode_s"]
   out["decode_ratio"] = out["torch_decode_s"] / out["ours_decode_s"]
   out["params"] = sum(p.numel() for p in ref.parameters())

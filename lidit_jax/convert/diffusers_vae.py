@@ -70,9 +70,7 @@ def _torch_name(flax_name: str) -> str:
 
 
 def _kernel(w: np.ndarray) -> np.ndarray:
-  if w.ndim == 4:
-    return w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  return w.T  # Linear [out, in] -> [in, out]
+  return w.transpose(2, 3, 1, 0)  # conv OIHW -> HWIO
 
 
 def _dense(w: np.ndarray) -> np.ndarray:
@@ -122,17 +120,15 @@ def infer_config(files: io.CheckpointFiles) -> vae.VAEConfig:
   (shapes do not hold them: pass config= for an SDXL, SD3 or Flux VAE)."""
   shape = lambda k: files.shape(files.prefix + k)
   has = lambda k: files.resolve(k) is not None
-  blocks = sorted({int(k.split(".")[2]) for k in files.keys() if k.startswith(files.prefix + "encoder.down.")
-                   for k in [k[len(files.prefix):]]})
+  keys = [k[len(files.prefix):] for k in files.keys() if k.startswith(files.prefix)]
+  blocks = sorted({int(k.split(".")[2]) for k in keys if k.startswith("encoder.down.")})
   widths = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in blocks)
-  per_block = len({k.split(".")[4] for k in files.keys() if k.startswith(files.prefix + "encoder.down.0.block.")
-                   for k in [k[len(files.prefix):]]})
+  per_block = len({k.split(".")[4] for k in keys if k.startswith("encoder.down.0.block.")})
   latent = shape("decoder.conv_in.weight")[1]
-  base = vae.VAEConfig()
   return vae.VAEConfig(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
                        block_out_channels=widths, layers_per_block=per_block, latent_channels=latent,
                        use_quant_conv=has("quant_conv.weight"), use_post_quant_conv=has("post_quant_conv.weight"),
-                       mid_block_add_attention=has("encoder.mid.attn_1.q.weight"), scaling_factor=base.scaling_factor)
+                       mid_block_add_attention=has("encoder.mid.attn_1.q.weight"))
 
 
 def vae_dir(path: str) -> str:
