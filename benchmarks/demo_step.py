@@ -52,12 +52,12 @@ def train_step_rate(config_path, steps: int, overrides: dict | None = None) -> d
   flops = plan.step_flops(config, {t.name: (None, t.module.cfg) for t in s.towers})
   gflop = (flops["train"] + flops["towers"]) / 1e9
   for b in batches[:2]:  # compile and warm up
-    state, m = step(state, s.tower_params, b, rng)
+    state, m = step(state, s.frozen, b, rng)
   jax.block_until_ready(m)
   times = []
   for b in batches[2:]:
     t = time.perf_counter()
-    state, m = step(state, s.tower_params, b, rng)
+    state, m = step(state, s.frozen, b, rng)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   sec = float(np.median(times))

@@ -49,7 +49,7 @@ def run_arm(config_path: str, name: str, overrides: dict, eval_at: list[int], nu
     if step == 1:  # the first step compiles: its time is not training time
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-    state, _ = step_fn(state, s.tower_params, train.device_batch(next(data), s.mesh), rng)
+    state, _ = step_fn(state, s.frozen, train.device_batch(next(data), s.mesh), rng)
     if step + 1 in eval_at:
       jax.block_until_ready(state)
       seconds += time.perf_counter() - t0

@@ -17,6 +17,7 @@ to Orbax, in place of the random towers; make them first (no download, no torch)
 Variants combine: `configs/shapes.py:tiny,hf`.
 """
 from lidit_jax import configs
+from lidit_jax.data import shapes
 
 
 HF_TOWERS = {"llama": "checkpoints/tiny/llama-orbax", "qwen2": "checkpoints/tiny/qwen2-orbax"}
@@ -33,6 +34,7 @@ def get_config(variant: str = ""):
   # Random towers cannot follow an instruction: a short one keeps LI-DiT's scaffold (masked out after the
   # refiners) without spending 25 of every 56 text positions on it. 10 template tokens + captions of <= 21 words.
   c.text.instruction = "Describe the objects:"
+  c.text.words = shapes.VOCABULARY  # the word tokenizer of the random towers knows the demo's words
   for t in c.text.towers.values():
     t.max_length = 32
   # Rotary word positions in the token refiners: random towers carry the word order only faintly.

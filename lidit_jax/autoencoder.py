@@ -6,7 +6,10 @@
 
 Both give `encode(params, images_BHWC, rng=None)` -> latents in the denoiser's scale (a posterior sample when
 `rng` is given, its mean otherwise) and `decode(params, latents)` -> images in [-1, 1], as pure functions of
-their (frozen) params, so they run inside the jitted train step and sampler. The VAE's latent scale is diffusers'
+their (frozen) params, so they run inside the jitted train step and sampler. Precomputed latents
+(`data.latents`) hold `stored(params, images)`: the posterior mean and, for the VAE, its standard deviation
+(channels [mean | std], in the denoiser's scale); `from_stored(stored, rng)` draws the sample the train step
+trains on, so a cached dataset trains as the images would (diffusers' trainers: `latent_dist.sample()`). The VAE's latent scale is diffusers'
 pipelines' convention: (z - shift_factor) * scaling_factor (SD 1.x / 2.x / XL: shift 0; SD3 / Flux: their shift),
 or (z - latents_mean) * scaling_factor / latents_std where the config has them.
 """
@@ -25,9 +28,18 @@ class Identity:
   factor: int = 1
   channels: int = 3
 
+  stored_channels = 3
+
   def encode(self, params, images_BHWC, rng=None):
     del params, rng
     return images_BHWC
+
+  def stored(self, params, images_BHWC):
+    return images_BHWC
+
+  def from_stored(self, stored_BhwC, rng):
+    del rng
+    return stored_BhwC
 
   def decode(self, params, latents_BHWC):
     del params
@@ -52,29 +64,56 @@ class VAE:
       return jnp.asarray(cfg.latents_mean), cfg.scaling_factor / jnp.asarray(cfg.latents_std)
     return cfg.shift_factor or 0.0, cfg.scaling_factor
 
-  def encode(self, params, images_BHWC, rng=None):
+  @property
+  def stored_channels(self) -> int:
+    return 2 * self.channels
+
+  def _moments(self, params, images_BHWC):
+    """Posterior mean and standard deviation, in the denoiser's scale."""
     mean, logvar = self.module.apply({"params": params}, images_BHWC, method="moments")
-    z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     offset, scale = self._offset_and_scale()
-    return (z - offset) * scale
+    return (mean - offset) * scale, jnp.exp(0.5 * logvar) * scale
+
+  def encode(self, params, images_BHWC, rng=None):
+    mean, std = self._moments(params, images_BHWC)
+    return mean if rng is None else mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
+
+  def stored(self, params, images_BHWC):
+    return jnp.concatenate(self._moments(params, images_BHWC), axis=-1)
+
+  def from_stored(self, stored_BhwC, rng):
+    assert stored_BhwC.shape[-1] == self.stored_channels, stored_BhwC.shape
+    mean, std = jnp.split(stored_BhwC, 2, axis=-1)
+    return mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
 
   def decode(self, params, latents_BHWC):
     offset, scale = self._offset_and_scale()
     return self.module.apply({"params": params}, latents_BHWC / scale + offset, method="decode")
 
 
-def build(ae_cfg, dtype=jnp.float32):
-  """(autoencoder, its frozen params or None) for the config's `autoencoder` section; the VAE's factor and
-  channels must be the ones the section states (they shape the denoiser before anything is loaded)."""
+def build(ae_cfg, abstract: bool = False):
+  """(autoencoder, its frozen params or None) for the config's `autoencoder` section, the VAE's params in
+  `autoencoder.dtype`; the VAE's factor and channels must be the ones the section states (they shape the
+  denoiser before anything is loaded). `abstract=True` gives ShapeDtypeStructs instead (planning), or
+  (None, None) when the VAE does not exist yet: a planned run then trains on precomputed latents."""
+  import os
   from lidit_jax import configs
   if ae_cfg.kind == "identity":
     return Identity(), None
-  from lidit_jax.convert import load_vae
-  path = ae_cfg.get("path", "")
-  if not path:
+  from lidit_jax.convert import diffusers_vae, registry
+  path, dtype = ae_cfg.get("path", ""), jnp.dtype(ae_cfg.get("dtype", "float32"))
+  if abstract:
+    if not path or not os.path.exists(os.path.expanduser(path)):
+      return None, None
+    module = (registry.from_description(registry.read_marker(path), dtype)[2] if registry.marker(path)
+              else diffusers_vae.Conversion.prepare(path, dtype).module)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
+                          registry.strip_boxes(diffusers_vae.abstract_params(module)))
+  elif not path:
     raise configs.ConfigError("config autoencoder.kind='vae' needs autoencoder.path. Fix: "
                               "--config.autoencoder.path=DIR (a diffusers VAE or pipeline folder, or a converted one)")
-  module, params = load_vae(path, dtype)
+  else:
+    module, params = diffusers_vae.load_vae(path, dtype)
   ae = VAE(module)
   if (ae.factor, ae.channels) != (ae_cfg.factor, ae_cfg.channels):
     raise configs.ConfigError(

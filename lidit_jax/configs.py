@@ -50,7 +50,8 @@ def tower(**overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = dict(width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True,
+  c.model = dict(family="lidit",  # the denoiser family (lidit_jax/denoisers: one file each)
+                 width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True,
                  pos_embed="resblock", remat="none", scan=True, dtype="float32",
                  modulation="block",  # adaLN-Zero per block (LI-DiT), or "single" (PixArt-alpha's adaLN-single)
                  attention="auto",  # DiT attention: auto (cuDNN on GPU in bf16, splash on TPU, else XLA), xla,
@@ -59,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
                               rope=False))  # rope: rotary word positions in the token refiners (not in the paper)
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
+                words=(),  # the "words" tokenizer's vocabulary besides its fixed words (configs/shapes.py: the demo's)
                 cache="",  # a `python -m lidit_jax.encode_prompts` output: train without running the LLMs;
                            # "memory": run them once per caption and keep the features in host memory
                 towers=dict(llama_a=tower(), llama_b=tower(hidden_size=96, num_layers=5, num_heads=4,
@@ -74,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
                 workers=0,  # grain worker processes, each building whole batches (0: in the training process)
                 threads=16,  # decoding threads per batch
                 prefetch=2)  # batches read ahead (per worker process)
-  c.autoencoder = dict(kind="identity", factor=1, channels=3)
+  # vae: path = a diffusers VAE / pipeline folder, an original single file or a converted directory; frozen
+  c.autoencoder = dict(kind="identity", factor=1, channels=3, path="", dtype="float32")
+  c.objective = dict(kind="rectified_flow")  # lidit_jax/objectives: one file each; rectified flow reads `flow`
   c.flow = dict(prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; flow.as_velocity)
                 x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
                 timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
@@ -133,6 +137,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(key, value, "must be at least 1", "set a positive value")
   if m.refiner.depth < 0:
     _fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
+  from lidit_jax import denoisers
+  _one_of("model.family", m.family, set(denoisers.FAMILIES))
+  from lidit_jax import objectives
+  _one_of("objective.kind", c.objective.kind, set(objectives.OBJECTIVES))
   _one_of("model.pos_embed", m.pos_embed, {"resblock", "sincos", "both"})
   _one_of("model.modulation", m.modulation, {"block", "single"})
   if m.pos_embed in ("sincos", "both") and m.width % 4:
@@ -166,6 +174,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   ae = c.autoencoder
   _one_of("autoencoder.kind", ae.kind, {"identity", "vae"})
+  _one_of("autoencoder.dtype", ae.dtype, {"float32", "bfloat16"})
   if ae.kind == "identity" and (ae.factor != 1 or ae.channels != 3):
     _fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
           "set --config.autoencoder.factor=1 --config.autoencoder.channels=3")

@@ -1,9 +1,8 @@
-"""Where the text towers, the refiners and the DiT meet.
+"""Where the frozen text towers meet the denoiser of the config's family (`denoisers`).
 
-`LIDiT` is the trainable denoiser: per-LLM token refiners -> collaborative refiner (or plain
-concatenation) -> instruction tokens masked out -> DiT with cross-attention to the text. The frozen
-LLM towers (`TextTowers`) live outside it: they run once per prompt, their parameters stay in bf16 and
-out of the optimizer. Run `python -m lidit_jax.model --config configs/lidit_1b.py` for parameter counts.
+The towers (`TextTower`) run once per prompt; their parameters stay in their dtype and out of the optimizer.
+`build_model`, `abstract_inputs`, `abstract_params` and `param_report` go through the family's contract and
+name no family. Run `python -m lidit_jax.model --config configs/lidit_1b.py` for parameter counts.
 """
 from __future__ import annotations
 
@@ -17,61 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lidit_jax import flow
+from lidit_jax import denoisers
 from lidit_jax import prompt as prompt_lib
 from lidit_jax import sharding as sharding_lib
-from lidit_jax.models import dit as dit_lib
-from lidit_jax.models import layers, llm, refiner
+from lidit_jax.models import llm
 
 Dtype = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class LIDiT(nn.Module):
-  dit: dit_lib.DiTConfig
-  refiner_depth: int = 2
-  refiner_heads: int = 8
-  refiner_mlp_ratio: float = 4.0
-  refiner_causal: bool = False
-  refiner_gated: bool = True
-  refiner_rope: bool = False  # rotary word positions in the token refiners' self-attention
-  fusion: str = "collaborative"  # or "concat"
-  drop_instruction: bool = True
-  dtype: Dtype = jnp.float32
-
-  def encode_text(self, feats: Sequence[jax.Array], valids: Sequence[jax.Array], prompts: Sequence[jax.Array],
-                  t_emb_BD: jax.Array):
-    """Refine each LLM's features; returns context [B, S, D] and its validity mask [B, S]."""
-    w = self.dit.width
-    xs, cs, vs = [], [], []
-    for i, (f, v, pm) in enumerate(zip(feats, valids, prompts)):
-      x, c = refiner.TokenRefiner(w, self.refiner_depth, self.refiner_heads, self.refiner_mlp_ratio,
-                                  causal=self.refiner_causal,
-                                  gated=self.refiner_gated, qk_norm=self.dit.qk_norm,
-                                  rope_theta=10000.0 if self.refiner_rope else None, dtype=self.dtype,
-                                  name=f"token_refiner_{i}")(f, v, pm, t_emb_BD)
-      xs.append(x), cs.append(c), vs.append(v.astype(bool))
-    if self.fusion == "collaborative":
-      xs = refiner.CollaborativeRefiner(self.refiner_heads, self.refiner_mlp_ratio, qk_norm=self.dit.qk_norm,
-                                        dtype=self.dtype,
-                                        name="collaborative_refiner")(xs, vs, cs)
-    # Static shapes under jit: instruction tokens are masked, never sliced away.
-    keep = [v & pm.astype(bool) if self.drop_instruction else v for v, pm in zip(vs, prompts)]
-    return jnp.concatenate(xs, axis=1), jnp.concatenate(keep, axis=1)
-
-  @nn.compact
-  def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
-    """Velocity prediction. `drop_B` (bool) replaces an example's text by the learned null context (CFG)."""
-    t_emb = layers.TimestepEmbedder(self.dit.width, dtype=self.dtype, name="t_embedder")(t_B)
-    ctx, ctx_valid = self.encode_text(feats, valids, prompts, t_emb)
-    if drop_B is not None:
-      null = self.param("null_context", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
-                        ctx.shape[1:], jnp.float32).astype(ctx.dtype)
-      d = drop_B[:, None]
-      ctx = jnp.where(d[..., None], null[None], ctx)
-      ctx_valid = jnp.where(d, True, ctx_valid)
-    pooled = layers.masked_mean(ctx, ctx_valid)
-    return dit_lib.DiT(self.dit, self.dtype, name="denoiser")(x_BHWC, t_emb, pooled, ctx, ctx_valid)
 
 
 @dataclasses.dataclass
@@ -92,30 +43,30 @@ class TextTower:
     return jax.lax.stop_gradient(hidden)
 
 
-def tower_spec(tc, where: str):
-  """(converter family, model config) of a tower: from its fields for a random tower, else from the
-  checkpoint directory's config (Hugging Face or converted). Reads JSON only, no weights."""
+def tower_spec(tc, where: str, words=()):
+  """(converter family, model config) of a tower: from its fields for a random tower (`words`: the word
+  tokenizer's vocabulary, `text.words`), else from the checkpoint directory's config (Hugging Face or
+  converted). Reads JSON only, no weights."""
   from lidit_jax.convert import hf_llm, hf_text
   if tc.init == "random":
     if tc.kind != "llama":
       raise ValueError(f"{where}.kind={tc.kind!r}: random towers are Llama-style; use kind='llama' or set "
                        f"{where}.init to a checkpoint directory.")
-    return hf_llm, random_llama_config(tc)
+    return hf_llm, random_llama_config(tc, words)
   return hf_text.read_family_and_config(tc.init, where=f"{where}.init")
 
 
 def build_towers(config) -> list[TextTower]:
-  from lidit_jax.data import shapes  # the word tokenizer's vocabulary is the demo's
   towers = []
   for name in tower_names(config):
     tc, where = config.text.towers[name], f"text.towers.{name}"
-    fam, cfg = tower_spec(tc, where)
+    fam, cfg = tower_spec(tc, where, config.text.words)
     n = cfg.num_layers
     if not -(n + 1) <= tc.layer <= n:
       raise ValueError(f"{where}.layer={tc.layer} is outside the {n + 1} hidden states of {tc.init}. "
                        f"Fix: pick an index in [-{n + 1}, {n}] (LI-DiT: -3).")
     tokenizer = tc.tokenizer or ("words" if tc.init == "random" else tc.init)
-    tok = prompt_lib.load_tokenizer(tokenizer, extra_words=shapes.VOCABULARY)
+    tok = prompt_lib.load_tokenizer(tokenizer, extra_words=config.text.words)
     if len(tok) > cfg.vocab_size:
       raise ValueError(f"{where}.tokenizer={tokenizer!r} has {len(tok)} tokens but the model's vocabulary has "
                        f"{cfg.vocab_size}. Fix: use the tokenizer saved with {tc.init}.")
@@ -153,11 +104,10 @@ def abstract_tower_params(towers: list[TextTower], mesh, rules) -> dict:
   return out
 
 
-def random_llama_config(tc) -> llm.DecoderConfig:
+def random_llama_config(tc, words=()) -> llm.DecoderConfig:
   vocab = tc.vocab_size
   if not vocab:  # the word tokenizer's size is known only once it is built
-    from lidit_jax.data import shapes
-    vocab = len(prompt_lib.load_tokenizer(tc.tokenizer or "words", extra_words=shapes.VOCABULARY))
+    vocab = len(prompt_lib.load_tokenizer(tc.tokenizer or "words", extra_words=words))
   return llm.DecoderConfig(vocab_size=vocab, hidden_size=tc.hidden_size,
                            num_layers=tc.num_layers, num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
                            intermediate_size=tc.intermediate_size, rope_theta=tc.rope_theta)
@@ -209,17 +159,9 @@ def attention_implementation(config, platform: str | None = None) -> str:
   return want
 
 
-def build_model(config) -> LIDiT:
-  m = config.model
-  dcfg = dit_lib.DiTConfig(width=m.width, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size,
-                           in_channels=config.autoencoder.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
-                           pos_embed=m.pos_embed, remat=m.remat, scan=m.scan, modulation=m.modulation,
-                           attention=attention_implementation(config))
-  r = m.refiner
-  return LIDiT(dcfg, refiner_depth=r.depth, refiner_heads=r.num_heads, refiner_mlp_ratio=r.mlp_ratio,
-               refiner_causal=r.causal,
-               refiner_gated=r.gated, refiner_rope=r.rope, fusion=r.fusion, drop_instruction=config.text.drop_instruction,
-               dtype=DTYPES[m.dtype])
+def build_model(config) -> nn.Module:
+  """The trainable denoiser of `model.family`."""
+  return denoisers.family(config).build(config, attention_implementation(config))
 
 
 def latent_shape(config) -> tuple[int, int, int]:
@@ -227,32 +169,16 @@ def latent_shape(config) -> tuple[int, int, int]:
   return (s, s, config.autoencoder.channels)
 
 
-def encode_images(config, images_BHWC):
-  """uint8 images -> the autoencoder's latents, float32 [B, h, w, C] (pixel space: scaled to [-1, 1])."""
-  if config.autoencoder.kind != "identity":
-    raise NotImplementedError(f"autoencoder.kind={config.autoencoder.kind!r}: the VAE is not implemented yet. "
-                              "Fix: encode with autoencoder.kind='identity' (pixel space).")
-  return images_BHWC.astype(jnp.float32) / 127.5 - 1.0
-
-
-def image_shift(config) -> float:
-  """The flow's time shift for this config: fixed, or from the image token count (Flux rule)."""
-  tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
-  return flow.effective_shift(config.flow, tokens)
+def text_shapes(config, tower_dims: Sequence[int] | None = None) -> list[tuple[int, int]]:
+  """(length, width) of each tower's features; widths from the config's fields unless given."""
+  names = tower_names(config)
+  dims = tower_dims or [config.text.towers[n].hidden_size for n in names]
+  return [(config.text.towers[n].max_length, d) for n, d in zip(names, dims)]
 
 
 def abstract_inputs(config, batch_size: int, tower_dims: Sequence[int] | None = None):
   """ShapeDtypeStructs of one denoiser call (for eval_shape / compile without data)."""
-  names = tower_names(config)
-  dims = tower_dims or [config.text.towers[n].hidden_size for n in names]
-  lens = [config.text.towers[n].max_length for n in names]
-  sds = jax.ShapeDtypeStruct
-  b = batch_size
-  return dict(
-      x_BHWC=sds((b, *latent_shape(config)), jnp.float32), t_B=sds((b,), jnp.float32),
-      feats=[sds((b, l, d), jnp.float32) for l, d in zip(lens, dims)],
-      valids=[sds((b, l), jnp.bool_) for l in lens], prompts=[sds((b, l), jnp.bool_) for l in lens],
-      drop_B=sds((b,), jnp.bool_))
+  return denoisers.family(config).abstract_inputs(batch_size, latent_shape(config), text_shapes(config, tower_dims))
 
 
 def count_params(tree) -> int:
@@ -267,7 +193,7 @@ def planned_towers(config) -> dict:
     tc = config.text.towers[name]
     if tc.init != "random" and not os.path.isdir(os.path.expanduser(tc.init)):
       tc = ml_collections.ConfigDict({**tc.to_dict(), "init": "random"})
-    out[name] = tower_spec(tc, f"text.towers.{name}")
+    out[name] = tower_spec(tc, f"text.towers.{name}", config.text.words)
   return out
 
 
@@ -282,9 +208,8 @@ def param_report(config) -> dict:
   """Parameter counts by component, from abstract shapes only (nothing is allocated)."""
   from lidit_jax.convert import hf_text
   towers = planned_towers(config)
-  report = {k: count_params(v) for k, v in nn.unbox(abstract_params(config, towers)).items()}
-  report = {"denoiser (DiT)": report.pop("denoiser"),
-            "refiners + embeddings": sum(report.values())}
+  groups = denoisers.family(config).param_groups(nn.unbox(abstract_params(config, towers)))
+  report = {k: count_params(v) for k, v in groups.items()}
   report["trainable total"] = sum(report.values())
   for name, (fam, cfg) in towers.items():
     abstract = hf_text.abstract_params(fam.make_module(cfg, jnp.float32))

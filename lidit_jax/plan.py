@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lidit_jax import denoisers
 from lidit_jax import model as model_lib
 from lidit_jax import sharding
 
@@ -62,28 +63,17 @@ def per_device_bytes(boxed_tree, mesh_sizes: dict, rules, itemsize: int | None =
 
 
 def model_flops_per_example(config, tower_cfgs: dict) -> dict:
-  """Forward FLOPs of one example: 2 x (matmul weights x tokens they see) + attention (QK^T and PV)."""
-  m, r = config.model, config.model.refiner
-  h, w, _ = model_lib.latent_shape(config)
-  t = (h // m.patch_size) * (w // m.patch_size)  # image tokens
+  """Forward FLOPs of one example: the denoiser family's groups, and `towers` (2 x weights x tokens +
+  attention, per tower)."""
   lens = [config.text.towers[n].max_length for n in tower_cfgs]
-  s = sum(lens)  # text tokens after concatenation
-  d, f = m.width, int(m.width * m.mlp_ratio)
-  per_block = (2 * t * (4 * d * d + 2 * d * f)  # self-attn q,k,v,o + MLP on image tokens
-               + 2 * t * 2 * d * d + 2 * s * 2 * d * d  # cross-attn q,o on image tokens; k,v on text tokens
-               + 4 * t * t * d + 4 * t * s * d)  # attention scores and weighted sums
-  dit = m.depth * per_block
-  fr = int(d * r.mlp_ratio)
-  refiners = sum(r.depth * (2 * l * (4 * d * d + 2 * d * fr) + 4 * l * l * d) + 2 * l * cfg.hidden_size * d
-                 for l, cfg in zip(lens, (c for _, c in tower_cfgs.values())))
-  if r.fusion == "collaborative" and len(lens) > 1:
-    refiners += 2 * s * (4 * d * d + 2 * d * fr) + 4 * s * s * d
+  shapes = [(l, cfg.hidden_size) for l, (_, cfg) in zip(lens, tower_cfgs.values())]
+  out = denoisers.family(config).flops_per_example(config, model_lib.latent_shape(config), shapes)
   towers = 0
   for l, (_, cfg) in zip(lens, tower_cfgs.values()):
     hd = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", 4 * hd)
     towers += cfg.num_layers * (2 * l * (4 * hd * hd + 3 * hd * inter) + 4 * l * l * hd)
-  return {"dit": dit, "refiners": refiners, "towers": towers}
+  return {**out, "towers": towers}
 
 
 def step_flops(config, tower_cfgs: dict | None = None) -> dict:
@@ -91,7 +81,8 @@ def step_flops(config, tower_cfgs: dict | None = None) -> dict:
   and `towers` (their forward; 0 when features come from text.cache)."""
   flops = model_flops_per_example(config, tower_cfgs or model_lib.planned_towers(config))
   b = config.train.batch_size
-  return {"train": 3 * (flops["dit"] + flops["refiners"]) * b,
+  trainable = sum(v for k, v in flops.items() if k != "towers")
+  return {"train": 3 * trainable * b,
           "towers": 0 if config.text.cache else flops["towers"] * b}
 
 

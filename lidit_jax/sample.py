@@ -1,4 +1,5 @@
-"""Sampling: prompts -> images with the EMA weights, the ODE sampler and classifier-free guidance.
+"""Sampling: prompts -> images with the EMA weights, the ODE sampler, classifier-free guidance and the
+autoencoder's decoder (latents never leave the generator: every image here is pixels).
 
   python -m lidit_jax.sample --config configs/shapes.py --workdir runs/shapes
       --prompt "a red circle to the left of a blue square" --out sample.png [--num_images 4 --cfg 3 --steps 25]
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from lidit_jax import flow
+from lidit_jax import objectives
+from lidit_jax.objectives import guidance
 from lidit_jax import model as model_lib
 from lidit_jax import sharding
 
@@ -35,34 +37,35 @@ def text_inputs(towers, tower_params, text):
 
 
 def make_generator(s, steps: int, cfg_scale: float, sampler: str):
-  """Jitted (params, tower_params, tokens, noise) -> images in [-1, 1]."""
+  """Jitted (params, frozen, tokens, noise) -> images in [-1, 1] (noise in latent space, `Setup.frozen`)."""
   config = s.config
-  shift = config.sample.shift or model_lib.image_shift(config)
+  objective = objectives.build(config)
 
-  def generate(params, tower_params, tokens, noise):
-    feats, valids, prompts = text_inputs(s.towers, tower_params, tokens)
+  def generate(params, frozen, tokens, noise):
+    feats, valids, prompts = text_inputs(s.towers, frozen["towers"], tokens)
     b = noise.shape[0]
-    apply = flow.as_velocity(functools.partial(s.model.apply, {"params": params}), config.flow)
+    apply = functools.partial(s.model.apply, {"params": params})
     if cfg_scale == 1.0:  # guidance off: one conditional evaluation per step
-      velocity = lambda x, t: apply(x, t, feats, valids, prompts, jnp.zeros((b,), bool))
+      net = lambda x, t: apply(x, t, feats, valids, prompts, jnp.zeros((b,), bool))
     else:
       two = lambda xs: [jnp.concatenate([x, x]) for x in xs]
       drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
       def both(x, t):
-        v = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]), two(feats), two(valids), two(prompts), drop)
-        return v[:b], v[b:]
-      velocity = flow.guided(both, cfg_scale)
-    return jnp.clip(flow.solve(velocity, noise, steps, sampler, shift), -1.0, 1.0)
+        p = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]), two(feats), two(valids), two(prompts), drop)
+        return p[:b], p[b:]
+      net = guidance.guided(both, cfg_scale)
+    latents = objective.sample(net, noise, steps, sampler)
+    return jnp.clip(s.autoencoder.decode(frozen["autoencoder"], latents).astype(jnp.float32), -1.0, 1.0)
 
   repl = sharding.replicated(s.mesh)
   # Images come back whole on every process (several processes cannot read a sharded result).
   jitted = jax.jit(generate, out_shardings=repl)
 
-  def run(params, tower_params, tokens, noise):
+  def run(params, frozen, tokens, noise):
     # Host inputs become global arrays, identical on every process.
     host = jax.tree.map(lambda x: jax.make_array_from_process_local_data(repl, np.asarray(x)), (tokens, noise))
     with sharding.active(s.mesh, config):
-      return jitted(params, tower_params, *host)
+      return jitted(params, frozen, *host)
   return run
 
 
@@ -75,7 +78,8 @@ def generate_images(s, params, prompts: list[str], num_images: int = 1, seed: in
   noise_ids = list(range(len(prompts))) if noise_ids is None else list(noise_ids)
   flat = [(i, j, p) for i, p in enumerate(prompts) for j in range(num_images)]
   shape = model_lib.latent_shape(s.config)
-  out = np.zeros((len(prompts), num_images, *shape), np.uint8)
+  size = s.config.data.image_size
+  out = np.zeros((len(prompts), num_images, size, size, 3), np.uint8)
   for start in range(0, len(flat), batch_size):
     chunk = flat[start:start + batch_size]
     pad = batch_size - len(chunk) if len(flat) > batch_size else 0  # keep one compiled shape
@@ -83,7 +87,7 @@ def generate_images(s, params, prompts: list[str], num_images: int = 1, seed: in
     tokens = s.text_for([p for _, _, p in items])
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), noise_ids[i]), j),
                                          shape) for i, j, _ in items])
-    x = np.asarray(gen(params, s.tower_params, tokens, noise))
+    x = np.asarray(gen(params, s.frozen, tokens, noise))
     for (i, j, _), img in zip(chunk, x[:len(chunk)]):
       out[i, j] = to_uint8(img)
   return out

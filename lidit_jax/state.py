@@ -1,7 +1,8 @@
 """Train state, optimizer, and the sharded set-up shared by train / sample / evaluate.
 
 Initialisation goes eval_shape -> shardings -> jit(init, out_shardings=...), so nothing is ever
-materialised unsharded. The frozen text towers are separate: bf16, outside the optimizer state.
+materialised unsharded. The frozen parts (text towers, autoencoder) are separate, outside the optimizer
+state: `Setup.frozen = {"towers": {name: params}, "autoencoder": params or None}`, one argument of every step.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lidit_jax import autoencoder as autoencoder_lib
 from lidit_jax import checkpoint as ckpt_lib
 from lidit_jax import model as model_lib
 from lidit_jax import sharding, text_cache
@@ -50,11 +52,12 @@ def decay_mask(params):
 
 @dataclasses.dataclass
 class Setup:
-  """Everything a run needs besides data: model, towers, mesh, shardings, initial values."""
+  """Everything a run needs besides data: model, towers, autoencoder, mesh, shardings, initial values."""
   config: Any
-  model: model_lib.LIDiT
+  model: Any  # the denoiser family's module (denoisers: the contract)
   towers: list
-  tower_params: Any
+  autoencoder: Any  # autoencoder.Identity | VAE; None when planning a VAE run before the VAE exists
+  frozen: dict  # {"towers": ..., "autoencoder": ...}: parameters no optimizer touches
   text_for: Any  # captions -> per-tower text inputs: tokens, or features from text.cache
   mesh: Any
   tx: Any
@@ -79,9 +82,6 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False) -> Setup:
   """`use_text_cache=False` loads the towers even when text.cache is set (sampling new prompts).
   `abstract=True` builds everything from shapes only (no tokenizers, checkpoints or parameters; towers from
   their checkpoints' configs or the config's fields): for compiling and planning a run before it exists."""
-  if config.autoencoder.kind != "identity" and not abstract:
-    raise NotImplementedError(f"autoencoder.kind={config.autoencoder.kind!r}: the VAE is not implemented yet; "
-                              "train in pixel space with autoencoder.kind='identity' (the shapes demo).")
   mesh = sharding.make_mesh(config)
   shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum
   if config.train.batch_size % shards:
@@ -89,26 +89,31 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False) -> Setup:
                      f"train.grad_accum ({mesh.shape['data']} x {mesh.shape['fsdp']} x {config.train.grad_accum})."
                      " Fix: change the batch size, the mesh or grad_accum.")
   model = model_lib.build_model(config)
+  ae, ae_params = autoencoder_lib.build(config.autoencoder, abstract=abstract)  # a bad VAE fails before the LLMs
+  if ae_params is not None:  # small and convolutional: replicated (its logical axes map to no mesh axis)
+    repl = sharding.replicated(mesh)
+    ae_params = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), ae_params)
+                 if abstract else jax.device_put(ae_params, repl))
   towers = model_lib.abstract_towers(config) if abstract else model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)
-  s = Setup(config, model, towers, None, None, mesh, tx, schedule, None, None)
+  s = Setup(config, model, towers, ae, {"autoencoder": ae_params}, None, mesh, tx, schedule, None, None)
   with sharding.active(mesh, config):
     boxed = jax.eval_shape(lambda r: _init_state(s, r), jax.random.key(0))
   s.state_shardings = sharding.logical_shardings(boxed, mesh, config)
   s.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   nn.unbox(boxed), s.state_shardings)
   if abstract:
-    s.tower_params = model_lib.abstract_tower_params(towers, mesh, sharding.rules(config))
+    s.frozen["towers"] = model_lib.abstract_tower_params(towers, mesh, sharding.rules(config))
   elif config.text.cache == "memory" and use_text_cache:  # the towers run once per caption, not once per step
     with sharding.active(mesh, config):
       params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
-    s.text_for, s.tower_params = text_cache.MemoryCache(towers, params), {}
+    s.text_for, s.frozen["towers"] = text_cache.MemoryCache(towers, params), {}
   elif config.text.cache and use_text_cache:  # features come from disk; the LLMs are never loaded
-    s.text_for, s.tower_params = text_cache.TextCache(config.text.cache, config, towers), {}
+    s.text_for, s.frozen["towers"] = text_cache.TextCache(config.text.cache, config, towers), {}
   else:
     s.text_for = functools.partial(pipeline.tokenize, towers)
     with sharding.active(mesh, config):
-      s.tower_params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+      s.frozen["towers"] = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
   return s
 
 

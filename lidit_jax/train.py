@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from lidit_jax import checkpoint as ckpt_lib
-from lidit_jax import flow, sharding
+from lidit_jax import objectives, sharding
 from lidit_jax import model as model_lib
 from lidit_jax import plan as plan_lib
 from lidit_jax import sample as sample_lib
@@ -36,28 +36,33 @@ def ema_decay(config, step):
   return jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
 
 
+def clean_latents(autoencoder, params, image, rng):
+  """A batch's "image" -> the denoiser's x0: uint8 pixels are encoded (a posterior sample, as diffusers'
+  trainers draw), stored latents are sampled from their stored posterior (`autoencoder.from_stored`)."""
+  if autoencoder is None:  # planning a VAE run before the VAE exists: the batch holds x0 itself
+    return image.astype(jnp.float32)
+  if image.dtype == jnp.uint8:  # pixels travel as bytes: scaled on device
+    return autoencoder.encode(params, image.astype(jnp.float32) / 127.5 - 1.0, rng).astype(jnp.float32)
+  return autoencoder.from_stored(image.astype(jnp.float32), rng)  # stored latents are float16
+
+
 def make_train_step(s: state_lib.Setup):
   config = s.config
-  shift = model_lib.image_shift(config)
+  objective = objectives.build(config)
 
-  def train_step(state: state_lib.TrainState, tower_params, batch, rng):
+  def train_step(state: state_lib.TrainState, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     r_drop, r_t, r_eps = jax.random.split(rng, 3)
-    x0 = batch["image"]
-    if x0.dtype == jnp.uint8:  # decoded images arrive as bytes: scale on device
-      x0 = model_lib.encode_images(config, x0)
-    x0 = x0.astype(jnp.float32)  # stored latents are float16
+    x0 = clean_latents(s.autoencoder, frozen["autoencoder"], batch["image"], jax.random.fold_in(rng, 3))
     b = x0.shape[0]
     # Noise, times and caption dropout for the whole batch, so micro-batching changes nothing but memory.
     full = {"image": x0, "text": batch["text"], "drop": jax.random.bernoulli(r_drop, config.data.caption_dropout, (b,)),
-            "t": flow.sample_timesteps(r_t, b, config.flow, shift), "eps": jax.random.normal(r_eps, x0.shape, x0.dtype)}
+            **objective.draw(r_t, r_eps, x0)}
 
     def loss_fn(params, mb):
-      feats, valids, prompts = sample_lib.text_inputs(s.towers, tower_params, mb["text"])
-      apply = flow.as_velocity(functools.partial(s.model.apply, {"params": params}), config.flow)
-      velocity = lambda x, t: apply(x, t, feats, valids, prompts, mb["drop"])
-      loss_B, _ = flow.loss_terms(velocity, mb["image"], None, config.flow, shift, t=mb["t"], eps=mb["eps"])
-      return jnp.mean(loss_B)
+      feats, valids, prompts = sample_lib.text_inputs(s.towers, frozen["towers"], mb["text"])
+      net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, mb["drop"])
+      return jnp.mean(objective.loss(net, mb["image"], mb))
 
     k = config.train.grad_accum
     if k == 1:
@@ -83,13 +88,13 @@ def make_train_step(s: state_lib.Setup):
 
   repl = sharding.replicated(s.mesh)
   batch_sh = sharding.batch_sharding(s.mesh)
-  towers_sh = jax.tree.map(lambda x: x.sharding, s.tower_params)  # as loaded (sharded by logical axes)
-  jitted = jax.jit(train_step, in_shardings=(s.state_shardings, towers_sh, batch_sh, repl),
+  frozen_sh = jax.tree.map(lambda x: x.sharding, s.frozen)  # as loaded (towers sharded by logical axes)
+  jitted = jax.jit(train_step, in_shardings=(s.state_shardings, frozen_sh, batch_sh, repl),
                    out_shardings=(s.state_shardings, repl), donate_argnums=(0,))
 
-  def run(state, tower_params, batch, rng):
+  def run(state, frozen, batch, rng):
     with sharding.active(s.mesh, config):
-      return jitted(state, tower_params, batch, rng)
+      return jitted(state, frozen, batch, rng)
   run.jitted = jitted  # for lowering / cost analysis in benchmarks
   return run
 
@@ -103,7 +108,8 @@ def device_batch(batch: dict, mesh) -> dict:
 
 def lower_train_step(config):
   """The train step lowered on abstract inputs (nothing allocated): `.compile()` it to check a config on a
-  mesh, `.cost_analysis()` for FLOPs. Text inputs are token ids, or cached features with text.cache."""
+  mesh, `.cost_analysis()` for FLOPs. Text inputs are token ids, or cached features with text.cache; images
+  are uint8 pixels (encoded in the step), or stored latents with data.source=features or before the VAE exists."""
   s = state_lib.setup(config, abstract=True)
   b, sh = config.train.batch_size, sharding.batch_sharding(s.mesh)
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
@@ -115,10 +121,14 @@ def lower_train_step(config):
       text[t.name]["hidden"] = sds((b, n, t.hidden_size), t.dtype)
     else:
       text[t.name]["input_ids"] = sds((b, n), jnp.int32)
-  batch = {"image": sds((b, *model_lib.latent_shape(config)), jnp.float32), "text": text}
+  if s.autoencoder is None or config.data.source == "features":
+    h, w, c = model_lib.latent_shape(config)
+    image = sds((b, h, w, s.autoencoder.stored_channels if s.autoencoder else c), jnp.float16)
+  else:
+    image = sds((b, config.data.image_size, config.data.image_size, 3), jnp.uint8)
   step = make_train_step(s)
   with sharding.active(s.mesh, config):
-    return step.jitted.lower(s.abstract_state, s.tower_params, batch, jax.random.key(0))
+    return step.jitted.lower(s.abstract_state, s.frozen, {"image": image, "text": text}, jax.random.key(0))
 
 
 class MetricsLog:
@@ -262,7 +272,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     for step in range(start, t.num_steps):
       batch = device_batch(next(data), s.mesh)
-      state, metrics = step_fn(state, s.tower_params, batch, rng)
+      state, metrics = step_fn(state, s.frozen, batch, rng)
       done = step + 1
       if pending is not None:
         finish(*pending)

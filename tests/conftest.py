@@ -5,6 +5,25 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def train_preempted(config, workdir, monkeypatch, batches_cls, at_batch: int):
+  """Train, preempted (KeyboardInterrupt) while fetching batch `at_batch`, then restart the same call: a
+  resumed run, whose metrics a test compares with an uninterrupted one."""
+  from lidit_jax import train
+  real_next, calls = batches_cls.__next__, {"n": 0}
+
+  def flaky_next(self):
+    calls["n"] += 1
+    if calls["n"] == at_batch:
+      raise KeyboardInterrupt("simulated preemption")
+    return real_next(self)
+
+  monkeypatch.setattr(batches_cls, "__next__", flaky_next)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(batches_cls, "__next__", real_next)
+  return train.train_and_evaluate(config, workdir)
+
+
 def tiny_config(**overrides):
   """configs/shapes.py:tiny, with dotted-key overrides (tests build from the real config, shrunk)."""
   from lidit_jax import configs

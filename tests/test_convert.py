@@ -119,7 +119,7 @@ def test_shapes_demo_on_two_converted_llms(tiny, tmp_path, monkeypatch):
   configs.validate(c)
   s = state_lib.setup(c)
   assert [t.name for t in s.towers] == ["llama", "qwen2"]
-  assert {x.dtype for x in jax.tree.leaves(s.tower_params)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(s.frozen["towers"])} == {jnp.dtype(jnp.bfloat16)}
   state = s.init_state(jax.random.key(0))
   flat = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
   assert not any("embed_tokens" in jax.tree_util.keystr(p) for p, _ in flat)  # towers are not optimized

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, tiny_config, train_preempted
 import image_folder
 from lidit_jax.cli import UserError
 from lidit_jax.data import images, pipeline, prepare
@@ -206,19 +206,8 @@ def test_train_on_prepared_dataset_and_resume(prepared, tmp_path, monkeypatch):
   config = tfds_config(prepared[0], **{"data.buckets": True, "train.num_steps": 5, "train.batch_size": 4,
                                        "train.log_every": 1, "train.checkpoint_every": 2, "train.sample_every": 100})
   train.train_and_evaluate(config, str(tmp_path / "whole"))
-  real_next, calls = pipeline.TfdsBatches.__next__, {"n": 0}
-
-  def flaky_next(self):  # preempted while fetching the 4th batch, after the step-2 checkpoint
-    calls["n"] += 1
-    if calls["n"] == 4:
-      raise KeyboardInterrupt("simulated preemption")
-    return real_next(self)
-
-  monkeypatch.setattr(pipeline.TfdsBatches, "__next__", flaky_next)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / "split"))
-  monkeypatch.setattr(pipeline.TfdsBatches, "__next__", real_next)
-  train.train_and_evaluate(config, str(tmp_path / "split"))
+  # Preempted while fetching the 4th batch, after the step-2 checkpoint.
+  train_preempted(config, str(tmp_path / "split"), monkeypatch, pipeline.TfdsBatches, at_batch=4)
   read = lambda d: [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")]
   whole, split = read("whole"), read("split")
   assert [m["step"] for m in split] == [1, 2, 3, 4, 5]

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidit_jax import checkpoint, configs, flow, state as state_lib, train
+from lidit_jax import checkpoint, configs, state as state_lib, train
+from lidit_jax.objectives import flow
 from lidit_jax.convert import tiny_models
 
 from conftest import ROOT, tiny_config

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lidit_jax import flow
+from lidit_jax.objectives import flow
 
 
 def flow_cfg(kind):

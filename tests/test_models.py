@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidit_jax import configs, flow
+from lidit_jax import configs
+from lidit_jax.objectives import flow, guidance
 from lidit_jax import model as model_lib
 from lidit_jax.models import dit as dit_lib, layers, llm, refiner
 
@@ -198,8 +199,8 @@ def test_cfg_scale_one_is_the_conditional_prediction(denoiser):
   uncond = lambda xt, t: m.apply({"params": p}, xt, t, x["feats"], x["valids"], x["prompts"], jnp.ones((2,), bool))
   both = lambda xt, t: (cond(xt, t), uncond(xt, t))
   xt, t = x["x_BHWC"], x["t_B"]
-  np.testing.assert_allclose(flow.guided(both, 1.0)(xt, t), cond(xt, t), atol=1e-6)
-  assert float(jnp.abs(flow.guided(both, 3.0)(xt, t) - cond(xt, t)).max()) > 1e-4
+  np.testing.assert_allclose(guidance.guided(both, 1.0)(xt, t), cond(xt, t), atol=1e-6)
+  assert float(jnp.abs(guidance.guided(both, 3.0)(xt, t) - cond(xt, t)).max()) > 1e-4
 
 
 def test_instruction_tokens_are_dropped_from_the_context(denoiser):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidit_jax import evaluate, flow, sample as sample_lib, state as state_lib, train
+from lidit_jax import evaluate, sample as sample_lib, state as state_lib, train
 from lidit_jax.data import shapes
 
 from conftest import tiny_config
@@ -49,7 +49,7 @@ def test_towers_carry_the_relation_and_the_word_order_to_later_words(setup):
   batch = text(s, [LEFT, RIGHT, SWAPPED])
   for t in s.towers:
     tb = jax.tree.map(jnp.asarray, batch[t.name])
-    h = np.asarray(t.features(s.tower_params[t.name], tb["input_ids"], tb["attention_mask"]), np.float32)
+    h = np.asarray(t.features(s.frozen["towers"][t.name], tb["input_ids"], tb["attention_mask"]), np.float32)
     k = int(np.nonzero(batch[t.name]["input_ids"][0] != batch[t.name]["input_ids"][1])[0][0])
     np.testing.assert_array_equal(h[0, :k], h[1, :k])  # causal: nothing before the word changes
     # ... and every later word ("of a blue square") knows which relation came before it,
@@ -62,7 +62,7 @@ def test_towers_carry_the_relation_and_the_word_order_to_later_words(setup):
 
 
 def denoise(s, params, prompts, drop=False):
-  feats, valids, keep = sample_lib.text_inputs(s.towers, s.tower_params, jax.tree.map(jnp.asarray, text(s, prompts)))
+  feats, valids, keep = sample_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray, text(s, prompts)))
   b = len(prompts)
   x = jax.random.normal(jax.random.key(1), (1, *s.config.data.image_size * np.ones(2, int), 3)).repeat(b, 0)
   return s.model.apply({"params": params}, x, jnp.full((b,), 0.7), feats, valids, keep, jnp.full((b,), drop))
@@ -70,7 +70,7 @@ def denoise(s, params, prompts, drop=False):
 
 def test_refined_context_keeps_the_relation_and_the_order(setup):
   s, params = setup
-  feats, valids, keep = sample_lib.text_inputs(s.towers, s.tower_params, jax.tree.map(jnp.asarray,
+  feats, valids, keep = sample_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray,
                                                                                       text(s, [LEFT, RIGHT, SWAPPED])))
   x = jnp.zeros((3, s.config.data.image_size, s.config.data.image_size, 3))
   _, inter = s.model.apply({"params": params}, x, jnp.full((3,), 0.7), feats, valids, keep, jnp.zeros(3, bool),
@@ -94,7 +94,7 @@ def test_denoiser_output_depends_on_the_relation_unless_the_caption_is_dropped(s
 
 def test_dit_sees_where_each_patch_is(setup):
   s, params = setup
-  feats, valids, keep = sample_lib.text_inputs(s.towers, s.tower_params, jax.tree.map(jnp.asarray, text(s, [LEFT])))
+  feats, valids, keep = sample_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray, text(s, [LEFT])))
   x = jnp.zeros((1, s.config.data.image_size, s.config.data.image_size, 3))  # no content: only positions differ
   v = np.asarray(s.model.apply({"params": params}, x, jnp.full((1,), 0.7), feats, valids, keep, jnp.zeros(1, bool)))
   p = s.config.model.patch_size
@@ -144,7 +144,7 @@ def test_a_small_model_fits_four_layouts_that_differ_only_by_the_relation_word()
   batch = train.device_batch({"image": images, "text": s.text_for(captions)}, s.mesh)
   state, step = s.init_state(jax.random.key(0)), train.make_train_step(s)
   for _ in range(c.train.num_steps):
-    state, metrics = step(state, s.tower_params, batch, jax.random.key(1))
+    state, metrics = step(state, s.frozen, batch, jax.random.key(1))
   probe = evaluate.relation_probe(s, state.ema_params, 1, steps=10, cfg_scale=2.0, pairs=[(a, b)])
   off = probe["relation_offsets"]
   assert off["to the left of"] > 4 and off["to the right of"] < -4, off

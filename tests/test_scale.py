@@ -32,7 +32,7 @@ def main(_):
   s = state.setup(config)
   st = s.init_state(__import__("jax").random.key(0))
   fc1 = st.params["denoiser"]["blocks"]["block"]["mlp"]["fc1"]["kernel"]
-  up = s.tower_params["llama_a"]["layers"]["mlp"]["up_proj"]["kernel"]
+  up = s.frozen["towers"]["llama_a"]["layers"]["mlp"]["up_proj"]["kernel"]
   print("SHARDS " + json.dumps({"fc1": [fc1.shape, fc1.addressable_shards[0].data.shape],
                                 "mu": list(st.opt_state[1][0].mu["denoiser"]["blocks"]["block"]["mlp"]["fc1"]
                                            ["kernel"].addressable_shards[0].data.shape),

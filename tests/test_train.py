@@ -12,7 +12,7 @@ from PIL import Image
 from lidit_jax import evaluate, sample, state as state_lib, train
 from lidit_jax.data import pipeline, shapes
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, tiny_config, train_preempted
 
 TINY = str(ROOT / "configs/shapes.py:tiny")
 
@@ -45,23 +45,10 @@ def test_training_writes_metrics_checkpoints_and_samples(trained):
 def test_resume_continues_the_same_loss_curve(trained, tmp_path, monkeypatch):
   config, reference = trained
   workdir = str(tmp_path)
-  # Interrupt the run while it fetches the 6th batch (after the step-4 checkpoint) ...
-  real_next = pipeline.ShapesBatches.__next__
-  calls = {"n": 0}
-
-  def flaky_next(self):
-    calls["n"] += 1
-    if calls["n"] == 6:
-      raise KeyboardInterrupt("simulated preemption")
-    return real_next(self)
-
-  monkeypatch.setattr(pipeline.ShapesBatches, "__next__", flaky_next)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, workdir)
-  monkeypatch.setattr(pipeline.ShapesBatches, "__next__", real_next)
+  # Interrupt the run while it fetches the 6th batch (after the step-4 checkpoint) and restart it: it resumes
+  # from step 4 (model and data iterator) and ends where the reference ends.
+  train_preempted(config, workdir, monkeypatch, pipeline.ShapesBatches, at_batch=6)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
-  # ... and restart it: it resumes from step 4 (model and data iterator) and ends where the reference ends.
-  train.train_and_evaluate(config, workdir)
   got, want = read_metrics(workdir), read_metrics(reference)
   assert [r["step"] for r in got] == [r["step"] for r in want]
   for g, w in zip(got, want):
@@ -120,7 +107,7 @@ def test_sampler_sweep_on_the_checkpoint(trained, tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
-  from lidit_jax import flow
+  from lidit_jax.objectives import flow
   real = flow.loss_terms
   monkeypatch.setattr(flow, "loss_terms", lambda *a, **k: (real(*a, **k)[0] * jnp.nan, None))
   with pytest.raises(FloatingPointError, match="non-finite loss nan .* at step 1"):
@@ -172,14 +159,14 @@ def test_training_from_a_text_cache_matches_online_towers(trained, tmp_path):
   assert 0 < summary["captions"] <= 6 * 4 + len(config.sample.prompts)
   cached = tiny_config(**{"train.checkpoint_every": 2, "text.cache": cache})
   s = state_lib.setup(cached)
-  assert s.tower_params == {}  # the LLMs are not even loaded
+  assert s.frozen["towers"] == {}  # the LLMs are not even loaded
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(cached, workdir)
   got, want = read_metrics(workdir), read_metrics(reference)
   np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
   # Sampling new prompts from a cache-trained config loads the towers again.
   s, params, step = state_lib.restore_for_inference(cached, workdir)
-  assert step == 6 and set(s.tower_params) == {"llama_a", "llama_b"}
+  assert step == 6 and set(s.frozen["towers"]) == {"llama_a", "llama_b"}
   assert sample.generate_images(s, params, ["a purple star"], steps=2).shape == (1, 1, 32, 32, 3)
 
 
@@ -187,7 +174,7 @@ def test_memory_text_cache_trains_like_online_towers_and_encodes_each_caption_on
   config, reference = trained
   cached = tiny_config(**{"train.checkpoint_every": 2, "text.cache": "memory"})
   s = state_lib.setup(cached)
-  assert s.tower_params == {}  # the step never sees the towers: features come from the host
+  assert s.frozen["towers"] == {}  # the step never sees the towers: features come from the host
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(cached, workdir)
   got, want = read_metrics(workdir), read_metrics(reference)

@@ -9,7 +9,9 @@ autoencoder (`data.source=features`):
 Reads the config's prepared dataset (data.name / data.data_dir), centre-crops each image to the config's
 resolution (with data.buckets, to its nearest bucket shape that holds train.batch_size images; training
 must then use buckets too), encodes it with the config's autoencoder, and writes a TFDS dataset whose
-records hold the latent (float16 bytes and its shape), the captions and the key. Text features come from `encode_prompts` (text.cache) or the towers,
+records hold the latent (float16 bytes and its shape), the captions and the key. A VAE's latent is its
+posterior, channels [mean | std] in the denoiser's scale (`autoencoder.stored`), so training still draws a
+sample each step; pixel space stores the image in [-1, 1]. Text features come from `encode_prompts` (text.cache) or the towers,
 as with images. Undecodable images are skipped and counted. Ends with one JSON line.
 """
 from __future__ import annotations
@@ -39,14 +41,15 @@ def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 
   import jax
   from concurrent.futures import ThreadPoolExecutor
   from tqdm import tqdm
-  from lidit_jax import model as model_lib
+  from lidit_jax import autoencoder as autoencoder_lib
   t0 = time.time()
   d = config.data
   source, sizes, path = pipeline.open_dataset(d.data_dir, d.name, d.split)
   # As the image pipeline does: a bucket that cannot fill train.batch_size is merged into its neighbour.
   assign, shapes = pipeline.assign_buckets(pipeline.record_sizes(source, sizes), pipeline.image_shapes(config),
                                            config.train.batch_size, [(0, len(source))])
-  enc = jax.jit(lambda x: model_lib.encode_images(config, x))
+  ae, ae_params = autoencoder_lib.build(config.autoencoder)
+  enc = jax.jit(lambda x: ae.stored(ae_params, x.astype(jax.numpy.float32) / 127.5 - 1.0))
   feats = features()
   skipped, pending = collections.Counter(), collections.defaultdict(list)
 

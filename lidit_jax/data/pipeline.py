@@ -1,12 +1,13 @@
 """Host-side batches: images plus the text input of every tower (tokens, or cached features).
 
-Two sources, picked by `config.data.source`:
+Three sources, picked by `config.data.source`:
 - "shapes": the embedded demo, rendered on the fly (index-addressable; the iterator state is one integer).
 - "tfds": a dataset written by `python -m lidit_jax.data.prepare`, read with grain (`TfdsBatches`).
 - "features": latents written by `python -m lidit_jax.data.latents` from such a dataset, read the same way.
 
-Either way a resumed run sees exactly the batches it would have seen: the state saved with each
-checkpoint is the number of batches consumed, and the pipeline is a pure function of that number.
+"image" in a batch is uint8 pixels (the train step encodes them with the autoencoder) or float latents (the
+`features` source: already encoded). Either way a resumed run sees exactly the batches it would have seen: the
+state saved with each checkpoint is the number of batches consumed, and the pipeline is a pure function of it.
 """
 from __future__ import annotations
 
@@ -70,9 +71,9 @@ class ShapesBatches:
 
   def __next__(self) -> dict:
     start = self.index + jax.process_index() * self.local_batch
-    b = self.source.batch(start, self.local_batch)
+    b = self.source.batch(start, self.local_batch, uint8=True)  # pixels travel as bytes; the step encodes them
     self.index += self.global_batch
-    return {"image": np.asarray(b["image"], np.float32), "text": self.text_for(b["caption"]),
+    return {"image": b["image"], "text": self.text_for(b["caption"]),
             "caption": b["caption"]}
 
 
@@ -229,7 +230,14 @@ class TfdsBatches:
     wanted = image_shapes(config)
     latents = d.source == "features"
     if latents:  # records hold latents at bucket shapes: each must be one of this config's
-      f = config.autoencoder.factor
+      ae = config.autoencoder
+      stored = ae.channels * (2 if ae.kind == "vae" else 1)  # a VAE's posterior: [mean | std]
+      have = int(np.asarray(source[0]["shape"])[2])
+      if have != stored:
+        raise ValueError(f"latents in {self.path} have {have} channels; autoencoder.kind={ae.kind!r} with "
+                         f"{ae.channels} channels stores {stored}. Fix: train with the autoencoder they were "
+                         "encoded with, or re-encode with python -m lidit_jax.data.latents.")
+      f = ae.factor
       wanted = [(h // f, w // f) for h, w in wanted]
       odd = {tuple(s) for s in np.unique(sizes, axis=0)} - set(wanted)
       if odd:

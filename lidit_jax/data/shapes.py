@@ -383,13 +383,16 @@ class ShapesSource:
         """Example `index`'s caption, without rendering its image."""
         return self._scene(index)[2]
 
-    def example(self, index: int) -> dict:
+    def example(self, index: int, uint8: bool = False) -> dict:
+        """The rendered image in [-1, 1] (float32), or as the bytes it was drawn in (`uint8=True`)."""
         rng, scene, caption = self._scene(index)
-        image = render(scene, rng, self.size).astype(np.float32) / 127.5 - 1.0
+        image = render(scene, rng, self.size)
+        if not uint8:
+            image = image.astype(np.float32) / 127.5 - 1.0
         return {"image": image, "caption": caption, "scene": scene}
 
-    def batch(self, start: int, batch_size: int) -> dict:
-        examples = [self.example(start + k) for k in range(batch_size)]
+    def batch(self, start: int, batch_size: int, uint8: bool = False) -> dict:
+        examples = [self.example(start + k, uint8) for k in range(batch_size)]
         return {"image": np.stack([e["image"] for e in examples]),
                 "caption": [e["caption"] for e in examples]}
 

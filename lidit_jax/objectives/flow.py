@@ -1,4 +1,5 @@
-"""Rectified flow: x_t = (1 - t) x0 + t eps, velocity target v = eps - x0; t = 1 is pure noise.
+"""Rectified flow (`objective.kind=rectified_flow`, options in `flow`): x_t = (1 - t) x0 + t eps, velocity
+target v = eps - x0; t = 1 is pure noise.
 
 The network predicts the velocity, or the clean image (`as_velocity`). Training timesteps: uniform, logit-normal (SD3) or "mode" density, then an optional shift
 t' = k t / (1 + (k - 1) t); with `resolution_shift` k comes from the image token count as in Flux
@@ -7,8 +8,9 @@ from t = 1 to t = 0 with Euler or Heun steps, with classifier-free guidance.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,9 +111,27 @@ def solve(velocity: VelocityFn, noise, steps: int, sampler: str = "euler", shift
   return jax.lax.fori_loop(0, steps, step, noise)
 
 
-def guided(cond_and_uncond: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]], scale: float) -> VelocityFn:
-  """Classifier-free guidance: v = v_uncond + scale (v_cond - v_uncond); scale 1 is the conditional model."""
-  def velocity(x, t):
-    v_c, v_u = cond_and_uncond(x, t)
-    return v_u + scale * (v_c - v_u)
-  return velocity
+@dataclasses.dataclass(frozen=True)
+class RectifiedFlow:
+  """The objective contract (`objectives`) for rectified flow: `net` outputs are turned into velocities by
+  `as_velocity` (flow.prediction), the loss is the per-example velocity MSE, sampling integrates the ODE."""
+  cfg: Any  # the config's `flow` section
+  shift: float  # training time shift (fixed, or from the image token count)
+  sample_shift: float
+
+  def draw(self, rng_t, rng_noise, x0) -> dict:
+    return {"t": sample_timesteps(rng_t, x0.shape[0], self.cfg, self.shift),
+            "eps": jax.random.normal(rng_noise, x0.shape, x0.dtype)}
+
+  def loss(self, net, x0, draws):
+    return loss_terms(as_velocity(net, self.cfg), x0, None, self.cfg, self.shift, t=draws["t"], eps=draws["eps"])[0]
+
+  def sample(self, net, noise, steps: int, sampler: str):
+    return solve(as_velocity(net, self.cfg), noise, steps, sampler, self.sample_shift)
+
+
+def build(config) -> RectifiedFlow:
+  """The shift needs the image token count: the latent side over the patch size (Flux's rule)."""
+  tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
+  shift = effective_shift(config.flow, tokens)
+  return RectifiedFlow(config.flow, shift, config.sample.shift or shift)

@@ -1,0 +1,27 @@
+"""Denoiser families, chosen by `model.family`: the one place where a family's name meets its file.
+
+The trainer, sampler, evaluator, planner and parameter report see a family through this contract only:
+  build(config, attention) -> Linen module   the trainable denoiser (`attention`: the resolved kernel)
+  module.apply({"params": p}, x_BHWC, t_B, feats, valids, prompts, drop_B) -> prediction [B, H, W, C]
+      feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction) masks;
+      drop_B: examples whose text is replaced by the unconditional context (classifier-free guidance)
+  abstract_inputs(config, batch, tower_dims) -> those inputs as ShapeDtypeStructs (eval_shape, compile)
+  flops_per_example(config, tower_dims) -> {group: forward FLOPs}     (plan, MFU)
+  param_groups(params) -> {group: subtree}                             (parameter report)
+A new family is one file here plus its name below and a config.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+FAMILIES = {"lidit": "lidit_jax.denoisers.lidit"}
+
+
+def family(config) -> ModuleType:
+  name = config.model.get("family", "lidit")
+  if name not in FAMILIES:
+    from lidit_jax import configs
+    raise configs.ConfigError(f"config model.family={name!r} is not a denoiser family. Fix: set "
+                              f"--config.model.family to one of {sorted(FAMILIES)}")
+  return importlib.import_module(FAMILIES[name])

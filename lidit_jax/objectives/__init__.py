@@ -1,0 +1,25 @@
+"""Training objectives, chosen by `objective.kind`: the one place where an objective's name meets its file.
+
+An objective owns its time convention, training targets, loss weighting and samplers; the trainer and the
+sampler call it through this contract and nothing else:
+  build(config) -> objective
+  objective.draw(rng_t, rng_noise, x0) -> {"t": [B], "eps": like x0}   a batch's times and noise, drawn once
+      for the whole batch (so that micro-batching changes nothing but memory)
+  objective.loss(net, x0, draws) -> loss [B]    net(x_t, t) -> the network's output
+  objective.sample(net, noise, steps, sampler) -> x0    net: the (guided) network, noise at the start time
+Classifier-free guidance (`guidance.guided`) is shared by all. A new objective is one file here plus its name.
+"""
+from __future__ import annotations
+
+import importlib
+
+OBJECTIVES = {"rectified_flow": "lidit_jax.objectives.flow"}
+
+
+def build(config):
+  kind = config.objective.kind
+  if kind not in OBJECTIVES:
+    from lidit_jax import configs
+    raise configs.ConfigError(f"config objective.kind={kind!r} is not an objective. Fix: set "
+                              f"--config.objective.kind to one of {sorted(OBJECTIVES)}")
+  return importlib.import_module(OBJECTIVES[kind]).build(config)
