@@ -197,7 +197,7 @@ class Checkpoints:
 
 def check_matches(saved_tree, abstract_state, step: int, directory: str):
   """Refuse a checkpoint whose parameters are not the config's, naming the first one that differs."""
-  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  name = param_name
   saved = {name(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
   want = {name(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
   fix = ("Fix: resume with the config that wrote it (WORKDIR/config.json), or start the new config in a fresh "
@@ -214,6 +214,51 @@ def check_matches(saved_tree, abstract_state, step: int, directory: str):
   if extra:
     raise UserError(f"the checkpoint of step {step} in {directory} has {extra[0]}, which the config does not "
                     f"({len(extra)} such): it was written by another model. {fix}")
+
+
+def param_name(path) -> str:
+  """"a/b/c" of a tree path (dict keys, dataclass fields or indices): how configs name parameters."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def restore_weights(workdir: str, abstract_params, skip=()) -> dict:
+  """{name: array} of the EMA weights in the latest checkpoint of another run's `workdir`, for every parameter
+  of `abstract_params` (ShapeDtypeStructs with shardings) whose name no `skip` regex matches. A partial restore:
+  the optimizer state is never read. A wanted parameter the checkpoint lacks, or holds in another shape, is
+  refused by name (fix: skip it, so that it starts from its initialisation)."""
+  import re
+  ckpt = require(workdir)
+  step = ckpt.latest_step()
+  saved = ckpt.manager.item_metadata(step)["state"]
+  saved = getattr(saved, "tree", saved)["ema_params"]
+  have = {param_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+  want = {param_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)
+          if not any(re.search(rx, param_name(p)) for rx in skip)}
+  fix = "Fix: add a regex matching it to --config.model.init_skip (it then starts from its initialisation)"
+  for name, a in want.items():
+    if name not in have:
+      raise UserError(f"model.init={workdir!r}: its checkpoint (step {step}) has no parameter {name}. {fix}")
+    if tuple(have[name].shape) != tuple(a.shape):
+      raise UserError(f"model.init={workdir!r}: parameter {name} has shape {tuple(have[name].shape)} there, "
+                      f"{tuple(a.shape)} in this config. {fix}")
+  def nest(leaf):  # the wanted parameters only, as the nested dicts they were saved as
+    tree = {}
+    for name, a in want.items():
+      *parents, last = name.split("/")
+      node = tree
+      for k in parents:
+        node = node.setdefault(k, {})
+      node[last] = leaf(a)
+    return tree
+  item = nest(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding))
+  args = nest(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype))
+  manager = ocp.CheckpointManager(ckpt.directory, item_names=("state",),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"ema_params": item}, restore_args={"ema_params": args}, partial_restore=True)))
+  manager.close()
+  ckpt.close()
+  return {param_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(out.state["ema_params"])}
 
 
 def require(workdir: str) -> "Checkpoints":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 
 import ml_collections
 
@@ -51,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = dict(family="lidit",  # the denoiser family (lidit_jax/denoisers: one file each)
+                 init="",  # a training workdir: start from its latest EMA weights (fine-tuning)
+                 init_skip=(),  # regexes of parameter names ("denoiser/...") that model.init leaves fresh
                  width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True,
                  pos_embed="resblock", remat="none", scan=True, dtype="float32",
                  modulation="block",  # adaLN-Zero per block (LI-DiT), or "single" (PixArt-alpha's adaLN-single)
@@ -92,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = dict(num_steps=100_000, batch_size=256, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
                  keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple, for good
                  grad_accum=1,  # micro-batches per step (same update, less activation memory)
+                 freeze=(),  # regexes of parameter names not trained (no update, no optimizer state)
                  sample_every=5000)
   c.sample = dict(steps=30, sampler="euler", cfg=4.0, num_images=4,
                   shift=0.0,  # time shift of the sampling steps (samples and eval); 0 = the training shift
@@ -137,6 +141,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(key, value, "must be at least 1", "set a positive value")
   if m.refiner.depth < 0:
     _fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
+  for key, patterns in (("model.init_skip", m.init_skip), ("train.freeze", c.train.freeze)):
+    for rx in patterns:
+      try:
+        re.compile(rx)
+      except re.error as e:
+        _fail(key, rx, f"is not a regular expression ({e})", "fix the pattern, e.g. 'denoiser/'")
   from lidit_jax import denoisers
   _one_of("model.family", m.family, set(denoisers.FAMILIES))
   from lidit_jax import objectives

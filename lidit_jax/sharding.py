@@ -56,8 +56,14 @@ def rules(config):
 
 def logical_shardings(abstract_tree, mesh: Mesh, config):
   """NamedShardings for a tree of (possibly boxed) abstract values; unannotated leaves are replicated."""
-  specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules(config))
+  # optax's MaskedNode (a frozen parameter's empty optimizer state, still in its box) holds no array: it gets
+  # no sharding. It is an empty tuple, which flax's own mapping would take for a logical spec: map specs only.
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  tree = jax.tree.map(lambda x: x.value if is_box(x) and not jax.tree.leaves(x.value) else x, abstract_tree,
+                      is_leaf=is_box)
+  r = rules(config)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, r)),
+                      nn.get_partition_spec(tree), is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

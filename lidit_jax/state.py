@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any
 
 import flax
@@ -39,7 +40,17 @@ def make_optimizer(config):
   clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity()
   tx = optax.chain(clip, optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                                    mask=decay_mask))
+  if config.train.freeze:  # frozen groups: no update, no optimizer state
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               lambda params: jax.tree.map(lambda f: "frozen" if f else "train",
+                                                           matching(params, config.train.freeze)))
   return tx, schedule
+
+
+def matching(params, patterns):
+  """A tree of bools: whether a parameter's name ("denoiser/blocks/...") matches one of the regexes."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: any(re.search(rx, ckpt_lib.param_name(p)) for rx in patterns), params)
 
 
 def decay_mask(params):
@@ -66,9 +77,17 @@ class Setup:
   abstract_state: Any
 
   def init_state(self, rng) -> TrainState:
+    """A fresh state; with `model.init` its weights (but those `model.init_skip` names) come from the EMA of
+    another run's latest checkpoint (fine-tuning, or a backbone under new modules)."""
     init = jax.jit(lambda r: nn.unbox(_init_state(self, r)), out_shardings=self.state_shardings)
     with sharding.active(self.mesh, self.config):
-      return init(rng)
+      state = init(rng)
+    m = self.config.model
+    if not m.init:
+      return state
+    loaded = ckpt_lib.restore_weights(m.init, self.abstract_state.params, m.init_skip)
+    params = jax.tree_util.tree_map_with_path(lambda p, x: loaded.get(ckpt_lib.param_name(p), x), state.params)
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))  # two buffers: both donated
 
 
 def _init_state(s: Setup, rng) -> TrainState:
@@ -99,6 +118,13 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False) -> Setup:
   s = Setup(config, model, towers, ae, {"autoencoder": ae_params}, None, mesh, tx, schedule, None, None)
   with sharding.active(mesh, config):
     boxed = jax.eval_shape(lambda r: _init_state(s, r), jax.random.key(0))
+  names = [ckpt_lib.param_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed.params))]
+  for key, patterns in (("model.init_skip", config.model.init_skip), ("train.freeze", config.train.freeze)):
+    unused = [rx for rx in patterns if not any(re.search(rx, n) for n in names)]
+    if unused:  # a pattern naming no parameter is a typo: refuse it before any compute
+      from lidit_jax import configs
+      raise configs.ConfigError(f"config {key} pattern {unused[0]!r} matches no parameter. Fix: use a regex "
+                                f"over parameter names such as {names[0]!r} or 'denoiser/'")
   s.state_shardings = sharding.logical_shardings(boxed, mesh, config)
   s.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   nn.unbox(boxed), s.state_shardings)

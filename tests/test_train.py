@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,6 +105,41 @@ def test_sampler_sweep_on_the_checkpoint(trained, tmp_path):
   sampler_sweep.add_table(rows, TINY, workdir, str(results))
   text = results.read_text()
   assert "## Demo sampler sweep" in text and "| cfg1 | eval.cfg=1.0 |" in text and "| base | (config) |" in text
+
+
+def test_init_from_a_run_with_fresh_and_frozen_groups(trained, tmp_path):
+  """model.init loads another run's EMA weights but those model.init_skip names (left at their fresh init), and
+  train.freeze keeps groups fixed: the shape of fine-tuning a backbone under a new module."""
+  from lidit_jax import checkpoint, configs
+  _, source = trained
+  _, source_ema, _ = state_lib.restore_for_inference(tiny_config(), source)
+  fresh = state_lib.setup(tiny_config()).init_state(jax.random.key(0))
+  over = {"model.init": source, "model.init_skip": ("token_refiner_1",), "train.freeze": ("denoiser/",),
+          "train.num_steps": 3, "train.checkpoint_every": 3, "train.sample_every": 100}
+  config = tiny_config(**over)
+  start = state_lib.setup(config).init_state(jax.random.key(0))
+  flat = lambda tree: {checkpoint.param_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  got, src, new = flat(start.params), flat(source_ema), flat(fresh.params)
+  skipped = [k for k in got if k.startswith("token_refiner_1/")]
+  assert skipped and len(skipped) < len(got)
+  for k in got:  # loaded from the run, or (skipped) the fresh initialisation; the two differ everywhere tested
+    np.testing.assert_array_equal(got[k], new[k] if k in skipped else src[k], err_msg=k)
+  assert any(np.abs(src[k] - new[k]).max() > 0 for k in skipped)
+  train.train_and_evaluate(config, str(tmp_path / "tuned"))
+  ckpt = checkpoint.require(str(tmp_path / "tuned"))
+  tuned, _ = ckpt.restore(state_lib.setup(config).abstract_state)
+  ckpt.close()
+  after = flat(tuned.params)  # the trained weights (their EMA would move a frozen one by rounding)
+  frozen = [k for k in got if k.startswith("denoiser/")]
+  assert frozen and all(np.array_equal(after[k], got[k]) for k in frozen)  # frozen: not one value moved
+  assert any(np.abs(after[k] - got[k]).max() > 0 for k in got if k not in frozen)  # the rest trained
+  with pytest.raises(configs.ConfigError, match="model.init_skip pattern 'token_refiner_9' matches no parameter"):
+    state_lib.setup(tiny_config(**{**over, "model.init_skip": ("token_refiner_9",)}))
+  with pytest.raises(configs.ConfigError, match="train.freeze=.*not a regular expression"):
+    tiny_config(**{**over, "train.freeze": ("denoiser/[",)})
+  deeper = tiny_config(**{**over, "model.init_skip": (), "model.refiner.depth": 2})
+  with pytest.raises(checkpoint.UserError, match="has no parameter token_refiner_0/.*model.init_skip"):
+    state_lib.setup(deeper).init_state(jax.random.key(0))
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
