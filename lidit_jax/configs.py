@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _fail(key, value, why, fix):
+def fail(key, value, why, fix):
   raise ConfigError(f"config {key}={value!r}: {why}. Fix: {fix}.")
 
 
@@ -119,127 +119,111 @@ class ConfigError(UserError, ValueError):
   """A config value that cannot work (a ValueError too, for callers that catch those)."""
 
 
-def _one_of(key, value, options):
+def one_of(key, value, options):
   if value not in options:
-    _fail(key, value, f"must be one of {sorted(options)}", f"set --config.{key} to one of them")
+    fail(key, value, f"must be one of {sorted(options)}", f"set --config.{key} to one of them")
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks everything that can be checked without compute; raises ValueError naming value and fix."""
   m = c.model
-  if m.width % m.num_heads:
-    _fail("model.width", m.width, f"not divisible by model.num_heads={m.num_heads}",
-          f"use a width that is a multiple of {m.num_heads}, e.g. {m.num_heads * max(1, round(m.width / m.num_heads))}")
-  if m.width % m.refiner.num_heads:
-    _fail("model.refiner.num_heads", m.refiner.num_heads, f"does not divide model.width={m.width}",
-          "pick a divisor of the width")
-  for key, value in (("model.depth", m.depth), ("model.patch_size", m.patch_size), ("train.num_steps", c.train.num_steps),
+  for key, value in (("model.patch_size", m.patch_size), ("train.num_steps", c.train.num_steps),
                      ("train.batch_size", c.train.batch_size), ("train.log_every", c.train.log_every),
                      ("train.grad_accum", c.train.grad_accum),
                      ("train.checkpoint_every", c.train.checkpoint_every), ("sample.steps", c.sample.steps)):
     if value < 1:
-      _fail(key, value, "must be at least 1", "set a positive value")
-  if m.refiner.depth < 0:
-    _fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
+      fail(key, value, "must be at least 1", "set a positive value")
   for key, patterns in (("model.init_skip", m.init_skip), ("train.freeze", c.train.freeze)):
     for rx in patterns:
       try:
         re.compile(rx)
       except re.error as e:
-        _fail(key, rx, f"is not a regular expression ({e})", "fix the pattern, e.g. 'denoiser/'")
-  from lidit_jax import denoisers
-  _one_of("model.family", m.family, set(denoisers.FAMILIES))
-  from lidit_jax import objectives
-  _one_of("objective.kind", c.objective.kind, set(objectives.OBJECTIVES))
-  _one_of("model.pos_embed", m.pos_embed, {"resblock", "sincos", "both"})
-  _one_of("model.modulation", m.modulation, {"block", "single"})
-  if m.pos_embed in ("sincos", "both") and m.width % 4:
-    _fail("model.width", m.width, "sin-cos positions need a width divisible by 4", "round the width to a multiple of 4")
+        fail(key, rx, f"is not a regular expression ({e})", "fix the pattern, e.g. 'denoiser/'")
+  from lidit_jax import denoisers, objectives
+  one_of("model.family", m.family, set(denoisers.FAMILIES))
+  one_of("objective.kind", c.objective.kind, set(objectives.OBJECTIVES))
   from lidit_jax.models.dit import REMAT_POLICIES
-  _one_of("model.remat", m.remat, set(REMAT_POLICIES))
-  _one_of("model.dtype", m.dtype, {"float32", "bfloat16"})
-  _one_of("model.attention", m.attention, {"auto", "xla", "cudnn", "splash"})
-  _one_of("model.refiner.fusion", m.refiner.fusion, {"collaborative", "concat"})
+  one_of("model.remat", m.remat, set(REMAT_POLICIES))
+  one_of("model.dtype", m.dtype, {"float32", "bfloat16"})
+  one_of("model.attention", m.attention, {"auto", "xla", "cudnn", "splash"})
 
   names = [n.strip() for n in c.text.use.split(",") if n.strip()]
   if not names:
-    _fail("text.use", c.text.use, "names no LLM tower", f"name one or more of {sorted(c.text.towers)}")
+    fail("text.use", c.text.use, "names no LLM tower", f"name one or more of {sorted(c.text.towers)}")
   for n in names:
     if n not in c.text.towers:
-      _fail("text.use", c.text.use, f"tower {n!r} is not defined in text.towers", f"use names from {sorted(c.text.towers)}")
+      fail("text.use", c.text.use, f"tower {n!r} is not defined in text.towers", f"use names from {sorted(c.text.towers)}")
     t = c.text.towers[n]
     # Checkpoint towers: architecture and layer range are checked against their config.json at setup.
     if t.init == "random" and not -(t.num_layers + 1) <= t.layer <= t.num_layers:
-      _fail(f"text.towers.{n}.layer", t.layer, f"outside the {t.num_layers + 1} hidden states of this tower",
+      fail(f"text.towers.{n}.layer", t.layer, f"outside the {t.num_layers + 1} hidden states of this tower",
             f"pick an index in [-{t.num_layers + 1}, {t.num_layers}] (LI-DiT: -3)")
     if t.init == "random" and (t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads):
-      _fail(f"text.towers.{n}.num_heads", t.num_heads,
+      fail(f"text.towers.{n}.num_heads", t.num_heads,
             f"hidden_size {t.hidden_size} / num_heads / num_kv_heads {t.num_kv_heads} do not divide evenly",
             "make hidden_size a multiple of num_heads and num_heads a multiple of num_kv_heads")
-    _one_of(f"text.towers.{n}.dtype", t.dtype, {"float32", "bfloat16"})
-  if m.refiner.fusion == "collaborative" and len(names) < 2:
-    _fail("model.refiner.fusion", "collaborative", f"needs two or more LLM towers, text.use has {len(names)}",
-          "set --config.model.refiner.fusion=concat, or name a second tower in text.use")
-  _one_of("text.padding_side", c.text.padding_side, {"left", "right"})
+    one_of(f"text.towers.{n}.dtype", t.dtype, {"float32", "bfloat16"})
+  one_of("text.padding_side", c.text.padding_side, {"left", "right"})
+  denoisers.family(c).validate(c, len(names))  # the family's own sections (LI-DiT: model.*, model.refiner.*)
 
   ae = c.autoencoder
-  _one_of("autoencoder.kind", ae.kind, {"identity", "vae"})
-  _one_of("autoencoder.dtype", ae.dtype, {"float32", "bfloat16"})
+  one_of("autoencoder.kind", ae.kind, {"identity", "vae"})
+  one_of("autoencoder.dtype", ae.dtype, {"float32", "bfloat16"})
   if ae.kind == "identity" and (ae.factor != 1 or ae.channels != 3):
-    _fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
+    fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
           "set --config.autoencoder.factor=1 --config.autoencoder.channels=3")
   unit = m.patch_size * ae.factor
   if c.data.image_size % unit:
-    _fail("data.image_size", c.data.image_size,
+    fail("data.image_size", c.data.image_size,
           f"not divisible by patch_size x autoencoder factor = {m.patch_size} x {ae.factor} = {unit}",
           f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(c.data.image_size / unit))}")
-  _one_of("data.source", c.data.source, {"shapes", "tfds", "features"})
+  one_of("data.source", c.data.source, {"shapes", "tfds", "features"})
   if c.data.source in ("tfds", "features") and not (c.data.name and c.data.data_dir):
-    _fail("data.name/data_dir", (c.data.name, c.data.data_dir), f"data.source={c.data.source!r} needs both",
+    fail("data.name/data_dir", (c.data.name, c.data.data_dir), f"data.source={c.data.source!r} needs both",
           "prepare a dataset (python -m lidit_jax.data.prepare --src IMAGES --out DIR --name NAME), then pass "
           "--config.data.name=NAME --config.data.data_dir=DIR")
   if c.data.buckets and (not c.data.aspect_ratios or min(c.data.aspect_ratios) <= 0):
-    _fail("data.aspect_ratios", c.data.aspect_ratios, "buckets need positive width / height ratios",
+    fail("data.aspect_ratios", c.data.aspect_ratios, "buckets need positive width / height ratios",
           "use e.g. (0.75, 1.0, 1.3333)")
   for key in ("workers", "threads", "prefetch"):
     if c.data[key] < 0:
-      _fail(f"data.{key}", c.data[key], "must be >= 0", "use 0 (workers) or a positive number")
+      fail(f"data.{key}", c.data[key], "must be >= 0", "use 0 (workers) or a positive number")
   if c.data.prefetch < 1:
-    _fail("data.prefetch", c.data.prefetch, "must be >= 1 batch", "use e.g. 2")
+    fail("data.prefetch", c.data.prefetch, "must be >= 1 batch", "use e.g. 2")
   if not 0.0 <= c.data.caption_dropout < 1.0:
-    _fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
+    fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
 
-  _one_of("flow.timestep", c.flow.timestep, {"uniform", "logit_normal", "mode"})
-  _one_of("flow.prediction", c.flow.prediction, {"velocity", "x0"})
+  one_of("flow.timestep", c.flow.timestep, {"uniform", "logit_normal", "mode"})
+  one_of("flow.prediction", c.flow.prediction, {"velocity", "x0"})
   if not 0 < c.flow.x0_t_min < 1:
-    _fail("flow.x0_t_min", c.flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
+    fail("flow.x0_t_min", c.flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
   if c.flow.shift <= 0:
-    _fail("flow.shift", c.flow.shift, "must be positive", "use 1.0 for no shift")
+    fail("flow.shift", c.flow.shift, "must be positive", "use 1.0 for no shift")
   if not 0.0 <= c.flow.unshifted <= 1.0:
-    _fail("flow.unshifted", c.flow.unshifted, "must be a fraction in [0, 1]", "use e.g. 0.5")
+    fail("flow.unshifted", c.flow.unshifted, "must be a fraction in [0, 1]", "use e.g. 0.5")
   if c.sample.shift < 0:
-    _fail("sample.shift", c.sample.shift, "must be >= 0", "use 0 for the training shift, 1.0 for none")
-  _one_of("sample.sampler", c.sample.sampler, {"euler", "heun"})
+    fail("sample.shift", c.sample.shift, "must be >= 0", "use 0 for the training shift, 1.0 for none")
+  one_of("sample.sampler", c.sample.sampler, {"euler", "heun"})
   o = c.optim
   if o.lr <= 0 or not math.isfinite(o.lr):
-    _fail("optim.lr", o.lr, "must be a positive number", "use e.g. 1e-4")
+    fail("optim.lr", o.lr, "must be a positive number", "use e.g. 1e-4")
   if o.warmup_steps < 0:
-    _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0", "use 0 for no warmup")
+    fail("optim.warmup_steps", o.warmup_steps, "must be >= 0", "use 0 for no warmup")
   if o.warmup_steps >= c.train.num_steps:  # a short run (--config.train.num_steps=20) just works
     clipped = c.train.num_steps // 10
     warn(f"optim.warmup_steps={o.warmup_steps} is not below train.num_steps={c.train.num_steps}: warming up "
          f"for {clipped} steps instead (a tenth of the run); set --config.optim.warmup_steps to choose")
     o.warmup_steps = clipped
   if o.grad_clip < 0:
-    _fail("optim.grad_clip", o.grad_clip, "must be >= 0", "use 0 for no clipping, or a positive global norm (e.g. 1.0)")
+    fail("optim.grad_clip", o.grad_clip, "must be >= 0", "use 0 for no clipping, or a positive global norm (e.g. 1.0)")
   if not 0.0 <= o.ema_decay < 1.0:
-    _fail("optim.ema_decay", o.ema_decay, "must be in [0, 1)", "use e.g. 0.999")
+    fail("optim.ema_decay", o.ema_decay, "must be in [0, 1)", "use e.g. 0.999")
   for ax in ("data", "fsdp", "tensor"):
     if c.mesh[ax] < 1 and c.mesh[ax] != -1:
-      _fail(f"mesh.{ax}", c.mesh[ax], "must be >= 1 or -1 (fill with the remaining devices)", "fix the mesh shape")
+      fail(f"mesh.{ax}", c.mesh[ax], "must be >= 1 or -1 (fill with the remaining devices)", "fix the mesh shape")
   for ax in ("dcn_data", "dcn_fsdp"):
     if c.mesh[ax] < 1:
-      _fail(f"mesh.{ax}", c.mesh[ax], "must be >= 1 (the number of slices along that axis)", "use 1 for one slice")
+      fail(f"mesh.{ax}", c.mesh[ax], "must be >= 1 (the number of slices along that axis)", "use 1 for one slice")
   return c
 
 

@@ -8,6 +8,7 @@ The trainer, sampler, evaluator, planner and parameter report see a family throu
   abstract_inputs(config, batch, tower_dims) -> those inputs as ShapeDtypeStructs (eval_shape, compile)
   flops_per_example(config, tower_dims) -> {group: forward FLOPs}     (plan, MFU)
   param_groups(params) -> {group: subtree}                             (parameter report)
+  validate(config, num_towers)   its own config checks (configs.validate calls it; ConfigError by name)
 A new family is one file here plus its name below and a config.
 """
 from __future__ import annotations

@@ -109,3 +109,27 @@ def param_groups(params) -> dict:
   """{report group: params}: the DiT apart from the refiners and embeddings around it."""
   rest = {k: v for k, v in params.items() if k != "denoiser"}
   return {"denoiser (DiT)": params["denoiser"], "refiners + embeddings": rest}
+
+
+def validate(config, num_towers: int) -> None:
+  """LI-DiT's own config checks (the DiT's shape, the refiners), each a ConfigError naming value and fix."""
+  from lidit_jax.configs import fail, one_of
+  m = config.model
+  if m.depth < 1:
+    fail("model.depth", m.depth, "must be at least 1", "set a positive value")
+  if m.width % m.num_heads:
+    fail("model.width", m.width, f"not divisible by model.num_heads={m.num_heads}",
+         f"use a width that is a multiple of {m.num_heads}, e.g. {m.num_heads * max(1, round(m.width / m.num_heads))}")
+  if m.width % m.refiner.num_heads:
+    fail("model.refiner.num_heads", m.refiner.num_heads, f"does not divide model.width={m.width}",
+         "pick a divisor of the width")
+  if m.refiner.depth < 0:
+    fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
+  one_of("model.pos_embed", m.pos_embed, {"resblock", "sincos", "both"})
+  one_of("model.modulation", m.modulation, {"block", "single"})
+  if m.pos_embed in ("sincos", "both") and m.width % 4:
+    fail("model.width", m.width, "sin-cos positions need a width divisible by 4", "round the width to a multiple of 4")
+  one_of("model.refiner.fusion", m.refiner.fusion, {"collaborative", "concat"})
+  if m.refiner.fusion == "collaborative" and num_towers < 2:
+    fail("model.refiner.fusion", "collaborative", f"needs two or more LLM towers, text.use has {num_towers}",
+         "set --config.model.refiner.fusion=concat, or name a second tower in text.use")
