@@ -229,7 +229,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   """Set dotted keys, e.g. {"model.refiner.depth": 0}, as `--config.model.refiner.depth=0` does: unknown keys
-  and values of another type are refused (ConfigDict's own type check)."""
+  and values of another type are refused (ConfigDict's own type check). Not `update_from_flattened_dict`: it
+  adds an unknown leaf key (`model.widht`) silently."""
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
