@@ -112,7 +112,7 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False) -> Setup:
   if ae_params is not None:  # small and convolutional: replicated (its logical axes map to no mesh axis)
     repl = sharding.replicated(mesh)
     ae_params = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), ae_params)
-                 if abstract else jax.device_put(ae_params, repl))
+                 if abstract else jax.device_put(jax.device_get(ae_params), repl))  # host values: every process
   towers = model_lib.abstract_towers(config) if abstract else model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)
   s = Setup(config, model, towers, ae, {"autoencoder": ae_params}, None, mesh, tx, schedule, None, None)
