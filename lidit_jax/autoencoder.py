@@ -23,6 +23,16 @@ import jax.numpy as jnp
 from lidit_jax.models import vae as vae_lib
 
 
+def from_uint8(images_BHWC):
+  """Image bytes -> floats in [-1, 1], the autoencoders' input (the train step and data.latents)."""
+  return images_BHWC.astype(jnp.float32) / 127.5 - 1.0
+
+
+def stored_channels(ae_cfg) -> int:
+  """Channels of a precomputed latent for the config's `autoencoder`: a VAE stores [mean | std]."""
+  return ae_cfg.channels * (2 if ae_cfg.kind == "vae" else 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Identity:
   factor: int = 1

@@ -14,11 +14,13 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from absl import logging as absl_logging
 from etils import epath
 
@@ -197,9 +199,8 @@ class Checkpoints:
 
 def check_matches(saved_tree, abstract_state, step: int, directory: str):
   """Refuse a checkpoint whose parameters are not the config's, naming the first one that differs."""
-  name = param_name
-  saved = {name(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
-  want = {name(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  saved = {param_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
+  want = {param_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
   fix = ("Fix: resume with the config that wrote it (WORKDIR/config.json), or start the new config in a fresh "
          "--workdir")
   for key, a in want.items():
@@ -226,7 +227,6 @@ def restore_weights(workdir: str, abstract_params, skip=()) -> dict:
   of `abstract_params` (ShapeDtypeStructs with shardings) whose name no `skip` regex matches. A partial restore:
   the optimizer state is never read. A wanted parameter the checkpoint lacks, or holds in another shape, is
   refused by name (fix: skip it, so that it starts from its initialisation)."""
-  import re
   ckpt = require(workdir)
   step = ckpt.latest_step()
   saved = ckpt.manager.item_metadata(step)["state"]
@@ -241,15 +241,8 @@ def restore_weights(workdir: str, abstract_params, skip=()) -> dict:
     if tuple(have[name].shape) != tuple(a.shape):
       raise UserError(f"model.init={workdir!r}: parameter {name} has shape {tuple(have[name].shape)} there, "
                       f"{tuple(a.shape)} in this config. {fix}")
-  def nest(leaf):  # the wanted parameters only, as the nested dicts they were saved as
-    tree = {}
-    for name, a in want.items():
-      *parents, last = name.split("/")
-      node = tree
-      for k in parents:
-        node = node.setdefault(k, {})
-      node[last] = leaf(a)
-    return tree
+  # The wanted parameters only, as the nested dicts they were saved as.
+  nest = lambda leaf: traverse_util.unflatten_dict({tuple(n.split("/")): leaf(a) for n, a in want.items()})
   item = nest(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding))
   args = nest(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype))
   manager = ocp.CheckpointManager(ckpt.directory, item_names=("state",),

@@ -8,7 +8,6 @@ grids to WORKDIR/samples/. A non-finite loss stops the run naming the step; the 
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lidit_jax import autoencoder as autoencoder_lib
 from lidit_jax import checkpoint as ckpt_lib
 from lidit_jax import objectives, sharding
 from lidit_jax import model as model_lib
@@ -42,7 +42,7 @@ def clean_latents(autoencoder, params, image, rng):
   if autoencoder is None:  # planning a VAE run before the VAE exists: the batch holds x0 itself
     return image.astype(jnp.float32)
   if image.dtype == jnp.uint8:  # pixels travel as bytes: scaled on device
-    return autoencoder.encode(params, image.astype(jnp.float32) / 127.5 - 1.0, rng).astype(jnp.float32)
+    return autoencoder.encode(params, autoencoder_lib.from_uint8(image), rng).astype(jnp.float32)
   return autoencoder.from_stored(image.astype(jnp.float32), rng)  # stored latents are float16
 
 

@@ -49,7 +49,7 @@ def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 
   assign, shapes = pipeline.assign_buckets(pipeline.record_sizes(source, sizes), pipeline.image_shapes(config),
                                            config.train.batch_size, [(0, len(source))])
   ae, ae_params = autoencoder_lib.build(config.autoencoder)
-  enc = jax.jit(lambda x: ae.stored(ae_params, x.astype(jax.numpy.float32) / 127.5 - 1.0))
+  enc = jax.jit(lambda x: ae.stored(ae_params, autoencoder_lib.from_uint8(x)))
   feats = features()
   skipped, pending = collections.Counter(), collections.defaultdict(list)
 

@@ -230,8 +230,9 @@ class TfdsBatches:
     wanted = image_shapes(config)
     latents = d.source == "features"
     if latents:  # records hold latents at bucket shapes: each must be one of this config's
+      from lidit_jax import autoencoder
       ae = config.autoencoder
-      stored = ae.channels * (2 if ae.kind == "vae" else 1)  # a VAE's posterior: [mean | std]
+      stored = autoencoder.stored_channels(ae)  # a VAE's posterior: [mean | std]
       have = int(np.asarray(source[0]["shape"])[2])
       if have != stored:
         raise ValueError(f"latents in {self.path} have {have} channels; autoencoder.kind={ae.kind!r} with "
