@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
                                     # cudnn, splash
                  refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative",
                               rope=False))  # rope: rotary word positions in the token refiners (not in the paper)
+  # tower features -> the denoiser's context (lidit_jax/conditioners): LI-DiT's "refiners" (options in
+  # model.refiner) or plain "tokens" (each tower projected to the width)
+  c.conditioner = dict(kind="refiners")
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
                 words=(),  # the "words" tokenizer's vocabulary besides its fixed words (configs/shapes.py: the demo's)
@@ -84,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective = dict(kind="rectified_flow")  # lidit_jax/objectives: one file each; rectified flow reads `flow`
   c.flow = dict(prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; flow.as_velocity)
                 x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
+                loss="velocity",  # the MSE of the velocity, or of the clean image it implies ("x0": weight t^2)
                 timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                 shift=1.0, resolution_shift=False,
                 unshifted=0.0)  # fraction of training times drawn without the shift (both ends trained)
@@ -164,7 +168,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "make hidden_size a multiple of num_heads and num_heads a multiple of num_kv_heads")
     one_of(f"text.towers.{n}.dtype", t.dtype, {"float32", "bfloat16"})
   one_of("text.padding_side", c.text.padding_side, {"left", "right"})
-  denoisers.family(c).validate(c, len(names))  # the family's own sections (LI-DiT: model.*, model.refiner.*)
+  denoisers.family(c).validate(c, len(names))  # the family's own sections (LI-DiT: model.*)
+  from lidit_jax import conditioners
+  one_of("conditioner.kind", c.conditioner.kind, set(conditioners.CONDITIONERS))
+  conditioners.conditioner(c).validate(c, len(names))  # its own (the refiners: model.refiner.*)
 
   ae = c.autoencoder
   one_of("autoencoder.kind", ae.kind, {"identity", "vae"})
@@ -195,6 +202,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   one_of("flow.timestep", c.flow.timestep, {"uniform", "logit_normal", "mode"})
   one_of("flow.prediction", c.flow.prediction, {"velocity", "x0"})
+  one_of("flow.loss", c.flow.loss, {"velocity", "x0"})
   if not 0 < c.flow.x0_t_min < 1:
     fail("flow.x0_t_min", c.flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
   if c.flow.shift <= 0:

@@ -29,7 +29,7 @@ def signature(config, towers) -> dict:
   """Everything in the config that changes the cached features."""
   t = config.text
   return {"instruction": t.instruction, "use_chat_template": bool(t.use_chat_template),
-          "padding_side": t.padding_side,
+          "padding_side": t.padding_side, "words": list(t.words),  # the word tokenizer's vocabulary
           "towers": {tw.name: {"init": os.path.abspath(tw.source) if tw.source != "random" else "random",
                                "seed": config.seed if tw.source == "random" else None,
                                "layer": tw.layer, "max_length": tw.encoder.max_length,

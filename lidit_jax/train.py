@@ -49,6 +49,9 @@ def clean_latents(autoencoder, params, image, rng):
 def make_train_step(s: state_lib.Setup):
   config = s.config
   objective = objectives.build(config)
+  # Frozen groups (train.freeze) enter the loss behind stop_gradient: XLA computes no gradient for them, and
+  # the logged gradient norm is that of what trains.
+  held = state_lib.matching(s.abstract_state.params, config.train.freeze) if config.train.freeze else None
 
   def train_step(state: state_lib.TrainState, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -60,6 +63,8 @@ def make_train_step(s: state_lib.Setup):
             **objective.draw(r_t, r_eps, x0)}
 
     def loss_fn(params, mb):
+      if held is not None:
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, held)
       feats, valids, prompts = sample_lib.text_inputs(s.towers, frozen["towers"], mb["text"])
       net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, mb["drop"])
       return jnp.mean(objective.loss(net, mb["image"], mb))

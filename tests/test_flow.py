@@ -12,7 +12,8 @@ from lidit_jax.objectives import flow
 
 def flow_cfg(kind):
   return ml_collections.ConfigDict(dict(timestep=kind, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                                        shift=1.0, resolution_shift=False, unshifted=0.0))
+                                        shift=1.0, resolution_shift=False, unshifted=0.0,
+                                        prediction="velocity", x0_t_min=0.05, loss="velocity"))
 
 
 @pytest.mark.parametrize("kind", ["uniform", "logit_normal", "mode"])
@@ -100,3 +101,18 @@ def test_x0_prediction_gives_the_velocity_and_samples_land_on_the_prediction():
   cfg.prediction = "velocity"
   v = lambda x, t: x
   assert flow.as_velocity(v, cfg) is v
+
+
+def test_x0_loss_is_the_clean_image_error():
+  # A network whose velocity is off by d implies x0_hat = x_t - t v, off by -t d: the x0 loss is t^2 d^2.
+  cfg = flow_cfg("uniform")
+  x0 = jax.random.normal(jax.random.key(0), (64, 3))
+  eps = jax.random.normal(jax.random.key(1), (64, 3))
+  t = jnp.linspace(0.1, 0.9, 64)
+  d = jnp.arange(3.0) + 1.0
+  off = lambda x, tt: (x - x0) / tt.reshape(-1, 1) + d  # the exact velocity (eps - x0) plus d
+  vel, _ = flow.loss_terms(off, x0, None, cfg, t=t, eps=eps)
+  cfg.loss = "x0"
+  x0_loss, _ = flow.loss_terms(off, x0, None, cfg, t=t, eps=eps)
+  np.testing.assert_allclose(vel, jnp.mean(d ** 2), rtol=1e-5)
+  np.testing.assert_allclose(x0_loss, t ** 2 * jnp.mean(d ** 2), rtol=1e-5)

@@ -74,10 +74,9 @@ def test_refined_context_keeps_the_relation_and_the_order(setup):
                                                                                       text(s, [LEFT, RIGHT, SWAPPED])))
   x = jnp.zeros((3, s.config.data.image_size, s.config.data.image_size, 3))
   _, inter = s.model.apply({"params": params}, x, jnp.full((3,), 0.7), feats, valids, keep, jnp.zeros(3, bool),
-                           capture_intermediates=lambda m, _: m.name == "collaborative_refiner")
-  streams = inter["intermediates"]["collaborative_refiner"]["__call__"][0]
-  ctx = np.asarray(jnp.concatenate(streams, axis=1))  # what the DiT cross-attends to ...
-  ctx_valid = np.asarray(jnp.concatenate([v & k for v, k in zip(valids, keep)], axis=1))  # ... where it may
+                           capture_intermediates=lambda m, _: m.name == "conditioner")
+  ctx, ctx_valid = map(np.asarray, inter["intermediates"]["conditioner"]["__call__"][0])  # what the DiT
+  # cross-attends to, and where it may: the captions' words, the instruction and padding masked out
   np.testing.assert_array_equal(ctx_valid[0], ctx_valid[1])
   assert ctx_valid[0].sum() == 2 * len(LEFT.split())  # the caption's words of both towers, nothing else
   assert relative_change(ctx[0][ctx_valid[0]], ctx[1][ctx_valid[1]]) > 1e-2

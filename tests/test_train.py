@@ -120,7 +120,7 @@ def test_init_from_a_run_with_fresh_and_frozen_groups(trained, tmp_path):
   start = state_lib.setup(config).init_state(jax.random.key(0))
   flat = lambda tree: {checkpoint.param_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
   got, src, new = flat(start.params), flat(source_ema), flat(fresh.params)
-  skipped = [k for k in got if k.startswith("token_refiner_1/")]
+  skipped = [k for k in got if k.startswith("conditioner/token_refiner_1/")]
   assert skipped and len(skipped) < len(got)
   for k in got:  # loaded from the run, or (skipped) the fresh initialisation; the two differ everywhere tested
     np.testing.assert_array_equal(got[k], new[k] if k in skipped else src[k], err_msg=k)
@@ -138,8 +138,28 @@ def test_init_from_a_run_with_fresh_and_frozen_groups(trained, tmp_path):
   with pytest.raises(configs.ConfigError, match="train.freeze=.*not a regular expression"):
     tiny_config(**{**over, "train.freeze": ("denoiser/[",)})
   deeper = tiny_config(**{**over, "model.init_skip": (), "model.refiner.depth": 2})
-  with pytest.raises(checkpoint.UserError, match="has no parameter token_refiner_0/.*model.init_skip"):
+  with pytest.raises(checkpoint.UserError, match="has no parameter conditioner/token_refiner_0/.*model.init_skip"):
     state_lib.setup(deeper).init_state(jax.random.key(0))
+
+
+def test_frozen_groups_get_no_gradient():
+  """train.freeze: the same loss, but the logged gradient norm is that of the trained groups alone (the frozen
+  ones enter the loss behind stop_gradient, so no gradient is computed for them)."""
+  out = {}
+  for freeze in ((), ("denoiser/",)):
+    s = state_lib.setup(tiny_config(**{"train.freeze": freeze}))
+    state = s.init_state(jax.random.key(0))
+    # Zero-initialised output layers pass no gradient upstream at init: move every weight off its init.
+    leaves, tree = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    state = state.replace(params=jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
+                                                            for p, k in zip(leaves, keys)]))
+    batch = next(pipeline.make_batches(s.config, s.text_for))
+    _, m = train.make_train_step(s)(state, s.frozen, train.device_batch(batch, s.mesh), jax.random.key(1))
+    out[freeze] = {k: float(m[k]) for k in ("loss", "grad_norm")}
+  whole, part = out[()], out[("denoiser/",)]
+  np.testing.assert_allclose(part["loss"], whole["loss"], rtol=1e-6)
+  assert 0 < part["grad_norm"] < 0.99 * whole["grad_norm"], out
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Denoiser families, chosen by `model.family`: the one place where a family's name meets its file.
 
 The trainer, sampler, evaluator, planner and parameter report see a family through this contract only:
-  build(config, attention) -> Linen module   the trainable denoiser (`attention`: the resolved kernel)
+  build(config, attention) -> Linen module   the trainable denoiser (`attention`: the resolved kernel), holding
+                                             its conditioner (`conditioners`, chosen by conditioner.kind)
   module.apply({"params": p}, x_BHWC, t_B, feats, valids, prompts, drop_B) -> prediction [B, H, W, C]
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction) masks;
       drop_B: examples whose text is replaced by the unconditional context (classifier-free guidance)

@@ -4,7 +4,7 @@ target v = eps - x0; t = 1 is pure noise.
 The network predicts the velocity, or the clean image (`as_velocity`). Training timesteps: uniform, logit-normal (SD3) or "mode" density, then an optional shift
 t' = k t / (1 + (k - 1) t); with `resolution_shift` k comes from the image token count as in Flux
 (mu linear from (256 tokens, 0.5) to (4096 tokens, 1.15), k = e^mu). Sampling integrates the ODE
-from t = 1 to t = 0 with Euler or Heun steps, with classifier-free guidance.
+from t = 1 to t = 0 with Euler or Heun steps, with classifier-free guidance. The loss is the velocity MSE or the x0 MSE (`flow.loss`).
 """
 from __future__ import annotations
 
@@ -75,15 +75,19 @@ def interpolate(x0, eps, t):
 
 
 def loss_terms(velocity: VelocityFn, x0, rng, flow_cfg, shift: float = 1.0, t=None, eps=None):
-  """Mean squared velocity error (per example) for one batch; returns (loss_B, t_B). `t` and `eps` are
-  drawn from `rng` unless given (gradient accumulation draws them for the whole batch at once)."""
+  """Mean squared error (per example) for one batch; returns (loss_B, t_B). `flow.loss="velocity"`: of the
+  velocity; "x0": of the clean image it implies, x0_hat = x_t - t v, so the velocity error is weighted by
+  max(t, x0_t_min)^2 (the high-noise times, where layouts are decided, count as much as the low-noise ones).
+  `t` and `eps` are drawn from `rng` unless given (gradient accumulation draws them for the whole batch)."""
   if t is None or eps is None:
     rt, re = jax.random.split(rng)
     t = sample_timesteps(rt, x0.shape[0], flow_cfg, shift)
     eps = jax.random.normal(re, x0.shape, x0.dtype)
   v = velocity(interpolate(x0, eps, t), t)
-  err = (v.astype(jnp.float32) - (eps - x0)) ** 2
-  return jnp.mean(err.reshape(err.shape[0], -1), axis=1), t
+  err = jnp.mean(((v.astype(jnp.float32) - (eps - x0)) ** 2).reshape(x0.shape[0], -1), axis=1)
+  if flow_cfg.loss == "x0":
+    err = err * jnp.maximum(t, flow_cfg.x0_t_min) ** 2
+  return err, t
 
 
 def sampling_times(steps: int, shift: float = 1.0):

@@ -1,0 +1,75 @@
+"""LI-DiT's refiners (`conditioner.kind=refiners`, options in `model.refiner`): a linguistic token refiner per
+LLM, conditioned on the timestep, then the collaborative refiner (or plain concatenation); the instruction's
+tokens are masked out after both (`text.drop_instruction`)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lidit_jax.conditioners import context_valid
+from lidit_jax.models import refiner
+
+Dtype = Any
+
+
+class Refiners(nn.Module):
+  width: int
+  depth: int = 2
+  num_heads: int = 8
+  mlp_ratio: float = 4.0
+  causal: bool = False
+  gated: bool = True
+  rope: bool = False  # rotary word positions in the token refiners' self-attention
+  qk_norm: bool = True
+  fusion: str = "collaborative"  # or "concat"
+  drop_instruction: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, feats: Sequence[jax.Array], valids: Sequence[jax.Array], prompts: Sequence[jax.Array],
+               t_emb_BD: jax.Array):
+    xs, cs = [], []
+    for i, (f, v, pm) in enumerate(zip(feats, valids, prompts)):
+      x, c = refiner.TokenRefiner(self.width, self.depth, self.num_heads, self.mlp_ratio, causal=self.causal,
+                                  gated=self.gated, qk_norm=self.qk_norm,
+                                  rope_theta=10000.0 if self.rope else None, dtype=self.dtype,
+                                  name=f"token_refiner_{i}")(f, v, pm, t_emb_BD)
+      xs.append(x), cs.append(c)
+    if self.fusion == "collaborative":
+      xs = refiner.CollaborativeRefiner(self.num_heads, self.mlp_ratio, qk_norm=self.qk_norm, dtype=self.dtype,
+                                        name="collaborative_refiner")(xs, [v.astype(bool) for v in valids], cs)
+    return jnp.concatenate(xs, axis=1), context_valid(valids, prompts, self.drop_instruction)
+
+
+def build(config, width: int) -> Refiners:
+  r = config.model.refiner
+  return Refiners(width, r.depth, r.num_heads, r.mlp_ratio, r.causal, r.gated, r.rope, config.model.qk_norm,
+                  r.fusion, config.text.drop_instruction, jnp.dtype(config.model.dtype))
+
+
+def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int) -> int:
+  """2 x (matmul weights x tokens they see) + attention scores and weighted sums."""
+  r, d = config.model.refiner, width
+  fr = int(d * r.mlp_ratio)
+  out = sum(r.depth * (2 * l * (4 * d * d + 2 * d * fr) + 4 * l * l * d) + 2 * l * dim * d for l, dim in text_shapes)
+  if r.fusion == "collaborative" and len(text_shapes) > 1:
+    s = sum(l for l, _ in text_shapes)
+    out += 2 * s * (4 * d * d + 2 * d * fr) + 4 * s * s * d
+  return out
+
+
+def validate(config, num_towers: int) -> None:
+  from lidit_jax.configs import fail, one_of
+  m = config.model
+  if m.width % m.refiner.num_heads:
+    fail("model.refiner.num_heads", m.refiner.num_heads, f"does not divide model.width={m.width}",
+         "pick a divisor of the width")
+  if m.refiner.depth < 0:
+    fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
+  one_of("model.refiner.fusion", m.refiner.fusion, {"collaborative", "concat"})
+  if m.refiner.fusion == "collaborative" and num_towers < 2:
+    fail("model.refiner.fusion", "collaborative", f"needs two or more LLM towers, text.use has {num_towers}",
+         "set --config.model.refiner.fusion=concat, or name a second tower in text.use")
