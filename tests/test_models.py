@@ -147,9 +147,11 @@ def test_collaborative_refiner_reads_the_other_tower():
 
 # ---------------------------------------------------------------------------- the denoiser
 
-@pytest.fixture(scope="module")
-def denoiser():
-  config = tiny_config()
+@pytest.fixture(scope="module", params=["refiners", "tokens"])
+def denoiser(request):
+  """(module, params, inputs, overrides) of the tiny config's denoiser with each conditioner."""
+  over = {"conditioner.kind": request.param}
+  config = tiny_config(**over)
   m = model_lib.build_model(config)
   inputs = model_lib.abstract_inputs(config, 2)
   rng = np.random.default_rng(0)
@@ -167,11 +169,11 @@ def denoiser():
   real["valids"] = [v.at[1, -10:].set(False) for v in real["valids"]]
   real["prompts"] = [p & v for p, v in zip(real["prompts"], real["valids"])]
   params = perturb(unboxed_init(m, **real))
-  return m, params, real
+  return m, params, real, over
 
 
 def test_denoiser_ignores_padding(denoiser):
-  m, p, x = denoiser
+  m, p, x, over = denoiser
   out = m.apply({"params": p}, **x)
   junk = dict(x, feats=[f.at[1, -10:].set(5.0) for f in x["feats"]])
   np.testing.assert_allclose(m.apply({"params": p}, **junk), out, atol=1e-5)
@@ -180,13 +182,13 @@ def test_denoiser_ignores_padding(denoiser):
 
 
 def test_denoiser_no_nan_with_empty_text(denoiser):
-  m, p, x = denoiser
+  m, p, x, over = denoiser
   empty = dict(x, valids=[jnp.zeros_like(v) for v in x["valids"]], prompts=[jnp.zeros_like(v) for v in x["prompts"]])
   assert bool(jnp.all(jnp.isfinite(m.apply({"params": p}, **empty))))
 
 
 def test_null_context_replaces_text(denoiser):
-  m, p, x = denoiser
+  m, p, x, over = denoiser
   drop = dict(x, drop_B=jnp.ones((2,), bool))
   other = dict(drop, feats=[f + 1.0 for f in x["feats"]])
   np.testing.assert_allclose(m.apply({"params": p}, **drop), m.apply({"params": p}, **other), atol=1e-5)
@@ -194,7 +196,7 @@ def test_null_context_replaces_text(denoiser):
 
 
 def test_cfg_scale_one_is_the_conditional_prediction(denoiser):
-  m, p, x = denoiser
+  m, p, x, over = denoiser
   cond = lambda xt, t: m.apply({"params": p}, xt, t, x["feats"], x["valids"], x["prompts"], jnp.zeros((2,), bool))
   uncond = lambda xt, t: m.apply({"params": p}, xt, t, x["feats"], x["valids"], x["prompts"], jnp.ones((2,), bool))
   both = lambda xt, t: (cond(xt, t), uncond(xt, t))
@@ -204,17 +206,17 @@ def test_cfg_scale_one_is_the_conditional_prediction(denoiser):
 
 
 def test_instruction_tokens_are_dropped_from_the_context(denoiser):
-  m, p, x = denoiser
+  m, p, x, over = denoiser
   # Instruction tokens reach the DiT only through the refiners; with drop_instruction they are masked
-  # out of the cross-attention, so without refiner blocks (depth 0, concat) they cannot matter at all.
-  config = tiny_config(**{"model.refiner.depth": 0, "model.refiner.fusion": "concat"})
+  # out of the cross-attention, so without refiner blocks (depth 0, concat; or plain tokens) they cannot matter.
+  over = {**over, "model.refiner.depth": 0, "model.refiner.fusion": "concat"}
+  config = tiny_config(**over)
   m0 = model_lib.build_model(config)
   p0 = perturb(unboxed_init(m0, **x))
   out = m0.apply({"params": p0}, **x)
   changed = dict(x, feats=[f.at[:, :5].add(3.0) for f in x["feats"]])
   np.testing.assert_allclose(m0.apply({"params": p0}, **changed), out, atol=1e-5)
-  keep = model_lib.build_model(tiny_config(**{"model.refiner.depth": 0, "model.refiner.fusion": "concat",
-                                              "text.drop_instruction": False}))
+  keep = model_lib.build_model(tiny_config(**{**over, "text.drop_instruction": False}))
   assert float(jnp.abs(keep.apply({"params": p0}, **changed) - keep.apply({"params": p0}, **x)).max()) > 1e-4
 
 
@@ -236,22 +238,22 @@ def test_every_parameter_has_logical_axis_names():
 
 
 def test_remat_and_bf16_options(denoiser):
-  m, p, x = denoiser
+  m, p, x, over = denoiser
   out = m.apply({"params": p}, **x)
-  remat = model_lib.build_model(tiny_config(**{"model.remat": "full"}))
+  remat = model_lib.build_model(tiny_config(**{**over, "model.remat": "full"}))
   np.testing.assert_allclose(remat.apply({"params": p}, **x), out, atol=1e-5)
   grads = [jax.grad(lambda q: jnp.sum(mod.apply({"params": q}, **x) ** 2))(p) for mod in (m, remat)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(a).max()) + 1e-6)
-  bf16 = model_lib.build_model(tiny_config(**{"model.dtype": "bfloat16"}))
+  bf16 = model_lib.build_model(tiny_config(**{**over, "model.dtype": "bfloat16"}))
   out16 = bf16.apply({"params": p}, **x)
   assert out16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out16)))
   assert float(jnp.abs(out16 - out).max()) < 0.1 * float(jnp.abs(out).max()) + 1e-2
 
 
 def test_unrolled_depth_matches_scanned(denoiser):
-  m, p, x = denoiser
-  unrolled = model_lib.build_model(tiny_config(**{"model.scan": False}))
+  m, p, x, over = denoiser
+  unrolled = model_lib.build_model(tiny_config(**{**over, "model.scan": False}))
   stacked = p["denoiser"]["blocks"]["block"]
   den = {k: v for k, v in p["denoiser"].items() if k != "blocks"}
   for i in range(2):
@@ -326,3 +328,16 @@ def test_adaln_single_has_pixart_structure():
   ctx2 = ctx.at[0, 3:].set(7.0)  # change only padded tokens of example 0
   np.testing.assert_allclose(model.apply({"params": p}, x + 0.5, t, ctx2, valid)[0], out[0], atol=1e-5)
   assert not np.allclose(model.apply({"params": p}, x + 0.5, t, ctx.at[0, 0].set(7.0), valid)[0], out[0], atol=1e-3)
+
+
+def test_plain_tokens_conditioner_is_one_projection_per_tower():
+  """conditioner.kind=tokens: the report's conditioner group is each tower's width -> model width projection,
+  and the planner counts its FLOPs (2 x weights x tokens), without a family naming it."""
+  from lidit_jax import plan
+  config = tiny_config(**{"conditioner.kind": "tokens"})
+  dims = [t.hidden_size for t in (config.text.towers[n] for n in model_lib.tower_names(config))]
+  w = config.model.width
+  assert model_lib.param_report(config)["conditioner"] == sum(d * w + w for d in dims)
+  flops = plan.model_flops_per_example(config, model_lib.planned_towers(config))
+  lens = [config.text.towers[n].max_length for n in model_lib.tower_names(config)]
+  assert flops["conditioner"] == sum(2 * l * d * w for l, d in zip(lens, dims))
