@@ -38,11 +38,13 @@ def tower(**overrides) -> ml_collections.ConfigDict:
   demo's) or a local directory: a Hugging Face model (config.json + safetensors) or the output of
   `python -m lidit_jax.convert hf-text`; its architecture then comes from that directory and the fields
   kind .. rope_theta are ignored. `tokenizer`: "" (the demo's word tokenizer for random towers, else the
-  one in `init`), "words", or a local tokenizer directory. `layer`: which hidden state LI-DiT reads."""
+  one in `init`), "words", or a local tokenizer directory. `layer`: which hidden state LI-DiT reads;
+  `all_layers`: every hidden state instead, [B, L, num_layers + 1, D] (for conditioners that read them all)."""
   t = ml_collections.ConfigDict(dict(
       kind="llama", init="random", tokenizer="", vocab_size=0,
       hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192, rope_theta=10000.0,
       layer=-3,  # LI-DiT reads the third-to-last block's output
+      all_layers=False,  # give every hidden state (the embeddings, then each block's output) instead
       max_length=64, dtype="bfloat16"))
   t.update(overrides)
   return t

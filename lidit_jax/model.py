@@ -27,7 +27,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass
 class TextTower:
-  """A frozen text model with its tokenizer and the hidden state LI-DiT reads."""
+  """A frozen text model with its tokenizer and the hidden state the conditioner reads (`layer`), or all of
+  them (`all_layers`: features [B, L, num_layers + 1, D], token-major so that masks and shardings of [B, L]
+  fit them as they fit one layer)."""
   name: str
   module: nn.Module
   encoder: prompt_lib.PromptEncoder
@@ -35,10 +37,20 @@ class TextTower:
   dtype: Dtype
   hidden_size: int
   source: str  # "random" or the checkpoint directory
+  num_layers: int = 0
+  all_layers: bool = False
+
+  @property
+  def feature_shape(self) -> tuple[int, ...]:
+    """Features of one prompt: (L, D), or (L, num_layers + 1, D) with all_layers."""
+    length = self.encoder.max_length
+    return (length, self.num_layers + 1, self.hidden_size) if self.all_layers else (length, self.hidden_size)
 
   def features(self, params, input_ids, attention_mask):
     hidden = self.module.apply({"params": params}, input_ids, attention_mask)
-    if getattr(self.module, "output_layer", None) is None:  # T5 / CLIP return every layer
+    if self.all_layers:
+      hidden = jnp.moveaxis(hidden, 0, 2)  # [N + 1, B, L, D] -> [B, L, N + 1, D]
+    elif getattr(self.module, "output_layer", None) is None:  # T5 / CLIP return every layer
       hidden = hidden[self.layer]
     return jax.lax.stop_gradient(hidden)
 
@@ -72,24 +84,22 @@ def build_towers(config) -> list[TextTower]:
                        f"{cfg.vocab_size}. Fix: use the tokenizer saved with {tc.init}.")
     encoder = prompt_lib.PromptEncoder(tok, tc.max_length, config.text.instruction or None,
                                        config.text.use_chat_template, config.text.padding_side)
-    dtype = DTYPES[tc.dtype]
-    module = fam.make_module(cfg, dtype)
-    if hasattr(module, "output_layer"):  # decoders can keep just the wanted layer as they go
-      module = module.clone(output_layer=tc.layer)
-    towers.append(TextTower(name, module, encoder, tc.layer, dtype, cfg.hidden_size, tc.init))
+    towers.append(make_tower(name, tc, fam, cfg, encoder))
   return towers
+
+
+def make_tower(name, tc, fam, cfg, encoder) -> TextTower:
+  module = fam.make_module(cfg, DTYPES[tc.dtype])
+  if hasattr(module, "output_layer") and not tc.all_layers:  # decoders can keep just the wanted layer as they go
+    module = module.clone(output_layer=tc.layer)
+  return TextTower(name, module, encoder, tc.layer, DTYPES[tc.dtype], cfg.hidden_size, tc.init, cfg.num_layers,
+                   tc.all_layers)
 
 
 def abstract_towers(config) -> list[TextTower]:
   """Towers without tokenizers (encoder=None), architecture from planned_towers: compile-only set-ups."""
-  out = []
-  for name, (fam, cfg) in planned_towers(config).items():
-    tc = config.text.towers[name]
-    module = fam.make_module(cfg, DTYPES[tc.dtype])
-    if hasattr(module, "output_layer"):
-      module = module.clone(output_layer=tc.layer)
-    out.append(TextTower(name, module, None, tc.layer, DTYPES[tc.dtype], cfg.hidden_size, tc.init))
-  return out
+  return [make_tower(name, config.text.towers[name], fam, cfg, None)
+          for name, (fam, cfg) in planned_towers(config).items()]
 
 
 def abstract_tower_params(towers: list[TextTower], mesh, rules) -> dict:
@@ -169,14 +179,19 @@ def latent_shape(config) -> tuple[int, int, int]:
   return (s, s, config.autoencoder.channels)
 
 
-def text_shapes(config, tower_dims: Sequence[int] | None = None) -> list[tuple[int, int]]:
-  """(length, width) of each tower's features; widths from the config's fields unless given."""
+def text_shapes(config, tower_dims: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, ...]]:
+  """Each tower's feature shape without the batch: (length, width), or (length, num_layers + 1, width) with
+  `all_layers`. `tower_dims`: each tower's (hidden_size, num_layers); the config's fields unless given."""
   names = tower_names(config)
-  dims = tower_dims or [config.text.towers[n].hidden_size for n in names]
-  return [(config.text.towers[n].max_length, d) for n, d in zip(names, dims)]
+  dims = tower_dims or [(config.text.towers[n].hidden_size, config.text.towers[n].num_layers) for n in names]
+  out = []
+  for n, (d, layers) in zip(names, dims):
+    tc = config.text.towers[n]
+    out.append((tc.max_length, layers + 1, d) if tc.all_layers else (tc.max_length, d))
+  return out
 
 
-def abstract_inputs(config, batch_size: int, tower_dims: Sequence[int] | None = None):
+def abstract_inputs(config, batch_size: int, tower_dims: Sequence[tuple[int, int]] | None = None):
   """ShapeDtypeStructs of one denoiser call (for eval_shape / compile without data)."""
   return denoisers.family(config).abstract_inputs(batch_size, latent_shape(config), text_shapes(config, tower_dims))
 
@@ -200,7 +215,7 @@ def planned_towers(config) -> dict:
 def abstract_params(config, towers: dict | None = None):
   """Boxed abstract parameters of the trainable model (logical axes kept), allocating nothing."""
   towers = towers or planned_towers(config)
-  inputs = abstract_inputs(config, 1, [cfg.hidden_size for _, cfg in towers.values()])
+  inputs = abstract_inputs(config, 1, [(cfg.hidden_size, cfg.num_layers) for _, cfg in towers.values()])
   return jax.eval_shape(lambda kw: build_model(config).init(jax.random.key(0), **kw), inputs)["params"]
 
 

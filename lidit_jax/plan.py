@@ -66,7 +66,7 @@ def model_flops_per_example(config, tower_cfgs: dict) -> dict:
   """Forward FLOPs of one example: the denoiser family's groups, and `towers` (2 x weights x tokens +
   attention, per tower)."""
   lens = [config.text.towers[n].max_length for n in tower_cfgs]
-  shapes = [(l, cfg.hidden_size) for l, (_, cfg) in zip(lens, tower_cfgs.values())]
+  shapes = model_lib.text_shapes(config, [(cfg.hidden_size, cfg.num_layers) for _, cfg in tower_cfgs.values()])
   out = denoisers.family(config).flops_per_example(config, model_lib.latent_shape(config), shapes)
   towers = 0
   for l, (_, cfg) in zip(lens, tower_cfgs.values()):

@@ -91,7 +91,7 @@ class Setup:
 
 
 def _init_state(s: Setup, rng) -> TrainState:
-  inputs = model_lib.abstract_inputs(s.config, 1, [t.hidden_size for t in s.towers])
+  inputs = model_lib.abstract_inputs(s.config, 1, [(t.hidden_size, t.num_layers) for t in s.towers])
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), inputs)
   params = s.model.init(rng, **zeros)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=s.tx.init(params))

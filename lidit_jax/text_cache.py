@@ -2,7 +2,8 @@
 
 `python -m lidit_jax.encode_prompts` writes a cache directory; training with `--config.text.cache=DIR`
 then reads features from it and never runs (or even loads) the LLMs. Layout of DIR:
-  features.safetensors   per tower NAME: NAME.hidden [N, L, D] (tower dtype), NAME.attention_mask and
+  features.safetensors   per tower NAME: NAME.hidden [N, L, D] (tower dtype; [N, L, layers, D] with
+                         `all_layers`), NAME.attention_mask and
                          NAME.prompt_mask [N, L] (uint8)
   captions.json          the N captions, row i <-> caption i
   meta.json              what the features depend on (towers, layer, lengths, instruction, template);
@@ -32,7 +33,7 @@ def signature(config, towers) -> dict:
           "padding_side": t.padding_side, "words": list(t.words),  # the word tokenizer's vocabulary
           "towers": {tw.name: {"init": os.path.abspath(tw.source) if tw.source != "random" else "random",
                                "seed": config.seed if tw.source == "random" else None,
-                               "layer": tw.layer, "max_length": tw.encoder.max_length,
+                               "layer": "all" if tw.all_layers else tw.layer, "max_length": tw.encoder.max_length,
                                "dtype": jnp.dtype(tw.dtype).name, "hidden_size": tw.hidden_size}
                      for tw in towers}}
 
@@ -49,7 +50,7 @@ def write(out: str, config, towers, tower_params, captions, batch_size: int = 64
   n = len(unique)
   arrays = {}
   for tw in towers:
-    arrays[f"{tw.name}.hidden"] = np.zeros((n, tw.encoder.max_length, tw.hidden_size), jnp.dtype(tw.dtype))
+    arrays[f"{tw.name}.hidden"] = np.zeros((n, *tw.feature_shape), jnp.dtype(tw.dtype))
     for m in ("attention_mask", "prompt_mask"):
       arrays[f"{tw.name}.{m}"] = np.zeros((n, tw.encoder.max_length), np.uint8)
   encode = {tw.name: jax.jit(tw.features) for tw in towers}
@@ -86,8 +87,8 @@ class TextCache:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
     want = signature(config, towers)
-    for key in ("instruction", "use_chat_template", "padding_side"):
-      if meta[key] != want[key]:
+    for key in ("instruction", "use_chat_template", "padding_side", "words"):
+      if meta.get(key) != want[key]:
         raise ValueError(f"text.cache={path!r} was encoded with text.{key}={meta[key]!r}, the config has "
                          f"{want[key]!r}. Fix: re-run encode_prompts with this config, or drop text.cache.")
     for name, spec in want["towers"].items():

@@ -55,7 +55,7 @@ rng = np.random.default_rng(0)
 base = {"train.batch_size": 8, "text.towers.llama_a.dtype": "float32", "text.towers.llama_b.dtype": "float32"}
 ref_config = tiny_config(**base)
 model = model_lib.build_model(ref_config)
-inputs = model_lib.abstract_inputs(ref_config, 8, [32, 32])
+inputs = model_lib.abstract_inputs(ref_config, 8)  # the tiny towers: width 32
 host = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32) if a.dtype == jnp.float32
                     else rng.random(a.shape) < 0.8, inputs)
 host["drop_B"] = np.zeros(8, bool)

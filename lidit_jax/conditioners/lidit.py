@@ -64,6 +64,11 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int
 def validate(config, num_towers: int) -> None:
   from lidit_jax.configs import fail, one_of
   m = config.model
+  for n in (x.strip() for x in config.text.use.split(",") if x.strip()):
+    if config.text.towers[n].all_layers:
+      fail(f"text.towers.{n}.all_layers", True, "the refiners read one hidden state per tower",
+           f"set --config.text.towers.{n}.all_layers=False and pick text.towers.{n}.layer, or use a conditioner "
+           "that reads every layer (conditioner.kind=tokens)")
   if m.width % m.refiner.num_heads:
     fail("model.refiner.num_heads", m.refiner.num_heads, f"does not divide model.width={m.width}",
          "pick a divisor of the width")

@@ -50,13 +50,13 @@ def build(config, attention: str) -> LIDiT:
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, int]]) -> dict:
-  """One call's inputs as ShapeDtypeStructs; `text_shapes`: (length, width) of each tower's features."""
+  """One call's inputs as ShapeDtypeStructs; `text_shapes`: each tower's feature shape, (length, ..., width)."""
   sds, b = jax.ShapeDtypeStruct, batch
   return dict(
       x_BHWC=sds((b, *latent_hwc), jnp.float32), t_B=sds((b,), jnp.float32),
-      feats=[sds((b, l, d), jnp.float32) for l, d in text_shapes],
-      valids=[sds((b, l), jnp.bool_) for l, _ in text_shapes],
-      prompts=[sds((b, l), jnp.bool_) for l, _ in text_shapes], drop_B=sds((b,), jnp.bool_))
+      feats=[sds((b, *shape), jnp.float32) for shape in text_shapes],
+      valids=[sds((b, shape[0]), jnp.bool_) for shape in text_shapes],
+      prompts=[sds((b, shape[0]), jnp.bool_) for shape in text_shapes], drop_B=sds((b,), jnp.bool_))
 
 
 def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, int]]) -> dict:
@@ -64,7 +64,7 @@ def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Seq
   m = config.model
   h, w, _ = latent_hwc
   t = (h // m.patch_size) * (w // m.patch_size)  # image tokens
-  lens = [l for l, _ in text_shapes]
+  lens = [shape[0] for shape in text_shapes]
   s = sum(lens)  # text tokens after concatenation
   d, f = m.width, int(m.width * m.mlp_ratio)
   per_block = (2 * t * (4 * d * d + 2 * d * f)  # self-attn q,k,v,o + MLP on image tokens
