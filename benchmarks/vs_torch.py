@@ -40,13 +40,8 @@ class PixArtLike(nn.Module):
 
 
 def pixart_configs(width: int, heads: int, depth: int, latent: int, channels: int = 4, patch: int = 2):
-  ours = dit_lib.DiTConfig(width=width, depth=depth, num_heads=heads, patch_size=patch, in_channels=channels,
-                           qk_norm=False, pos_embed="sincos", modulation="single", scan=True)
-  theirs = dict(num_attention_heads=heads, attention_head_dim=width // heads, in_channels=channels,
-                out_channels=channels, num_layers=depth, cross_attention_dim=width, caption_channels=width,
-                sample_size=latent, patch_size=patch, norm_type="ada_norm_single", norm_elementwise_affine=False,
-                norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate")
-  return ours, theirs
+  ours = dit_lib.pixart_alpha(width, heads, depth, patch, channels)
+  return ours, dit_lib.pixart_diffusers_kwargs(ours, latent)
 
 
 def _median_time(fn, reps: int) -> float:

@@ -304,22 +304,22 @@ def test_adaln_single_has_pixart_structure():
   """modulation="single" lays out parameters as diffusers' PixArtTransformer2DModel: the same count per block
   and in total, apart from the documented differences (PixArt's caption projection, our pooled-text layer)."""
   from diffusers import PixArtTransformer2DModel
-  from benchmarks.vs_torch import PixArtLike, pixart_configs
   d, heads, depth, latent = 32, 4, 3, 8
-  ours_cfg, theirs_cfg = pixart_configs(d, heads, depth, latent)
-  ref = PixArtTransformer2DModel(**theirs_cfg)
+  ours_cfg = dit_lib.pixart_alpha(d, heads, depth)
+  ref = PixArtTransformer2DModel(**dit_lib.pixart_diffusers_kwargs(ours_cfg, latent))
   x = jnp.zeros((2, latent, latent, 4))
   ctx, valid = jnp.ones((2, 5, d)), jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
-  model = PixArtLike(ours_cfg)
-  params = unboxed_init(model, x, jnp.array([0.1, 0.9]), ctx, valid)
+  t_emb = jnp.ones((2, d))
   count = lambda tree: sum(int(np.prod(v.shape)) for v in jax.tree.leaves(tree))
   ref_count = lambda prefix: sum(p.numel() for n, p in ref.named_parameters() if n.startswith(prefix))
-  assert count(params["denoiser"]["blocks"]) == depth * ref_count("transformer_blocks.0.")
-  ours_total = count(params) - count(params["denoiser"]["text_pool_proj"])
+  embedder = count(unboxed_init(layers.TimestepEmbedder(d), jnp.array([0.1, 0.9])))
+  params = unboxed_init(dit_lib.DiT(ours_cfg), x, t_emb, t_emb, ctx, valid)
+  assert count(params["blocks"]) == depth * ref_count("transformer_blocks.0.")
+  ours_total = embedder + count(params) - count(params["text_pool_proj"])
   assert ours_total == ref_count("") - ref_count("caption_projection")
   # The block-modulated (LI-DiT) layout differs, so the comparison above can fail.
   block_cfg = dit_lib.DiTConfig(**{**ours_cfg.__dict__, "modulation": "block"})
-  assert count(unboxed_init(PixArtLike(block_cfg), x, jnp.array([0.1, 0.9]), ctx, valid)) != count(params)
+  assert count(unboxed_init(dit_lib.DiT(block_cfg), x, t_emb, t_emb, ctx, valid)) != count(params)
   # Trainable and finite; the padded text tokens are ignored.
   p = perturb(params)
   t = jnp.array([0.3, 0.7])

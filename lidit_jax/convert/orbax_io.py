@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from lidit_jax.convert import registry
 
@@ -93,16 +94,6 @@ def _handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
 
 
-def _nest(flat: Mapping[tuple[str, ...], object]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return tree
-
-
 def save_params(directory: str, params) -> None:
   """Write a parameter tree as an Orbax (OCDBT) checkpoint that `StandardCheckpointer.restore` reads.
 
@@ -130,7 +121,7 @@ class ParamsWriter:
     self.ckptr = None
     if CAN_STREAM:
       self.ckptr = ocp.AsyncCheckpointer(_handler())
-      self.ckptr.save(self.directory, args=ocp.args.PyTreeSave(_nest(self.pending)))
+      self.ckptr.save(self.directory, args=ocp.args.PyTreeSave(traverse_util.unflatten_dict(dict(self.pending))))
 
   def put(self, path: tuple[str, ...], value) -> None:
     self.pending[path].set(value)
@@ -140,7 +131,7 @@ class ParamsWriter:
     if missing:
       raise ValueError(f"ParamsWriter.finish: parameters never put: {missing}")
     if self.ckptr is None:
-      save_params(self.directory, _nest({p: leaf._value for p, leaf in self.pending.items()}))
+      save_params(self.directory, traverse_util.unflatten_dict({p: leaf._value for p, leaf in self.pending.items()}))
     else:
       try:
         self.ckptr.wait_until_finished()

@@ -45,6 +45,22 @@ class DiTConfig:
   modulation: str = "block"  # "block": adaLN-Zero per block (LI-DiT); "single": PixArt-alpha's adaLN-single
 
 
+def pixart_alpha(width: int, heads: int, depth: int, patch: int = 2, channels: int = 4) -> DiTConfig:
+  """Our DiT with PixArt-alpha's choices: adaLN-single, sin-cos positions, no QK-norm (layer for layer the
+  parameters of diffusers' PixArtTransformer2DModel with `pixart_diffusers_kwargs`, but its caption projection)."""
+  return DiTConfig(width=width, depth=depth, num_heads=heads, patch_size=patch, in_channels=channels,
+                   qk_norm=False, pos_embed="sincos", modulation="single", scan=True)
+
+
+def pixart_diffusers_kwargs(cfg: DiTConfig, latent: int) -> dict:
+  """diffusers' PixArtTransformer2DModel arguments for the same network as `cfg` (from `pixart_alpha`)."""
+  return dict(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.width // cfg.num_heads,
+              in_channels=cfg.in_channels, out_channels=cfg.in_channels, num_layers=cfg.depth,
+              cross_attention_dim=cfg.width, caption_channels=cfg.width, sample_size=latent,
+              patch_size=cfg.patch_size, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+              attention_bias=True, activation_fn="gelu-approximate")
+
+
 class DiTBlock(nn.Module):
   cfg: DiTConfig
   dtype: Dtype = jnp.float32
