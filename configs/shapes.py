@@ -7,9 +7,9 @@
 
 Two random frozen tiny Llama towers with the demo's word tokenizer, both refiners, a DiT 4 x 128 on 4 px patches.
 `python -m lidit_jax` runs this config end to end (train, samples, held-out evaluation). Expected on a 2-core CPU
-(2026-12-02, two runs): 17-21 minutes (2.0-1.55 steps/s); held-out colour 0.81-0.90, shape 0.36-0.43, relation
-0.36-0.55, count 0.42-0.48, whole prompt 0.00-0.02; relation probe +11-16 px (the README's "Demo results"; the
-issue-13 goals are not met yet).
+(2026-12-03): 17-22 minutes (2.0-1.5 steps/s, the shared machine's day); held-out colour 0.94, shape 0.53-0.54,
+relation 0.45-0.52, count 0.50, whole prompt 0.03-0.04; relation probe +8-10 px (the README's "Demo results";
+the issue-13 goals are not met yet).
 `configs/shapes.py:tiny` is the same config shrunk for tests (seconds, not minutes).
 `configs/shapes.py:hf` reads two tiny Hugging Face LLMs (a Llama-3 and a Qwen2, random weights) converted
 to Orbax, in place of the random towers; make them first (no download, no torch):

@@ -321,13 +321,14 @@ def test_adaln_single_has_pixart_structure():
   block_cfg = dit_lib.DiTConfig(**{**ours_cfg.__dict__, "modulation": "block"})
   assert count(unboxed_init(dit_lib.DiT(block_cfg), x, t_emb, t_emb, ctx, valid)) != count(params)
   # Trainable and finite; the padded text tokens are ignored.
-  p = perturb(params)
-  t = jnp.array([0.3, 0.7])
-  out = model.apply({"params": p}, x + 0.5, t, ctx, valid)
+  p, model = perturb(params), dit_lib.DiT(ours_cfg)
+  t_emb = jnp.array([[0.3], [0.7]]) * jnp.ones((2, d))
+  out = model.apply({"params": p}, x + 0.5, t_emb, t_emb, ctx, valid)
   assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
   ctx2 = ctx.at[0, 3:].set(7.0)  # change only padded tokens of example 0
-  np.testing.assert_allclose(model.apply({"params": p}, x + 0.5, t, ctx2, valid)[0], out[0], atol=1e-5)
-  assert not np.allclose(model.apply({"params": p}, x + 0.5, t, ctx.at[0, 0].set(7.0), valid)[0], out[0], atol=1e-3)
+  np.testing.assert_allclose(model.apply({"params": p}, x + 0.5, t_emb, t_emb, ctx2, valid)[0], out[0], atol=1e-5)
+  assert not np.allclose(model.apply({"params": p}, x + 0.5, t_emb, t_emb, ctx.at[0, 0].set(7.0), valid)[0], out[0],
+                         atol=1e-3)
 
 
 def test_plain_tokens_conditioner_is_one_projection_per_tower():

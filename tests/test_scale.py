@@ -95,6 +95,13 @@ def test_gradients_match_one_device_on_every_mesh():
     assert rel < 1e-4, (mesh, leaf, rel)
 
 
+# Ten steps' losses on a mesh against one device. Reductions run in another order on each mesh, and Adam's
+# normalisation amplifies float32 rounding in small gradients: under the demo's x0 loss the runs part by up to
+# 1.7e-4 (relative) at step 10, within 1e-5 over the first four. A wrong sharding is off by 1e-2 from step 2;
+# gradients themselves are held to 1e-4 above (test_gradients_match_one_device_on_every_mesh).
+LOSS_RTOL = 5e-4
+
+
 def run(args, env_extra=None, script=None, **kw):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
   cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "lidit_jax.train"]
@@ -134,7 +141,7 @@ def test_meshes_shard_parameters_and_match_the_single_device_run(mesh, expect, s
   assert shards["tower_up"][1] == expect["tower_up"]  # frozen towers are sharded too
   got, want = losses(str(tmp_path)), single_device
   assert sorted(got) == list(range(1, 11))
-  np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-4)
+  np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=LOSS_RTOL)
 
 
 def test_sigterm_saves_the_step_reached_and_exits_cleanly(tmp_path):
@@ -203,7 +210,7 @@ def test_two_processes_train_as_one_runtime(single_device, tmp_path):
   assert "process 1 of 2: 4 local / 8 global devices" in outs[1][1]
   got = losses(str(tmp_path))
   np.testing.assert_allclose([got[k] for k in sorted(got)], [single_device[k] for k in sorted(single_device)],
-                             rtol=1e-4)
+                             rtol=LOSS_RTOL)
   assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())[-1] == 10
 
 
