@@ -63,8 +63,9 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int
 
 def validate(config, num_towers: int) -> None:
   from lidit_jax.configs import fail, one_of
+  from lidit_jax.model import tower_names
   m = config.model
-  for n in (x.strip() for x in config.text.use.split(",") if x.strip()):
+  for n in tower_names(config):
     if config.text.towers[n].all_layers:
       fail(f"text.towers.{n}.all_layers", True, "the refiners read one hidden state per tower",
            f"set --config.text.towers.{n}.all_layers=False and pick text.towers.{n}.layer, or use a conditioner "

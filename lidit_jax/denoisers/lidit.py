@@ -49,7 +49,7 @@ def build(config, attention: str) -> LIDiT:
   return LIDiT(dcfg, conditioners.conditioner(config).build(config, m.width), dtype=jnp.dtype(m.dtype))
 
 
-def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, int]]) -> dict:
+def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
   """One call's inputs as ShapeDtypeStructs; `text_shapes`: each tower's feature shape, (length, ..., width)."""
   sds, b = jax.ShapeDtypeStruct, batch
   return dict(
@@ -59,13 +59,12 @@ def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: S
       prompts=[sds((b, shape[0]), jnp.bool_) for shape in text_shapes], drop_B=sds((b,), jnp.bool_))
 
 
-def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, int]]) -> dict:
+def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
   """Forward FLOPs of one example: 2 x (matmul weights x tokens they see) + attention (QK^T and PV)."""
   m = config.model
   h, w, _ = latent_hwc
   t = (h // m.patch_size) * (w // m.patch_size)  # image tokens
-  lens = [shape[0] for shape in text_shapes]
-  s = sum(lens)  # text tokens after concatenation
+  s = sum(shape[0] for shape in text_shapes)  # text tokens after concatenation
   d, f = m.width, int(m.width * m.mlp_ratio)
   per_block = (2 * t * (4 * d * d + 2 * d * f)  # self-attn q,k,v,o + MLP on image tokens
                + 2 * t * 2 * d * d + 2 * s * 2 * d * d  # cross-attn q,o on image tokens; k,v on text tokens
