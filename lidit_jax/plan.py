@@ -4,10 +4,10 @@ no devices are needed):
   python -m lidit_jax.plan --config configs/lidit_10b.py --config.mesh.fsdp=256 [--devices 256] [--chip v5p]
 
 Per device: bytes of parameters, gradients, optimizer state (AdamW: two moments) and EMA, each sharded by
-the config's logical-axis rules on the mesh; the frozen text towers; an estimate of the activations kept
-for the backward pass at the config's batch and remat policy. Per step: model FLOPs (training counts
-forward + backward = 3x forward; the frozen towers' forward separately) and, for a chip, the step time at
-a given MFU. `train.py` logs TFLOP/s per device and MFU from the same FLOP count.
+the config's logical-axis rules on the mesh; the frozen text towers and autoencoder; estimates of the
+activations the denoiser family keeps for the backward pass (at the config's batch and remat policy) and of
+the autoencoder's encoding peak. Per step: model FLOPs (training counts forward + backward = 3x forward; the
+frozen towers' and autoencoder's forward separately) and, for a chip, the step time at a given MFU. `train.py` logs TFLOP/s per device and MFU from the same FLOP count.
 """
 from __future__ import annotations
 
@@ -76,36 +76,31 @@ def model_flops_per_example(config, tower_cfgs: dict) -> dict:
   return {**out, "towers": towers}
 
 
-def step_flops(config, tower_cfgs: dict | None = None) -> dict:
-  """Model FLOPs of one training step: `train` (forward + backward of the trainable model, 3x forward)
-  and `towers` (their forward; 0 when features come from text.cache)."""
+def step_flops(config, tower_cfgs: dict | None = None, encode_flops: float = 0.0) -> dict:
+  """Model FLOPs of one training step: `train` (forward + backward of the trainable model, 3x forward),
+  `towers` (their forward; 0 when features come from text.cache) and `autoencoder` (encoding the batch's
+  images, `encode_flops` each; 0 when the data are precomputed latents)."""
   flops = model_flops_per_example(config, tower_cfgs or model_lib.planned_towers(config))
   b = config.train.batch_size
   trainable = sum(v for k, v in flops.items() if k != "towers")
   return {"train": 3 * trainable * b,
-          "towers": 0 if config.text.cache else flops["towers"] * b}
+          "towers": 0 if config.text.cache else flops["towers"] * b,
+          "autoencoder": 0 if config.data.source == "features" else encode_flops * b}
 
 
-def activation_bytes_per_device(config, mesh_sizes: dict, itemsize: int) -> int:
-  """Rough bytes kept for the backward pass by the DiT blocks (the bulk), per device.
-
-  Per block and image token: remat "full" keeps the block input (1 x D); "dots_no_batch" the outputs of
-  weight matmuls (about (6 + 2 mlp_ratio) x D); "dots" those plus attention scores; "none" everything
-  (about (14 + 2 mlp_ratio) x D plus scores). Tensor parallelism splits D and the heads.
-  """
-  m = config.model
-  b = math.ceil(config.train.batch_size / (mesh_sizes["data"] * mesh_sizes["fsdp"]))
-  h, w, _ = model_lib.latent_shape(config)
-  t = (h // m.patch_size) * (w // m.patch_size)
-  s = sum(config.text.towers[n].max_length for n in model_lib.tower_names(config))
-  tp = mesh_sizes["tensor"]
-  d = m.width / tp
-  scores = m.num_heads / tp * t * (t + s)  # per example: self + cross attention probabilities
-  per_token = {"full": 1.0, "dots_no_batch": 6 + 2 * m.mlp_ratio, "dots": 6 + 2 * m.mlp_ratio,
-               "none": 14 + 2 * m.mlp_ratio}[m.remat]
-  keep_scores = m.remat in ("dots", "none")
-  per_block = b * (t * per_token * d + (scores if keep_scores else 0))
-  return int(m.depth * per_block * itemsize)
+def autoencoder_plan(config, batch_per_device: int) -> dict:
+  """The frozen autoencoder's share: its (replicated) parameter bytes, the estimated peak of encoding one
+  device's batch and one image's encoder FLOPs; zeros for pixel space, for precomputed latents (no encoding
+  in the step) and for a VAE whose checkpoint does not exist yet."""
+  from lidit_jax import autoencoder as autoencoder_lib
+  ae, params = autoencoder_lib.build(config.autoencoder, abstract=True)
+  if ae is None or params is None:
+    return {"params": 0, "activations": 0, "encode_flops": 0.0, "planned": ae is not None}
+  encodes = config.data.source != "features"
+  hw = (config.data.image_size, config.data.image_size)
+  return {"params": sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params)),
+          "activations": ae.encode_peak_bytes(batch_per_device, hw) if encodes else 0,
+          "encode_flops": ae.encode_flops(params, hw), "planned": True}
 
 
 def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) -> dict:
@@ -124,22 +119,29 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
     itemsize = jnp.dtype(model_lib.DTYPES[config.text.towers[name].dtype]).itemsize
     tower_bytes += per_device_bytes(abstract, mesh_sizes, rules, itemsize)
   act_itemsize = jnp.dtype(model_lib.DTYPES[config.model.dtype]).itemsize
-  acts = activation_bytes_per_device(config, mesh_sizes, act_itemsize)
-  flops = step_flops(config, towers)
+  batch_per_device = math.ceil(config.train.batch_size / (mesh_sizes["data"] * mesh_sizes["fsdp"]))
+  dims = [(cfg.hidden_size, cfg.num_layers) for _, cfg in towers.values()]
+  acts = denoisers.family(config).activation_bytes(
+      config, batch_per_device, model_lib.latent_shape(config), model_lib.text_shapes(config, dims),
+      mesh_sizes["tensor"], act_itemsize)
+  ae = autoencoder_plan(config, batch_per_device)
+  flops = step_flops(config, towers, ae["encode_flops"])
   batch = config.train.batch_size
-  train_flops, tower_flops = flops["train"], flops["towers"]
+  train_flops, frozen_flops = flops["train"], flops["towers"] + flops["autoencoder"]
   per_device = {"params": p_bytes, "grads": p_bytes, "optimizer": 2 * p_bytes, "ema": p_bytes,
-                "frozen_towers": tower_bytes, "activations_estimate": acts}
+                "frozen_towers": tower_bytes, "autoencoder": ae["params"], "activations_estimate": acts,
+                "autoencoder_activations_estimate": ae["activations"]}
   per_device["total"] = sum(per_device.values())
   out = {"mesh": mesh_sizes, "devices": num_devices, "trainable_params": n_params, "tower_params": tower_params,
          "bytes_per_device": per_device,
          "params_plus_optimizer_vs_even_split": (p_bytes * 3) / (n_params * 4 * 3 / num_devices),
-         "model_tflop_per_step": train_flops / 1e12, "tower_tflop_per_step": tower_flops / 1e12,
+         "model_tflop_per_step": train_flops / 1e12, "tower_tflop_per_step": flops["towers"] / 1e12,
+         "autoencoder_tflop_per_step": flops["autoencoder"] / 1e12, "autoencoder_planned": ae["planned"],
          "batch_size": batch, "remat": config.model.remat}
   if chip:
     peak = CHIP_PEAK_TFLOPS[chip]
     out.update(chip=chip, peak_tflops_per_chip=peak, assumed_mfu=mfu,
-               step_seconds_at_mfu=(train_flops + tower_flops) / 1e12 / (num_devices * peak * mfu))
+               step_seconds_at_mfu=(train_flops + frozen_flops) / 1e12 / (num_devices * peak * mfu))
   return out
 
 
@@ -150,8 +152,11 @@ def format_plan(p: dict) -> str:
   for k, v in p["bytes_per_device"].items():
     lines.append(f"  {k:>22}: {v / GiB:10.3f} GiB")
   lines.append(f"  params + optimizer vs total / devices: {p['params_plus_optimizer_vs_even_split']:.3f}x")
-  lines.append(f"model FLOPs per step: {p['model_tflop_per_step']:.1f} TFLOP (+ towers "
-               f"{p['tower_tflop_per_step']:.1f} TFLOP forward)")
+  lines.append(f"model FLOPs per step: {p['model_tflop_per_step']:.1f} TFLOP (+ forward of the towers "
+               f"{p['tower_tflop_per_step']:.1f}, of the autoencoder {p['autoencoder_tflop_per_step']:.1f} TFLOP)")
+  if not p["autoencoder_planned"]:
+    lines.append("autoencoder: not planned (no VAE at autoencoder.path yet): its parameters, activations and "
+                 "FLOPs are left out")
   if "chip" in p:
     lines.append(f"on {p['devices']} x {p['chip']} ({p['peak_tflops_per_chip']:.0f} TFLOP/s peak) at MFU "
                  f"{p['assumed_mfu']:.2f}: {p['step_seconds_at_mfu']:.2f} s/step")

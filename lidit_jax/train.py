@@ -239,8 +239,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   generator = sample_lib.make_generator(s, config.sample.steps, config.sample.cfg, config.sample.sampler)
   rng = jax.random.key(config.seed + 2)
   # The towers' configs are already at hand: no second read of their checkpoints' config.json.
-  flops = plan_lib.step_flops(config, {t.name: (None, t.module.cfg) for t in s.towers})
-  step_tflop = (flops["train"] + flops["towers"]) / 1e12
+  hw = (config.data.image_size,) * 2
+  encode = s.autoencoder.encode_flops(s.frozen["autoencoder"], hw) if s.autoencoder else 0.0
+  flops = plan_lib.step_flops(config, {t.name: (None, t.module.cfg) for t in s.towers}, encode)
+  step_tflop = (flops["train"] + flops["towers"] + flops["autoencoder"]) / 1e12
   peak = plan_lib.CHIP_PEAK_TFLOPS.get(plan_lib.chip_of(jax.devices()[0]))
 
   bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)

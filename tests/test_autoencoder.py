@@ -65,3 +65,61 @@ def test_identity_and_config_refusals(tmp_path):
   path = tiny_models.write_tiny_vae(str(tmp_path / "vae"))
   with pytest.raises(configs.ConfigError, match=r"has \(2, 4\). Fix: --config.autoencoder.factor=2"):
     autoencoder.build(_section(path=path, factor=8))
+
+
+@pytest.mark.parametrize("attention,channels", [(True, (8, 16)), (False, (32, 64))])
+def test_vae_encode_peak_estimate_matches_what_xla_allocates(attention, channels):
+  """The planner's encoding estimate against the compiled encoder's temporary bytes (CPU): the mid block's
+  attention dominates a small VAE at 64 px, full-resolution feature maps one without it."""
+  from lidit_jax.convert import diffusers_vae, registry
+  from lidit_jax.models import vae
+  cfg = vae.VAEConfig(**{**tiny_models.TINY_VAE, "block_out_channels": channels, "norm_num_groups": 8,
+                         "mid_block_add_attention": attention})
+  ae = autoencoder.VAE(vae.AutoencoderKL(cfg))
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
+                        registry.strip_boxes(diffusers_vae.abstract_params(ae.module)))
+  images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  compiled = jax.jit(ae.encode).lower(params, images).compile()
+  allocated = compiled.memory_analysis().temp_size_in_bytes
+  assert ae.encode_peak_bytes(2, (64, 64)) == pytest.approx(allocated, rel=0.05)
+  # XLA's FLOP count of one image against ours: 2 k^2 Cin Cout per output pixel of every conv (conv_in, the
+  # resnets, the downsample, the shortcut, conv_out, quant_conv) plus the mid block's attention
+  c0, c1 = channels
+  full, low = 64 * 64, 32 * 32
+  conv = lambda k, cin, cout, pixels: 2 * k * k * cin * cout * pixels
+  want = (conv(3, 3, c0, full) + 2 * conv(3, c0, c0, full) + conv(3, c0, c0, low) + conv(3, c0, c1, low)
+          + conv(1, c0, c1, low) + 5 * conv(3, c1, c1, low) + conv(3, c1, 8, low) + conv(1, 8, 8, low))
+  if attention:
+    want += 4 * 2 * c1 * c1 * low + 4 * low * low * c1
+  assert ae.encode_flops(params, (64, 64)) == pytest.approx(want, rel=0.1)  # measured 1.057 and 0.980
+
+def test_plan_counts_the_frozen_vae(tmp_path):
+  """`plan` with a VAE: its parameters (replicated), the encoding peak and FLOPs when the step encodes images,
+  none of that on precomputed latents, and a plan before the VAE exists says what it leaves out."""
+  from conftest import ROOT
+  from lidit_jax import plan
+  vae_dir = tiny_models.write_tiny_vae(str(tmp_path / "vae"), seed=0)
+  base = configs.load_config_file(str(ROOT / "configs" / "lidit_1b.py") + ":tiny")
+
+  def planned(**overrides):
+    c = configs.apply_overrides(base.copy_and_resolve_references(), {
+        "autoencoder.path": vae_dir, "data.source": "tfds", "data.name": "pics", "data.data_dir": str(tmp_path),
+        "data.image_size": 64, "train.batch_size": 8, "mesh.data": 2, "mesh.fsdp": 2, **overrides})
+    return plan.plan(configs.validate(c), 4, chip="v5p")
+
+  ae, params = autoencoder.build(_section(path=vae_dir))
+  p = planned()
+  b = p["bytes_per_device"]
+  assert b["autoencoder"] == sum(a.size * 4 for a in jax.tree.leaves(params))  # float32, on every device
+  assert b["autoencoder_activations_estimate"] == ae.encode_peak_bytes(2, (64, 64))  # 8 images on 2 x 2
+  assert p["autoencoder_tflop_per_step"] * 1e12 == pytest.approx(8 * ae.encode_flops(params, (64, 64)))
+  assert p["autoencoder_planned"] and b["total"] == sum(v for k, v in b.items() if k != "total")
+  assert "of the autoencoder" in plan.format_plan(p)
+  # precomputed latents: the step never encodes, the VAE stays resident only for decoding samples
+  lat = planned(**{"data.source": "features"})
+  assert lat["bytes_per_device"]["autoencoder"] == b["autoencoder"]
+  assert lat["bytes_per_device"]["autoencoder_activations_estimate"] == 0 and lat["autoencoder_tflop_per_step"] == 0
+  assert lat["step_seconds_at_mfu"] < p["step_seconds_at_mfu"]
+  missing = planned(**{"autoencoder.path": str(tmp_path / "not_converted_yet")})
+  assert not missing["autoencoder_planned"] and missing["bytes_per_device"]["autoencoder"] == 0
+  assert "not planned (no VAE at autoencoder.path yet)" in plan.format_plan(missing)

@@ -6,8 +6,11 @@ The trainer, sampler, evaluator, planner and parameter report see a family throu
   module.apply({"params": p}, x_BHWC, t_B, feats, valids, prompts, drop_B) -> prediction [B, H, W, C]
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction) masks;
       drop_B: examples whose text is replaced by the unconditional context (classifier-free guidance)
-  abstract_inputs(config, batch, tower_dims) -> those inputs as ShapeDtypeStructs (eval_shape, compile)
-  flops_per_example(config, tower_dims) -> {group: forward FLOPs}     (plan, MFU)
+  abstract_inputs(batch, latent_hwc, text_shapes) -> those inputs as ShapeDtypeStructs (eval_shape, compile);
+      text_shapes: each tower's feature shape without the batch, (length, ..., width)
+  flops_per_example(config, latent_hwc, text_shapes) -> {group: forward FLOPs}     (plan, MFU)
+  activation_bytes(config, batch, latent_hwc, text_shapes, tensor, itemsize) -> bytes kept for the backward
+      pass on one device holding `batch` examples, `tensor`-way tensor parallel   (plan)
   param_groups(params) -> {group: subtree}                             (parameter report)
   validate(config, num_towers)   its own config checks (configs.validate calls it; ConfigError by name)
 A new family is one file here plus its name below and a config.

@@ -73,6 +73,27 @@ def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Seq
           "conditioner": conditioners.conditioner(config).flops_per_example(config, text_shapes, d)}
 
 
+def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]],
+                     tensor: int, itemsize: int) -> int:
+  """Rough bytes the DiT blocks (the bulk) keep for the backward pass of `batch` examples on one device.
+
+  Per block and image token: remat "full" keeps the block input (1 x D); "dots_no_batch" the outputs of
+  weight matmuls (about (6 + 2 mlp_ratio) x D); "dots" those plus attention scores; "none" everything
+  (about (14 + 2 mlp_ratio) x D plus scores). Tensor parallelism (`tensor` devices) splits D and the heads.
+  """
+  m = config.model
+  h, w, _ = latent_hwc
+  t = (h // m.patch_size) * (w // m.patch_size)
+  s = sum(shape[0] for shape in text_shapes)
+  d = m.width / tensor
+  scores = m.num_heads / tensor * t * (t + s)  # per example: self + cross attention probabilities
+  per_token = {"full": 1.0, "dots_no_batch": 6 + 2 * m.mlp_ratio, "dots": 6 + 2 * m.mlp_ratio,
+               "none": 14 + 2 * m.mlp_ratio}[m.remat]
+  keep_scores = m.remat in ("dots", "none")
+  per_block = batch * (t * per_token * d + (scores if keep_scores else 0))
+  return int(m.depth * per_block * itemsize)
+
+
 def param_groups(params) -> dict:
   """{report group: params}: the DiT, the conditioner, the embeddings around them."""
   rest = {k: v for k, v in params.items() if k not in ("denoiser", "conditioner")}
