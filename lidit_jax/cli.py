@@ -24,6 +24,11 @@ class NotFound(UserError, KeyError):
     return str(self.args[0]) if self.args else ""  # KeyError would quote the message
 
 
+def explain_flag_error(argv, error: Exception) -> str:
+  """One message for a command line that did not parse (`configs.define_flags` installs the --config one)."""
+  del argv
+  return f"bad command line: {str(error).strip() or type(error).__name__}. Fix: see --help for the flags"
+
 USER_ERRORS = (UserError, ValueError, OSError, NotImplementedError, FloatingPointError)
 EXIT_USER_ERROR = 2
 
@@ -71,8 +76,7 @@ def run(main) -> NoReturn:
     except Exception as e:  # absl's flags.Error, or whatever ml_collections raises for a --config.* override
       if debug_requested():
         raise
-      from lidit_jax import configs
-      fail(configs.explain_flag_error(argv, e))
+      fail(explain_flag_error(argv, e))
 
   def guarded(argv):
     with user_errors():

@@ -12,7 +12,9 @@ import re
 
 import ml_collections
 
+from lidit_jax import cli
 from lidit_jax.cli import UserError, warn
+from lidit_jax.config_checks import ConfigError, fail, one_of  # noqa: F401  (configs.ConfigError, for callers)
 from lidit_jax.prompt import LIDIT_INSTRUCTION
 
 # Logical axis -> mesh axis. Parameters are sharded over fsdp (their `embed` dim) and tensor (heads / mlp).
@@ -117,17 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def fail(key, value, why, fix):
-  raise ConfigError(f"config {key}={value!r}: {why}. Fix: {fix}.")
-
-
-class ConfigError(UserError, ValueError):
-  """A config value that cannot work (a ValueError too, for callers that catch those)."""
-
-
-def one_of(key, value, options):
-  if value not in options:
-    fail(key, value, f"must be one of {sorted(options)}", f"set --config.{key} to one of them")
+def tower_names(config) -> list[str]:
+  """The towers `text.use` names, in order."""
+  return [n.strip() for n in config.text.use.split(",") if n.strip()]
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -153,7 +147,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   one_of("model.dtype", m.dtype, {"float32", "bfloat16"})
   one_of("model.attention", m.attention, {"auto", "xla", "cudnn", "splash"})
 
-  names = [n.strip() for n in c.text.use.split(",") if n.strip()]
+  names = tower_names(c)
   if not names:
     fail("text.use", c.text.use, "names no LLM tower", f"name one or more of {sorted(c.text.towers)}")
   for n in names:
@@ -170,10 +164,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "make hidden_size a multiple of num_heads and num_heads a multiple of num_kv_heads")
     one_of(f"text.towers.{n}.dtype", t.dtype, {"float32", "bfloat16"})
   one_of("text.padding_side", c.text.padding_side, {"left", "right"})
-  denoisers.family(c).validate(c, len(names))  # the family's own sections (LI-DiT: model.*)
+  denoisers.family(c).validate(c, names)  # the family's own sections (LI-DiT: model.*)
   from lidit_jax import conditioners
   one_of("conditioner.kind", c.conditioner.kind, set(conditioners.CONDITIONERS))
-  conditioners.conditioner(c).validate(c, len(names))  # its own (the refiners: model.refiner.*)
+  conditioners.conditioner(c).validate(c, names)  # its own (the refiners: model.refiner.*)
 
   ae = c.autoencoder
   one_of("autoencoder.kind", ae.kind, {"identity", "vae"})
@@ -287,6 +281,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 def define_flags(default: str | None = None):
   """`--config path.py[:variant]` with `--config.key=value` overrides (unknown keys are refused)."""
   from ml_collections import config_flags
+  cli.explain_flag_error = explain_flag_error
   config_flags.DEFINE_config_file("config", default, "Experiment config file, e.g. configs/shapes.py (or "
                                   "configs/shapes.py:tiny). Override any field with --config.a.b=value, e.g. "
                                   "--config.optim.lr=3e-4; unknown fields are refused.", lock_config=True)

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from lidit_jax import denoisers
+from lidit_jax.configs import tower_names  # noqa: F401  (model.tower_names, for callers)
 from lidit_jax import prompt as prompt_lib
 from lidit_jax import sharding as sharding_lib
 from lidit_jax.models import llm
@@ -121,10 +122,6 @@ def random_llama_config(tc, words=()) -> llm.DecoderConfig:
   return llm.DecoderConfig(vocab_size=vocab, hidden_size=tc.hidden_size,
                            num_layers=tc.num_layers, num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads,
                            intermediate_size=tc.intermediate_size, rope_theta=tc.rope_theta)
-
-
-def tower_names(config) -> list[str]:
-  return [n.strip() for n in config.text.use.split(",") if n.strip()]
 
 
 def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):

@@ -150,7 +150,7 @@ def format_plan(p: dict) -> str:
            f"{p['tower_params'] / 1e9:.3f} B frozen; batch {p['batch_size']}, remat {p['remat']}",
            "per device:"]
   for k, v in p["bytes_per_device"].items():
-    lines.append(f"  {k:>22}: {v / GiB:10.3f} GiB")
+    lines.append(f"  {k:>32}: {v / GiB:10.3f} GiB")
   lines.append(f"  params + optimizer vs total / devices: {p['params_plus_optimizer_vs_even_split']:.3f}x")
   lines.append(f"model FLOPs per step: {p['model_tflop_per_step']:.1f} TFLOP (+ forward of the towers "
                f"{p['tower_tflop_per_step']:.1f}, of the autoencoder {p['autoencoder_tflop_per_step']:.1f} TFLOP)")

@@ -6,7 +6,7 @@ The contract a denoiser family calls (and nothing else does):
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction)
       masks; t_emb_BD: the denoiser's timestep embedding (refiners conditioned on time read it, others not)
   flops_per_example(config, text_shapes, width) -> forward FLOPs of one example   (plan, MFU)
-  validate(config, num_towers)   its own config checks (configs.validate calls it)
+  validate(config, towers)   its own config checks (configs.validate calls it)
 A new conditioner is one file here plus its name below.
 """
 from __future__ import annotations
@@ -18,15 +18,16 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from lidit_jax.config_checks import ConfigError
+
 CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens"}
 
 
 def conditioner(config) -> ModuleType:
   name = config.conditioner.kind
   if name not in CONDITIONERS:
-    from lidit_jax import configs
-    raise configs.ConfigError(f"config conditioner.kind={name!r} is not a conditioner. Fix: set "
-                              f"--config.conditioner.kind to one of {sorted(CONDITIONERS)}")
+    raise ConfigError(f"config conditioner.kind={name!r} is not a conditioner. Fix: set "
+                      f"--config.conditioner.kind to one of {sorted(CONDITIONERS)}")
   return importlib.import_module(CONDITIONERS[name])
 
 

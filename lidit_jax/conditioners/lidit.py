@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lidit_jax.conditioners import context_valid
+from lidit_jax.config_checks import fail, one_of
 from lidit_jax.models import refiner
 
 Dtype = Any
@@ -61,11 +62,9 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int
   return out
 
 
-def validate(config, num_towers: int) -> None:
-  from lidit_jax.configs import fail, one_of
-  from lidit_jax.model import tower_names
+def validate(config, towers: Sequence[str]) -> None:
   m = config.model
-  for n in tower_names(config):
+  for n in towers:
     if config.text.towers[n].all_layers:
       fail(f"text.towers.{n}.all_layers", True, "the refiners read one hidden state per tower",
            f"set --config.text.towers.{n}.all_layers=False and pick text.towers.{n}.layer, or use a conditioner "
@@ -76,6 +75,6 @@ def validate(config, num_towers: int) -> None:
   if m.refiner.depth < 0:
     fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
   one_of("model.refiner.fusion", m.refiner.fusion, {"collaborative", "concat"})
-  if m.refiner.fusion == "collaborative" and num_towers < 2:
-    fail("model.refiner.fusion", "collaborative", f"needs two or more LLM towers, text.use has {num_towers}",
+  if m.refiner.fusion == "collaborative" and len(towers) < 2:
+    fail("model.refiner.fusion", "collaborative", f"needs two or more LLM towers, text.use has {len(towers)}",
          "set --config.model.refiner.fusion=concat, or name a second tower in text.use")

@@ -12,7 +12,7 @@ The trainer, sampler, evaluator, planner and parameter report see a family throu
   activation_bytes(config, batch, latent_hwc, text_shapes, tensor, itemsize) -> bytes kept for the backward
       pass on one device holding `batch` examples, `tensor`-way tensor parallel   (plan)
   param_groups(params) -> {group: subtree}                             (parameter report)
-  validate(config, num_towers)   its own config checks (configs.validate calls it; ConfigError by name)
+  validate(config, towers)   its own config checks (configs.validate calls it; ConfigError by name)
 A new family is one file here plus its name below and a config.
 """
 from __future__ import annotations
@@ -20,13 +20,14 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from lidit_jax.config_checks import ConfigError
+
 FAMILIES = {"lidit": "lidit_jax.denoisers.lidit"}
 
 
 def family(config) -> ModuleType:
   name = config.model.get("family", "lidit")
   if name not in FAMILIES:
-    from lidit_jax import configs
-    raise configs.ConfigError(f"config model.family={name!r} is not a denoiser family. Fix: set "
-                              f"--config.model.family to one of {sorted(FAMILIES)}")
+    raise ConfigError(f"config model.family={name!r} is not a denoiser family. Fix: set "
+                      f"--config.model.family to one of {sorted(FAMILIES)}")
   return importlib.import_module(FAMILIES[name])

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lidit_jax import conditioners
+from lidit_jax.config_checks import fail, one_of
 from lidit_jax.models import dit as dit_lib
 from lidit_jax.models import layers
 
@@ -100,9 +101,8 @@ def param_groups(params) -> dict:
   return {"denoiser (DiT)": params["denoiser"], "conditioner": params["conditioner"], "embeddings": rest}
 
 
-def validate(config, num_towers: int) -> None:
+def validate(config, towers: Sequence[str]) -> None:
   """The DiT's own config checks, each a ConfigError naming value and fix."""
-  from lidit_jax.configs import fail, one_of
   m = config.model
   if m.depth < 1:
     fail("model.depth", m.depth, "must be at least 1", "set a positive value")

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import importlib
 
+from lidit_jax.config_checks import ConfigError
+
 OBJECTIVES = {"rectified_flow": "lidit_jax.objectives.flow"}
 
 
 def build(config):
   kind = config.objective.kind
   if kind not in OBJECTIVES:
-    from lidit_jax import configs
-    raise configs.ConfigError(f"config objective.kind={kind!r} is not an objective. Fix: set "
-                              f"--config.objective.kind to one of {sorted(OBJECTIVES)}")
+    raise ConfigError(f"config objective.kind={kind!r} is not an objective. Fix: set "
+                      f"--config.objective.kind to one of {sorted(OBJECTIVES)}")
   return importlib.import_module(OBJECTIVES[kind]).build(config)
