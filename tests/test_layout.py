@@ -1,0 +1,67 @@
+"""The seam, as the code's own structure: no import circle (function-local imports included) and no module
+outside a family's file naming its class."""
+import ast
+import pathlib
+import re
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lidit_jax"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict:
+  """{module: lidit_jax modules it imports anywhere in its body}."""
+  files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+  graph = {}
+  for name, path in files.items():
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lidit_jax"):
+        deps.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                    for a in node.names)
+      elif isinstance(node, ast.Import):
+        deps.update(a.name for a in node.names if a.name in files)
+    graph[name] = deps & set(files) - {name}
+  return graph
+
+
+def cycles(graph: dict) -> list:
+  """Strongly connected components with more than one module (Tarjan)."""
+  index, low, stack, found = {}, {}, [], []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    for w in graph[v]:
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while not component or component[-1] != v:
+        component.append(stack.pop())
+      if len(component) > 1:
+        found.append(sorted(component))
+
+  for v in graph:
+    if v not in index:
+      visit(v)
+  return found
+
+
+def test_no_import_circle():
+  graph = import_graph()
+  assert "lidit_jax.configs" in graph["lidit_jax.model"]  # the graph is read at all
+  assert cycles(graph) == []
+  assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # and would be caught
+
+
+def test_only_the_family_names_its_class():
+  named = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+           if re.search(r"\bLIDiT\b", p.read_text(encoding="utf-8"))]
+  assert named == ["denoisers/lidit.py"]
