@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from lidit_jax.cli import UserError
 from lidit_jax.experiments import ablate
 
 
@@ -34,5 +35,8 @@ def test_ablation_table_and_position_plot(tmp_path):
   # A second call reuses the finished runs (no retraining) and gives the same numbers.
   again = ablate.ablate(str(tmp_path), base, ["baseline", "refiner_depth_0"], seeds=[0, 1], steps=2, num_prompts=4)
   assert again == agg
+  # Finished runs of another config are refused, not silently reused (e.g. the demo changed since).
+  with pytest.raises(UserError, match="finished run of another config"):
+    ablate.ablate(str(tmp_path), base, ["baseline"], seeds=[0], steps=3, num_prompts=4)
   with pytest.raises(ValueError, match="unknown variant"):
     ablate.ablate(str(tmp_path), base, ["nope"], seeds=[0], steps=2, num_prompts=4)

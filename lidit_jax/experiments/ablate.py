@@ -47,6 +47,12 @@ def run_one(config, workdir: str, num_prompts: int, keep_checkpoints: bool = Fal
   from lidit_jax import evaluate, state, train
   path = os.path.join(workdir, "eval.json")
   if os.path.exists(path):
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      made_with = json.load(f)
+    if made_with != json.loads(config.to_json_best_effort()):
+      from lidit_jax.cli import UserError
+      raise UserError(f"{workdir} holds a finished run of another config (the base config or the study's code "
+                      "changed since). Fix: give a new --out, or delete that directory to re-run it")
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   train.train_and_evaluate(config, workdir)
