@@ -88,13 +88,21 @@ def base_config() -> ml_collections.ConfigDict:
                 prefetch=2)  # batches read ahead (per worker process)
   # vae: path = a diffusers VAE / pipeline folder, an original single file or a converted directory; frozen
   c.autoencoder = dict(kind="identity", factor=1, channels=3, path="", dtype="float32")
-  c.objective = dict(kind="rectified_flow")  # lidit_jax/objectives: one file each; rectified flow reads `flow`
+  c.objective = dict(kind="rectified_flow")  # lidit_jax/objectives: rectified_flow reads `flow`, ddpm `ddpm`
   c.flow = dict(prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; flow.as_velocity)
                 x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
                 loss="velocity",  # the MSE of the velocity, or of the clean image it implies ("x0": weight t^2)
                 timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                 shift=1.0, resolution_shift=False,
                 unshifted=0.0)  # fraction of training times drawn without the shift (both ends trained)
+  # DDPM (objective.kind=ddpm): diffusers' scheduler_config.json names, SD 1.x's values by default
+  c.ddpm = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon",  # or v_prediction (SD 2.x 768 px) or sample
+                timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                clip_sample_range=1.0, rescale_betas_zero_snr=False, use_karras_sigmas=False,
+                eta=0.0,  # DDIM's noise at each step (0: deterministic)
+                snr_gamma=0.0,  # > 0: min-SNR-gamma loss weights (5.0 is the paper's)
+                offset_noise=0.0)  # > 0: per-channel offset added to the training noise (e.g. 0.05)
   c.optim = dict(lr=1e-4,
                  warmup_steps=1000,  # clipped to a tenth of the run (with a warning) when not below num_steps
                  min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
@@ -196,18 +204,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not 0.0 <= c.data.caption_dropout < 1.0:
     fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
 
-  one_of("flow.timestep", c.flow.timestep, {"uniform", "logit_normal", "mode"})
-  one_of("flow.prediction", c.flow.prediction, {"velocity", "x0"})
-  one_of("flow.loss", c.flow.loss, {"velocity", "x0"})
-  if not 0 < c.flow.x0_t_min < 1:
-    fail("flow.x0_t_min", c.flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
-  if c.flow.shift <= 0:
-    fail("flow.shift", c.flow.shift, "must be positive", "use 1.0 for no shift")
-  if not 0.0 <= c.flow.unshifted <= 1.0:
-    fail("flow.unshifted", c.flow.unshifted, "must be a fraction in [0, 1]", "use e.g. 0.5")
-  if c.sample.shift < 0:
-    fail("sample.shift", c.sample.shift, "must be >= 0", "use 0 for the training shift, 1.0 for none")
-  one_of("sample.sampler", c.sample.sampler, {"euler", "heun"})
+  objectives.objective(c).validate(c)  # its own section and samplers (rectified flow: flow.*, sample.*)
   o = c.optim
   if o.lr <= 0 or not math.isfinite(o.lr):
     fail("optim.lr", o.lr, "must be a positive number", "use e.g. 1e-4")

@@ -54,7 +54,8 @@ def make_generator(s, steps: int, cfg_scale: float, sampler: str):
         p = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]), two(feats), two(valids), two(prompts), drop)
         return p[:b], p[b:]
       net = guidance.guided(both, cfg_scale)
-    latents = objective.sample(net, noise, steps, sampler)
+    # Samplers that draw noise at every step (euler_ancestral) draw it from a fixed key: the seed is in `noise`.
+    latents = objective.sample(net, noise, steps, sampler, jax.random.key(0))
     return jnp.clip(s.autoencoder.decode(frozen["autoencoder"], latents).astype(jnp.float32), -1.0, 1.0)
 
   repl = sharding.replicated(s.mesh)
@@ -146,10 +147,14 @@ def main(argv):
       prompts += [line.strip() for line in fh if line.strip()]
   if not prompts:
     raise cli.UserError("no prompt given. Fix: use --prompt \"...\" (repeatable) or --prompts_file FILE")
+  sampler = f.sampler or config.sample.sampler
+  names = objectives.objective(config).SAMPLERS
+  if sampler not in names:
+    raise cli.UserError(f"--sampler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
+                        f"Fix: use one of {', '.join(names)}")
   s, params, step = state_lib.restore_for_inference(config, f.workdir)
   steps = f.steps or config.sample.steps
   cfg = config.sample.cfg if f.cfg is None else f.cfg
-  sampler = f.sampler or config.sample.sampler
   print(f"sampling {len(prompts)} prompt(s) x {f.num_images} from step {step} ({sampler}, {steps} steps, cfg {cfg})")
   gen = make_generator(s, steps, cfg, sampler)
   for path, p, i in tqdm(list(zip(output_paths(f.out, prompts), prompts, range(len(prompts)))), desc="prompts"):
@@ -170,7 +175,8 @@ def define_flags():
   flags.DEFINE_integer("num_images", 1, "Images per prompt (saved as a grid).", lower_bound=1)
   flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sample.steps).", lower_bound=1)
   flags.DEFINE_float("cfg", None, "Classifier-free guidance scale; 1 = off (default: config.sample.cfg).")
-  flags.DEFINE_enum("sampler", None, ["euler", "heun"], "ODE sampler (default: config.sample.sampler).")
+  flags.DEFINE_string("sampler", None, "Sampler (default: config.sample.sampler): rectified flow euler | heun; "
+                      "ddpm ddim | pndm | euler | euler_ancestral | dpmpp_2m.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
 
 

@@ -6,21 +6,30 @@ sampler call it through this contract and nothing else:
   objective.draw(rng_t, rng_noise, x0) -> {"t": [B], "eps": like x0}   a batch's times and noise, drawn once
       for the whole batch (so that micro-batching changes nothing but memory)
   objective.loss(net, x0, draws) -> loss [B]    net(x_t, t) -> the network's output
-  objective.sample(net, noise, steps, sampler) -> x0    net: the (guided) network, noise at the start time
+  objective.sample(net, noise, steps, sampler, rng=None) -> x0    net: the (guided) network; noise: unit
+      Gaussian (scaled to the start time here); rng: for samplers that draw noise at every step
+  validate(config)   its own sections and sampler names (configs.validate calls it; ConfigError by name)
+  SAMPLERS           the sampler names it takes (sample.sampler, `sample --sampler`)
 Classifier-free guidance (`guidance.guided`) is shared by all. A new objective is one file here plus its name.
 """
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 from lidit_jax.config_checks import ConfigError
 
-OBJECTIVES = {"rectified_flow": "lidit_jax.objectives.flow"}
+OBJECTIVES = {"rectified_flow": "lidit_jax.objectives.flow", "ddpm": "lidit_jax.objectives.ddpm"}
 
 
-def build(config):
+def objective(config) -> ModuleType:
+  """The module of `objective.kind`."""
   kind = config.objective.kind
   if kind not in OBJECTIVES:
     raise ConfigError(f"config objective.kind={kind!r} is not an objective. Fix: set "
                       f"--config.objective.kind to one of {sorted(OBJECTIVES)}")
-  return importlib.import_module(OBJECTIVES[kind]).build(config)
+  return importlib.import_module(OBJECTIVES[kind])
+
+
+def build(config):
+  return objective(config).build(config)

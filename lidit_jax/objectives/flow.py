@@ -15,6 +15,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from lidit_jax.config_checks import fail, one_of
+
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B, ...], t [B]) -> v [B, ...]
 
 
@@ -110,7 +112,7 @@ def solve(velocity: VelocityFn, noise, steps: int, sampler: str = "euler", shift
     v_next = velocity(x_euler, jnp.full((b,), t_next))
     return x + dt * 0.5 * (v + v_next)
 
-  if sampler not in ("euler", "heun"):
+  if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; use 'euler' or 'heun'")
   return jax.lax.fori_loop(0, steps, step, noise)
 
@@ -130,8 +132,28 @@ class RectifiedFlow:
   def loss(self, net, x0, draws):
     return loss_terms(as_velocity(net, self.cfg), x0, None, self.cfg, self.shift, t=draws["t"], eps=draws["eps"])[0]
 
-  def sample(self, net, noise, steps: int, sampler: str):
+  def sample(self, net, noise, steps: int, sampler: str, rng=None):
+    del rng  # the ODE samplers draw nothing
     return solve(as_velocity(net, self.cfg), noise, steps, sampler, self.sample_shift)
+
+
+SAMPLERS = ("euler", "heun")
+
+
+def validate(config) -> None:
+  """The `flow` section and its samplers, each a ConfigError naming value and fix."""
+  one_of("flow.timestep", config.flow.timestep, {"uniform", "logit_normal", "mode"})
+  one_of("flow.prediction", config.flow.prediction, {"velocity", "x0"})
+  one_of("flow.loss", config.flow.loss, {"velocity", "x0"})
+  if not 0 < config.flow.x0_t_min < 1:
+    fail("flow.x0_t_min", config.flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
+  if config.flow.shift <= 0:
+    fail("flow.shift", config.flow.shift, "must be positive", "use 1.0 for no shift")
+  if not 0.0 <= config.flow.unshifted <= 1.0:
+    fail("flow.unshifted", config.flow.unshifted, "must be a fraction in [0, 1]", "use e.g. 0.5")
+  if config.sample.shift < 0:
+    fail("sample.shift", config.sample.shift, "must be >= 0", "use 0 for the training shift, 1.0 for none")
+  one_of("sample.sampler", config.sample.sampler, set(SAMPLERS))
 
 
 def build(config) -> RectifiedFlow:

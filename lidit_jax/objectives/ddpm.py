@@ -1,0 +1,333 @@
+"""DDPM, Stable Diffusion's objective (`objective.kind=ddpm`, options in `ddpm`, named as in diffusers' scheduler
+configs): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps over `num_train_timesteps` discrete steps.
+
+The network sees t / num_train_timesteps (the denoiser contract's time in [0, 1]; a family whose embedder
+takes diffusers' timesteps, as the SD U-Net's does, scales it back) and predicts `prediction_type`: epsilon,
+v_prediction or sample. Training: uniform timesteps, optional offset noise and min-SNR-gamma weighting; betas
+linear / scaled_linear / squaredcos_cap_v2, optionally rescaled to zero terminal SNR. Samplers, each equal to the diffusers scheduler of the same config step
+for step (tests/test_ddpm.py): ddim (DDIMScheduler), pndm (PNDMScheduler, skip_prk_steps), euler
+(EulerDiscreteScheduler, optional Karras sigmas), euler_ancestral (EulerAncestralDiscreteScheduler), dpmpp_2m
+(DPMSolverMultistepScheduler, dpmsolver++ order 2, midpoint). Each sampler's timesteps and coefficients are
+computed once on the host (numpy, as the schedulers do); the loop runs under jit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lidit_jax.config_checks import fail, one_of
+
+SAMPLERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
+SCHEDULER_CLASSES = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
+                     "EulerAncestralDiscreteScheduler": "euler_ancestral",
+                     "DPMSolverMultistepScheduler": "dpmpp_2m"}
+Net = Callable[[jax.Array, jax.Array], jax.Array]  # (model input [B, ...], t / num_train_timesteps [B]) -> output
+
+
+# ---- the noise schedule (float32, as diffusers stores it) ----
+
+def betas(cfg) -> np.ndarray:
+  n, f32 = cfg.num_train_timesteps, np.float32
+  if cfg.beta_schedule == "linear":
+    b = np.linspace(cfg.beta_start, cfg.beta_end, n, dtype=f32)
+  elif cfg.beta_schedule == "scaled_linear":  # SD: linear in sqrt(beta)
+    b = np.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n, dtype=f32) ** 2
+  elif cfg.beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine abar, betas capped at 0.999
+    abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    b = np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], f32)
+  else:
+    raise ValueError(f"unknown ddpm.beta_schedule {cfg.beta_schedule!r}")
+  if cfg.rescale_betas_zero_snr:  # Lin et al. 2024: shift and scale sqrt(abar) so that abar_T = 0
+    root = np.sqrt(np.cumprod(1.0 - b, dtype=f32))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    abar = root ** 2
+    b = 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+  return b.astype(f32)
+
+
+def alphas_cumprod(cfg, sigma_space: bool = False) -> np.ndarray:
+  """abar_t. `sigma_space`: for the samplers that step in sigma = sqrt((1 - abar) / abar), a zero terminal abar
+  becomes 2^-24 (a finite sigma), as diffusers' Euler and DPM-Solver schedulers set it."""
+  ac = np.cumprod(1.0 - betas(cfg), dtype=np.float32)
+  if sigma_space and cfg.rescale_betas_zero_snr:
+    ac[-1] = 2.0 ** -24
+  return ac
+
+
+def _bcast(a, x):
+  return jnp.reshape(a, (-1,) + (1,) * (x.ndim - 1)) if jnp.ndim(a) else a
+
+
+def x0_and_eps(out, x, abar, prediction: str):
+  """The clean sample and the noise a network output implies at x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+  a, s = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+  if prediction == "epsilon":
+    return (x - s * out) / a, out
+  if prediction == "v_prediction":
+    return a * x - s * out, a * out + s * x
+  return out, (x - a * out) / s  # "sample"
+
+
+# ---- timesteps as the schedulers space them ----
+
+def spaced_timesteps(cfg, steps: int, spacing: str | None = None, extra: int = 0) -> np.ndarray:
+  """Descending timesteps of `steps` inference steps (DDIM / Euler layout); `extra` = 1 gives DPM-Solver's layout
+  (steps + 1 points, the last dropped)."""
+  n, spacing = cfg.num_train_timesteps, spacing or cfg.timestep_spacing
+  if spacing == "linspace":
+    return np.linspace(0, n - 1, steps + extra).round()[::-1][:steps].astype(np.int64) if extra else \
+        np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+  if spacing == "leading":
+    ratio = n // (steps + extra)
+    return (np.arange(0, steps + extra) * ratio).round()[::-1][:steps].astype(np.int64) + cfg.steps_offset
+  if spacing == "trailing":
+    return np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+  raise ValueError(f"unknown ddpm.timestep_spacing {spacing!r}")
+
+
+def _sigma_to_t(sigma, log_sigmas):
+  """The fractional training timestep of a sigma (interpolated in log sigma), as diffusers' Karras path does."""
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  low = np.clip(np.cumsum(log_sigma - log_sigmas[:, None] >= 0, axis=0).argmax(axis=0), None, len(log_sigmas) - 2)
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+  return (1 - w) * low + w * (low + 1)
+
+
+def _karras(sigmas, steps: int, rho: float = 7.0):
+  lo, hi = float(sigmas[-1]) ** (1 / rho), float(sigmas[0]) ** (1 / rho)
+  return (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
+
+
+def euler_sigmas(cfg, ac, steps: int, karras: bool = False):
+  """(timesteps the network sees, sigmas with a final 0) of Euler-type schedulers (variance-exploding sigmas)."""
+  n = cfg.num_train_timesteps
+  if cfg.timestep_spacing == "linspace":
+    ts = np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
+  else:
+    ts = spaced_timesteps(cfg, steps).astype(np.float32)
+  all_sigmas = np.sqrt((1 - ac) / ac)
+  sigmas = np.interp(ts, np.arange(n), all_sigmas)
+  if karras:
+    sigmas = _karras(sigmas, steps)
+    ts = _sigma_to_t(sigmas, np.log(all_sigmas))
+  return ts.astype(np.float32), np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+# ---- the samplers: host tables, then one jitted loop each ----
+
+@dataclasses.dataclass(frozen=True)
+class DDPM:
+  """The objective contract (`objectives`) for DDPM; `cfg` is the config's `ddpm` section."""
+  cfg: Any
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return self.cfg.num_train_timesteps
+
+  def draw(self, rng_t, rng_noise, x0) -> dict:
+    b = x0.shape[0]
+    t = jax.random.randint(rng_t, (b,), 0, self.num_train_timesteps)
+    r_eps, r_offset = jax.random.split(rng_noise)
+    eps = jax.random.normal(r_eps, x0.shape, x0.dtype)
+    if self.cfg.offset_noise:  # one extra draw per example and channel (diffusers' `noise_offset`)
+      eps = eps + self.cfg.offset_noise * jax.random.normal(r_offset, (b,) + (1,) * (x0.ndim - 2) + x0.shape[-1:])
+    return {"t": t.astype(jnp.float32), "eps": eps}
+
+  def loss(self, net: Net, x0, draws):
+    """Per-example MSE of the prediction target; min-SNR-gamma weights (Hang et al. 2023) when `snr_gamma` > 0."""
+    t, eps = draws["t"].astype(jnp.int32), draws["eps"]
+    abar = jnp.asarray(alphas_cumprod(self.cfg))[t]
+    a, s = _bcast(jnp.sqrt(abar), x0), _bcast(jnp.sqrt(1.0 - abar), x0)
+    out = net(a * x0 + s * eps, t.astype(jnp.float32) / self.num_train_timesteps).astype(jnp.float32)
+    kind = self.cfg.prediction_type
+    target = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[kind]
+    err = jnp.mean(((out - target) ** 2).reshape(x0.shape[0], -1), axis=1)
+    gamma = self.cfg.snr_gamma
+    if gamma:
+      snr = abar / (1.0 - abar)
+      err = err * {"epsilon": jnp.minimum(1.0, gamma / snr),  # min(snr, g) / snr, 1 at snr = 0
+                   "v_prediction": jnp.minimum(snr, gamma) / (snr + 1.0),
+                   "sample": jnp.minimum(snr, gamma)}[kind]
+    return err
+
+  def sample(self, net: Net, noise, steps: int, sampler: str, rng=None):
+    """Integrate from unit `noise` (scaled here by the scheduler's init_noise_sigma, as diffusers' pipelines do
+    with given latents) to the clean sample. `rng`: the fresh noise of euler_ancestral (and of ddim with eta > 0)."""
+    fn = {"ddim": self._ddim, "pndm": self._pndm, "euler": self._euler, "euler_ancestral": self._euler,
+          "dpmpp_2m": self._dpmpp_2m}.get(sampler)
+    if fn is None:
+      raise ValueError(f"unknown DDPM sampler {sampler!r}; use one of {SAMPLERS}")
+    if rng is None and (sampler == "euler_ancestral" or (sampler == "ddim" and self.cfg.eta > 0)):
+      raise ValueError(f"sampler {sampler!r} draws noise at every step: pass rng")
+    return fn(net, noise.astype(jnp.float32), steps, sampler, rng)
+
+  def _time(self, t, x):
+    return jnp.full((x.shape[0],), t / self.num_train_timesteps, jnp.float32)
+
+  def _final_abar(self, ac):
+    return 1.0 if self.cfg.set_alpha_to_one else float(ac[0])
+
+  def _ddim(self, net, x, steps, sampler, rng):
+    cfg, ac = self.cfg, alphas_cumprod(self.cfg)
+    ts = spaced_timesteps(cfg, steps)
+    prev = ts - cfg.num_train_timesteps // steps
+    a_t = ac[ts].astype(np.float64)
+    a_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], self._final_abar(ac)).astype(np.float64)
+    std = cfg.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    tab = {k: jnp.asarray(v, jnp.float32) for k, v in dict(
+        t=ts, a_t=a_t, a_prev=a_prev, std=std, direction=np.sqrt(np.maximum(1 - a_prev - std ** 2, 0.0))).items()}
+
+    def body(i, x):
+      out = net(x, self._time(tab["t"][i], x)).astype(jnp.float32)
+      x0, eps = x0_and_eps(out, x, tab["a_t"][i], cfg.prediction_type)
+      if cfg.clip_sample:  # the direction keeps the unclipped eps, as DDIMScheduler does by default
+        x0 = jnp.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
+      x = jnp.sqrt(tab["a_prev"][i]) * x0 + tab["direction"][i] * eps
+      if cfg.eta > 0:
+        x = x + tab["std"][i] * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
+      return x
+    return jax.lax.fori_loop(0, len(ts), body, x)
+
+  def _pndm(self, net, x, steps, sampler, rng):
+    """PLMS with skip_prk_steps (SD's config): one Euler-like step, its trapezoidal correction from the same
+    start (two evaluations, one at a repeated timestep), then Adams-Bashforth of order 2, 3, 4 on eps."""
+    cfg, ac = self.cfg, alphas_cumprod(self.cfg)
+    if cfg.prediction_type == "sample":
+      fail("ddpm.prediction_type", "sample", "PNDM steps on epsilon or v_prediction", "use another sampler")
+    n, ratio = cfg.num_train_timesteps, cfg.num_train_timesteps // steps
+    if cfg.timestep_spacing == "linspace":
+      base = np.linspace(0, n - 1, steps).round().astype(np.int64)
+    elif cfg.timestep_spacing == "leading":
+      base = np.arange(0, steps) * ratio + cfg.steps_offset
+    else:
+      base = np.round(np.arange(n, 0, -n / steps))[::-1].astype(np.int64) - 1
+    ts = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]  # the model's timesteps (one repeated)
+    k = len(ts)
+    frm, to = ts.copy(), ts - ratio  # the step each call takes: from its timestep to the next
+    frm[1], to[1] = ts[1] + ratio, ts[1]  # the correction restarts from the first timestep
+    # weights of (this output, the last three stored outputs), newest first
+    w = np.zeros((k, 4))
+    w[0] = (1, 0, 0, 0)
+    w[1] = (0.5, 0.5, 0, 0)
+    if k > 2:
+      w[2] = (1.5, -0.5, 0, 0)
+    if k > 3:
+      w[3] = (23 / 12, -16 / 12, 5 / 12, 0)
+    w[4:] = (55 / 24, -59 / 24, 37 / 24, -9 / 24)
+    a_t = ac[frm].astype(np.float64)
+    a_prev = np.where(to >= 0, ac[np.maximum(to, 0)], self._final_abar(ac)).astype(np.float64)
+    denom = a_t * np.sqrt(1 - a_prev) + np.sqrt(a_t * (1 - a_t) * a_prev)
+    tab = {key: jnp.asarray(v, jnp.float32) for key, v in dict(
+        t=ts, a_t=a_t, x_coef=np.sqrt(a_prev / a_t), e_coef=(a_prev - a_t) / denom, w=w).items()}
+
+    def body(i, carry):
+      x, start, hist = carry  # start: the first step's sample (for the correction); hist: stored outputs
+      out = net(x, self._time(tab["t"][i], x)).astype(jnp.float32)
+      wi = tab["w"][i]
+      mixed = wi[0] * out + jnp.einsum("k,k...->...", wi[1:], hist)
+      base_x = jnp.where(i == 1, start, x)
+      eps = mixed if cfg.prediction_type == "epsilon" else x0_and_eps(mixed, base_x, tab["a_t"][i], "v_prediction")[1]
+      new_x = tab["x_coef"][i] * base_x - tab["e_coef"][i] * eps
+      hist = jnp.where(i == 1, hist, jnp.concatenate([out[None], hist[:-1]]))  # the correction stores nothing
+      return new_x, jnp.where(i == 0, x, start), hist
+    hist = jnp.zeros((3,) + x.shape, jnp.float32)
+    return jax.lax.fori_loop(0, k, body, (x, x, hist))[0]
+
+  def _euler(self, net, x, steps, sampler, rng):
+    cfg, ac = self.cfg, alphas_cumprod(self.cfg, sigma_space=True)
+    ts, sig = euler_sigmas(cfg, ac, steps, karras=cfg.use_karras_sigmas and sampler == "euler")
+    s, s_next = sig[:-1].astype(np.float64), sig[1:].astype(np.float64)
+    up = np.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) if sampler == "euler_ancestral" else np.zeros_like(s)
+    down = np.sqrt(s_next ** 2 - up ** 2)
+    init = sig.max() if cfg.timestep_spacing in ("linspace", "trailing") else math.sqrt(float(sig.max()) ** 2 + 1)
+    tab = {k: jnp.asarray(v, jnp.float32) for k, v in dict(t=ts, s=s, to=down, up=up).items()}
+
+    def body(i, x):
+      sigma = tab["s"][i]
+      out = net(x / jnp.sqrt(sigma ** 2 + 1), self._time(tab["t"][i], x)).astype(jnp.float32)
+      if cfg.prediction_type == "epsilon":
+        x0 = x - sigma * out
+      elif cfg.prediction_type == "v_prediction":
+        x0 = out * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
+      else:
+        x0 = out
+      x = x + (x - x0) / sigma * (tab["to"][i] - sigma)
+      if sampler == "euler_ancestral":
+        x = x + tab["up"][i] * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
+      return x
+    return jax.lax.fori_loop(0, len(ts), body, x * jnp.float32(init))
+
+  def _dpmpp_2m(self, net, x, steps, sampler, rng):
+    """DPM-Solver++ 2M on x0 predictions: first order at the first and the last step (the final sigma is 0),
+    second order (midpoint) between."""
+    cfg, ac = self.cfg, alphas_cumprod(self.cfg, sigma_space=True)
+    all_sigmas = np.sqrt((1 - ac) / ac)
+    ts = spaced_timesteps(cfg, steps, extra=1)
+    if cfg.use_karras_sigmas:
+      sig = _karras(all_sigmas[::-1], steps)  # from the schedule's largest sigma to its smallest
+      ts = _sigma_to_t(sig, np.log(all_sigmas))
+      if cfg.beta_schedule != "squaredcos_cap_v2":
+        ts = ts.round()
+    else:
+      sig = np.interp(ts, np.arange(len(ac)), all_sigmas)
+    sig = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
+    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    sd = sig * alpha  # the variance-preserving sigma
+    k = len(ts)
+    with np.errstate(divide="ignore", invalid="ignore"):  # the final sigma is 0: lambda = inf there
+      lam = np.log(alpha) - np.log(sd)
+      h = lam[1:] - lam[:-1]
+      b = -alpha[1:] * np.expm1(-h)  # first order: x' = (sd_next / sd) x + b x0; b = 1 at the final step
+      r = np.ones(k)
+      r[1:] = (lam[1:k] - lam[:k - 1]) / h[1:]  # r0 = h_prev / h
+      second = np.zeros(k, bool)
+      second[1:k - 1] = True
+      m0 = np.where(second, b * (1 + 0.5 / r), b)  # midpoint: + b / 2 (x0 - x0_prev) / r0
+      m1 = np.where(second, -b * 0.5 / r, 0.0)
+    x_coef = sd[1:] / sd[:-1]
+    tab = {key: jnp.asarray(v, jnp.float32) for key, v in dict(
+        t=ts, abar=alpha[:-1] ** 2, x_coef=x_coef, m0=m0, m1=m1).items()}
+
+    def body(i, carry):
+      x, prev = carry
+      out = net(x, self._time(tab["t"][i], x)).astype(jnp.float32)
+      x0 = x0_and_eps(out, x, tab["abar"][i], cfg.prediction_type)[0]
+      return tab["x_coef"][i] * x + tab["m0"][i] * x0 + tab["m1"][i] * prev, x0
+    return jax.lax.fori_loop(0, k, body, (x, jnp.zeros_like(x)))[0]
+
+
+def from_scheduler_config(d: dict) -> tuple[dict, str]:
+  """A diffusers scheduler_config.json -> (the `ddpm` section's values it sets, the sampler it names)."""
+  sampler = SCHEDULER_CLASSES.get(d.get("_class_name", ""))
+  if sampler is None:
+    raise ValueError(f"scheduler {d.get('_class_name')!r} has no sampler here. Fix: use one of "
+                     f"{sorted(SCHEDULER_CLASSES)} (or pass scheduler=...)")
+  keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "timestep_spacing",
+          "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range", "rescale_betas_zero_snr",
+          "use_karras_sigmas")
+  return {k: d[k] for k in keys if d.get(k) is not None}, sampler
+
+
+def validate(config) -> None:
+  d = config.ddpm
+  one_of("ddpm.beta_schedule", d.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
+  one_of("ddpm.prediction_type", d.prediction_type, {"epsilon", "v_prediction", "sample"})
+  one_of("ddpm.timestep_spacing", d.timestep_spacing, {"leading", "trailing", "linspace"})
+  one_of("sample.sampler", config.sample.sampler, set(SAMPLERS))
+  if d.num_train_timesteps < 2:
+    fail("ddpm.num_train_timesteps", d.num_train_timesteps, "must be at least 2", "use 1000 (SD)")
+  if d.snr_gamma < 0 or d.offset_noise < 0 or d.eta < 0:
+    fail("ddpm.snr_gamma/offset_noise/eta", (d.snr_gamma, d.offset_noise, d.eta), "must be >= 0", "use 0 to turn off")
+  if config.sample.steps > d.num_train_timesteps:
+    fail("sample.steps", config.sample.steps, f"more than ddpm.num_train_timesteps={d.num_train_timesteps}",
+         "use fewer steps")
+
+
+def build(config) -> DDPM:
+  return DDPM(config.ddpm)
