@@ -131,17 +131,6 @@ def infer_config(files: io.CheckpointFiles) -> vae.VAEConfig:
                        mid_block_add_attention=has("encoder.mid.attn_1.q.weight"))
 
 
-def vae_dir(path: str) -> str:
-  """The VAE folder itself: `path`, or its `vae/` subfolder when `path` is a pipeline folder."""
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.isdir(path):
-    raise NotFound(f"VAE path {path!r} is not a directory. Fix: point at a diffusers AutoencoderKL folder "
-                   "(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder with vae/")
-  if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "vae")):
-    return os.path.join(path, "vae")
-  return path
-
-
 def _read_config(where: str) -> vae.VAEConfig:
   if not os.path.exists(where):
     raise NotFound(f"VAE config {where} does not exist. Fix: pass config= the diffusers config.json of these weights")
@@ -173,7 +162,7 @@ class Conversion:
       if cfg is None:
         raise NotFound(f"{path}: a VAE file in diffusers' naming needs config=. Fix: pass its config.json")
     else:
-      path = vae_dir(path)
+      path = io.component_dir(path, "vae", "AutoencoderKL")
       cfg, files, original = _read_config(config or os.path.join(path, "config.json")), io.CheckpointFiles(path), False
     module = make_module(cfg, dtype)
     expected = io.flatten_shapes(registry.strip_boxes(abstract_params(module)))

@@ -1,7 +1,7 @@
 """The conversion families, found by name: what a converted directory records and what rebuilds its module.
 
-A family is a module of `lidit_jax.convert` (hf_llm, hf_t5, hf_clip, diffusers_vae) with `Config` (a frozen
-dataclass), `make_module(cfg, dtype)` and `abstract_params(module)` (boxed abstract params, from shapes only).
+A family is a module of `lidit_jax.convert` (hf_llm, hf_t5, hf_clip, diffusers_vae, diffusers_unet) with
+`Config` (a frozen dataclass), `make_module(cfg, dtype)` and `abstract_params(module)` (boxed abstract params, from shapes only).
 A converted directory holds Orbax params and MARKER: {"family", "config", "source", "dtype"}, written last.
 Everything here imports no family until it is asked for, so the families, the Orbax writer and the loaders
 all import this module and none of them each other.
@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-FAMILIES = ("hf_llm", "hf_t5", "hf_clip", "diffusers_vae")
+FAMILIES = ("hf_llm", "hf_t5", "hf_clip", "diffusers_vae", "diffusers_unet")
 MARKER = "lidit_converted.json"
 LEGACY_MARKERS = ("lidit_text_model.json",)  # text models converted before the VAE joined
 

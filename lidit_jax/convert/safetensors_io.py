@@ -108,6 +108,17 @@ def heads_out(num_heads: int) -> Callable[[np.ndarray], np.ndarray]:
   return lambda w: w.T.reshape(num_heads, -1, w.shape[0])
 
 
+def component_dir(path: str, subfolder: str, class_name: str) -> str:
+  """A diffusers component's folder: `path` itself, or its `subfolder` (vae/, unet/) when `path` is a pipeline."""
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path):
+    raise NotFound(f"{subfolder} path {path!r} is not a directory. Fix: point at a diffusers {class_name} folder "
+                   f"(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder with {subfolder}/")
+  if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, subfolder)):
+    return os.path.join(path, subfolder)
+  return path
+
+
 class CheckpointFiles:
   """The tensors of a Hugging Face model directory: one `model.safetensors` (diffusers:
   `diffusion_pytorch_model.safetensors`), or shards + index.

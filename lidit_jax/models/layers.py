@@ -160,6 +160,29 @@ def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool 
                        check_vma=False)(q_BLHK, k_BSHK, v_BSHK, valid)
 
 
+def attend(q_BLHK, k_BSGK, v_BSGK, mask=None, scale: float | None = None, implementation: str | None = None,
+           softcap: float | None = None):
+  """The attention kernel switch every model uses: XLA (`jax.nn.dot_product_attention`) by default, cuDNN on
+  GPU ("cudnn"), Pallas splash on TPU ("splash"; "splash_interpret" runs it anywhere, for tests), or the
+  soft-capped form. `mask`: boolean [B, 1, L, S]; a query row with no key to attend returns zeros, never NaN."""
+  if softcap:
+    out = softcapped_attention(q_BLHK, k_BSGK, v_BSGK, mask, scale if scale is not None else q_BLHK.shape[-1] ** -0.5,
+                               softcap)
+  elif implementation in ("splash", "splash_interpret"):
+    assert scale is None and k_BSGK.shape[2] == q_BLHK.shape[2], "splash attention: default scale, equal q / kv heads"
+    if mask is not None and mask.shape[2] != 1:
+      raise ValueError("splash attention takes key-padding masks only (not causal or per-query masks)")
+    key_valid = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (q_BLHK.shape[0], k_BSGK.shape[1]))
+    out = splash_attention(q_BLHK, k_BSGK, v_BSGK, key_valid, interpret=implementation == "splash_interpret")
+  else:
+    out = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, scale=scale, implementation=implementation)
+  if mask is not None:
+    has_key = jnp.any(mask, axis=-1)  # [B, 1, L]
+    has_key = jnp.broadcast_to(has_key, (out.shape[0], 1, out.shape[1]))[:, 0, :, None, None]
+    out = jnp.where(has_key, out, 0)
+  return out
+
+
 class Attention(nn.Module):
   """Multi-head (grouped-query) attention; self-attention when `context` is None.
 
@@ -210,21 +233,7 @@ class Attention(nn.Module):
       assert positions_BL is not None, "rope needs positions"
       q = rope(q, positions_BL, self.rope_theta, self.rope_scaling)
       k = rope(k, positions_BL, self.rope_theta, self.rope_scaling)
-    if self.logit_softcap:
-      scale = self.scale if self.scale is not None else k_dim ** -0.5
-      out = softcapped_attention(q, k, v, mask, scale, self.logit_softcap)
-    elif self.implementation in ("splash", "splash_interpret"):
-      assert self.scale is None and kvh == h, "splash attention: default scale and equal q / kv heads only"
-      if mask is not None and mask.shape[2] != 1:
-        raise ValueError("splash attention takes key-padding masks only (not causal or per-query masks)")
-      key_valid = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
-      out = splash_attention(q, k, v, key_valid, interpret=self.implementation == "splash_interpret")
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=self.implementation)
-    if mask is not None:
-      has_key = jnp.any(mask, axis=-1)  # [B, 1, L]
-      has_key = jnp.broadcast_to(has_key, (out.shape[0], 1, out.shape[1]))[:, 0, :, None, None]
-      out = jnp.where(has_key, out, 0)
+    out = attend(q, k, v, mask, self.scale, self.implementation, self.logit_softcap)
     out_bias = self.use_bias if self.out_bias is None else self.out_bias
     if self.torch_layout:
       return HeadsDense((d, h, k_dim), "...hk,dhk->...d", ("embed", "heads", "kv"), out_bias, self.dtype,

@@ -57,8 +57,8 @@ def conv(features: int, kernel: int = 3, stride: int = 1, dtype: Dtype = jnp.flo
                  bias_init=layers.logical(nn.initializers.zeros_init(), ("conv_out",)))
 
 
-def group_norm(groups: int, dtype: Dtype, name: str):
-  return nn.GroupNorm(num_groups=groups, epsilon=EPS, dtype=dtype, param_dtype=jnp.float32, name=name,
+def group_norm(groups: int, dtype: Dtype, name: str, eps: float = EPS):
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
                       use_fast_variance=False,
                       scale_init=layers.logical(nn.initializers.ones_init(), ("conv_out",)),
                       bias_init=layers.logical(nn.initializers.zeros_init(), ("conv_out",)))
