@@ -14,7 +14,8 @@ the issue-13 goals are not met yet).
 `configs/shapes.py:hf` reads two tiny Hugging Face LLMs (a Llama-3 and a Qwen2, random weights) converted
 to Orbax, in place of the random towers; make them first (no download, no torch):
   python -m lidit_jax.convert.tiny_models checkpoints/tiny --convert
-Variants combine: `configs/shapes.py:tiny,hf`.
+`configs/shapes.py:unet` is the SD family on the same data: a small U-Net on plain tokens, DDPM (v-prediction).
+Variants combine: `configs/shapes.py:tiny,hf`, `configs/shapes.py:tiny,unet`.
 """
 from lidit_jax import configs
 from lidit_jax.data import shapes
@@ -25,9 +26,9 @@ HF_TOWERS = {"llama": "checkpoints/tiny/llama-orbax", "qwen2": "checkpoints/tiny
 
 def get_config(variant: str = ""):
   variants = {v.strip() for v in variant.split(",") if v.strip()}
-  unknown = variants - {"tiny", "hf"}
+  unknown = variants - {"tiny", "hf", "unet"}
   if unknown:
-    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny and/or hf")
+    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf and/or unet")
   c = configs.base_config()
   c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both",
                  scan=False)  # 4 blocks: unrolled runs 11 % faster on this CPU (benchmarks/RESULTS.md)
@@ -60,6 +61,21 @@ def get_config(variant: str = ""):
     c.train.update(num_steps=6, batch_size=4, log_every=2, checkpoint_every=3, sample_every=6)
     c.sample.update(steps=3, num_images=2)
     c.eval.update(num_prompts=4, steps=3, batch_size=4, probe_pairs=2)
+  if "unet" in variants:
+    # The SD family on the same data and towers: a small pixel-space U-Net reading plain projected tokens, trained
+    # on v-prediction DDPM with min-SNR weights, sampled with DPM-Solver++ 2M.
+    c.model.family = "unet"
+    c.conditioner.kind = "tokens"
+    cross = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    c.unet.update(block_out_channels=(32, 64, 64), down_block_types=cross,
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                  num_heads=4, cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True)
+    c.objective.kind = "ddpm"
+    c.ddpm.update(prediction_type="v_prediction", snr_gamma=5.0, timestep_spacing="trailing", steps_offset=0)
+    c.sample.sampler = "dpmpp_2m"
+    if "tiny" in variants:
+      c.unet.update(block_out_channels=(16, 32), down_block_types=cross[1:], up_block_types=("UpBlock2D",
+                    "CrossAttnUpBlock2D"), num_heads=2, cross_attention_dim=32, norm_num_groups=8)
   if "hf" in variants:  # architecture, tokenizer and vocabulary come from the checkpoints
     c.text.use = ",".join(HF_TOWERS)
     c.text.towers = {name: configs.tower(init=path, max_length=56) for name, path in HF_TOWERS.items()}

@@ -65,6 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
                                     # cudnn, splash
                  refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative",
                               rope=False))  # rope: rotary word positions in the token refiners (not in the paper)
+  # model.family=unet: the SD U-Net (diffusers' UNet2DConditionModel fields; per-block ones as tuples or one value)
+  c.unet = dict(block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
+                num_heads=8, transformer_layers_per_block=1, cross_attention_dim=768, norm_num_groups=32,
+                use_linear_projection=False)
   # tower features -> the denoiser's context (lidit_jax/conditioners): LI-DiT's "refiners" (options in
   # model.refiner) or plain "tokens" (each tower projected to the width)
   c.conditioner = dict(kind="refiners")
@@ -183,11 +189,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if ae.kind == "identity" and (ae.factor != 1 or ae.channels != 3):
     fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
           "set --config.autoencoder.factor=1 --config.autoencoder.channels=3")
-  unit = m.patch_size * ae.factor
-  if c.data.image_size % unit:
-    fail("data.image_size", c.data.image_size,
-          f"not divisible by patch_size x autoencoder factor = {m.patch_size} x {ae.factor} = {unit}",
-          f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(c.data.image_size / unit))}")
   one_of("data.source", c.data.source, {"shapes", "tfds", "features"})
   if c.data.source in ("tfds", "features") and not (c.data.name and c.data.data_dir):
     fail("data.name/data_dir", (c.data.name, c.data.data_dir), f"data.source={c.data.source!r} needs both",

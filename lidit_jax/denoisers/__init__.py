@@ -22,7 +22,7 @@ from types import ModuleType
 
 from lidit_jax.config_checks import ConfigError
 
-FAMILIES = {"lidit": "lidit_jax.denoisers.lidit"}
+FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet"}
 
 
 def family(config) -> ModuleType:

@@ -111,5 +111,10 @@ def validate(config, towers: Sequence[str]) -> None:
          f"use a width that is a multiple of {m.num_heads}, e.g. {m.num_heads * max(1, round(m.width / m.num_heads))}")
   one_of("model.pos_embed", m.pos_embed, {"resblock", "sincos", "both"})
   one_of("model.modulation", m.modulation, {"block", "single"})
+  unit = m.patch_size * config.autoencoder.factor
+  if config.data.image_size % unit:
+    fail("data.image_size", config.data.image_size,
+         f"not divisible by patch_size x autoencoder factor = {m.patch_size} x {config.autoencoder.factor} = {unit}",
+         f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(config.data.image_size / unit))}")
   if m.pos_embed in ("sincos", "both") and m.width % 4:
     fail("model.width", m.width, "sin-cos positions need a width divisible by 4", "round the width to a multiple of 4")

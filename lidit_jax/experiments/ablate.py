@@ -43,16 +43,32 @@ def variant_config(base: str, name: str, seed: int, steps: int):
   return configs.validate(c)
 
 
+def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+  """Keys whose value differs between a finished run's config and the study's. Sections and fields the code
+  added since (absent from the saved run) do not count: they hold defaults the run did not read."""
+  out = []
+  for key, value in saved.items():
+    name = prefix + key
+    if key not in now:
+      out.append(name)
+    elif isinstance(value, dict) and isinstance(now[key], dict):
+      out += config_differences(value, now[key], name + ".")
+    elif value != now[key]:
+      out.append(name)
+  return out
+
+
 def run_one(config, workdir: str, num_prompts: int, keep_checkpoints: bool = False) -> dict:
   from lidit_jax import evaluate, state, train
   path = os.path.join(workdir, "eval.json")
   if os.path.exists(path):
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
       made_with = json.load(f)
-    if made_with != json.loads(config.to_json_best_effort()):
+    changed = config_differences(made_with, json.loads(config.to_json_best_effort()))
+    if changed:
       from lidit_jax.cli import UserError
-      raise UserError(f"{workdir} holds a finished run of another config (the base config or the study's code "
-                      "changed since). Fix: give a new --out, or delete that directory to re-run it")
+      raise UserError(f"{workdir} holds a finished run of another config ({', '.join(changed[:4])} changed since). "
+                      "Fix: give a new --out, or delete that directory to re-run it")
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   train.train_and_evaluate(config, workdir)

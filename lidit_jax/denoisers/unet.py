@@ -1,0 +1,130 @@
+"""The Stable Diffusion family (`model.family=unet`, options in `unet`): a conditioner's context (plain tokens, SD
+style, by default in its configs; LI-DiT's refiners work too) read by cross-attention in diffusers' U-Net
+(`models/unet.py`). The denoiser family contract is in `denoisers/__init__`.
+
+The contract's time is in [0, 1]; the U-Net's embedder takes diffusers' timesteps, so it is scaled by
+`ddpm.num_train_timesteps` (1000: SD's). FLOPs come from XLA's count of the lowered U-Net (one example, nothing
+compiled): its convolutions are not worth a hand count.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lidit_jax import conditioners
+from lidit_jax.config_checks import fail
+from lidit_jax.models import layers
+from lidit_jax.models import unet as unet_lib
+
+Dtype = Any
+
+
+class SDUNet(nn.Module):
+  """The U-Net reading a conditioner's context; `drop_B` swaps in the learned null context (CFG)."""
+  unet: unet_lib.UNetConfig
+  conditioner: nn.Module
+  time_scale: float = 1000.0
+  dtype: Dtype = jnp.float32
+  attention: str | None = None
+
+  @nn.compact
+  def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
+    width = self.unet.cross_attention_dim
+    # The conditioner's timestep embedding (LI-DiT's refiners read it; plain tokens ignore it and its weights)
+    t_emb = layers.TimestepEmbedder(width, dtype=self.dtype, name="t_embedder")(t_B)
+    ctx, ctx_valid = self.conditioner(feats, valids, prompts, t_emb)
+    if drop_B is not None:
+      null = self.param("null_context", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
+                        ctx.shape[1:], jnp.float32).astype(ctx.dtype)
+      ctx = jnp.where(drop_B[:, None, None], null[None], ctx)
+      ctx_valid = jnp.where(drop_B[:, None], True, ctx_valid)
+    net = unet_lib.UNet2DConditionModel(self.unet, self.dtype, self.attention, name="denoiser")
+    return net(x_BHWC, t_B * self.time_scale, ctx, ctx_valid)
+
+
+def unet_config(config) -> unet_lib.UNetConfig:
+  u = config.unet
+  n = len(u.block_out_channels)
+  per_block = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+  return unet_lib.UNetConfig(
+      in_channels=config.autoencoder.channels, out_channels=config.autoencoder.channels,
+      block_out_channels=tuple(u.block_out_channels), down_block_types=tuple(u.down_block_types),
+      up_block_types=tuple(u.up_block_types), layers_per_block=u.layers_per_block,
+      num_heads=per_block(u.num_heads), transformer_layers_per_block=per_block(u.transformer_layers_per_block),
+      cross_attention_dim=u.cross_attention_dim, norm_num_groups=u.norm_num_groups,
+      use_linear_projection=u.use_linear_projection, sample_size=config.data.image_size // config.autoencoder.factor)
+
+
+def build(config, attention: str) -> SDUNet:
+  cfg = unet_config(config)
+  cond = conditioners.conditioner(config).build(config, cfg.cross_attention_dim)
+  return SDUNet(cfg, cond, float(config.ddpm.num_train_timesteps), jnp.dtype(config.model.dtype), attention)
+
+
+def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
+  from lidit_jax.denoisers import lidit
+  return lidit.abstract_inputs(batch, latent_hwc, text_shapes)  # the same call signature
+
+
+def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
+  """{"unet": XLA's forward FLOPs of one example, "conditioner": the conditioner's own count}."""
+  cfg = unet_config(config)
+  module = unet_lib.UNet2DConditionModel(cfg)
+  s = sum(shape[0] for shape in text_shapes)
+  sds = jax.ShapeDtypeStruct
+  args = (sds((1, *latent_hwc), jnp.float32), sds((1,), jnp.float32), sds((1, s, cfg.cross_attention_dim), jnp.float32))
+  params = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)["params"]
+  lowered = jax.jit(lambda p, *a: module.apply({"params": p}, *a)).lower(params, *args)
+  return {"unet": float(lowered.cost_analysis()["flops"]),
+          "conditioner": conditioners.conditioner(config).flops_per_example(config, text_shapes, cfg.cross_attention_dim)}
+
+
+def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]],
+                     tensor: int, itemsize: int) -> int:
+  """Rough bytes kept for the backward pass (no remat): per resnet about 6 feature maps, per transformer layer
+  about 12 token maps plus the self- and cross-attention probabilities, at each block's resolution."""
+  cfg = unet_config(config)
+  h, w, _ = latent_hwc
+  s = sum(shape[0] for shape in text_shapes)
+  total = 0
+  for i, width in enumerate(cfg.block_out_channels):
+    tokens = (h >> i) * (w >> i)
+    resnets = 2 * cfg.layers_per_block + 1 + (2 if i == len(cfg.block_out_channels) - 1 else 0)  # down + up (+ mid)
+    attn_layers = cfg.transformer_layers_per_block[i] * (
+        ("CrossAttnDownBlock2D" == cfg.down_block_types[i]) * cfg.layers_per_block
+        + ("CrossAttnUpBlock2D" == cfg.up_block_types[::-1][i]) * (cfg.layers_per_block + 1)
+        + (i == len(cfg.block_out_channels) - 1))
+    total += resnets * 6 * tokens * width / tensor
+    total += attn_layers * (12 * tokens * width / tensor + cfg.num_heads[i] / tensor * tokens * (tokens + s))
+  return int(batch * total * itemsize)
+
+
+def param_groups(params) -> dict:
+  rest = {k: v for k, v in params.items() if k not in ("denoiser", "conditioner")}
+  return {"denoiser (U-Net)": params["denoiser"], "conditioner": params["conditioner"], "embeddings": rest}
+
+
+def validate(config, towers: Sequence[str]) -> None:
+  """The `unet` section's checks, each a ConfigError naming value and fix."""
+  try:
+    cfg = unet_config(config)
+  except ValueError as e:
+    fail("unet.block_out_channels", tuple(config.unet.block_out_channels), str(e).split(". Fix")[0],
+         "give every per-block field (block types, num_heads, transformer_layers_per_block) one entry per block")
+  bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
+  if bad:
+    fail("unet.block_out_channels", cfg.block_out_channels, f"{bad} not divisible by unet.norm_num_groups="
+         f"{cfg.norm_num_groups}", "use multiples of it")
+  for width, heads in zip(cfg.block_out_channels, cfg.num_heads):
+    if width % heads:
+      fail("unet.num_heads", cfg.num_heads, f"{heads} heads do not divide a block width of {width}",
+           "pick head counts that divide each block's width")
+  unit = 2 ** (len(cfg.block_out_channels) - 1) * config.autoencoder.factor
+  if config.data.image_size % unit:
+    fail("data.image_size", config.data.image_size, f"the U-Net halves it {len(cfg.block_out_channels) - 1} times "
+         f"(x autoencoder factor {config.autoencoder.factor})", f"use a multiple of {unit}")
+  if config.model.remat != "none":
+    fail("model.remat", config.model.remat, "the U-Net family has no remat policy yet", "use model.remat=none")
