@@ -15,10 +15,12 @@ import importlib
 from types import ModuleType
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lidit_jax.config_checks import ConfigError
+from lidit_jax.models import layers
 
 CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens"}
 
@@ -36,3 +38,13 @@ def context_valid(valids: Sequence[jax.Array], prompts: Sequence[jax.Array], dro
   shapes are static: the instruction is masked, never sliced away)."""
   keep = [v.astype(bool) & pm.astype(bool) if drop_instruction else v.astype(bool) for v, pm in zip(valids, prompts)]
   return jnp.concatenate(keep, axis=1)
+
+
+def null_context(module, ctx_BSD, ctx_valid_BS, drop_B):
+  """Classifier-free guidance's unconditional context: where `drop_B`, the context becomes the learned
+  `null_context` parameter of `module` (a family's root, so every family's checkpoints name it alike), all valid."""
+  if drop_B is None:
+    return ctx_BSD, ctx_valid_BS
+  null = module.param("null_context", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
+                      ctx_BSD.shape[1:], jnp.float32).astype(ctx_BSD.dtype)
+  return (jnp.where(drop_B[:, None, None], null[None], ctx_BSD), jnp.where(drop_B[:, None], True, ctx_valid_BS))

@@ -31,12 +31,7 @@ class LIDiT(nn.Module):
     """Velocity prediction. `drop_B` (bool) replaces an example's text by the learned null context (CFG)."""
     t_emb = layers.TimestepEmbedder(self.dit.width, dtype=self.dtype, name="t_embedder")(t_B)
     ctx, ctx_valid = self.conditioner(feats, valids, prompts, t_emb)
-    if drop_B is not None:
-      null = self.param("null_context", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
-                        ctx.shape[1:], jnp.float32).astype(ctx.dtype)
-      d = drop_B[:, None]
-      ctx = jnp.where(d[..., None], null[None], ctx)
-      ctx_valid = jnp.where(d, True, ctx_valid)
+    ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B)
     pooled = layers.masked_mean(ctx, ctx_valid)
     return dit_lib.DiT(self.dit, self.dtype, name="denoiser")(x_BHWC, t_emb, pooled, ctx, ctx_valid)
 

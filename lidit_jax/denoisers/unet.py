@@ -36,11 +36,7 @@ class SDUNet(nn.Module):
     # The conditioner's timestep embedding (LI-DiT's refiners read it; plain tokens ignore it and its weights)
     t_emb = layers.TimestepEmbedder(width, dtype=self.dtype, name="t_embedder")(t_B)
     ctx, ctx_valid = self.conditioner(feats, valids, prompts, t_emb)
-    if drop_B is not None:
-      null = self.param("null_context", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
-                        ctx.shape[1:], jnp.float32).astype(ctx.dtype)
-      ctx = jnp.where(drop_B[:, None, None], null[None], ctx)
-      ctx_valid = jnp.where(drop_B[:, None], True, ctx_valid)
+    ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B)
     net = unet_lib.UNet2DConditionModel(self.unet, self.dtype, self.attention, name="denoiser")
     return net(x_BHWC, t_B * self.time_scale, ctx, ctx_valid)
 
