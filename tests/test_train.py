@@ -87,6 +87,27 @@ def test_sample_and_evaluate_from_the_checkpoint(trained):
   assert np.abs(unshifted[0].astype(int) - again[0].astype(int)).max() > 0
 
 
+def test_pipeline_from_the_workdir(trained):
+  """Pipeline.from_pretrained(workdir) reads the run's own config.json and gives the sampler's images."""
+  from lidit_jax import model as model_lib
+  from lidit_jax.pipeline import Pipeline
+  config, workdir = trained
+  pipe = Pipeline.from_pretrained(workdir)
+  prompts = ["a red circle", "a blue square above a green triangle", "a green triangle"]
+  noise = np.random.default_rng(0).standard_normal((3, *model_lib.latent_shape(config))).astype(np.float32)
+  got = pipe(prompts, num_steps=2, guidance=2.0, latents=noise, batch_size=2)
+  s, params, _ = state_lib.restore_for_inference(config, workdir)
+  want = sample.make_generator(s, 2, 2.0, config.sample.sampler)(params, s.frozen, s.text_for(prompts), noise)
+  assert got.shape == (3, 32, 32, 3) and got.dtype == np.float32
+  np.testing.assert_allclose(got, (np.asarray(want) + 1) / 2, atol=1e-5)
+  one, two = (pipe(prompts[:1], num_steps=2, guidance=2.0, seed=k) for k in (1, 2))  # noise from the seed
+  assert np.abs(one - two).max() > 1e-3
+  with pytest.raises(ValueError, match="negative_prompt"):
+    pipe(prompts, negative_prompt="blue")
+  with pytest.raises(ValueError, match="trained at 32 x 32"):
+    pipe(prompts, height=64, width=64)
+
+
 def test_sampler_sweep_on_the_checkpoint(trained, tmp_path):
   from benchmarks import sampler_sweep
   config, workdir = trained

@@ -6,6 +6,8 @@ Stable Diffusion's text_encoder) or a full CLIPModel save ("text_model." prefix,
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 
 from lidit_jax.convert.registry import token_abstract_params as abstract_params  # noqa: F401
@@ -47,7 +49,13 @@ def config_from_hf(hf: dict) -> Config:
                      "supported: ['absolute'] (learned positions 0..L-1).")
   return Config(vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_layers=get("num_hidden_layers"),
                 num_heads=get("num_attention_heads"), intermediate_size=get("intermediate_size"),
-                max_positions=get("max_position_embeddings"), hidden_act=act, eps=float(get("layer_norm_eps")))
+                max_positions=get("max_position_embeddings"), hidden_act=act, eps=float(get("layer_norm_eps")),
+                projection_dim=hf.get("projection_dim") or 0, eos_token_id=hf.get("eos_token_id", 2))
+
+
+def with_head(cfg: Config, projection: bool) -> Config:
+  """The config that also reads the final LayerNorm and, with `projection`, the text projection (SD pipelines)."""
+  return dataclasses.replace(cfg, head=True, projection_dim=cfg.projection_dim if projection else 0)
 
 
 def make_module(cfg: Config, dtype) -> nn.Module:
@@ -72,6 +80,11 @@ def plan(cfg: Config) -> dict[tuple[str, ...], Source]:
     p[("layers", "attn", ours, "bias")] = layer(f"self_attn.{theirs}.bias", heads_bias(h))
   p[("layers", "attn", "out", "kernel")] = layer("self_attn.out_proj.weight", heads_out(h))
   p[("layers", "attn", "out", "bias")] = layer("self_attn.out_proj.bias")
+  if cfg.head:
+    p[("final_layer_norm", "scale")] = Source.one("final_layer_norm.weight")
+    p[("final_layer_norm", "bias")] = Source.one("final_layer_norm.bias")
+  if cfg.head and cfg.projection_dim:  # at the root of CLIPTextModelWithProjection, outside text_model.
+    p[("text_projection", "kernel")] = Source.one("text_projection.weight", linear)
   for fc in ("fc1", "fc2"):
     p[("layers", fc, "kernel")] = layer(f"mlp.{fc}.weight", linear)
     p[("layers", fc, "bias")] = layer(f"mlp.{fc}.bias")

@@ -103,11 +103,13 @@ class Conversion:
   resolved: dict  # param path -> checkpoint keys, from check_plan
 
   @classmethod
-  def prepare(cls, path: str, dtype=jnp.float32, allow_pickle: bool = False) -> "Conversion":
-    """Reads config.json and the tensor index only; every missing or mis-shaped tensor is reported here."""
+  def prepare(cls, path: str, dtype=jnp.float32, allow_pickle: bool = False, adapt=None) -> "Conversion":
+    """Reads config.json and the tensor index only; every missing or mis-shaped tensor is reported here.
+    `adapt(cfg) -> cfg` asks for more than a tower reads (CLIP's head, for SD pipelines)."""
     hf = read_hf_config(path)
     fam = family_for(hf, os.path.join(path, "config.json"))
     cfg = fam.config_from_hf(hf)
+    cfg = adapt(cfg) if adapt else cfg
     module = fam.make_module(cfg, dtype)
     files = io.CheckpointFiles(path, allow_pickle=allow_pickle)
     files.find_prefix(fam.ANCHORS)
@@ -133,15 +135,16 @@ class Conversion:
 
 
 def convert_hf_dir(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_pickle: bool = False,
-                   progress: bool = False):
+                   progress: bool = False, adapt=None):
   """(family, cfg, module, params, unused keys) straight from a Hugging Face directory."""
-  conv = Conversion.prepare(path, dtype, allow_pickle)
+  conv = Conversion.prepare(path, dtype, allow_pickle, adapt)
   params = conv.run(dtype, mesh, rules, progress)
   return conv.fam, conv.cfg, conv.module, params, conv.unused()
 
 
-def load_hf_text_model(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_pickle: bool = False):
-  """(module, params) from a Hugging Face directory or a converted one; see the module docstring."""
+def load_hf_text_model(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_pickle: bool = False, adapt=None):
+  """(module, params) from a Hugging Face directory or a converted one (which holds what its conversion
+  was asked for: `adapt` applies to Hugging Face directories); see the module docstring."""
   path = os.path.expanduser(os.fspath(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"text model path {path!r} is not a directory. Fix: point it at a local Hugging Face "
@@ -149,5 +152,5 @@ def load_hf_text_model(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_
   if _converted_text(path):
     from lidit_jax.convert import orbax_io
     return orbax_io.load_converted(path, dtype, mesh, rules)
-  _, _, module, params, _ = convert_hf_dir(path, dtype, mesh, rules, allow_pickle)
+  _, _, module, params, _ = convert_hf_dir(path, dtype, mesh, rules, allow_pickle, adapt=adapt)
   return module, params

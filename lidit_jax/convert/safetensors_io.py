@@ -188,9 +188,12 @@ class CheckpointFiles:
                    f"(first few: {self.keys()[:5]}). Is this the right kind of model?")
 
   def resolve(self, key: Key) -> str | None:
-    for k in (key,) if isinstance(key, str) else key:
-      if self.prefix + k in self.key_to_file:
-        return self.prefix + k
+    """The stored key: under the prefix, else at the root (a head beside the prefixed model, as
+    CLIPTextModelWithProjection keeps text_projection beside text_model.)."""
+    keys = (key,) if isinstance(key, str) else key
+    for k in [self.prefix + k for k in keys] + list(keys):
+      if k in self.key_to_file:
+        return k
     return None
 
   def _entries(self, path: str) -> dict:

@@ -3,8 +3,11 @@ causal + padding self-attention with biases, fc1/fc2 MLP with quick-GELU or GELU
 
 `__call__` returns every hidden state, stacked [num_layers + 1, B, L, D], in Hugging Face's convention:
 index 0 is the embedding output, index i the output of block i. Unlike the decoder towers, no entry
-has the final LayerNorm applied (the reference applies it only to `last_hidden_state`), so the tower
-has no final norm at all. Blocks are scanned; per-block weights stack on a leading `layers` axis.
+has the final LayerNorm applied (the reference applies it only to `last_hidden_state`), so a tower
+has no final norm. Stable Diffusion reads what a tower does not: with `cfg.head` the module also holds
+the final LayerNorm (and the text projection when `cfg.projection_dim`, SDXL's second encoder) and returns
+(hidden states, last_hidden_state, pooled: the end-of-text token's normed state, projected).
+Blocks are scanned; per-block weights stack on a leading `layers` axis.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ class CLIPTextConfig:
   max_positions: int = 77
   hidden_act: str = "quick_gelu"
   eps: float = 1e-5
+  head: bool = False  # final LayerNorm + pooled output (+ projection): what SD pipelines read
+  projection_dim: int = 0  # CLIPTextModelWithProjection's text_projection (no bias); 0: none
+  eos_token_id: int = 2  # pooling: 2 (old configs) pools at the largest id, any other at its first occurrence
 
   def __post_init__(self):
     if self.hidden_act not in ACTIVATIONS:
@@ -91,4 +97,13 @@ class CLIPTextTower(nn.Module):
                      in_axes=nn.broadcast, length=c.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
     _, per_layer = blocks(c, self.dtype, name="layers")(x, mask)
-    return jnp.concatenate([x[None], per_layer], axis=0)
+    hidden = jnp.concatenate([x[None], per_layer], axis=0)
+    if not c.head:
+      return hidden
+    last = _layer_norm(c.eps, self.dtype, "final_layer_norm")(hidden[-1])
+    where = input_ids_BL if c.eos_token_id == 2 else (input_ids_BL == c.eos_token_id).astype(jnp.int32)
+    pooled = jnp.take_along_axis(last, jnp.argmax(where, axis=-1)[:, None, None], axis=1)[:, 0]
+    if c.projection_dim:
+      pooled = layers.Dense(c.projection_dim, ("embed", "mlp"), use_bias=False, dtype=self.dtype,
+                            name="text_projection")(pooled)
+    return hidden, last, pooled

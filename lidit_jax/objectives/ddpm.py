@@ -12,6 +12,7 @@ computed once on the host (numpy, as the schedulers do); the loop runs under jit
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Callable
@@ -302,16 +303,40 @@ class DDPM:
     return jax.lax.fori_loop(0, k, body, (x, jnp.zeros_like(x)))[0]
 
 
+_COMMON_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                       prediction_type="epsilon", steps_offset=0, rescale_betas_zero_snr=False)
+# Each diffusers scheduler class's constructor defaults, where they differ: what a config field that was never
+# set explicitly means (diffusers' `from_config` drops the fields a config lists in `_use_default_values`).
+CLASS_DEFAULTS = {
+    "ddim": dict(_COMMON_DEFAULTS, timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True,
+                 clip_sample_range=1.0),
+    "pndm": dict(_COMMON_DEFAULTS, timestep_spacing="leading", set_alpha_to_one=False),
+    "euler": dict(_COMMON_DEFAULTS, timestep_spacing="linspace", use_karras_sigmas=False),
+    "euler_ancestral": dict(_COMMON_DEFAULTS, timestep_spacing="linspace"),
+    "dpmpp_2m": dict(_COMMON_DEFAULTS, timestep_spacing="linspace", use_karras_sigmas=False),
+}
+_SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                   "timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range",
+                   "rescale_betas_zero_snr", "use_karras_sigmas")
+
+
 def from_scheduler_config(d: dict) -> tuple[dict, str]:
-  """A diffusers scheduler_config.json -> (the `ddpm` section's values it sets, the sampler it names)."""
+  """A diffusers scheduler_config.json -> (the values it sets explicitly, the sampler it names)."""
   sampler = SCHEDULER_CLASSES.get(d.get("_class_name", ""))
   if sampler is None:
     raise ValueError(f"scheduler {d.get('_class_name')!r} has no sampler here. Fix: use one of "
                      f"{sorted(SCHEDULER_CLASSES)} (or pass scheduler=...)")
-  keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "timestep_spacing",
-          "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range", "rescale_betas_zero_snr",
-          "use_karras_sigmas")
-  return {k: d[k] for k in keys if d.get(k) is not None}, sampler
+  implicit = set(d.get("_use_default_values") or ())
+  return {k: d[k] for k in _SCHEDULER_KEYS if d.get(k) is not None and k not in implicit}, sampler
+
+
+def scheduler_section(values: dict, sampler: str, base):
+  """The `ddpm` section (a copy of `base`) that samples as diffusers' class for `sampler` built from a config
+  holding `values` (`OtherScheduler.from_config(scheduler.config)`): the class's defaults, then the values."""
+  section = copy.deepcopy(base)
+  for k, v in {**CLASS_DEFAULTS[sampler], **values}.items():
+    section[k] = float(v) if isinstance(section[k], float) else v
+  return section
 
 
 def validate(config) -> None:

@@ -1,0 +1,322 @@
+"""The Python entry: a model in, images out.
+
+  from lidit_jax.pipeline import Pipeline
+  pipe = Pipeline.from_pretrained("stable-diffusion-v1-5")      # a diffusers pipeline folder (SD 1.x / 2.x / XL)
+  pipe = Pipeline.from_pretrained("runs/shapes")                # a training workdir of any family
+  images = pipe(["a red circle"], num_steps=25, guidance=7.5, seed=0)   # numpy float32 [B, H, W, 3] in [0, 1]
+
+`latents` is the initial noise NHWC as diffusers' pipelines take it (before the scheduler's init_noise_sigma),
+so the same noise gives the same images in both. Without it, image i of a call draws its noise from
+(seed, i). Prompts run in batches of `batch_size` (the last one padded: one compiled shape), jitted once per
+(shape, steps, guidance, scheduler) and sharded over every device along the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lidit_jax import objectives
+from lidit_jax.cli import NotFound
+from lidit_jax.objectives import guidance as guidance_lib
+
+
+def _as_list(prompts, n: int | None = None, what: str = "prompts") -> list[str]:
+  out = [prompts] if isinstance(prompts, str) else list(prompts)
+  if n is not None and len(out) == 1 and n > 1:
+    out = out * n
+  if n is not None and len(out) != n:
+    raise ValueError(f"{what}: {len(out)} given for {n} prompts. Fix: give one, or one per prompt")
+  return out
+
+
+class Pipeline:
+  """Prompts -> images for one model (`backend`: the model's text side, denoiser and decoder)."""
+
+  def __init__(self, backend):
+    self.backend = backend
+    self._compiled: dict = {}
+    devices = jax.devices()
+    self.mesh = Mesh(np.asarray(devices), ("data",))
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype=jnp.float32) -> "Pipeline":
+    """A diffusers pipeline folder (model_index.json) or a training workdir (config.json + checkpoints/)."""
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+      return cls(StableDiffusion.load(path, dtype))
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+      return cls(Workdir.load(path, dtype))
+    raise NotFound(f"{path!r} is neither a diffusers pipeline folder (model_index.json) nor a training workdir "
+                   "(config.json + checkpoints/). Fix: point at one of them")
+
+  @property
+  def defaults(self) -> dict:
+    return self.backend.defaults
+
+  def __call__(self, prompts: str | Sequence[str], num_steps: int | None = None, guidance: float | None = None,
+               negative_prompt: str | Sequence[str] | None = None, seed: int = 0, latents=None,
+               height: int | None = None, width: int | None = None, scheduler: str | dict | None = None,
+               batch_size: int = 8) -> np.ndarray:
+    prompts = _as_list(prompts)
+    if not prompts:
+      raise ValueError("prompts: none given. Fix: pass a prompt or a list of prompts")
+    b = self.backend
+    negatives = None if negative_prompt is None else _as_list(negative_prompt, len(prompts), "negative_prompt")
+    steps = int(num_steps or b.defaults["num_steps"])
+    scale = float(b.defaults["guidance"] if guidance is None else guidance)
+    height, width = height or b.defaults["height"], width or b.defaults["width"]
+    objective, sampler = b.scheduler(scheduler)
+    shape = b.latent_shape(height, width)
+    if latents is not None:
+      latents = np.asarray(latents, np.float32)
+      if latents.shape != (len(prompts), *shape):
+        raise ValueError(f"latents: shape {latents.shape}, expected {(len(prompts), *shape)} (NHWC, one per "
+                         f"prompt, {height} x {width} px). Fix: draw them in that shape")
+    # the scheduler argument determines the objective (the backend's mapping is fixed)
+    key = (min(len(prompts), batch_size), shape, steps, scale, sampler, json.dumps(scheduler, sort_keys=True))
+    if key not in self._compiled:
+      self._compiled[key] = self._compile(objective, sampler, steps, scale)
+    run, n = self._compiled[key], key[0]
+    out = []
+    for start in range(0, len(prompts), n):
+      idx = list(range(start, min(start + n, len(prompts))))
+      pad = idx + [idx[-1]] * (n - len(idx))  # keep one compiled shape
+      noise = (latents[pad] if latents is not None else
+               np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), shape))
+                         for i in pad]))
+      text = b.text([prompts[i] for i in pad], None if negatives is None else [negatives[i] for i in pad],
+                    scale > 1.0, (height, width))
+      rng = jax.random.fold_in(jax.random.key(seed), 1_000_003 + start)  # ancestral samplers' fresh noise
+      images = run(b.params, *self._place(text, noise), rng)
+      out.append(np.asarray(images, np.float32)[:len(idx)])
+    return np.concatenate(out)
+
+  def _place(self, text, noise):
+    """Host inputs as global arrays, split along the batch over the devices when it divides."""
+    n = noise.shape[0]
+    spec = P("data") if n % self.mesh.size == 0 else P()
+    put = lambda x: jax.device_put(np.asarray(x), NamedSharding(self.mesh, spec))
+    return jax.tree.map(put, text), put(noise)
+
+  def _compile(self, objective, sampler: str, steps: int, scale: float):
+    b = self.backend
+
+    def generate(params, text, noise, rng):
+      predict = b.predictor(params, text, noise.shape[0], scale > 1.0)
+      net = guidance_lib.guided(predict, scale) if scale > 1.0 else (lambda x, t: predict(x, t)[0])
+      final = objective.sample(net, noise, steps, sampler, rng)
+      return jnp.clip(b.decode(params, final).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jax.jit(generate, out_shardings=NamedSharding(self.mesh, P()))
+
+
+def _twice(x):
+  return jnp.concatenate([x, x])
+
+
+# ---- Stable Diffusion: a diffusers pipeline folder ----
+
+@dataclasses.dataclass
+class _Encoder:
+  tokenizer: Any
+  module: Any
+  name: str  # the params key
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """SD 1.x / 2.x (one CLIP encoder, its normed last state) or SDXL (two encoders' penultimate states side by
+  side, the second's projected pooled output and time ids), with diffusers' prompt handling: CLIP tokens padded
+  to their maximum length, no padding mask, the empty negative prompt by default (zeros instead with SDXL's
+  force_zeros_for_empty_prompt)."""
+  path: str
+  unet: Any
+  vae: Any  # autoencoder.VAE
+  encoders: list
+  params: dict
+  scheduler_values: dict
+  default_sampler: str
+  force_zeros: bool
+  defaults: dict
+
+  @classmethod
+  def load(cls, path: str, dtype) -> "StableDiffusion":
+    from lidit_jax import autoencoder, prompt
+    from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text
+    from lidit_jax.objectives import ddpm
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+      index = json.load(f)
+    unet, unet_params = diffusers_unet.load_unet(os.path.join(path, "unet"), dtype)
+    vae_module, vae_params = diffusers_vae.load_vae(os.path.join(path, "vae"), dtype)
+    params = {"unet": unet_params, "vae": vae_params}
+    encoders = []
+    for suffix in ("", "_2"):
+      entry = index.get("text_encoder" + suffix)
+      if not entry or entry[0] is None:
+        continue
+      projection = entry[1] == "CLIPTextModelWithProjection"
+      module, p = hf_text.load_hf_text_model(os.path.join(path, "text_encoder" + suffix), dtype,
+                                             adapt=lambda c, w=projection: hf_clip.with_head(c, w))
+      params["text_encoder" + suffix] = p
+      encoders.append(_Encoder(prompt.load_tokenizer(os.path.join(path, "tokenizer" + suffix)), module,
+                               "text_encoder" + suffix))
+    if not encoders:
+      raise NotFound(f"{path}/model_index.json names no text_encoder. Fix: use a full text-to-image pipeline folder")
+    with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+      values, sampler = ddpm.from_scheduler_config(json.load(f))
+    factor = 2 ** (len(vae_module.cfg.block_out_channels) - 1)
+    size = unet.cfg.sample_size * factor
+    default_steps = 50
+    return cls(path, unet, autoencoder.VAE(vae_module), encoders, params, values, sampler,
+               bool(index.get("force_zeros_for_empty_prompt", False)),
+               dict(num_steps=default_steps, guidance=7.5 if len(encoders) == 1 else 5.0, height=size, width=size))
+
+  @property
+  def xl(self) -> bool:
+    return self.unet.cfg.addition_embed_type == "text_time"
+
+  def scheduler(self, scheduler):
+    """(objective, sampler): the folder's scheduler, another sampler name on its config (as diffusers'
+    `OtherScheduler.from_config(pipe.scheduler.config)`), or a diffusers scheduler config dict."""
+    from lidit_jax import configs
+    from lidit_jax.objectives import ddpm
+    values, sampler = dict(self.scheduler_values), self.default_sampler
+    if isinstance(scheduler, dict):
+      values, sampler = ddpm.from_scheduler_config(scheduler)
+    elif scheduler is not None:
+      if scheduler not in ddpm.SAMPLERS:
+        raise ValueError(f"scheduler={scheduler!r} is not a sampler here. Fix: use one of {ddpm.SAMPLERS} or a "
+                         "diffusers scheduler config dict")
+      sampler = scheduler
+    section = ddpm.scheduler_section(values, sampler, configs.base_config().ddpm)
+    return ddpm.DDPM(section), sampler
+
+  def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    f = self.vae.factor
+    if height % (8 * f) or width % (8 * f):  # diffusers' pipelines ask for multiples of 8 latent pixels
+      raise ValueError(f"height x width {height} x {width} must be multiples of {8 * f}. Fix: round them")
+    return (height // f, width // f, self.unet.cfg.in_channels)
+
+  def _tokens(self, enc: _Encoder, prompts: list[str]) -> np.ndarray:
+    tok = enc.tokenizer
+    return np.asarray(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="np")["input_ids"], np.int32)
+
+  def text(self, prompts, negatives, guided: bool, size) -> dict:
+    n = len(prompts)
+    out = {"cond": [self._tokens(e, prompts) for e in self.encoders]}
+    zeros = self.xl and negatives is None and self.force_zeros
+    if guided and not zeros:
+      out["uncond"] = [self._tokens(e, negatives or [""] * n) for e in self.encoders]
+    if self.xl:  # original size, crop top-left, target size: the generated size, uncropped
+      h, w = size
+      out["time_ids"] = np.tile(np.asarray([[h, w, 0, 0, h, w]], np.float32), (n, 1))
+    return out
+
+  def _encode(self, params, ids_list):
+    """(prompt embeds [B, 77, D], pooled or None) as the diffusers pipeline of this kind computes them."""
+    states, pooled = [], None
+    for enc, ids in zip(self.encoders, ids_list):
+      hidden, last, pool = enc.module.apply({"params": params[enc.name]}, ids, jnp.ones_like(ids))
+      states.append(hidden[-2] if self.xl else last)
+      pooled = pool
+    return jnp.concatenate(states, axis=-1), pooled
+
+  def predictor(self, params, text, b: int, guided: bool):
+    """(x, t in [0, 1]) -> (cond, uncond) U-Net outputs (uncond None unguided), one batched evaluation."""
+    ctx, pooled = self._encode(params, text["cond"])
+    extra = {}
+    if guided:
+      if "uncond" in text:
+        nctx, npooled = self._encode(params, text["uncond"])
+      else:  # SDXL's force_zeros_for_empty_prompt
+        nctx, npooled = jnp.zeros_like(ctx), jnp.zeros_like(pooled)
+      ctx = jnp.concatenate([ctx, nctx])
+      if self.xl:
+        pooled = jnp.concatenate([pooled, npooled])
+    if self.xl:
+      extra = dict(text_embeds=pooled, time_ids=_twice(text["time_ids"]) if guided else text["time_ids"])
+    steps = self.scheduler_values.get("num_train_timesteps", 1000)
+
+    def predict(x, t):
+      xs, ts = (_twice(x), _twice(t)) if guided else (x, t)
+      out = self.unet.apply({"params": params["unet"]}, xs, ts * steps, ctx, **extra)
+      return (out[:b], out[b:]) if guided else (out, None)
+    return predict
+
+  def decode(self, params, latents):
+    return self.vae.decode(params["vae"], latents)
+
+
+# ---- a training workdir of any family ----
+
+@dataclasses.dataclass
+class Workdir:
+  """The EMA weights of a workdir's latest checkpoint, through its family's contract (`sample.text_inputs`):
+  guidance mixes the conditional prediction with the learned null context's, so no negative prompt."""
+  setup: Any
+  params: dict
+  step: int
+  defaults: dict
+
+  @classmethod
+  def load(cls, path: str, dtype, config=None) -> "Workdir":
+    import ml_collections
+    from lidit_jax import configs, state as state_lib
+    if config is None:
+      with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = configs.validate(ml_collections.ConfigDict(json.load(f)))
+    if dtype is not None:
+      config.model.dtype = jnp.dtype(dtype).name
+    s, params, step = state_lib.restore_for_inference(config, path)
+    size = config.data.image_size
+    return cls(s, {"model": params, "frozen": s.frozen}, step,
+               dict(num_steps=config.sample.steps, guidance=config.sample.cfg, height=size, width=size))
+
+  def scheduler(self, scheduler):
+    config = self.setup.config
+    sampler = scheduler or config.sample.sampler
+    names = objectives.objective(config).SAMPLERS
+    if sampler not in names:
+      raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
+                       f"Fix: use one of {names}")
+    return objectives.build(config), sampler
+
+  def latent_shape(self, height: int, width: int):
+    from lidit_jax import model as model_lib
+    size = self.setup.config.data.image_size
+    if (height, width) != (size, size):
+      raise ValueError(f"height x width {height} x {width}: this model was trained at {size} x {size} px. "
+                       "Fix: leave them unset")
+    return model_lib.latent_shape(self.setup.config)
+
+  def text(self, prompts, negatives, guided: bool, size):
+    if negatives is not None:
+      raise ValueError("negative_prompt: this model guides with its learned null context, not a negative prompt. "
+                       "Fix: leave it None")
+    return self.setup.text_for(prompts)
+
+  def predictor(self, params, text, b: int, guided: bool):
+    from lidit_jax import sample
+    s = self.setup
+    feats, valids, prompts = sample.text_inputs(s.towers, params["frozen"]["towers"], text)
+    apply = functools.partial(s.model.apply, {"params": params["model"]})
+    if not guided:
+      return lambda x, t: (apply(x, t, feats, valids, prompts, jnp.zeros((b,), bool)), None)
+    two = lambda xs: [_twice(x) for x in xs]
+    drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+
+    def predict(x, t):
+      p = apply(_twice(x), _twice(t), two(feats), two(valids), two(prompts), drop)
+      return p[:b], p[b:]
+    return predict
+
+  def decode(self, params, latents):
+    return self.setup.autoencoder.decode(params["frozen"]["autoencoder"], latents)

@@ -1,0 +1,138 @@
+"""lidit_jax.pipeline.Pipeline against diffusers' own pipelines, image for image from the same initial latents:
+tiny random SD 1.x- and SDXL-style pipeline folders the test builds and saves (U-Net, VAE, CLIP text encoders,
+CLIP tokenizers, scheduler), float32."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lidit_jax.pipeline import Pipeline
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz!"
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+
+
+def _tokenizer(pad: str = "<|endoftext|>"):
+  """A CLIP tokenizer over single letters (no merges): every word is its letters, the last with '</w>'."""
+  vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}
+  for ch in LETTERS:
+    vocab.setdefault(ch, len(vocab))
+    vocab.setdefault(ch + "</w>", len(vocab))
+  return transformers.CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad, model_max_length=77)
+
+
+def _randomise(module, scale=0.2):
+  with torch.no_grad():  # zero-initialised output layers would hide half the network
+    for p in module.parameters():
+      p.copy_(torch.randn_like(p) * scale)
+  return module.eval()
+
+
+def _clip(projection: bool, hidden: int, eos: int = 2):
+  cfg = transformers.CLIPTextConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=2, num_attention_heads=2, projection_dim=12,
+                                    max_position_embeddings=77, bos_token_id=1, eos_token_id=eos, pad_token_id=2)
+  cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+  model = cls(cfg)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.3)
+  return model.eval()
+
+
+def _vae():
+  return _randomise(diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32), 0.1)
+
+
+def sd15(path):
+  torch.manual_seed(0)
+  unet = _randomise(diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+      layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, cross_attention_dim=24), 0.1)
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=_vae(), text_encoder=_clip(False, 24), tokenizer=_tokenizer(), unet=unet,
+      scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  return _saved(pipe, path)
+
+
+def sdxl(path):
+  torch.manual_seed(1)
+  unet = _randomise(diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+      layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+      transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=16 + 20,
+      addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8),
+      0.1)
+  scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               steps_offset=1, timestep_spacing="leading")
+  pipe = diffusers.StableDiffusionXLPipeline(
+      vae=_vae(), text_encoder=_clip(False, 16), text_encoder_2=_clip(True, 20, eos=2),
+      tokenizer=_tokenizer(), tokenizer_2=_tokenizer(pad="!"), unet=unet, scheduler=scheduler,
+      force_zeros_for_empty_prompt=True)
+  return _saved(pipe, path)
+
+
+def _saved(pipe, path):
+  """Saved, and loaded back as a user's diffusers would (a loaded scheduler config holds every field it saved)."""
+  pipe.save_pretrained(path)
+  return type(pipe).from_pretrained(path)
+
+
+def _reference(pipe, prompts, latents_BHWC, **kw):
+  latents = torch.from_numpy(np.ascontiguousarray(latents_BHWC.transpose(0, 3, 1, 2)))
+  with torch.no_grad():
+    return pipe(prompts, latents=latents, output_type="np", **kw).images
+
+
+@pytest.mark.parametrize("build", [sd15, sdxl], ids=["sd15", "sdxl"])
+def test_images_equal_diffusers_pipeline(tmp_path, build):
+  ref = build(tmp_path / "pipe")
+  pipe = Pipeline.from_pretrained(str(tmp_path / "pipe"), dtype=jnp.float32)
+  assert (pipe.defaults["height"], pipe.defaults["width"]) == (16, 16)  # unet sample_size x the VAE's factor
+  prompts = ["a red circle", "blue square on the left"]
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  ours = pipe(prompts, num_steps=4, guidance=6.0, latents=latents)
+  want = _reference(ref, prompts, latents, num_inference_steps=4, guidance_scale=6.0)
+  assert ours.shape == want.shape == (2, 16, 16, 3) and ours.dtype == np.float32
+  assert want.std() > 0.02  # the tiny pipeline makes images with structure (10x the tolerance)
+  np.testing.assert_allclose(ours, want, atol=2e-3)
+  # a negative prompt, another scheduler on the folder's config, guidance off
+  ours = pipe(prompts, num_steps=3, guidance=3.0, latents=latents, negative_prompt="green", scheduler="ddim")
+  ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+  want = _reference(ref, prompts, latents, num_inference_steps=3, guidance_scale=3.0, negative_prompt=["green"] * 2)
+  np.testing.assert_allclose(ours, want, atol=2e-3)
+  ours = pipe(prompts[:1], num_steps=2, guidance=1.0, latents=latents[:1], scheduler="dpmpp_2m")
+  ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
+  want = _reference(ref, prompts[:1], latents[:1], num_inference_steps=2, guidance_scale=1.0)
+  np.testing.assert_allclose(ours, want, atol=2e-3)
+
+
+def test_seeds_batches_and_errors(tmp_path):
+  sd15(tmp_path / "pipe")
+  pipe = Pipeline.from_pretrained(str(tmp_path / "pipe"))
+  prompts = ["a red circle", "a blue square", "green"]
+  whole = pipe(prompts, num_steps=2, seed=3)
+  batched = pipe(prompts, num_steps=2, seed=3, batch_size=2)  # two batches, the last padded
+  np.testing.assert_allclose(batched, whole, atol=1e-5)  # image i's noise depends on (seed, i) only
+  assert np.abs(pipe(prompts[:1], num_steps=2, seed=4) - whole[:1]).max() > 1e-2
+  assert 0.0 <= whole.min() and whole.max() <= 1.0 and whole.std() > 0.05
+  with pytest.raises(ValueError, match="latents: shape"):
+    pipe(prompts, num_steps=2, latents=np.zeros((3, 4, 4, 4), np.float32))
+  with pytest.raises(ValueError, match="scheduler='heun'"):
+    pipe(prompts, num_steps=2, scheduler="heun")
+  with pytest.raises(ValueError, match="negative_prompt: 2 given for 3"):
+    pipe(prompts, num_steps=2, negative_prompt=["x", "y"])
+  with pytest.raises(KeyError, match="neither a diffusers pipeline folder"):
+    Pipeline.from_pretrained(str(tmp_path))
+  assert json.load(open(tmp_path / "pipe" / "model_index.json"))["_class_name"] == "StableDiffusionPipeline"
