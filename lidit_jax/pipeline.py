@@ -21,9 +21,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lidit_jax import objectives
+from lidit_jax import objectives, sharding
 from lidit_jax.cli import NotFound
 from lidit_jax.objectives import guidance as guidance_lib
 
@@ -43,15 +42,14 @@ class Pipeline:
   def __init__(self, backend):
     self.backend = backend
     self._compiled: dict = {}
-    devices = jax.devices()
-    self.mesh = Mesh(np.asarray(devices), ("data",))
 
   @classmethod
   def from_pretrained(cls, path: str, dtype=jnp.float32) -> "Pipeline":
-    """A diffusers pipeline folder (model_index.json) or a training workdir (config.json + checkpoints/)."""
+    """A diffusers pipeline folder (model_index.json) or a training workdir (config.json + checkpoints/).
+    `dtype=None`: a pipeline folder in float32, a workdir in its config's model.dtype."""
     path = os.path.expanduser(os.fspath(path))
     if os.path.isfile(os.path.join(path, "model_index.json")):
-      return cls(StableDiffusion.load(path, dtype))
+      return cls(StableDiffusion.load(path, dtype or jnp.float32))
     if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
       return cls(Workdir.load(path, dtype))
     raise NotFound(f"{path!r} is neither a diffusers pipeline folder (model_index.json) nor a training workdir "
@@ -64,7 +62,7 @@ class Pipeline:
   def __call__(self, prompts: str | Sequence[str], num_steps: int | None = None, guidance: float | None = None,
                negative_prompt: str | Sequence[str] | None = None, seed: int = 0, latents=None,
                height: int | None = None, width: int | None = None, scheduler: str | dict | None = None,
-               batch_size: int = 8) -> np.ndarray:
+               batch_size: int = 8, progress: bool = False) -> np.ndarray:
     prompts = _as_list(prompts)
     if not prompts:
       raise ValueError("prompts: none given. Fix: pass a prompt or a list of prompts")
@@ -85,8 +83,11 @@ class Pipeline:
     if key not in self._compiled:
       self._compiled[key] = self._compile(objective, sampler, steps, scale)
     run, n = self._compiled[key], key[0]
-    out = []
-    for start in range(0, len(prompts), n):
+    out, starts = [], range(0, len(prompts), n)
+    if progress:
+      from tqdm import tqdm
+      starts = tqdm(starts, desc=f"images (batches of {n})")
+    for start in starts:
       idx = list(range(start, min(start + n, len(prompts))))
       pad = idx + [idx[-1]] * (n - len(idx))  # keep one compiled shape
       noise = (latents[pad] if latents is not None else
@@ -95,15 +96,18 @@ class Pipeline:
       text = b.text([prompts[i] for i in pad], None if negatives is None else [negatives[i] for i in pad],
                     scale > 1.0, (height, width))
       rng = jax.random.fold_in(jax.random.key(seed), 1_000_003 + start)  # ancestral samplers' fresh noise
-      images = run(b.params, *self._place(text, noise), rng)
+      with sharding.active(b.mesh, b.rules_config):
+        images = run(b.params, *self._place(text, noise), rng)
       out.append(np.asarray(images, np.float32)[:len(idx)])
     return np.concatenate(out)
 
   def _place(self, text, noise):
-    """Host inputs as global arrays, split along the batch over the devices when it divides."""
-    n = noise.shape[0]
-    spec = P("data") if n % self.mesh.size == 0 else P()
-    put = lambda x: jax.device_put(np.asarray(x), NamedSharding(self.mesh, spec))
+    """Host inputs as global arrays (the same on every process), split along the batch over the data-parallel
+    devices when it divides, else replicated."""
+    mesh = self.backend.mesh
+    split = sharding.batch_sharding(mesh)
+    where = split if noise.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else sharding.replicated(mesh)
+    put = lambda x: jax.make_array_from_process_local_data(where, np.asarray(x))
     return jax.tree.map(put, text), put(noise)
 
   def _compile(self, objective, sampler: str, steps: int, scale: float):
@@ -114,7 +118,8 @@ class Pipeline:
       net = guidance_lib.guided(predict, scale) if scale > 1.0 else (lambda x, t: predict(x, t)[0])
       final = objective.sample(net, noise, steps, sampler, rng)
       return jnp.clip(b.decode(params, final).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-    return jax.jit(generate, out_shardings=NamedSharding(self.mesh, P()))
+    # images come back whole on every process (several processes cannot read a sharded result)
+    return jax.jit(generate, out_shardings=sharding.replicated(b.mesh))
 
 
 def _twice(x):
@@ -145,6 +150,16 @@ class StableDiffusion:
   default_sampler: str
   force_zeros: bool
   defaults: dict
+  mesh: Any = None  # every device on the data axis: the batch is split, the weights replicated
+  rules_config: Any = None  # the default logical axis rules
+
+  def __post_init__(self):
+    from lidit_jax import configs
+    self.rules_config = configs.base_config()
+    self.rules_config.mesh.data = -1
+    self.mesh = sharding.make_mesh(self.rules_config)
+    repl = sharding.replicated(self.mesh)  # host values: the same on every process
+    self.params = jax.tree.map(lambda x: jax.make_array_from_process_local_data(repl, np.asarray(x)), self.params)
 
   @classmethod
   def load(cls, path: str, dtype) -> "StableDiffusion":
@@ -265,6 +280,14 @@ class Workdir:
   params: dict
   step: int
   defaults: dict
+
+  @property
+  def mesh(self):
+    return self.setup.mesh
+
+  @property
+  def rules_config(self):
+    return self.setup.config
 
   @classmethod
   def load(cls, path: str, dtype, config=None) -> "Workdir":

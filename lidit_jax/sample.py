@@ -1,8 +1,12 @@
 """Sampling: prompts -> images with the EMA weights, the ODE sampler, classifier-free guidance and the
 autoencoder's decoder (latents never leave the generator: every image here is pixels).
 
-  python -m lidit_jax.sample --config configs/shapes.py --workdir runs/shapes
+  python -m lidit_jax.sample --workdir runs/shapes
       --prompt "a red circle to the left of a blue square" --out sample.png [--num_images 4 --cfg 3 --steps 25]
+  python -m lidit_jax.sample --workdir path/to/stable-diffusion-v1-5 --prompt "..." --negative_prompt "..."
+
+Through `lidit_jax.pipeline.Pipeline`, in batches of --batch_size. --config (with overrides) replaces the
+workdir's saved config.json.
 
 One PNG per prompt at --out (a grid when --num_images > 1). With several prompts (repeated --prompt or
 --prompts_file), --out names a directory, or a file whose stem gets a _000, _001, ... suffix.
@@ -137,29 +141,39 @@ def main(argv):
   from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from absl import flags
-  from tqdm import tqdm
-  from lidit_jax import cli, configs, state as state_lib
+  from lidit_jax import cli, configs
+  from lidit_jax.pipeline import Pipeline, Workdir
   f = flags.FLAGS
-  config = configs.load_from_flags()
   prompts = list(f.prompt or [])
   if f.prompts_file:
     with open(f.prompts_file, encoding="utf-8") as fh:
       prompts += [line.strip() for line in fh if line.strip()]
   if not prompts:
     raise cli.UserError("no prompt given. Fix: use --prompt \"...\" (repeatable) or --prompts_file FILE")
-  sampler = f.sampler or config.sample.sampler
-  names = objectives.objective(config).SAMPLERS
-  if sampler not in names:
-    raise cli.UserError(f"--sampler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
-                        f"Fix: use one of {', '.join(names)}")
-  s, params, step = state_lib.restore_for_inference(config, f.workdir)
-  steps = f.steps or config.sample.steps
-  cfg = config.sample.cfg if f.cfg is None else f.cfg
-  print(f"sampling {len(prompts)} prompt(s) x {f.num_images} from step {step} ({sampler}, {steps} steps, cfg {cfg})")
-  gen = make_generator(s, steps, cfg, sampler)
-  for path, p, i in tqdm(list(zip(output_paths(f.out, prompts), prompts, range(len(prompts)))), desc="prompts"):
-    imgs = generate_images(s, params, [p], f.num_images, seed=f.seed + i, generator=gen)[0]
-    save_grid(imgs, path, cols=min(f.num_images, 8))
+  if f["config"].value is None:  # a diffusers pipeline folder, or a workdir with the config.json it saved
+    pipe = Pipeline.from_pretrained(f.workdir, dtype=None)
+  else:
+    config = configs.load_from_flags()
+    sampler = f.sampler or config.sample.sampler
+    names = objectives.objective(config).SAMPLERS
+    if sampler not in names:  # refused before anything is loaded
+      raise cli.UserError(f"--sampler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
+                          f"Fix: use one of {', '.join(names)}")
+    pipe = Pipeline(Workdir.load(f.workdir, None, config))
+  steps = f.steps or pipe.defaults["num_steps"]
+  cfg = pipe.defaults["guidance"] if f.cfg is None else f.cfg
+  where = f" from step {pipe.backend.step}" if isinstance(pipe.backend, Workdir) else ""
+  print(f"sampling {len(prompts)} prompt(s) x {f.num_images}{where} ({f.sampler or 'default sampler'}, "
+        f"{steps} steps, cfg {cfg})")
+  flat = [p for p in prompts for _ in range(f.num_images)]
+  try:
+    images = pipe(flat, num_steps=steps, guidance=cfg, negative_prompt=f.negative_prompt, seed=f.seed,
+                  scheduler=f.sampler, height=f.height, width=f.width, batch_size=f.batch_size, progress=True)
+  except ValueError as e:  # a bad sampler, size or negative prompt for this model: the user's to fix
+    raise cli.UserError(str(e)) from e
+  images = to_uint8(images * 2.0 - 1.0).reshape(len(prompts), f.num_images, *images.shape[1:])
+  for path, p, grid in zip(output_paths(f.out, prompts), prompts, images):
+    save_grid(grid, path, cols=min(f.num_images, 8))
     print(f"{path}: {p}")
 
 
@@ -168,16 +182,23 @@ def define_flags():
   from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")  # list --config under --help
-  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ (its config.json is used unless "
+                      "--config is given), or a diffusers pipeline folder (model_index.json).", required=True)
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeatable).")
   flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line.")
+  flags.DEFINE_string("negative_prompt", None, "Negative prompt (SD pipelines; our families guide with their "
+                      "learned null context).")
   flags.DEFINE_string("out", "samples.png", "Output PNG (one prompt) or directory / stem (several prompts).")
   flags.DEFINE_integer("num_images", 1, "Images per prompt (saved as a grid).", lower_bound=1)
-  flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sample.steps).", lower_bound=1)
-  flags.DEFINE_float("cfg", None, "Classifier-free guidance scale; 1 = off (default: config.sample.cfg).")
-  flags.DEFINE_string("sampler", None, "Sampler (default: config.sample.sampler): rectified flow euler | heun; "
-                      "ddpm ddim | pndm | euler | euler_ancestral | dpmpp_2m.")
-  flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.DEFINE_integer("batch_size", 8, "Images per batch (split over the devices).", lower_bound=1)
+  flags.DEFINE_integer("steps", None, "Sampler steps (default: the model's: config.sample.steps, 50 for SD).",
+                       lower_bound=1)
+  flags.DEFINE_float("cfg", None, "Classifier-free guidance scale; 1 = off (default: the model's).")
+  flags.DEFINE_string("sampler", None, "Sampler (default: config.sample.sampler or the folder's scheduler): "
+                      "rectified flow euler | heun; DDPM ddim | pndm | euler | euler_ancestral | dpmpp_2m.")
+  flags.DEFINE_integer("height", None, "Image height (SD pipelines; default: the U-Net's sample size).")
+  flags.DEFINE_integer("width", None, "Image width (SD pipelines).")
+  flags.DEFINE_integer("seed", 0, "Noise seed: image i of the run draws its noise from (seed, i).")
 
 
 if __name__ == "__main__":

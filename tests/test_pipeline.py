@@ -136,3 +136,32 @@ def test_seeds_batches_and_errors(tmp_path):
   with pytest.raises(KeyError, match="neither a diffusers pipeline folder"):
     Pipeline.from_pretrained(str(tmp_path))
   assert json.load(open(tmp_path / "pipe" / "model_index.json"))["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_sample_cli_on_a_pipeline_folder_over_eight_devices(tmp_path):
+  """`python -m lidit_jax.sample --workdir PIPELINE_FOLDER` on 8 simulated devices (the batch of 8 split over
+  them) draws the images this process draws on one device."""
+  import os
+  import subprocess
+  import sys
+  from PIL import Image
+  from conftest import ROOT
+  from lidit_jax import sample
+  sd15(tmp_path / "pipe")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  r = subprocess.run([sys.executable, "-m", "lidit_jax.sample", "--workdir", str(tmp_path / "pipe"),
+                      "--prompt", "a red circle", "--prompt", "a blue square", "--num_images", "4", "--steps", "2",
+                      "--negative_prompt", "green", "--out", str(tmp_path / "out")],
+                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  files = sorted(os.listdir(tmp_path / "out"))
+  assert len(files) == 2 and files[0].startswith("000_a_red_circle")
+  want = sample.to_uint8(Pipeline.from_pretrained(str(tmp_path / "pipe"))(
+      ["a blue square"] * 4, num_steps=2, negative_prompt="green", seed=0) * 2 - 1)
+  # the CLI's image i of its flat list (prompt 1, image 0 is i = 4) has seed 0's noise i
+  want_first = sample.to_uint8(Pipeline.from_pretrained(str(tmp_path / "pipe"))(
+      ["a red circle"] * 4 + ["a blue square"], num_steps=2, negative_prompt="green", seed=0)[4] * 2 - 1)
+  grid = np.asarray(Image.open(tmp_path / "out" / files[1]))
+  tile = grid[2 * 4:(2 + 16) * 4:4, 2 * 4:(2 + 16) * 4:4]  # the first image of the grid, undone from 4x
+  assert np.abs(tile.astype(int) - want_first.astype(int)).max() <= 1
+  assert np.abs(tile.astype(int) - want[0].astype(int)).max() > 0  # another noise draws another image
