@@ -19,7 +19,6 @@ import platform
 import time
 
 import jax
-import numpy as np
 
 METRICS = ("colour_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "prompt_accuracy",
            "relation_sensitivity")
@@ -36,6 +35,7 @@ def run_arm(config_path: str, name: str, overrides: dict, eval_at: list[int], nu
   from tqdm import tqdm
   from lidit_jax import configs, evaluate, train, state as state_lib
   from lidit_jax.data import pipeline
+  from lidit_jax.pipeline import Pipeline, Workdir
   config = configs.load_config_file(config_path)
   config = configs.validate(configs.apply_overrides(config, {"train.num_steps": max(eval_at), **overrides}))
   s = state_lib.setup(config)
@@ -53,8 +53,8 @@ def run_arm(config_path: str, name: str, overrides: dict, eval_at: list[int], nu
     if step + 1 in eval_at:
       jax.block_until_ready(state)
       seconds += time.perf_counter() - t0
-      r = evaluate.evaluate(s, state.ema_params, num_prompts, e.steps, e.cfg, sampler=config.sample.sampler,
-                            batch_size=e.batch_size, num_probe_pairs=probe_pairs,
+      r = evaluate.evaluate(Pipeline(Workdir.of(s, state.ema_params)), num_prompts, e.steps, e.cfg,
+                            batch_size=e.batch_size, num_probe_pairs=probe_pairs, scene_seed=config.seed,
                             out_dir=grids and os.path.join(grids, name, str(step + 1)))
       # Step 1 (compilation) is not timed: scale to the whole run at the measured rate.
       row = {"arm": name, "overrides": overrides, "step": step + 1,

@@ -21,6 +21,7 @@ from benchmarks.learning_curve import METRICS, machine_line, parse_arm, table_li
 def sweep(config_path: str, workdir: str, settings: list[tuple[str, dict]], num_prompts: int,
           probe_pairs: int) -> list[dict]:
   from lidit_jax import configs, evaluate, state as state_lib
+  from lidit_jax.pipeline import Pipeline, Workdir
   for name, overrides in settings:
     bad = [k for k in overrides if not k.startswith(("sample.", "eval."))]
     if bad:
@@ -33,8 +34,8 @@ def sweep(config_path: str, workdir: str, settings: list[tuple[str, dict]], num_
     s.config = configs.validate(configs.apply_overrides(copy.deepcopy(config), overrides))
     e = s.config.eval
     t0 = time.perf_counter()
-    r = evaluate.evaluate(s, params, num_prompts, e.steps, e.cfg, sampler=s.config.sample.sampler,
-                          batch_size=e.batch_size, num_probe_pairs=probe_pairs)
+    r = evaluate.evaluate(Pipeline(Workdir.of(s, params)), num_prompts, e.steps, e.cfg, batch_size=e.batch_size,
+                          num_probe_pairs=probe_pairs, scene_seed=s.config.seed)
     row = {"setting": name, "overrides": overrides, "step": step, "seconds": time.perf_counter() - t0,
            **{k: r[k] for k in METRICS}, "relation_offsets": r["relation_offsets"]}
     print(json.dumps(row), flush=True)

@@ -19,13 +19,15 @@ def main(argv):
   from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from lidit_jax import evaluate, state, train
+  from lidit_jax.pipeline import Pipeline, Workdir
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   config = configs.load_from_flags()
   workdir = f.workdir
   print(f"[1/3] training into {workdir} (resumes if it holds a checkpoint)")
   train.train_and_evaluate(config, workdir)
-  s, params, step = state.restore_for_inference(config, workdir)
+  pipe = Pipeline(Workdir.of(*state.restore_for_inference(config, workdir)))
+  step = pipe.backend.step
   print("[2/3] samples of the config's prompts (EMA weights, written at the last training step)")
   prompts = list(config.sample.prompts)
   path = os.path.join(workdir, "demo_samples.png")
@@ -33,8 +35,8 @@ def main(argv):
   print(f"      {path} (one row per prompt: {'; '.join(prompts)})")
   print("[3/3] evaluating on held-out prompts")
   e = config.eval
-  result = evaluate.evaluate(s, params, e.num_prompts, e.steps, e.cfg, sampler=config.sample.sampler,
-                             batch_size=e.batch_size, out_dir=workdir, num_probe_pairs=e.probe_pairs)
+  result = evaluate.evaluate(pipe, e.num_prompts, e.steps, e.cfg, batch_size=e.batch_size, out_dir=workdir,
+                             num_probe_pairs=e.probe_pairs, scene_seed=config.seed)
   result["checkpoint_step"] = step
   with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as fh:
     json.dump(result, fh, indent=2)

@@ -1,6 +1,6 @@
 """Prompt-following evaluation on held-out compositions of the shapes demo.
 
-  python -m lidit_jax.evaluate --config configs/shapes.py --workdir runs/shapes --out eval.json
+  python -m lidit_jax.evaluate --workdir runs/shapes --out eval.json   [--config FILE: replaces its config.json]
 
 Generates one image per held-out prompt (attribute/relation combinations never seen in training),
 detects every object's colour, shape and position programmatically, and reports accuracy per kind
@@ -79,19 +79,19 @@ def _offset(image, a, b):
   return None if da is None or db is None else (db.cx - da.cx, db.cy - da.cy)
 
 
-def relation_probe(s, params, num_pairs: int, steps: int, cfg_scale: float, seed: int = 0, sampler: str = "euler",
-                   batch_size: int = 64, generator=None, pairs=None) -> dict:
+def relation_probe(pipe, num_pairs: int, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
+                   sampler: str | None = None, batch_size: int = 64, pairs=None, pair_seed: int = 0) -> dict:
   """Same noise, four relation words: the second object's mean offset from the first along each relation's axis
   (x right, y down; "a A to the left of a B" asks for dx > 0), and `relation_sensitivity`, the mean over pairs and
   both axes of half the offset difference between opposite words: about +10 px when relations are followed,
-  0 when ignored, negative when reversed. `pairs` replaces the `num_pairs` drawn pairs ((colour, shape) twice)."""
-  pairs = pairs or probe_pairs(num_pairs, s.config.seed)
+  0 when ignored, negative when reversed. `pairs` replaces the `num_pairs` pairs drawn from `pair_seed`
+  ((colour, shape) twice)."""
+  pairs = pairs or probe_pairs(num_pairs, pair_seed)
   rels = shapes.RELATIONS
   prompts = [f"a {a[0]} {a[1]} {r} a {b[0]} {b[1]}" for a, b in pairs for r in rels]
   noise_ids = [k for k in range(len(pairs)) for _ in rels]  # one noise per pair, shared by its four prompts
-  images = sample_lib.generate_images(s, params, prompts, 1, seed=seed, steps=steps, cfg_scale=cfg_scale,
-                                      sampler=sampler, batch_size=batch_size, generator=generator,
-                                      noise_ids=noise_ids)[:, 0]
+  images = sample_lib.generate_images(pipe, prompts, 1, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                                      sampler=sampler, batch_size=batch_size, noise_ids=noise_ids)[:, 0]
   axis = {r: shapes._REL_GEOMETRY[r][0] for r in rels}
   along = {r: [] for r in rels}
   halves = []
@@ -108,18 +108,23 @@ def relation_probe(s, params, num_pairs: int, steps: int, cfg_scale: float, seed
           "relation_probe_pairs": len(pairs), "relation_probe_found": len(halves) / (2 * len(pairs))}
 
 
-def evaluate(s, params, num_prompts: int, steps: int, cfg_scale: float, seed: int = 0,
-             sampler: str = "euler", batch_size: int = 64, out_dir: str | None = None,
-             split: str = "heldout", min_objects: int = 2, num_probe_pairs: int = 0) -> dict:
-  scenes = eval_scenes(split, num_prompts, s.config.seed, min_objects)
+def evaluate(pipe, num_prompts: int, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
+             sampler: str | None = None, batch_size: int = 64, out_dir: str | None = None,
+             split: str = "heldout", min_objects: int = 2, num_probe_pairs: int = 0, scene_seed: int = 0) -> dict:
+  """Scores of `pipe` (a `pipeline.Pipeline`; steps, guidance and sampler its defaults unless given) on
+  `num_prompts` scenes drawn from `scene_seed` (the relation probe's pairs too)."""
+  scenes = eval_scenes(split, num_prompts, scene_seed, min_objects)
   captions = [sc.caption(k % shapes.N_TEMPLATES) for k, sc in enumerate(scenes)]
-  images = sample_lib.generate_images(s, params, captions, 1, seed=seed, steps=steps, cfg_scale=cfg_scale,
+  images = sample_lib.generate_images(pipe, captions, 1, seed=seed, steps=steps, cfg_scale=cfg_scale,
                                       sampler=sampler, batch_size=batch_size)[:, 0]
   scores = [shapes.score(sc, shapes.detect(img)) for sc, img in zip(scenes, images)]
   result = summarize(scenes, scores)
   if num_probe_pairs:
-    result.update(relation_probe(s, params, num_probe_pairs, steps, cfg_scale, seed, sampler, batch_size))
-  result.update(split=split, steps=steps, cfg=cfg_scale, sampler=sampler, seed=seed)
+    result.update(relation_probe(pipe, num_probe_pairs, steps, cfg_scale, seed, sampler, batch_size,
+                                 pair_seed=scene_seed))
+  d = pipe.defaults
+  result.update(split=split, steps=steps or d["num_steps"], cfg=d["guidance"] if cfg_scale is None else cfg_scale,
+                sampler=sampler or d["sampler"], seed=seed)
   if out_dir:
     n = min(len(images), 32)
     sample_lib.save_grid(images[:n], os.path.join(out_dir, "eval_grid.png"), cols=8)
@@ -133,17 +138,21 @@ def main(argv):
   from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
   from absl import flags
-  from lidit_jax import configs, state as state_lib
+  from lidit_jax import configs
+  from lidit_jax.pipeline import Pipeline, Workdir
   f = flags.FLAGS
-  config = configs.load_from_flags()
-  s, params, step = state_lib.restore_for_inference(config, f.workdir)
+  if f["config"].value is None:  # the workdir's saved config.json (or a diffusers pipeline folder)
+    pipe = Pipeline.from_pretrained(f.workdir, dtype=None)
+  else:
+    pipe = Pipeline(Workdir.load(f.workdir, None, configs.load_from_flags()))
+  config = pipe.backend.setup.config if isinstance(pipe.backend, Workdir) else configs.base_config()
+  step = getattr(pipe.backend, "step", None)
   e = config.eval
   steps = f.steps or e.steps
   cfg = e.cfg if f.cfg is None else f.cfg
   out_dir = os.path.dirname(os.path.abspath(f.out))
-  result = evaluate(s, params, f.num_prompts or e.num_prompts, steps, cfg, seed=f.seed,
-                    sampler=config.sample.sampler, batch_size=e.batch_size, out_dir=out_dir, split=f.split,
-                    num_probe_pairs=e.probe_pairs)
+  result = evaluate(pipe, f.num_prompts or e.num_prompts, steps, cfg, seed=f.seed, batch_size=e.batch_size,
+                    out_dir=out_dir, split=f.split, num_probe_pairs=e.probe_pairs, scene_seed=config.seed)
   result["checkpoint_step"] = step
   os.makedirs(out_dir, exist_ok=True)
   with open(f.out, "w", encoding="utf-8") as fh:
@@ -157,7 +166,8 @@ def define_flags():
   from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")  # list --config under --help
-  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ (its config.json is used unless "
+                      "--config is given), or anything else Pipeline.from_pretrained reads.", required=True)
   flags.DEFINE_string("out", "eval.json", "Where to write the metrics JSON (a sample grid goes beside it).")
   flags.DEFINE_integer("num_prompts", None, "Held-out prompts to generate (default: config.eval.num_prompts).",
                        lower_bound=1)

@@ -45,7 +45,8 @@ class Pipeline:
 
   @classmethod
   def from_pretrained(cls, path: str, dtype=jnp.float32) -> "Pipeline":
-    """A diffusers pipeline folder (model_index.json) or a training workdir (config.json + checkpoints/).
+    """A diffusers pipeline folder (model_index.json; its components diffusers' or converted by `python -m
+    lidit_jax.convert diffusers`) or a training workdir (config.json + checkpoints/).
     `dtype=None`: a pipeline folder in float32, a workdir in its config's model.dtype."""
     path = os.path.expanduser(os.fspath(path))
     if os.path.isfile(os.path.join(path, "model_index.json")):
@@ -90,9 +91,8 @@ class Pipeline:
     for start in starts:
       idx = list(range(start, min(start + n, len(prompts))))
       pad = idx + [idx[-1]] * (n - len(idx))  # keep one compiled shape
-      noise = (latents[pad] if latents is not None else
-               np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), shape))
-                         for i in pad]))
+      noise = latents[pad] if latents is not None else self.noise(
+          [jax.random.fold_in(jax.random.key(seed), i) for i in pad], height, width)
       text = b.text([prompts[i] for i in pad], None if negatives is None else [negatives[i] for i in pad],
                     scale > 1.0, (height, width))
       rng = jax.random.fold_in(jax.random.key(seed), 1_000_003 + start)  # ancestral samplers' fresh noise
@@ -100,6 +100,11 @@ class Pipeline:
         images = run(b.params, *self._place(text, noise), rng)
       out.append(np.asarray(images, np.float32)[:len(idx)])
     return np.concatenate(out)
+
+  def noise(self, keys, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """Initial noise [len(keys), h, w, c] (float32, NHWC), one image per jax key: what `latents` takes."""
+    shape = self.backend.latent_shape(height or self.defaults["height"], width or self.defaults["width"])
+    return np.stack([np.asarray(jax.random.normal(k, shape), np.float32) for k in keys])
 
   def _place(self, text, noise):
     """Host inputs as global arrays (the same on every process), split along the batch over the data-parallel
@@ -146,6 +151,8 @@ class StableDiffusion:
   vae: Any  # autoencoder.VAE
   encoders: list
   params: dict
+  index: dict  # model_index.json
+  scheduler_config: dict  # scheduler/scheduler_config.json as diffusers wrote it
   scheduler_values: dict
   default_sampler: str
   force_zeros: bool
@@ -176,22 +183,23 @@ class StableDiffusion:
       entry = index.get("text_encoder" + suffix)
       if not entry or entry[0] is None:
         continue
-      projection = entry[1] == "CLIPTextModelWithProjection"
       module, p = hf_text.load_hf_text_model(os.path.join(path, "text_encoder" + suffix), dtype,
-                                             adapt=lambda c, w=projection: hf_clip.with_head(c, w))
+                                             adapt=hf_clip.sd_head(entry[1]))
       params["text_encoder" + suffix] = p
       encoders.append(_Encoder(prompt.load_tokenizer(os.path.join(path, "tokenizer" + suffix)), module,
                                "text_encoder" + suffix))
     if not encoders:
       raise NotFound(f"{path}/model_index.json names no text_encoder. Fix: use a full text-to-image pipeline folder")
     with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-      values, sampler = ddpm.from_scheduler_config(json.load(f))
+      scheduler_config = json.load(f)
+    values, sampler = ddpm.from_scheduler_config(scheduler_config)
     factor = 2 ** (len(vae_module.cfg.block_out_channels) - 1)
     size = unet.cfg.sample_size * factor
     default_steps = 50
-    return cls(path, unet, autoencoder.VAE(vae_module), encoders, params, values, sampler,
+    return cls(path, unet, autoencoder.VAE(vae_module), encoders, params, index, scheduler_config, values, sampler,
                bool(index.get("force_zeros_for_empty_prompt", False)),
-               dict(num_steps=default_steps, guidance=7.5 if len(encoders) == 1 else 5.0, height=size, width=size))
+               dict(num_steps=default_steps, guidance=7.5 if len(encoders) == 1 else 5.0, height=size, width=size,
+                    sampler=sampler))
 
   @property
   def xl(self) -> bool:
@@ -274,7 +282,7 @@ class StableDiffusion:
 
 @dataclasses.dataclass
 class Workdir:
-  """The EMA weights of a workdir's latest checkpoint, through its family's contract (`sample.text_inputs`):
+  """The EMA weights of a workdir's latest checkpoint, through its family's contract (`state.text_inputs`):
   guidance mixes the conditional prediction with the learned null context's, so no negative prompt."""
   setup: Any
   params: dict
@@ -298,10 +306,16 @@ class Workdir:
         config = configs.validate(ml_collections.ConfigDict(json.load(f)))
     if dtype is not None:
       config.model.dtype = jnp.dtype(dtype).name
-    s, params, step = state_lib.restore_for_inference(config, path)
-    size = config.data.image_size
-    return cls(s, {"model": params, "frozen": s.frozen}, step,
-               dict(num_steps=config.sample.steps, guidance=config.sample.cfg, height=size, width=size))
+    return cls.of(*state_lib.restore_for_inference(config, path))
+
+  @classmethod
+  def of(cls, setup, params=None, step: int = 0) -> "Workdir":
+    """In memory: a `state.Setup` and its model's parameters (EMA weights; the trainer swaps in new ones by
+    setting `params["model"]`, which compiles nothing again)."""
+    c = setup.config
+    size = c.data.image_size
+    return cls(setup, {"model": params, "frozen": setup.frozen}, step,
+               dict(num_steps=c.sample.steps, guidance=c.sample.cfg, height=size, width=size, sampler=c.sample.sampler))
 
   def scheduler(self, scheduler):
     config = self.setup.config
@@ -327,9 +341,9 @@ class Workdir:
     return self.setup.text_for(prompts)
 
   def predictor(self, params, text, b: int, guided: bool):
-    from lidit_jax import sample
+    from lidit_jax import state as state_lib
     s = self.setup
-    feats, valids, prompts = sample.text_inputs(s.towers, params["frozen"]["towers"], text)
+    feats, valids, prompts = state_lib.text_inputs(s.towers, params["frozen"]["towers"], text)
     apply = functools.partial(s.model.apply, {"params": params["model"]})
     if not guided:
       return lambda x, t: (apply(x, t, feats, valids, prompts, jnp.zeros((b,), bool)), None)

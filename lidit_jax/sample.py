@@ -1,5 +1,5 @@
-"""Sampling: prompts -> images with the EMA weights, the ODE sampler, classifier-free guidance and the
-autoencoder's decoder (latents never leave the generator: every image here is pixels).
+"""Sampling: prompts -> images through `lidit_jax.pipeline.Pipeline` (a workdir's EMA weights, its objective's
+sampler, classifier-free guidance and the autoencoder's decoder: every image here is pixels), and PNG grids.
 
   python -m lidit_jax.sample --workdir runs/shapes
       --prompt "a red circle to the left of a blue square" --out sample.png [--num_images 4 --cfg 3 --steps 25]
@@ -13,93 +13,35 @@ One PNG per prompt at --out (a grid when --num_images > 1). With several prompts
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from lidit_jax import objectives
-from lidit_jax.objectives import guidance
-from lidit_jax import model as model_lib
-from lidit_jax import sharding
 
 
-def text_inputs(towers, tower_params, text):
-  """Frozen-tower features and masks for the denoiser, from tokenized prompts (the towers run here) or
-  from cached features (`text_cache`: the towers are not needed)."""
-  feats = [text[t.name]["hidden"] if "hidden" in text[t.name] else
-           t.features(tower_params[t.name], text[t.name]["input_ids"], text[t.name]["attention_mask"])
-           for t in towers]
-  valids = [text[t.name]["attention_mask"].astype(bool) for t in towers]
-  prompts = [text[t.name]["prompt_mask"].astype(bool) for t in towers]
-  return feats, valids, prompts
-
-
-def make_generator(s, steps: int, cfg_scale: float, sampler: str):
-  """Jitted (params, frozen, tokens, noise) -> images in [-1, 1] (noise in latent space, `Setup.frozen`)."""
-  config = s.config
-  objective = objectives.build(config)
-
-  def generate(params, frozen, tokens, noise):
-    feats, valids, prompts = text_inputs(s.towers, frozen["towers"], tokens)
-    b = noise.shape[0]
-    apply = functools.partial(s.model.apply, {"params": params})
-    if cfg_scale == 1.0:  # guidance off: one conditional evaluation per step
-      net = lambda x, t: apply(x, t, feats, valids, prompts, jnp.zeros((b,), bool))
-    else:
-      two = lambda xs: [jnp.concatenate([x, x]) for x in xs]
-      drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
-      def both(x, t):
-        p = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]), two(feats), two(valids), two(prompts), drop)
-        return p[:b], p[b:]
-      net = guidance.guided(both, cfg_scale)
-    # Samplers that draw noise at every step (euler_ancestral) draw it from a fixed key: the seed is in `noise`.
-    latents = objective.sample(net, noise, steps, sampler, jax.random.key(0))
-    return jnp.clip(s.autoencoder.decode(frozen["autoencoder"], latents).astype(jnp.float32), -1.0, 1.0)
-
-  repl = sharding.replicated(s.mesh)
-  # Images come back whole on every process (several processes cannot read a sharded result).
-  jitted = jax.jit(generate, out_shardings=repl)
-
-  def run(params, frozen, tokens, noise):
-    # Host inputs become global arrays, identical on every process.
-    host = jax.tree.map(lambda x: jax.make_array_from_process_local_data(repl, np.asarray(x)), (tokens, noise))
-    with sharding.active(s.mesh, config):
-      return jitted(params, frozen, *host)
-  return run
-
-
-def generate_images(s, params, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
-                    cfg_scale: float = 3.0, sampler: str = "euler", batch_size: int = 64, generator=None,
-                    noise_ids: list[int] | None = None):
-  """uint8 images [len(prompts), num_images, H, W, C]; noise depends only on (seed, noise id, image index), the
-  noise id being the prompt's index unless `noise_ids` gives one per prompt (prompts sharing an id share noise)."""
-  gen = generator or make_generator(s, steps, cfg_scale, sampler)
+def generate_images(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int | None = None,
+                    cfg_scale: float | None = None, sampler: str | None = None, batch_size: int = 64,
+                    noise_ids: list[int] | None = None) -> np.ndarray:
+  """uint8 images [len(prompts), num_images, H, W, C] through a `pipeline.Pipeline` (steps, guidance, sampler:
+  its defaults unless given); the noise depends only on (seed, noise id, image index), the noise id being the
+  prompt's index unless `noise_ids` gives one per prompt (prompts sharing an id share noise)."""
   noise_ids = list(range(len(prompts))) if noise_ids is None else list(noise_ids)
-  flat = [(i, j, p) for i, p in enumerate(prompts) for j in range(num_images)]
-  shape = model_lib.latent_shape(s.config)
-  size = s.config.data.image_size
-  out = np.zeros((len(prompts), num_images, size, size, 3), np.uint8)
-  for start in range(0, len(flat), batch_size):
-    chunk = flat[start:start + batch_size]
-    pad = batch_size - len(chunk) if len(flat) > batch_size else 0  # keep one compiled shape
-    items = chunk + [chunk[-1]] * pad
-    tokens = s.text_for([p for _, _, p in items])
-    noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), noise_ids[i]), j),
-                                         shape) for i, j, _ in items])
-    x = np.asarray(gen(params, s.frozen, tokens, noise))
-    for (i, j, _), img in zip(chunk, x[:len(chunk)]):
-      out[i, j] = to_uint8(img)
-  return out
+  flat = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
+  key = jax.random.key(seed)
+  noise = pipe.noise([jax.random.fold_in(jax.random.fold_in(key, noise_ids[i]), j) for i, j in flat])
+  images = pipe([prompts[i] for i, _ in flat], num_steps=steps, guidance=cfg_scale, latents=noise, seed=seed,
+                scheduler=sampler, batch_size=batch_size)
+  return to_uint8(images).reshape(len(prompts), num_images, *images.shape[1:])
 
 
 def to_uint8(x):
-  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  """Images in [0, 1] (what a Pipeline returns) -> uint8."""
+  return np.clip(np.round(np.asarray(x, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def save_grid(images, path: str, cols: int | None = None, scale: int = 4):
@@ -171,7 +113,7 @@ def main(argv):
                   scheduler=f.sampler, height=f.height, width=f.width, batch_size=f.batch_size, progress=True)
   except ValueError as e:  # a bad sampler, size or negative prompt for this model: the user's to fix
     raise cli.UserError(str(e)) from e
-  images = to_uint8(images * 2.0 - 1.0).reshape(len(prompts), f.num_images, *images.shape[1:])
+  images = to_uint8(images).reshape(len(prompts), f.num_images, *images.shape[1:])
   for path, p, grid in zip(output_paths(f.out, prompts), prompts, images):
     save_grid(grid, path, cols=min(f.num_images, 8))
     print(f"{path}: {p}")

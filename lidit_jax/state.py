@@ -24,6 +24,18 @@ from lidit_jax import sharding, text_cache
 from lidit_jax.data import pipeline
 
 
+def text_inputs(towers, tower_params, text):
+  """Frozen-tower features and masks for the denoiser, from tokenized prompts (the towers run here) or
+  from cached features (`text_cache`: the towers are not needed)."""
+  feats = [text[t.name]["hidden"] if "hidden" in text[t.name] else
+           t.features(tower_params[t.name], text[t.name]["input_ids"], text[t.name]["attention_mask"])
+           for t in towers]
+  valids = [text[t.name]["attention_mask"].astype(bool) for t in towers]
+  prompts = [text[t.name]["prompt_mask"].astype(bool) for t in towers]
+  return feats, valids, prompts
+
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array

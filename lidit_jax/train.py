@@ -24,6 +24,7 @@ from lidit_jax import autoencoder as autoencoder_lib
 from lidit_jax import checkpoint as ckpt_lib
 from lidit_jax import objectives, sharding
 from lidit_jax import model as model_lib
+from lidit_jax import pipeline as pipeline_lib
 from lidit_jax import plan as plan_lib
 from lidit_jax import sample as sample_lib
 from lidit_jax import state as state_lib
@@ -65,7 +66,7 @@ def make_train_step(s: state_lib.Setup):
     def loss_fn(params, mb):
       if held is not None:
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, held)
-      feats, valids, prompts = sample_lib.text_inputs(s.towers, frozen["towers"], mb["text"])
+      feats, valids, prompts = state_lib.text_inputs(s.towers, frozen["towers"], mb["text"])
       net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, mb["drop"])
       return jnp.mean(objective.loss(net, mb["image"], mb))
 
@@ -175,11 +176,12 @@ class MetricsLog:
       self.tb.close()
 
 
-def save_samples(s, params, workdir: str, step: int, generator):
-  config = s.config
+def save_samples(pipe, params, workdir: str, step: int):
+  """The config's prompts drawn with `params` through `pipe` (a Pipeline on the run's Setup: compiled once)."""
+  config = pipe.backend.setup.config
   prompts = list(config.sample.prompts)
-  imgs = sample_lib.generate_images(s, params, prompts, config.sample.num_images, seed=config.seed,
-                                    generator=generator)
+  pipe.backend.params["model"] = params
+  imgs = sample_lib.generate_images(pipe, prompts, config.sample.num_images, seed=config.seed)
   if jax.process_index() == 0:
     path = str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png")
     sample_lib.save_grid(imgs.reshape(-1, *imgs.shape[2:]), path, cols=config.sample.num_images)
@@ -236,7 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2), encoding="utf-8")
   log = MetricsLog(workdir, start)
   step_fn = make_train_step(s)
-  generator = sample_lib.make_generator(s, config.sample.steps, config.sample.cfg, config.sample.sampler)
+  pipe = pipeline_lib.Pipeline(pipeline_lib.Workdir.of(s))
   rng = jax.random.key(config.seed + 2)
   # The towers' configs are already at hand: no second read of their checkpoints' config.json.
   hw = (config.data.image_size,) * 2
@@ -298,7 +300,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if done % t.checkpoint_every == 0 or done == t.num_steps:
         ckpt.save(done, state, data.state(), config, force=True)
       if done % t.sample_every == 0 or done == t.num_steps:
-        path = save_samples(s, state.ema_params, workdir, done, generator)
+        path = save_samples(pipe, state.ema_params, workdir, done)
         if path:
           bar.write(f"step {done}: samples -> {path}")
     if pending is not None:

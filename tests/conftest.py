@@ -24,6 +24,23 @@ def train_preempted(config, workdir, monkeypatch, batches_cls, at_batch: int):
   return train.train_and_evaluate(config, workdir)
 
 
+def images_by_hand(s, params, prompts, noise, steps: int, cfg: float, sampler: str):
+  """What a Pipeline on a workdir must give, computed step by step: the model (its null context for the
+  unconditional half), guidance, the objective's sampler, the decoder; [0, 1] float32 images."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from lidit_jax import objectives, state as state_lib
+  from lidit_jax.objectives import guidance
+  feats, valids, keep = state_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray,
+                                                                                          s.text_for(prompts)))
+  b = len(prompts)
+  run = lambda x, t, drop: s.model.apply({"params": params}, x, t, feats, valids, keep, jnp.full((b,), drop))
+  net = guidance.guided(lambda x, t: (run(x, t, False), run(x, t, True)), cfg)
+  final = objectives.build(s.config).sample(net, jnp.asarray(noise), steps, sampler, jax.random.key(0))
+  return np.clip(np.asarray(s.autoencoder.decode(s.frozen["autoencoder"], final), np.float32) / 2 + 0.5, 0, 1)
+
+
 def tiny_config(**overrides):
   """configs/shapes.py:tiny, with dotted-key overrides (tests build from the real config, shrunk)."""
   from lidit_jax import configs

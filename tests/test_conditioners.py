@@ -1,10 +1,10 @@
 """Conditioners behind their contract, and towers that give every layer (`text.towers.NAME.all_layers`)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lidit_jax import configs, model as model_lib, sample, state as state_lib, train
+from lidit_jax.pipeline import Pipeline, Workdir
 from lidit_jax.data import pipeline
 
 from conftest import tiny_config
@@ -61,5 +61,5 @@ def test_tokens_on_every_layer_train_from_the_host_cache_and_sample(tmp_path):
   # The mix sits behind zero-initialised output layers: it moves from the fourth step on.
   assert step == 5 and mix.shape == (s.towers[0].num_layers + 1,) and np.ptp(mix) > 0  # moved off uniform
   assert "layer_mix_1" not in params["conditioner"]  # llama_b gives one layer
-  images = sample.generate_images(s, params, ["a purple star"], steps=2)
+  images = sample.generate_images(Pipeline(Workdir.of(s, params)), ["a purple star"], steps=2)
   assert images.shape == (1, 1, 32, 32, 3) and np.isfinite(images).all()

@@ -173,6 +173,7 @@ def test_lidit_trains_and_samples_under_ddpm(tmp_path):
   min-SNR weights, and every sampler gives finite images; a wrong sampler name is refused by name."""
   from conftest import tiny_config
   from lidit_jax import sample, state, train
+  from lidit_jax.pipeline import Pipeline, Workdir
   over = {"objective.kind": "ddpm", "ddpm.prediction_type": "v_prediction", "ddpm.snr_gamma": 5.0,
           "sample.sampler": "dpmpp_2m", "train.num_steps": 3}
   config = tiny_config(**over)
@@ -181,7 +182,8 @@ def test_lidit_trains_and_samples_under_ddpm(tmp_path):
   assert step == 3
   # the in-training samples used dpmpp_2m; the sampler drawing fresh noise at every step runs here
   assert any(n.endswith(".png") for n in os.listdir(os.path.join(str(tmp_path), "samples")))
-  imgs = sample.generate_images(s, params, ["a red circle"], 1, steps=4, cfg_scale=2.0, sampler="euler_ancestral")
+  imgs = sample.generate_images(Pipeline(Workdir.of(s, params)), ["a red circle"], 1, steps=4, cfg_scale=2.0,
+                                sampler="euler_ancestral")
   assert imgs.shape == (1, 1, 32, 32, 3) and imgs.std() > 0
   with pytest.raises(configs.ConfigError, match="sample.sampler='heun'"):
     tiny_config(**{**over, "sample.sampler": "heun"})

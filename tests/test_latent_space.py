@@ -1,6 +1,5 @@
 """LI-DiT in a VAE's latent space (`configs/lidit_1b.py:tiny` on a tiny random VAE): training on a prepared dataset,
 with the images encoded in the step or precomputed (`data.latents`), exact resume, and samples decoded to pixels."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -12,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lidit_jax import autoencoder, configs, sample, state as state_lib, train
+from lidit_jax import autoencoder, configs, state as state_lib, train
+from lidit_jax.pipeline import Pipeline, Workdir
 from lidit_jax.convert import tiny_models
 from lidit_jax.data import images, latents, pipeline, prepare, shapes
 
-from conftest import ROOT, train_preempted
+from conftest import ROOT, images_by_hand, train_preempted
 
 TINY_1B = str(ROOT / "configs" / "lidit_1b.py") + ":tiny"
 
@@ -109,20 +109,10 @@ def test_samples_and_grids_are_decoded_pixels(world, tmp_path):
   n = len(c.sample.prompts)  # rows of num_images tiles of 32 px (pixels, not 16 px latents), 2 px apart, 4x
   assert grid.size == ((2 * 34 + 2) * 4, (n * 34 + 2) * 4) and grid.mode == "RGB"
   s, params, step = state_lib.restore_for_inference(c, workdir)
-  gen = sample.make_generator(s, 2, 3.0, "euler")
-  noise = np.random.default_rng(0).standard_normal((1, 16, 16, 4)).astype(np.float32)
-  tokens = s.text_for(["a red circle"])
-  out = np.asarray(gen(params, s.frozen, tokens, noise))
-  assert out.shape == (1, 32, 32, 3)
-  # Decoding is the last thing the generator does: its latents through the VAE decoder by hand give its images.
-  class Thousandth:  # decode = latents / 1000: the generator's clip to [-1, 1] then keeps them whole
-    def decode(self, params, z):
-      return z / 1000.0
-  undecoded = sample.make_generator(dataclasses.replace(s, autoencoder=Thousandth()), 2, 3.0, "euler")
-  lat = np.asarray(undecoded(params, s.frozen, tokens, noise)) * 1000.0
-  assert lat.shape == (1, 16, 16, 4) and np.abs(lat).max() < 900
-  want = np.clip(np.asarray(s.autoencoder.decode(s.frozen["autoencoder"], jnp.asarray(lat))), -1, 1)
-  np.testing.assert_allclose(out, want, atol=1e-4)
+  noise = np.random.default_rng(0).standard_normal((1, 16, 16, 4)).astype(np.float32)  # latent-shaped
+  out = Pipeline(Workdir.of(s, params))(["a red circle"], num_steps=2, guidance=3.0, latents=noise, scheduler="euler")
+  assert out.shape == (1, 32, 32, 3)  # pixels: the sampled latents through the VAE decoder, by hand below
+  np.testing.assert_allclose(out, images_by_hand(s, params, ["a red circle"], noise, 2, 3.0, "euler"), atol=1e-4)
   r = subprocess.run([sys.executable, "-m", "lidit_jax.sample", "--config", TINY_1B, "--workdir", workdir,
                       f"--config.autoencoder.path={vae}", "--prompt", "a red circle", "--steps", "2",
                       "--out", str(tmp_path / "one.png")], capture_output=True, text=True, cwd=ROOT)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lidit_jax import evaluate, sample as sample_lib, state as state_lib, train
+from lidit_jax.pipeline import Pipeline, Workdir
 from lidit_jax.data import shapes
 
 from conftest import tiny_config
@@ -62,7 +63,7 @@ def test_towers_carry_the_relation_and_the_word_order_to_later_words(setup):
 
 
 def denoise(s, params, prompts, drop=False):
-  feats, valids, keep = sample_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray, text(s, prompts)))
+  feats, valids, keep = state_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray, text(s, prompts)))
   b = len(prompts)
   x = jax.random.normal(jax.random.key(1), (1, *s.config.data.image_size * np.ones(2, int), 3)).repeat(b, 0)
   return s.model.apply({"params": params}, x, jnp.full((b,), 0.7), feats, valids, keep, jnp.full((b,), drop))
@@ -70,7 +71,7 @@ def denoise(s, params, prompts, drop=False):
 
 def test_refined_context_keeps_the_relation_and_the_order(setup):
   s, params = setup
-  feats, valids, keep = sample_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray,
+  feats, valids, keep = state_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray,
                                                                                       text(s, [LEFT, RIGHT, SWAPPED])))
   x = jnp.zeros((3, s.config.data.image_size, s.config.data.image_size, 3))
   _, inter = s.model.apply({"params": params}, x, jnp.full((3,), 0.7), feats, valids, keep, jnp.zeros(3, bool),
@@ -93,7 +94,7 @@ def test_denoiser_output_depends_on_the_relation_unless_the_caption_is_dropped(s
 
 def test_dit_sees_where_each_patch_is(setup):
   s, params = setup
-  feats, valids, keep = sample_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray, text(s, [LEFT])))
+  feats, valids, keep = state_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray, text(s, [LEFT])))
   x = jnp.zeros((1, s.config.data.image_size, s.config.data.image_size, 3))  # no content: only positions differ
   v = np.asarray(s.model.apply({"params": params}, x, jnp.full((1,), 0.7), feats, valids, keep, jnp.zeros(1, bool)))
   p = s.config.model.patch_size
@@ -105,7 +106,7 @@ def test_dit_sees_where_each_patch_is(setup):
 
 def test_guided_sampling_keeps_the_relation(setup):
   s, params = setup
-  images = sample_lib.generate_images(s, params, [LEFT, RIGHT], 1, seed=0, steps=3, cfg_scale=3.0,
+  images = sample_lib.generate_images(Pipeline(Workdir.of(s, params)), [LEFT, RIGHT], 1, seed=0, steps=3, cfg_scale=3.0,
                                       noise_ids=[0, 0])[:, 0].astype(np.float32)
   assert np.abs(images[0] - images[1]).max() > 8  # same noise, different relation word: different pixels
 
@@ -144,7 +145,8 @@ def test_a_small_model_fits_four_layouts_that_differ_only_by_the_relation_word()
   state, step = s.init_state(jax.random.key(0)), train.make_train_step(s)
   for _ in range(c.train.num_steps):
     state, metrics = step(state, s.frozen, batch, jax.random.key(1))
-  probe = evaluate.relation_probe(s, state.ema_params, 1, steps=10, cfg_scale=2.0, pairs=[(a, b)])
+  probe = evaluate.relation_probe(Pipeline(Workdir.of(s, state.ema_params)), 1, steps=10, cfg_scale=2.0,
+                                  pairs=[(a, b)])
   off = probe["relation_offsets"]
   assert off["to the left of"] > 4 and off["to the right of"] < -4, off
   assert off["above"] > 4 and off["below"] < -4, off

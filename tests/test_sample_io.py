@@ -20,4 +20,4 @@ def test_grid_layout_and_values(tmp_path):
   grid = np.asarray(Image.open(path))
   assert grid.shape == (2 + 4 + 2, 2 + 3 * (5 + 2), 3)
   assert (grid[2:6, 2 + 7:2 + 7 + 5] == 200).all() and (grid[2:6, 2:7] == 0).all()
-  assert sample.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])).tolist() == [0, 128, 255, 255]
+  assert sample.to_uint8(np.array([-1.0, 0.0, 0.5, 1.0, 2.0])).tolist() == [0, 0, 128, 255, 255]

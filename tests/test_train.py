@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from lidit_jax import evaluate, sample, state as state_lib, train
+from lidit_jax.pipeline import Pipeline, Workdir
 from lidit_jax.data import pipeline, shapes
 
 from conftest import ROOT, tiny_config, train_preempted
@@ -60,15 +61,16 @@ def test_sample_and_evaluate_from_the_checkpoint(trained):
   config, workdir = trained
   s, params, step = state_lib.restore_for_inference(config, workdir)
   assert step == 6
-  imgs = sample.generate_images(s, params, ["a red circle", "a blue square above a green triangle"], 2,
+  pipe = Pipeline(Workdir.of(s, params))
+  imgs = sample.generate_images(pipe, ["a red circle", "a blue square above a green triangle"], 2,
                                 steps=2, cfg_scale=2.0)
   assert imgs.shape == (2, 2, 32, 32, 3) and imgs.dtype == np.uint8
-  again = sample.generate_images(s, params, ["a red circle"], 1, steps=2, cfg_scale=2.0)
+  again = sample.generate_images(pipe, ["a red circle"], 1, steps=2, cfg_scale=2.0)
   np.testing.assert_array_equal(again[0, 0], imgs[0, 0])  # noise depends on (seed, prompt, image) only
-  same = sample.generate_images(s, params, ["a red circle"] * 2, 1, steps=2, cfg_scale=2.0, noise_ids=[5, 5])
+  same = sample.generate_images(pipe, ["a red circle"] * 2, 1, steps=2, cfg_scale=2.0, noise_ids=[5, 5])
   np.testing.assert_array_equal(same[0], same[1])  # a shared noise id is shared noise (the relation probe's)
   assert np.abs(same[0].astype(int) - imgs[0].astype(int)).max() > 0
-  result = evaluate.evaluate(s, params, num_prompts=4, steps=2, cfg_scale=2.0, batch_size=4, num_probe_pairs=2)
+  result = evaluate.evaluate(pipe, num_prompts=4, steps=2, cfg_scale=2.0, batch_size=4, num_probe_pairs=2)
   assert result["relation_probe_pairs"] == 2 and set(result["relation_offsets"]) == set(shapes.RELATIONS)
   # A whole prompt is right only when each of its parts is; an object only when its colour and shape are.
   parts = ("object_accuracy", "relation_accuracy", "count_accuracy")
@@ -81,25 +83,26 @@ def test_sample_and_evaluate_from_the_checkpoint(trained):
   assert s.config.flow.shift != 1.0
   s.config.sample.shift = 1.0
   try:
-    unshifted = sample.generate_images(s, params, ["a red circle"], 1, steps=2, cfg_scale=2.0)
+    unshifted = sample.generate_images(Pipeline(Workdir.of(s, params)), ["a red circle"], 1, steps=2, cfg_scale=2.0)
   finally:
     s.config.sample.shift = 0.0
   assert np.abs(unshifted[0].astype(int) - again[0].astype(int)).max() > 0
 
 
 def test_pipeline_from_the_workdir(trained):
-  """Pipeline.from_pretrained(workdir) reads the run's own config.json and gives the sampler's images."""
+  """Pipeline.from_pretrained(workdir) reads the run's own config.json and gives the images the model, guidance,
+  the objective's sampler and the decoder give by hand."""
+  from conftest import images_by_hand
   from lidit_jax import model as model_lib
-  from lidit_jax.pipeline import Pipeline
   config, workdir = trained
   pipe = Pipeline.from_pretrained(workdir)
   prompts = ["a red circle", "a blue square above a green triangle", "a green triangle"]
   noise = np.random.default_rng(0).standard_normal((3, *model_lib.latent_shape(config))).astype(np.float32)
   got = pipe(prompts, num_steps=2, guidance=2.0, latents=noise, batch_size=2)
   s, params, _ = state_lib.restore_for_inference(config, workdir)
-  want = sample.make_generator(s, 2, 2.0, config.sample.sampler)(params, s.frozen, s.text_for(prompts), noise)
+  want = images_by_hand(s, params, prompts, noise, 2, 2.0, config.sample.sampler)
   assert got.shape == (3, 32, 32, 3) and got.dtype == np.float32
-  np.testing.assert_allclose(got, (np.asarray(want) + 1) / 2, atol=1e-5)
+  np.testing.assert_allclose(got, want, atol=1e-5)
   one, two = (pipe(prompts[:1], num_steps=2, guidance=2.0, seed=k) for k in (1, 2))  # noise from the seed
   assert np.abs(one - two).max() > 1e-3
   with pytest.raises(ValueError, match="negative_prompt"):
@@ -118,8 +121,8 @@ def test_sampler_sweep_on_the_checkpoint(trained, tmp_path):
   assert [(r["setting"], r["step"]) for r in rows] == [("base", 6), ("cfg1", 6)]
   s, params, _ = state_lib.restore_for_inference(config, workdir)  # each row is that setting's own evaluation
   for row, cfg in zip(rows, (config.eval.cfg, 1.0)):
-    want = evaluate.evaluate(s, params, 4, config.eval.steps, cfg, batch_size=config.eval.batch_size,
-                             sampler=config.sample.sampler, num_probe_pairs=2)
+    want = evaluate.evaluate(Pipeline(Workdir.of(s, params)), 4, config.eval.steps, cfg,
+                             batch_size=config.eval.batch_size, num_probe_pairs=2, scene_seed=config.seed)
     for k in sampler_sweep.METRICS:
       assert row[k] == pytest.approx(want[k], abs=1e-6, nan_ok=True), (row["setting"], k)  # NaN: no probe pair found
   results = tmp_path / "RESULTS.md"
@@ -244,7 +247,7 @@ def test_training_from_a_text_cache_matches_online_towers(trained, tmp_path):
   # Sampling new prompts from a cache-trained config loads the towers again.
   s, params, step = state_lib.restore_for_inference(cached, workdir)
   assert step == 6 and set(s.frozen["towers"]) == {"llama_a", "llama_b"}
-  assert sample.generate_images(s, params, ["a purple star"], steps=2).shape == (1, 1, 32, 32, 3)
+  assert sample.generate_images(Pipeline(Workdir.of(s, params)), ["a purple star"], steps=2).shape == (1, 1, 32, 32, 3)
 
 
 def test_memory_text_cache_trains_like_online_towers_and_encodes_each_caption_once(trained, tmp_path):

@@ -60,6 +60,7 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 def run_one(config, workdir: str, num_prompts: int, keep_checkpoints: bool = False) -> dict:
   from lidit_jax import evaluate, state, train
+  from lidit_jax.pipeline import Pipeline, Workdir
   path = os.path.join(workdir, "eval.json")
   if os.path.exists(path):
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
@@ -72,10 +73,11 @@ def run_one(config, workdir: str, num_prompts: int, keep_checkpoints: bool = Fal
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   train.train_and_evaluate(config, workdir)
-  s, params, step = state.restore_for_inference(config, workdir)
+  pipe = Pipeline(Workdir.of(*state.restore_for_inference(config, workdir)))
+  step = pipe.backend.step
   e = config.eval
-  result = evaluate.evaluate(s, params, num_prompts, e.steps, e.cfg, sampler=config.sample.sampler,
-                             batch_size=e.batch_size, out_dir=workdir, min_objects=3)
+  result = evaluate.evaluate(pipe, num_prompts, e.steps, e.cfg, batch_size=e.batch_size, out_dir=workdir,
+                             min_objects=3, scene_seed=config.seed)
   result["checkpoint_step"] = step
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
