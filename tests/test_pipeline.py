@@ -2,6 +2,7 @@
 tiny random SD 1.x- and SDXL-style pipeline folders the test builds and saves (U-Net, VAE, CLIP text encoders,
 CLIP tokenizers, scheduler), float32."""
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -157,11 +158,124 @@ def test_sample_cli_on_a_pipeline_folder_over_eight_devices(tmp_path):
   files = sorted(os.listdir(tmp_path / "out"))
   assert len(files) == 2 and files[0].startswith("000_a_red_circle")
   want = sample.to_uint8(Pipeline.from_pretrained(str(tmp_path / "pipe"))(
-      ["a blue square"] * 4, num_steps=2, negative_prompt="green", seed=0) * 2 - 1)
+      ["a blue square"] * 4, num_steps=2, negative_prompt="green", seed=0))
   # the CLI's image i of its flat list (prompt 1, image 0 is i = 4) has seed 0's noise i
   want_first = sample.to_uint8(Pipeline.from_pretrained(str(tmp_path / "pipe"))(
-      ["a red circle"] * 4 + ["a blue square"], num_steps=2, negative_prompt="green", seed=0)[4] * 2 - 1)
+      ["a red circle"] * 4 + ["a blue square"], num_steps=2, negative_prompt="green", seed=0)[4])
   grid = np.asarray(Image.open(tmp_path / "out" / files[1]))
   tile = grid[2 * 4:(2 + 16) * 4:4, 2 * 4:(2 + 16) * 4:4]  # the first image of the grid, undone from 4x
   assert np.abs(tile.astype(int) - want_first.astype(int)).max() <= 1
   assert np.abs(tile.astype(int) - want[0].astype(int)).max() > 0  # another noise draws another image
+
+
+@pytest.mark.parametrize("build", [sd15, sdxl], ids=["sd15", "sdxl"])
+def test_convert_then_export_round_trip(tmp_path, build, capsys):
+  """`convert diffusers` -> Pipeline on our folder draws the source's images; `export diffusers` -> diffusers
+  loads the folder, holds the source's tensors exactly and samples our images."""
+  from safetensors.numpy import load_file
+  from lidit_jax import export
+  from lidit_jax.convert.__main__ import main as convert_main
+  build(tmp_path / "pipe")
+  assert convert_main(["diffusers", str(tmp_path / "pipe"), str(tmp_path / "ours")]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert {"unet", "vae", "text_encoder"} <= set(report["components"])
+  assert os.path.exists(tmp_path / "ours" / "unet" / "lidit_converted.json")
+  prompts = ["a red circle", "blue square on the left"]
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  want = Pipeline.from_pretrained(str(tmp_path / "pipe"))(prompts, num_steps=3, guidance=4.0, latents=latents)
+  ours = Pipeline.from_pretrained(str(tmp_path / "ours"))
+  np.testing.assert_allclose(ours(prompts, num_steps=3, guidance=4.0, latents=latents), want, atol=1e-5)
+  assert export.main(["diffusers", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+  for part, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+    src, back = (load_file(str(tmp_path / d / part / f"{file}.safetensors")) for d in ("pipe", "back"))
+    # CLIP keys as SD's hub folders hold them ("text_model."), which transformers 4 and 5 both load
+    unprefixed = lambda d: {k.removeprefix("text_model."): v for k, v in d.items()}
+    src, back = unprefixed(src), unprefixed(back)
+    assert set(back) == set(src) - {"embeddings.position_ids"}
+    for k, v in back.items():
+      np.testing.assert_array_equal(v, src[k], err_msg=f"{part}: {k}")
+  cls = type(build(tmp_path / "again"))
+  ref = cls.from_pretrained(str(tmp_path / "back"))
+  np.testing.assert_allclose(_reference(ref, prompts, latents, num_inference_steps=3, guidance_scale=4.0), want,
+                             atol=2e-3)
+  with pytest.raises(SystemExit) as e:  # a second export over the first is refused, not merged
+    export.main(["diffusers", str(tmp_path / "ours"), str(tmp_path / "back")])
+  assert e.value.code == 2 and "already holds a pipeline" in capsys.readouterr().err
+
+
+def test_single_file_export_and_convert_round_trip(tmp_path, capsys):
+  """`export --format single-file` writes the original layout, which diffusers' from_single_file loads and samples
+  to our images; `convert single-file` reads it (or its EMA copy) back to the same pipeline."""
+  from safetensors.numpy import load_file, save_file
+  from lidit_jax import export
+  from lidit_jax.convert import diffusers_unet
+  from lidit_jax.convert.__main__ import main as convert_main
+  sd15(tmp_path / "pipe")
+  file = str(tmp_path / "sd.safetensors")
+  assert export.main(["diffusers", str(tmp_path / "pipe"), file, "--format", "single-file"]) == 0
+  keys = set(load_file(file))
+  assert {"model.diffusion_model.input_blocks.1.1.proj_in.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
+          "cond_stage_model.transformer.text_model.final_layer_norm.weight"} <= keys
+  prompts = ["a red circle", "blue square on the left"]
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  want = Pipeline.from_pretrained(str(tmp_path / "pipe"))(prompts, num_steps=3, guidance=4.0, latents=latents)
+  ref = diffusers.StableDiffusionPipeline.from_single_file(file, config=str(tmp_path / "pipe"), safety_checker=None,
+                                                            local_files_only=True)
+  np.testing.assert_allclose(_reference(ref, prompts, latents, num_inference_steps=3, guidance_scale=4.0), want,
+                             atol=2e-3)
+  assert convert_main(["single-file", file, str(tmp_path / "ours"), "--config", str(tmp_path / "pipe")]) == 0
+  ours = Pipeline.from_pretrained(str(tmp_path / "ours"))
+  np.testing.assert_allclose(ours(prompts, num_steps=3, guidance=4.0, latents=latents), want, atol=1e-5)
+
+  # The EMA copy (model_ema.*, dots dropped) is read with --ema, the plain one without
+  state = load_file(file)
+  state.update({diffusers_unet.ema_key(k): v * 0.5 for k, v in state.items() if k.startswith("model.diffusion_model.")})
+  save_file(state, str(tmp_path / "ema.safetensors"))
+  assert convert_main(["single-file", str(tmp_path / "ema.safetensors"), str(tmp_path / "ema"), "--ema",
+                       "--config", str(tmp_path / "pipe")]) == 0
+  _, plain = diffusers_unet.load_unet(str(tmp_path / "ours" / "unet"))
+  _, ema = diffusers_unet.load_unet(str(tmp_path / "ema" / "unet"))
+  jax_leaves = lambda t: [np.asarray(x) for x in __import__("jax").tree.leaves(t)]
+  for a, b in zip(jax_leaves(ema), jax_leaves(plain)):
+    np.testing.assert_array_equal(a, b * 0.5)
+  capsys.readouterr()
+  for argv, message in ((["--ema"], "no EMA weights"), (["--kind", "sdxl"], "--kind sdxl")):
+    with pytest.raises(SystemExit) as e:
+      convert_main(["single-file", file, str(tmp_path / "bad"), "--config", str(tmp_path / "pipe"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:  # an existing file is not overwritten
+    export.main(["diffusers", str(tmp_path / "pipe"), file, "--format", "single-file"])
+  assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_original_unet_layout_is_diffusers_own(tmp_path, kind):
+  """Our original-layout U-Net keys are those diffusers' single-file converter maps back to its own state dict, and
+  a file of them alone (no config) converts to the same parameters, its layout read from its shapes."""
+  import jax
+  from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+  from safetensors.numpy import save_file
+  from lidit_jax.convert import diffusers_unet
+  torch.manual_seed(0)
+  kw = dict(sample_size=64, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=24) if kind == "sd15" else dict(  # SD / XL head rules: 8 heads; 64 channels a head
+      sample_size=128, block_out_channels=(64, 128, 128), layers_per_block=2, attention_head_dim=(1, 2, 2),
+      down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+      up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), transformer_layers_per_block=(1, 2, 3),
+      use_linear_projection=True, cross_attention_dim=32, addition_embed_type="text_time",
+      addition_time_embed_dim=256, projection_class_embeddings_input_dim=12 + 6 * 256)
+  ref = _randomise(diffusers.UNet2DConditionModel(**kw), 0.1)
+  ref.save_pretrained(tmp_path / "unet")
+  module, params = diffusers_unet.load_unet(str(tmp_path / "unet"))
+  original = diffusers_unet.to_ldm(module.cfg, params)
+  back = convert_ldm_unet_checkpoint(original, dict(ref.config))
+  want = {k: v.numpy() for k, v in ref.state_dict().items()}
+  assert set(back) == set(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(np.asarray(back[k]), v, err_msg=k)
+  save_file(original, str(tmp_path / "unet.safetensors"))
+  conv = diffusers_unet.Conversion.prepare(str(tmp_path / "unet.safetensors"))  # kind from its keys
+  assert conv.cfg == module.cfg
+  for a, b in zip(jax.tree.leaves(conv.run(jnp.float32)), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -2,12 +2,20 @@
 
   python -m lidit_jax.convert hf-text SRC_DIR OUT_DIR [--dtype bfloat16] [--allow-pickle]
   python -m lidit_jax.convert vae SRC OUT_DIR [--dtype float32] [--config config.json]
+  python -m lidit_jax.convert diffusers SRC OUT_DIR [--dtype float32]
+  python -m lidit_jax.convert single-file SRC.safetensors OUT_DIR --config PIPELINE_DIR [--ema] [--kind sd15]
 
 SRC_DIR is a local Hugging Face model directory (config.json + model.safetensors, or shards with their
 index) of a decoder LLM (Llama, Mistral, Qwen2/3, Gemma 2), a T5 encoder or a CLIP text model. OUT_DIR
 can then be used wherever a text tower is named (`--config.text.towers.NAME.init=OUT_DIR`).
 For `vae`, SRC is a diffusers AutoencoderKL folder, a pipeline folder (its vae/ is read) or an original
 single file (a whole SD checkpoint's first_stage_model.*, or a bare VAE file); `load_vae(OUT_DIR)` reads OUT_DIR.
+For `diffusers`, SRC is a Stable Diffusion 1.x / 2.x / XL pipeline folder: its U-Net, VAE and text encoders are
+converted into OUT_DIR's unet/, vae/, text_encoder(_2)/, its tokenizers, scheduler and model_index.json copied;
+`Pipeline.from_pretrained(OUT_DIR)` reads it with nothing left to convert (`python -m lidit_jax.export diffusers`
+writes it back). `single-file` does the same for an original SD 1.x checkpoint (`model.diffusion_model.*`,
+`first_stage_model.*`, `cond_stage_model.transformer.*`; `model_ema.*` with --ema), laid out by --config, a
+diffusers folder of the same model (its configs, tokenizers and scheduler).
 Ends by printing one JSON line: family, parameter count, dtype, seconds, unused tensors.
 """
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -48,34 +57,115 @@ def convert_vae(src: str, out: str, dtype, config: str | None = None, progress: 
   return (diffusers_vae, conv.cfg, *stream(conv, diffusers_vae, src, out, dtype, progress))
 
 
+def _read_index(folder: str) -> dict:
+  path = os.path.join(folder, "model_index.json")
+  if not os.path.isfile(path):
+    raise cli.NotFound(f"{path} does not exist. Fix: point at a diffusers pipeline folder")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _text_encoders(index: dict):
+  """(name, model_index class name) of a pipeline's text encoders."""
+  return [(n, index[n][1]) for n in ("text_encoder", "text_encoder_2") if index.get(n) and index[n][0] is not None]
+
+
+def convert_pipeline(src: str, out: str, dtype, progress: bool = False):
+  """{component: (family, cfg, parameter count, unused keys)} of a diffusers SD pipeline folder converted to OUT.
+  Every component is checked before OUT is touched."""
+  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text
+  index = _read_index(src)
+  parts = {"unet": (diffusers_unet, diffusers_unet.Conversion.prepare(os.path.join(src, "unet"), dtype)),
+           "vae": (diffusers_vae, diffusers_vae.Conversion.prepare(os.path.join(src, "vae"), dtype))}
+  for name, class_name in _text_encoders(index):
+    conv = hf_text.Conversion.prepare(os.path.join(src, name), dtype, adapt=hf_clip.sd_head(class_name))
+    parts[name] = (conv.fam, conv)
+  return _write_pipeline(parts, {n: os.path.join(src, n) for n in parts}, src, out, dtype, progress)
+
+
+def convert_single_file(src: str, out: str, dtype, config: str, kind: str | None = None, ema: bool = False,
+                        progress: bool = False):
+  """The same as `convert_pipeline` for an original SD checkpoint file (`model.diffusion_model.*`,
+  `first_stage_model.*`, `cond_stage_model.transformer.*`): the diffusers pipeline folder `config` gives the
+  components' configs, the tokenizers, the scheduler and model_index.json (its weights are not read)."""
+  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text, safetensors_io
+  index = _read_index(config)
+  if not os.path.isfile(src):
+    raise cli.NotFound(f"{src} is not a file. Fix: point at the checkpoint's .safetensors file")
+  found = diffusers_unet.detect_kind(safetensors_io.CheckpointFiles(src))
+  if kind is not None and kind != found:
+    raise cli.UserError(f"--kind {kind}: {src} holds an {found} checkpoint (its keys say). Fix: --kind {found}")
+  if found != "sd15":
+    raise cli.UserError(f"{src} is an {found} checkpoint: the OpenCLIP text encoder of SD 2.x / XL single files is "
+                        "not converted yet. Fix: convert its diffusers pipeline folder (`convert diffusers`)")
+  parts = {"unet": (diffusers_unet, diffusers_unet.Conversion.prepare(src, dtype, config, found, ema)),
+           "vae": (diffusers_vae, diffusers_vae.Conversion.prepare(src, dtype, os.path.join(config, "vae", "config.json")))}
+  for name, class_name in _text_encoders(index):
+    conv = hf_text.Conversion.prepare(os.path.join(config, name), dtype, adapt=hf_clip.sd_head(class_name),
+                                      weights=src)
+    parts[name] = (conv.fam, conv)
+  return _write_pipeline(parts, {n: src for n in parts}, config, out, dtype, progress)
+
+
+def _write_pipeline(parts: dict, sources: dict, folder: str, out: str, dtype, progress: bool):
+  """Checked conversions `parts` ({component: (family, conversion)}) streamed into OUT's component folders, then
+  `folder`'s tokenizers, scheduler and model_index.json copied (the index last: a folder without it is no pipeline)."""
+  import shutil
+  if os.path.isdir(out) and os.listdir(out):
+    raise cli.UserError(f"{out} is not empty. Fix: convert into a new directory")
+  done = {name: (fam, conv.cfg, *stream(conv, fam, sources[name], os.path.join(out, name), dtype, progress))
+          for name, (fam, conv) in parts.items()}
+  for name in _read_index(folder):  # what needs no conversion
+    if (name.startswith("tokenizer") or name == "scheduler") and os.path.isdir(os.path.join(folder, name)):
+      shutil.copytree(os.path.join(folder, name), os.path.join(out, name))
+  shutil.copy(os.path.join(folder, "model_index.json"), os.path.join(out, "model_index.json"))
+  return done
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m lidit_jax.convert", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("hf-text", help="a Hugging Face text model (LLM, T5 encoder, CLIP text) -> Orbax",
-                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("src", help="Hugging Face model directory (local; nothing is downloaded)")
-  p.add_argument("out", help="output directory (must not hold a converted model yet)")
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
-                 help="storage dtype of the converted parameters (default: bfloat16, as frozen towers run)")
+  def command(name, help, src, dtype="float32", dtype_help="storage dtype of every component (default: float32)"):
+    c = sub.add_parser(name, help=help, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("src", help=src)
+    c.add_argument("out", help="output directory (new, or holding no converted model yet)")
+    c.add_argument("--dtype", default=dtype, choices=("bfloat16", "float32", "float16"), help=dtype_help)
+    cli.add_debug_flag(c)
+    return c
+
+  p = command("hf-text", "a Hugging Face text model (LLM, T5 encoder, CLIP text) -> Orbax",
+              "Hugging Face model directory (local; nothing is downloaded)", "bfloat16",
+              "storage dtype of the converted parameters (default: bfloat16, as frozen towers run)")
   p.add_argument("--allow-pickle", action="store_true",
                  help="accept pytorch_model.bin pickles (loaded with torch's weights_only mode)")
-  cli.add_debug_flag(p)
-  v = sub.add_parser("vae", help="a diffusers AutoencoderKL (folder, pipeline folder's vae/, or an original "
-                     "single .safetensors file) -> Orbax", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-  v.add_argument("src", help="VAE folder, pipeline folder, or single file (first_stage_model.* or bare encoder.*)")
-  v.add_argument("out", help="output directory (must not hold a converted model yet)")
-  v.add_argument("--dtype", default="float32", choices=("bfloat16", "float32", "float16"),
-                 help="storage dtype (default: float32; SD's VAEs are run in float32, diffusers' force_upcast)")
+  v = command("vae", "a diffusers AutoencoderKL (folder, pipeline folder's vae/, or an original single .safetensors "
+              "file) -> Orbax", "VAE folder, pipeline folder, or single file (first_stage_model.* or bare encoder.*)",
+              dtype_help="storage dtype (default: float32; SD's VAEs are run in float32, diffusers' force_upcast)")
   v.add_argument("--config", help="diffusers config.json of the weights (a single file's layout is otherwise "
                  "inferred from its shapes, with SD's norm groups and scaling factor)")
-  cli.add_debug_flag(v)
+  command("diffusers", "a diffusers Stable Diffusion pipeline folder -> a folder of Orbax components that "
+          "Pipeline.from_pretrained reads", "pipeline folder (model_index.json, unet/, vae/, text_encoder(_2)/, "
+          "tokenizer(_2)/, scheduler/)")
+  f = command("single-file", "an original SD 1.x checkpoint file (CompVis / A1111 layout) -> a folder of Orbax "
+              "components that Pipeline.from_pretrained reads", "the checkpoint's .safetensors file")
+  f.add_argument("--config", required=True, help="a diffusers pipeline folder of the same model (configs, "
+                 "tokenizers, scheduler; weights not needed): nothing is downloaded")
+  f.add_argument("--kind", choices=("sd15", "sd2", "sdxl"), help="the checkpoint's kind (default: from its keys)")
+  f.add_argument("--ema", action="store_true", help="the U-Net's EMA weights (model_ema.*) instead of its own")
   args = parser.parse_args(argv)
 
   from lidit_jax.convert import registry
   start = time.perf_counter()
   dtype = jnp.dtype(args.dtype)
   with cli.user_errors():
+    if args.command in ("diffusers", "single-file"):
+      parts = (convert_pipeline(args.src, args.out, dtype, sys.stderr.isatty()) if args.command == "diffusers" else
+               convert_single_file(args.src, args.out, dtype, args.config, args.kind, args.ema, sys.stderr.isatty()))
+      print(json.dumps({"out": args.out, "components": {k: {"family": registry.describe(v[0], v[1])["family"],
+                                                             "params": v[2], "unused_tensors": v[3]}
+                                                         for k, v in parts.items()},
+                        "dtype": dtype.name, "seconds": round(time.perf_counter() - start, 2)}))
+      return 0
     if args.command == "vae":
       fam, cfg, count, unused = convert_vae(args.src, args.out, dtype, args.config, sys.stderr.isatty())
     else:

@@ -23,6 +23,7 @@ from lidit_jax.convert import safetensors_io as io
 from lidit_jax.models import unet
 
 Config = unet.UNetConfig
+DOWN_BLOCKS = unet.DOWN_BLOCKS
 _INDEXED = re.compile(r"(down_blocks|up_blocks|resnets|attentions|transformer_blocks|downsamplers|upsamplers|to_out|net)"
                       r"_(\d+)")
 # (config field, the value our module implements): anything else is refused
@@ -94,8 +95,9 @@ def torch_key(path: tuple[str, ...]) -> str:
   return ".".join(names) + "." + {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
 
 
-def _kernel(w: np.ndarray) -> np.ndarray:
-  return w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T  # conv OIHW -> HWIO, Linear [out, in] -> [in, out]
+_kernel = io.with_inverse(  # conv OIHW <-> HWIO, Linear [out, in] <-> [in, out]
+    lambda w: w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T,
+    lambda k: k.transpose(3, 2, 0, 1) if k.ndim == 4 else k.T)
 
 
 def plan(expected: dict) -> dict:
@@ -103,6 +105,124 @@ def plan(expected: dict) -> dict:
   kernel here as there; a linear one (SD 2.x / XL) 2-D in both."""
   return {path: io.Source.one(torch_key(path), _kernel if path[-1] == "kernel" else io._identity)
           for path in expected}
+
+
+# ---------------------------------------------------------------- the original single-file layout (CompVis LDM / A1111)
+
+LDM_PREFIX = "model.diffusion_model."
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def ldm_modules(cfg: unet.UNetConfig) -> dict[str, str]:
+  """{diffusers module: original module}. The original numbers its down path `input_blocks.i` (conv_in, then per
+  block its resnet (+ attention) pairs and a downsampler), its up path `output_blocks.i` likewise (the upsampler
+  beside the block's last resnet), and the mid block's resnet / attention / resnet `middle_block.0..2`."""
+  m = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+       "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+       "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+       "mid_block.resnets.1": "middle_block.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+  n, per = len(cfg.block_out_channels), cfg.layers_per_block
+  i = 1
+  for b in range(n):
+    for j in range(per):
+      m[f"down_blocks.{b}.resnets.{j}"], m[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{i}.0", f"input_blocks.{i}.1"
+      i += 1
+    if b < n - 1:
+      m[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{i}.0.op"
+      i += 1
+  i = 0
+  for b in range(n):
+    for j in range(per + 1):
+      m[f"up_blocks.{b}.resnets.{j}"], m[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{i}.0", f"output_blocks.{i}.1"
+      i += 1
+    if b < n - 1:
+      m[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{i - 1}.{2 if cfg.up_block_types[b] == UP_ATTN else 1}.conv"
+  return m
+
+
+def ldm_key(key: str, modules: dict[str, str]) -> str:
+  """A diffusers U-Net key in the original naming (without `LDM_PREFIX`); transformers' inner names agree."""
+  parts = key.split(".")
+  for cut in range(min(5, len(parts) - 1), 0, -1):  # the longest module prefix
+    head = ".".join(parts[:cut])
+    if head in modules:
+      rest = parts[cut:]
+      if ".resnets." in head:
+        rest[0] = _LDM_RESNET.get(rest[0], rest[0])
+      return ".".join([modules[head], *rest])
+  raise KeyError(f"{key} has no place in the original U-Net layout")
+
+
+def ema_key(key: str) -> str:
+  """An original file keeps its EMA copy under `model_ema.` with the module path's dots dropped."""
+  return "model_ema." + key[len("model."):].replace(".", "")
+
+
+UP_ATTN = "CrossAttnUpBlock2D"
+# Head counts are not in the tensors: SD 1.x has 8 per block, SD 2.x and XL 64 channels per head.
+KINDS = {"sd15": dict(heads=lambda w: 8, sample_size=64), "sd2": dict(heads=lambda w: w // 64, sample_size=96),
+         "sdxl": dict(heads=lambda w: w // 64, sample_size=128)}
+
+
+def infer_config(files: io.CheckpointFiles, kind: str) -> unet.UNetConfig:
+  """An original file's U-Net from its tensor shapes; `kind` (KINDS) gives what shapes do not hold."""
+  keys = [k[len(LDM_PREFIX):] for k in files.keys() if k.startswith(LDM_PREFIX)]
+  shape = lambda k: files.shape(LDM_PREFIX + k)
+  has = lambda k: LDM_PREFIX + k in files.key_to_file
+  index = lambda path: {int(k.split(".")[1]) for k in keys if k.startswith(path + ".")}
+  ops = sorted(i for i in index("input_blocks") if has(f"input_blocks.{i}.0.op.weight"))
+  per = ops[0] - 1 if ops else len(index("input_blocks")) - 1
+  n = len(ops) + 1
+  first = [1 + b * (per + 1) for b in range(n)]
+  widths = tuple(shape(f"input_blocks.{i}.0.out_layers.3.weight")[0] for i in first)
+  down_attn = [has(f"input_blocks.{i}.1.proj_in.weight") for i in first]
+  up_attn = [has(f"output_blocks.{b * (per + 1)}.1.proj_in.weight") for b in range(n)]
+  depth = lambda path: len({k.split(".")[4] for k in keys if k.startswith(path + ".transformer_blocks.")})
+  depths = tuple(depth(f"input_blocks.{i}.1") if a else (depth(f"output_blocks.{(n - 1 - b) * (per + 1)}.1") or 1)
+                 for b, (i, a) in enumerate(zip(first, down_attn)))
+  attn = next(k for k in keys if k.endswith("attn2.to_k.weight"))
+  proj = next(k for k in keys if k.endswith("proj_in.weight"))
+  added = has("label_emb.0.0.weight")
+  k = KINDS[kind]
+  return unet.UNetConfig(
+      in_channels=shape("input_blocks.0.0.weight")[1], out_channels=shape("out.2.weight")[0], block_out_channels=widths,
+      down_block_types=tuple(DOWN_BLOCKS[0] if a else DOWN_BLOCKS[1] for a in down_attn),
+      up_block_types=tuple(UP_ATTN if a else "UpBlock2D" for a in up_attn), layers_per_block=per,
+      num_heads=tuple(k["heads"](w) for w in widths), transformer_layers_per_block=depths,
+      cross_attention_dim=shape(attn)[1], use_linear_projection=len(shape(proj)) == 2,
+      addition_embed_type="text_time" if added else None, addition_time_embed_dim=256 if added else None,
+      projection_class_embeddings_input_dim=shape("label_emb.0.0.weight")[1] if added else None,
+      sample_size=k["sample_size"])
+
+
+def detect_kind(files: io.CheckpointFiles) -> str:
+  """sd15 / sd2 / sdxl from an original file's text-encoder keys (or its U-Net's when it holds only that)."""
+  keys = files.keys()
+  if any(k.startswith("conditioner.embedders.") for k in keys) or LDM_PREFIX + "label_emb.0.0.weight" in keys:
+    return "sdxl"
+  if any(k.startswith("cond_stage_model.model.") for k in keys):
+    return "sd2"
+  if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+    return "sd15"
+  attn = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
+  if attn is None:
+    raise NotFound(f"{files.directory} holds no U-Net ({LDM_PREFIX}*). Fix: point at a whole SD checkpoint")
+  return "sd2" if files.shape(attn)[1] == 1024 else "sd15"
+
+
+def ldm_plan(expected: dict, cfg: unet.UNetConfig, ema: bool = False) -> dict:
+  """The plan over an original single file: the same layouts, original names (the EMA copy's with `ema`)."""
+  modules = ldm_modules(cfg)
+  name = lambda path: LDM_PREFIX + ldm_key(torch_key(path), modules)
+  return {path: dataclasses.replace(src, keys=((ema_key if ema else str)(name(path)),))
+          for path, src in plan(expected).items()}
+
+
+def to_ldm(cfg: unet.UNetConfig, params) -> dict[str, np.ndarray]:
+  """The U-Net's state dict in the original single-file naming (`model.diffusion_model.*`): export."""
+  modules = ldm_modules(cfg)
+  return {LDM_PREFIX + ldm_key(k, modules): v for k, v in to_diffusers(cfg, params)[1].items()}
 
 
 @dataclasses.dataclass
@@ -117,31 +237,85 @@ class Conversion:
   resolved: dict
 
   @classmethod
-  def prepare(cls, path: str, dtype=jnp.float32) -> "Conversion":
-    path = io.component_dir(path, "unet", "UNet2DConditionModel")
-    where = os.path.join(path, "config.json")
-    if not os.path.exists(where):
-      raise NotFound(f"{where} does not exist. Fix: point at a diffusers U-Net folder")
-    with open(where, encoding="utf-8") as f:
-      cfg = config_from_diffusers(json.load(f), where)
-    module, files = make_module(cfg, dtype), io.CheckpointFiles(path)
+  def prepare(cls, path: str, dtype=jnp.float32, config: str | None = None, kind: str | None = None,
+              ema: bool = False) -> "Conversion":
+    """`path`: a U-Net or pipeline folder, or an original single file (`model.diffusion_model.*`; its EMA copy
+    with `ema`), whose layout `config` (a config.json, or a folder holding one or a unet/) gives, else its
+    shapes and `kind` (KINDS; detected from its keys when None)."""
+    path = os.path.expanduser(os.fspath(path))
+    single = os.path.isfile(path)
+    if single:
+      if not path.endswith(".safetensors"):
+        raise NotFound(f"{path!r} is not a .safetensors file. Fix: convert the checkpoint to safetensors first")
+      files = io.CheckpointFiles(path)
+      if kind is not None and kind not in KINDS:
+        raise NotFound(f"kind {kind!r} is not one of {sorted(KINDS)}. Fix: pick one")
+      cfg = _read_config(config) if config else infer_config(files, kind or detect_kind(files))
+    else:
+      path = io.component_dir(path, "unet", "UNet2DConditionModel")
+      cfg, files = _read_config(config or path), io.CheckpointFiles(path)
+    module = make_module(cfg, dtype)
     expected = io.flatten_shapes(registry.strip_boxes(abstract_params(module)))
-    plan_ = plan(expected)
+    plan_ = ldm_plan(expected, cfg, ema) if single else plan(expected)
+    if ema and not any(k.startswith("model_ema.") for k in files.keys()):
+      raise NotFound(f"{path} holds no EMA weights (model_ema.*). Fix: convert without --ema")
     conv = cls(path, cfg, module, files, expected, plan_, io.check_plan(plan_, files, expected))
-    planned = {k for names in conv.resolved.values() for k in names}
-    unused = sorted(set(files.keys()) - planned)
+    unused = conv.unused()
     if unused:
       raise io.ConversionError(f"{path}: {len(unused)} U-Net tensors match no parameter of its config: "
-                               f"{unused[:8]}. Fix: check config.json against the weights")
+                               f"{unused[:8]}. Fix: check the config against the weights")
     return conv
 
   def run(self, dtype, progress: bool = False, **kw) -> dict:
     return io.build_params(self.plan, self.files, self.expected, dtype, progress=progress, resolved=self.resolved,
                            **kw)
 
+  def unused(self) -> list[str]:
+    """U-Net tensors no parameter reads (`prepare` refuses any); in a single file, those of the copy it reads
+    (`model.diffusion_model.*`, or the EMA one): its other models are not the U-Net's."""
+    planned = {k for names in self.resolved.values() for k in names}
+    if os.path.isdir(self.source):
+      return sorted(set(self.files.keys()) - planned)
+    mine = "model_ema.diffusion_model" if any(k.startswith("model_ema.") for k in planned) else LDM_PREFIX
+    return sorted(k for k in self.files.keys() if k.startswith(mine) and k not in planned)
+
+
+def _read_config(where: str) -> unet.UNetConfig:
+  if os.path.isdir(where):
+    where = os.path.join(io.component_dir(where, "unet", "UNet2DConditionModel"), "config.json")
+  if not os.path.exists(where):
+    raise NotFound(f"{where} does not exist. Fix: point at a diffusers U-Net folder or its config.json")
+  with open(where, encoding="utf-8") as f:
+    return config_from_diffusers(json.load(f), where)
+
 
 def load_unet(path: str, dtype=jnp.float32):
-  """(UNet2DConditionModel module, params) from a diffusers U-Net or pipeline folder; parameters in `dtype`,
-  which the module computes in."""
+  """(UNet2DConditionModel module, params) from a diffusers U-Net or pipeline folder, or our converted directory
+  (`python -m lidit_jax.convert diffusers`); parameters in `dtype`, which the module computes in."""
+  path = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(path) and registry.marker(path):
+    from lidit_jax.convert import orbax_io
+    kind = registry.read_marker(path)["family"]
+    if kind != "diffusers_unet":
+      raise NotFound(f"{path} holds a converted {kind} model, not a U-Net. Fix: point at a U-Net")
+    return orbax_io.load_converted(path, dtype)
   conv = Conversion.prepare(path, dtype)
   return conv.module, conv.run(dtype)
+
+
+def to_diffusers(cfg: unet.UNetConfig, params) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json dict, state dict) in diffusers' naming and layouts: the inverse of the plan (export)."""
+  config = {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "block_out_channels": list(cfg.block_out_channels), "down_block_types": list(cfg.down_block_types),
+            "up_block_types": list(cfg.up_block_types), "layers_per_block": cfg.layers_per_block,
+            "attention_head_dim": list(cfg.num_heads),  # diffusers' legacy name for the head count
+            "transformer_layers_per_block": list(cfg.transformer_layers_per_block),
+            "cross_attention_dim": cfg.cross_attention_dim, "norm_num_groups": cfg.norm_num_groups,
+            "norm_eps": cfg.norm_eps, "use_linear_projection": cfg.use_linear_projection,
+            "upcast_attention": cfg.upcast_attention, "flip_sin_to_cos": cfg.flip_sin_to_cos,
+            "freq_shift": cfg.freq_shift, "addition_embed_type": cfg.addition_embed_type,
+            "addition_time_embed_dim": cfg.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim,
+            "sample_size": cfg.sample_size, **{k: v for k, v in _FIXED.items() if v is not None}}
+  params = registry.strip_boxes(params)
+  return config, io.to_state_dict(plan(io.flatten_shapes(params)), params)

@@ -69,12 +69,9 @@ def _torch_name(flax_name: str) -> str:
   return re.sub(r"(\d)_", r"\1.", re.sub(r"_(\d+)", r".\1", flax_name))
 
 
-def _kernel(w: np.ndarray) -> np.ndarray:
-  return w.transpose(2, 3, 1, 0)  # conv OIHW -> HWIO
-
-
-def _dense(w: np.ndarray) -> np.ndarray:
-  return w.reshape(w.shape[0], w.shape[1]).T  # Linear [out, in], or an original file's 1x1 conv [out, in, 1, 1]
+_kernel = io.with_inverse(lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+# Linear [out, in] (or an original file's 1x1 conv [out, in, 1, 1]) -> [in, out]; exported as diffusers' Linear
+_dense = io.with_inverse(lambda w: w.reshape(w.shape[0], w.shape[1]).T, lambda k: k.T)
 
 
 def ldm_name(key: str, num_blocks: int) -> str:
@@ -216,16 +213,22 @@ def to_diffusers(cfg: vae.VAEConfig, params) -> tuple[dict, dict[str, np.ndarray
             "latents_std": None if cfg.latents_std is None else list(cfg.latents_std),
             "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
             "mid_block_add_attention": cfg.mid_block_add_attention}
-  flat = io.flatten_shapes(registry.strip_boxes(params))  # {path: array}
-  state = {}
-  for path, src in plan(flat).items():
-    key = src.keys[0] if isinstance(src.keys[0], str) else src.keys[0][0]
-    w = np.asarray(flat[path], np.float32)
-    if path[-1] == "kernel":
-      w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T  # HWIO -> OIHW, [in, out] -> [out, in]
-    state[key] = np.ascontiguousarray(w)
-  return config, state
+  params = registry.strip_boxes(params)
+  return config, io.to_state_dict(plan(io.flatten_shapes(params)), params)
 
+
+LDM_PREFIX = "first_stage_model."
+
+
+def to_ldm(cfg: vae.VAEConfig, params) -> dict[str, np.ndarray]:
+  """The VAE's state dict in the original single-file naming (`first_stage_model.*`), its mid attention's
+  projections as the 1x1 convs the original holds: export."""
+  n = len(cfg.block_out_channels)
+  out = {}
+  for k, v in to_diffusers(cfg, params)[1].items():
+    key = ldm_name(k, n)
+    out[LDM_PREFIX + key] = v[:, :, None, None] if ".attn_1." in key and key.endswith(".weight") and v.ndim == 2 else v
+  return out
 
 def write_diffusers(out: str, cfg: vae.VAEConfig, params) -> str:
   """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) of `params`."""

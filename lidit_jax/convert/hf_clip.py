@@ -58,6 +58,12 @@ def with_head(cfg: Config, projection: bool) -> Config:
   return dataclasses.replace(cfg, head=True, projection_dim=cfg.projection_dim if projection else 0)
 
 
+def sd_head(class_name: str):
+  """The `adapt` of a Stable Diffusion pipeline's text encoder (model_index.json's class name): its head, and the
+  projection of a CLIPTextModelWithProjection (SDXL's second encoder)."""
+  return lambda cfg: with_head(cfg, class_name == "CLIPTextModelWithProjection")
+
+
 def make_module(cfg: Config, dtype) -> nn.Module:
   return clip.CLIPTextTower(cfg, dtype)
 
@@ -89,3 +95,21 @@ def plan(cfg: Config) -> dict[tuple[str, ...], Source]:
     p[("layers", fc, "kernel")] = layer(f"mlp.{fc}.weight", linear)
     p[("layers", fc, "bias")] = layer(f"mlp.{fc}.bias")
   return p
+
+
+def to_hf(cfg: Config, params) -> tuple[dict, dict]:
+  """(config.json dict, state dict) of the tower as transformers' CLIPTextModel, or CLIPTextModelWithProjection
+  when it has a projection: the inverse of the plan (export). Keys as Stable Diffusion's hub folders hold them
+  ("text_model."; transformers 4 and 5 both load them)."""
+  from lidit_jax.convert import registry, safetensors_io as io
+  if not cfg.head:
+    raise ValueError("a CLIP tower without its head (final LayerNorm) cannot be exported as a CLIPTextModel")
+  projection = bool(cfg.projection_dim)
+  config = {"architectures": ["CLIPTextModelWithProjection" if projection else "CLIPTextModel"],
+            "model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "max_position_embeddings": cfg.max_positions,
+            "hidden_act": cfg.hidden_act, "layer_norm_eps": cfg.eps, "eos_token_id": cfg.eos_token_id,
+            **({"projection_dim": cfg.projection_dim} if projection else {})}
+  state = io.to_state_dict(plan(cfg), registry.strip_boxes(params))
+  return config, {k if k.startswith("text_projection") else "text_model." + k: v for k, v in state.items()}

@@ -44,6 +44,15 @@ def _identity(x: np.ndarray) -> np.ndarray:
   return x
 
 
+def with_inverse(transform: Callable, inverse: Callable) -> Callable:
+  """`transform` (PyTorch layout -> ours), knowing its inverse: export (`to_state_dict`) writes PyTorch's back."""
+  transform.inverse = inverse
+  return transform
+
+
+with_inverse(_identity, _identity)
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
   """Where one Flax parameter comes from. Several keys are stacked on a new leading (layers) axis."""
@@ -89,23 +98,40 @@ def _read_header(path: str) -> tuple[int, dict]:
   return 8 + n, header
 
 
-def linear(w: np.ndarray) -> np.ndarray:
-  """torch Linear weight [out, in] -> Flax kernel [in, out]."""
+def _transpose(w: np.ndarray) -> np.ndarray:
   return w.T
+
+
+linear = with_inverse(lambda w: w.T, _transpose)  # torch Linear weight [out, in] <-> Flax kernel [in, out]
 
 
 def heads_in(num_heads: int) -> Callable[[np.ndarray], np.ndarray]:
   """q/k/v projection [H*K, D] -> HeadsDense kernel [D, H, K]."""
-  return lambda w: w.T.reshape(w.shape[1], num_heads, -1)
+  return with_inverse(lambda w: w.T.reshape(w.shape[1], num_heads, -1), lambda k: k.reshape(k.shape[0], -1).T)
 
 
 def heads_bias(num_heads: int) -> Callable[[np.ndarray], np.ndarray]:
-  return lambda b: b.reshape(num_heads, -1)
+  return with_inverse(lambda b: b.reshape(num_heads, -1), lambda b: b.reshape(-1))
 
 
 def heads_out(num_heads: int) -> Callable[[np.ndarray], np.ndarray]:
   """output projection [D, H*K] -> HeadsDense kernel [H, K, D]."""
-  return lambda w: w.T.reshape(num_heads, -1, w.shape[0])
+  return with_inverse(lambda w: w.T.reshape(num_heads, -1, w.shape[0]), lambda k: k.reshape(-1, k.shape[-1]).T)
+
+
+def to_state_dict(plan: "Plan", params) -> dict[str, np.ndarray]:
+  """The inverse of a plan (export): {checkpoint key: float32 numpy array in PyTorch's layout} of a parameter
+  tree (alternative keys: the first; a stacked parameter: one key per layer)."""
+  flat = flatten_shapes(params)
+  out = {}
+  for path, src in plan.items():
+    inverse = getattr(src.transform, "inverse", None)
+    if inverse is None:
+      raise ValueError(f"{'/'.join(path)}: its conversion has no inverse, so it cannot be exported")
+    value = np.asarray(flat[path], np.float32)
+    for i, key in enumerate(src.keys):
+      out[key if isinstance(key, str) else key[0]] = np.ascontiguousarray(inverse(value[i] if src.stacked else value))
+  return out
 
 
 def component_dir(path: str, subfolder: str, class_name: str) -> str:

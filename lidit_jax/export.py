@@ -1,0 +1,115 @@
+"""Export back to the PyTorch tools.
+
+  python -m lidit_jax.export diffusers SRC OUT [--dtype float16]
+  python -m lidit_jax.export diffusers SRC OUT.safetensors --format single-file
+
+SRC is a Stable Diffusion model that `Pipeline.from_pretrained` reads: a diffusers pipeline folder or our
+converted one (`python -m lidit_jax.convert diffusers`). OUT becomes a diffusers pipeline folder: each
+component's config.json and safetensors weights (float32 unless --dtype), the tokenizers, the scheduler's config
+and model_index.json, which diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained load
+and sample to the same images (tests/test_pipeline.py). With --format single-file, OUT is one file in the
+original CompVis / A1111 layout (SD 1.x), which diffusers' `from_single_file` also loads. No torch is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from lidit_jax import cli
+
+# model_index.json entries of the components written here; any other (a safety checker) is left out
+_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
+
+
+def _save(directory: str, config: dict, state: dict, weights: str, dtype) -> None:
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
+  state = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in state.items()}
+  save_file(state, os.path.join(directory, weights), metadata={"format": "pt"})
+
+
+def export_diffusers(sd, out: str, dtype=np.float32) -> str:
+  """Write `sd` (a `pipeline.StableDiffusion`: a loaded pipeline folder) to `out` as a diffusers pipeline folder."""
+  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip
+  if os.path.exists(os.path.join(out, "model_index.json")):
+    raise cli.UserError(f"{out} already holds a pipeline (model_index.json). Fix: export to a new directory")
+  params = sd.params
+  _save(os.path.join(out, "unet"), *diffusers_unet.to_diffusers(sd.unet.cfg, params["unet"]),
+        "diffusion_pytorch_model.safetensors", dtype)
+  _save(os.path.join(out, "vae"), *diffusers_vae.to_diffusers(sd.vae.module.cfg, params["vae"]),
+        "diffusion_pytorch_model.safetensors", dtype)
+  index = {"_class_name": sd.index.get("_class_name", "StableDiffusionPipeline"),
+           "_diffusers_version": sd.index.get("_diffusers_version", "0.30.0")}
+  index.update({k: list(v) for k, v in _CLASSES.items()})
+  for enc in sd.encoders:
+    config, state = hf_clip.to_hf(enc.module.cfg, params[enc.name])
+    _save(os.path.join(out, enc.name), config, state, "model.safetensors", dtype)
+    tok = enc.name.replace("text_encoder", "tokenizer")
+    enc.tokenizer.save_pretrained(os.path.join(out, tok))
+    index[enc.name] = ["transformers", config["architectures"][0]]
+    index[tok] = ["transformers", type(enc.tokenizer).__name__]
+  os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+  with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+    json.dump(sd.scheduler_config, f, indent=2)
+  index["scheduler"] = ["diffusers", sd.scheduler_config.get("_class_name", "PNDMScheduler")]
+  for key, value in sd.index.items():  # pipeline options (force_zeros_for_empty_prompt, ...), absent parts as null
+    if key not in index and not key.startswith("_"):
+      index[key] = [None, None] if isinstance(value, list) else value
+  with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
+    json.dump(index, f, indent=2)
+  return out
+
+
+def export_single_file(sd, out: str, dtype=np.float32) -> str:
+  """Write `sd` (an SD 1.x `pipeline.StableDiffusion`) to the file `out` in the original single-file layout that
+  A1111, ComfyUI and diffusers' `from_single_file` read: `model.diffusion_model.*` (the U-Net),
+  `first_stage_model.*` (the VAE), `cond_stage_model.transformer.text_model.*` (the CLIP text encoder)."""
+  from safetensors.numpy import save_file
+  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip
+  if sd.xl or sd.unet.cfg.use_linear_projection:
+    raise cli.UserError(f"{sd.path} is an SD 2.x / XL model: its single file holds an OpenCLIP text encoder, which "
+                        "is not exported yet. Fix: export it as a diffusers folder (--format diffusers)")
+  if os.path.exists(out):
+    raise cli.UserError(f"{out} already exists. Fix: export to a new file")
+  state = {**diffusers_unet.to_ldm(sd.unet.cfg, sd.params["unet"]),
+           **diffusers_vae.to_ldm(sd.vae.module.cfg, sd.params["vae"])}
+  enc = sd.encoders[0]
+  state.update({"cond_stage_model.transformer." + k: v for k, v in hf_clip.to_hf(enc.module.cfg, sd.params[enc.name])[1].items()})
+  state = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in state.items()}
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  save_file(state, out + ".partial", metadata={"format": "pt"})
+  os.replace(out + ".partial", out)  # a failed write leaves no half file under the name
+  return out
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m lidit_jax.export", description=__doc__.split("\n\n")[0],
+                                   epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  d = sub.add_parser("diffusers", help="a Stable Diffusion model -> a diffusers pipeline folder")
+  d.add_argument("src", help="diffusers pipeline folder, or our converted one")
+  d.add_argument("out", help="new output directory (a new .safetensors file with --format single-file)")
+  d.add_argument("--format", default="diffusers", choices=("diffusers", "single-file"),
+                 help="a diffusers pipeline folder, or one original-layout file (SD 1.x)")
+  d.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' storage dtype")
+  cli.add_debug_flag(d)
+  args = parser.parse_args(argv)
+  with cli.user_errors():
+    from lidit_jax.pipeline import Pipeline, StableDiffusion
+    pipe = Pipeline.from_pretrained(args.src)
+    if not isinstance(pipe.backend, StableDiffusion):
+      raise cli.UserError(f"{args.src} is a training workdir; `export diffusers` takes a Stable Diffusion pipeline "
+                          "folder. Fix: point at one")
+    write = export_diffusers if args.format == "diffusers" else export_single_file
+    write(pipe.backend, args.out, np.dtype(args.dtype))
+  print(json.dumps({"out": args.out, "format": args.format}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
