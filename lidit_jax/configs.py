@@ -156,7 +156,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   from lidit_jax import denoisers, objectives
   one_of("model.family", m.family, set(denoisers.FAMILIES))
   one_of("objective.kind", c.objective.kind, set(objectives.OBJECTIVES))
-  from lidit_jax.models.dit import REMAT_POLICIES
+  from lidit_jax.models.layers import REMAT_POLICIES
   one_of("model.remat", m.remat, set(REMAT_POLICIES))
   one_of("model.dtype", m.dtype, {"float32", "bfloat16"})
   one_of("model.attention", m.attention, {"auto", "xla", "cudnn", "splash"})

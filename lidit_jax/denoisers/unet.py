@@ -29,6 +29,7 @@ class SDUNet(nn.Module):
   time_scale: float = 1000.0
   dtype: Dtype = jnp.float32
   attention: str | None = None
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
@@ -37,7 +38,7 @@ class SDUNet(nn.Module):
     t_emb = layers.TimestepEmbedder(width, dtype=self.dtype, name="t_embedder")(t_B)
     ctx, ctx_valid = self.conditioner(feats, valids, prompts, t_emb)
     ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B)
-    net = unet_lib.UNet2DConditionModel(self.unet, self.dtype, self.attention, name="denoiser")
+    net = unet_lib.UNet2DConditionModel(self.unet, self.dtype, self.attention, self.remat, name="denoiser")
     return net(x_BHWC, t_B * self.time_scale, ctx, ctx_valid)
 
 
@@ -57,7 +58,8 @@ def unet_config(config) -> unet_lib.UNetConfig:
 def build(config, attention: str) -> SDUNet:
   cfg = unet_config(config)
   cond = conditioners.conditioner(config).build(config, cfg.cross_attention_dim)
-  return SDUNet(cfg, cond, float(config.ddpm.num_train_timesteps), jnp.dtype(config.model.dtype), attention)
+  return SDUNet(cfg, cond, float(config.ddpm.num_train_timesteps), jnp.dtype(config.model.dtype), attention,
+                config.model.remat)
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
@@ -80,9 +82,16 @@ def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Seq
 
 def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]],
                      tensor: int, itemsize: int) -> int:
-  """Rough bytes kept for the backward pass (no remat): per resnet about 6 feature maps, per transformer layer
-  about 12 token maps plus the self- and cross-attention probabilities, at each block's resolution."""
+  """Rough bytes kept for the backward pass, at each block's resolution. Without remat: per resnet about 6 feature
+  maps, per transformer layer about 12 token maps plus the self- and cross-attention probabilities. Rematerialised,
+  a resnet keeps its input (its convolutions are not dots: every policy recomputes them); a transformer keeps its
+  input ("full"), or its dense layers' outputs (about 10 token maps: "dots_no_batch"), plus the probabilities
+  ("dots")."""
   cfg = unet_config(config)
+  remat = config.model.remat
+  resnet_maps = 6 if remat == "none" else 1
+  attn_maps = {"none": 12, "dots": 10, "dots_no_batch": 10, "full": 1}[remat]
+  scores = remat in ("none", "dots")
   h, w, _ = latent_hwc
   s = sum(shape[0] for shape in text_shapes)
   total = 0
@@ -93,8 +102,8 @@ def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_
         ("CrossAttnDownBlock2D" == cfg.down_block_types[i]) * cfg.layers_per_block
         + ("CrossAttnUpBlock2D" == cfg.up_block_types[::-1][i]) * (cfg.layers_per_block + 1)
         + (i == len(cfg.block_out_channels) - 1))
-    total += resnets * 6 * tokens * width / tensor
-    total += attn_layers * (12 * tokens * width / tensor + cfg.num_heads[i] / tensor * tokens * (tokens + s))
+    total += resnets * resnet_maps * tokens * width / tensor
+    total += attn_layers * (attn_maps * tokens * width / tensor + scores * cfg.num_heads[i] / tensor * tokens * (tokens + s))
   return int(batch * total * itemsize)
 
 
@@ -122,5 +131,3 @@ def validate(config, towers: Sequence[str]) -> None:
   if config.data.image_size % unit:
     fail("data.image_size", config.data.image_size, f"the U-Net halves it {len(cfg.block_out_channels) - 1} times "
          f"(x autoencoder factor {config.autoencoder.factor})", f"use a multiple of {unit}")
-  if config.model.remat != "none":
-    fail("model.remat", config.model.remat, "the U-Net family has no remat policy yet", "use model.remat=none")

@@ -21,14 +21,6 @@ from lidit_jax.models import layers
 
 Dtype = Any
 
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
   width: int
@@ -105,7 +97,7 @@ class ScannedBlock(nn.Module):
   def __call__(self, x_BLD, ctx_BSD, ctx_mask, c_BD):
     block = DiTBlock
     if self.cfg.remat != "none":
-      block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+      block = nn.remat(DiTBlock, policy=layers.REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
     return block(self.cfg, self.dtype, name="block")(x_BLD, ctx_BSD, ctx_mask, c_BD), None
 
 

@@ -16,6 +16,14 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+# model.remat: what a rematerialised block keeps for the backward pass (the rest is recomputed)
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 default_init = nn.initializers.xavier_uniform()
 
 

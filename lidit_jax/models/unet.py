@@ -222,13 +222,17 @@ class Block(nn.Module):
   kind: str  # "down" | "mid" | "up"
   dtype: Dtype = jnp.float32
   implementation: str | None = None
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, h, emb, ctx, mask, skips=None):
     st, dt = self.stage, self.dtype
-    resnet = lambda j: ResnetBlock(st.width, st.groups, st.eps, dt, name=f"resnets_{j}")
-    attn = lambda j: Transformer2D(st.heads, st.depth, st.groups, st.linear, dt, self.implementation,
-                                   name=f"attentions_{j}")
+    # Rematerialised, each resnet and transformer keeps its input (and what the policy saves) for the backward pass
+    wrap = (lambda m: m) if self.remat == "none" else (
+        lambda m: nn.remat(m, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=False))
+    resnet = lambda j: wrap(ResnetBlock)(st.width, st.groups, st.eps, dt, name=f"resnets_{j}")
+    attn = lambda j: wrap(Transformer2D)(st.heads, st.depth, st.groups, st.linear, dt, self.implementation,
+                                         name=f"attentions_{j}")
     if self.kind == "mid":
       return resnet(1)(attn(0)(resnet(0)(h, emb), ctx, mask), emb), []
     outputs = []
@@ -253,6 +257,7 @@ class UNet2DConditionModel(nn.Module):
   cfg: UNetConfig
   dtype: Dtype = jnp.float32
   attention: str | None = None
+  remat: str = "none"  # a `layers.REMAT_POLICIES` key, for training at larger batches or resolutions
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, ctx_BSD, ctx_valid_BS=None, text_embeds=None, time_ids=None):
@@ -270,7 +275,7 @@ class UNet2DConditionModel(nn.Module):
     stage = lambda width, resnets, attention, heads, depth, resample: _Stage(
         width, resnets, attention, heads, depth, cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection,
         resample)
-    block = lambda st, kind, name: Block(st, kind, dt, self.attention, name=name)
+    block = lambda st, kind, name: Block(st, kind, dt, self.attention, self.remat, name=name)
 
     h = conv(cfg.block_out_channels[0], dtype=dt, name="conv_in")(x_BHWC.astype(dt))
     skips = [h]
