@@ -66,31 +66,35 @@ def torch_matmul_peak(n: int = 2048, reps: int = 10) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
+def jax_step_times(apply, params, inputs, target, reps: int, lr: float = 1e-4) -> tuple[float, float]:
+  """(train step seconds, forward seconds) of `apply(params, *inputs)`: MSE to `target` + AdamW, jitted with the
+  parameters and optimizer state donated; medians after a compiling call each."""
+  tx = optax.adamw(lr)
+  loss_fn = lambda p, a, y: jnp.mean((apply(p, *a) - y) ** 2)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, o, a, y):
+    loss, g = jax.value_and_grad(loss_fn)(p, a, y)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+
+  forward = jax.jit(apply)
+  state = {"p": params, "o": tx.init(params)}
+
+  def train():
+    state["p"], state["o"], loss = step(state["p"], state["o"], inputs, target)
+    loss.block_until_ready()
+
+  fwd = lambda: forward(state["p"], *inputs).block_until_ready()
+  train(), fwd()  # compile
+  return _median_time(train, reps), _median_time(fwd, reps)
+
+
 def _ours_times(cfg, args, reps: int) -> tuple[float, float]:
   """(train step seconds, forward seconds) of PixArtLike(cfg): flow-matching loss + AdamW, params donated."""
   model = PixArtLike(cfg)
   params = nn.unbox(model.init(jax.random.key(0), *args[:4]))["params"]
-  tx = optax.adamw(1e-4)
-
-  def loss_fn(p, xt, t, ctx, valid, target):
-    return jnp.mean((model.apply({"params": p}, xt, t, ctx, valid) - target) ** 2)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(p, o, *a):
-    loss, g = jax.value_and_grad(loss_fn)(p, *a)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, loss
-
-  forward = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
-  state = {"p": params, "o": tx.init(params)}
-
-  def train():
-    state["p"], state["o"], loss = step(state["p"], state["o"], *args)
-    loss.block_until_ready()
-
-  train()  # compile
-  forward(state["p"], *args[:4]).block_until_ready()
-  return _median_time(train, reps), _median_time(lambda: forward(state["p"], *args[:4]).block_until_ready(), reps)
+  return jax_step_times(lambda p, *a: model.apply({"params": p}, *a), params, tuple(args[:4]), args[4], reps)
 
 
 def dit_vs_pixart(width=1152, heads=16, depth=2, batch=4, latent=32, text_len=120, reps=3) -> dict:
