@@ -8,7 +8,7 @@ converted one (`python -m lidit_jax.convert diffusers`). OUT becomes a diffusers
 component's config.json and safetensors weights (float32 unless --dtype), the tokenizers, the scheduler's config
 and model_index.json, which diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained load
 and sample to the same images (tests/test_pipeline.py). With --format single-file, OUT is one file in the
-original CompVis / A1111 layout (SD 1.x), which diffusers' `from_single_file` also loads. No torch is needed.
+original CompVis / Stability / A1111 layout, which diffusers' `from_single_file` also loads. No torch is needed.
 """
 from __future__ import annotations
 
@@ -67,20 +67,18 @@ def export_diffusers(sd, out: str, dtype=np.float32) -> str:
 
 
 def export_single_file(sd, out: str, dtype=np.float32) -> str:
-  """Write `sd` (an SD 1.x `pipeline.StableDiffusion`) to the file `out` in the original single-file layout that
-  A1111, ComfyUI and diffusers' `from_single_file` read: `model.diffusion_model.*` (the U-Net),
-  `first_stage_model.*` (the VAE), `cond_stage_model.transformer.text_model.*` (the CLIP text encoder)."""
+  """Write `sd` (a `pipeline.StableDiffusion`) to the file `out` in the original single-file layout that A1111,
+  ComfyUI and diffusers' `from_single_file` read: `model.diffusion_model.*` (the U-Net), `first_stage_model.*`
+  (the VAE) and the text encoders under their SD 1.x / 2.x / XL keys (`convert.sd_single_file`)."""
   from safetensors.numpy import save_file
-  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip
-  if sd.xl or sd.unet.cfg.use_linear_projection:
-    raise cli.UserError(f"{sd.path} is an SD 2.x / XL model: its single file holds an OpenCLIP text encoder, which "
-                        "is not exported yet. Fix: export it as a diffusers folder (--format diffusers)")
+  from lidit_jax.convert import diffusers_unet, diffusers_vae, sd_single_file
   if os.path.exists(out):
     raise cli.UserError(f"{out} already exists. Fix: export to a new file")
   state = {**diffusers_unet.to_ldm(sd.unet.cfg, sd.params["unet"]),
            **diffusers_vae.to_ldm(sd.vae.module.cfg, sd.params["vae"])}
-  enc = sd.encoders[0]
-  state.update({"cond_stage_model.transformer." + k: v for k, v in hf_clip.to_hf(enc.module.cfg, sd.params[enc.name])[1].items()})
+  encoders = {enc.name: enc for enc in sd.encoders}
+  for name, prefix, layout in sd_single_file.TEXT_ENCODERS[sd_single_file.kind_of(sd)]:
+    state.update(sd_single_file.text_state(encoders[name].module.cfg, sd.params[name], prefix, layout))
   state = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in state.items()}
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   save_file(state, out + ".partial", metadata={"format": "pt"})
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
   d.add_argument("src", help="diffusers pipeline folder, or our converted one")
   d.add_argument("out", help="new output directory (a new .safetensors file with --format single-file)")
   d.add_argument("--format", default="diffusers", choices=("diffusers", "single-file"),
-                 help="a diffusers pipeline folder, or one original-layout file (SD 1.x)")
+                 help="a diffusers pipeline folder, or one file in the original layout")
   d.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' storage dtype")
   cli.add_debug_flag(d)
   args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
 """lidit_jax.pipeline.Pipeline against diffusers' own pipelines, image for image from the same initial latents:
-tiny random SD 1.x- and SDXL-style pipeline folders the test builds and saves (U-Net, VAE, CLIP text encoders,
+tiny random SD 1.x-, SD 2.x- and SDXL-style pipeline folders the test builds and saves (U-Net, VAE, CLIP text encoders,
 CLIP tokenizers, scheduler), float32."""
 import json
 import os
@@ -66,6 +66,21 @@ def sd15(path):
   return _saved(pipe, path)
 
 
+def sd2(path):
+  """SD 2.x-style: per-block head counts, linear projections, upcast attention, v-prediction with Euler."""
+  torch.manual_seed(2)
+  unet = _randomise(diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+      layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+      upcast_attention=True, cross_attention_dim=24), 0.1)
+  scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               steps_offset=1, prediction_type="v_prediction")
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=_vae(), text_encoder=_clip(False, 24), tokenizer=_tokenizer(pad="!"), unet=unet, scheduler=scheduler,
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  return _saved(pipe, path)
+
 def sdxl(path):
   torch.manual_seed(1)
   unet = _randomise(diffusers.UNet2DConditionModel(
@@ -96,7 +111,7 @@ def _reference(pipe, prompts, latents_BHWC, **kw):
     return pipe(prompts, latents=latents, output_type="np", **kw).images
 
 
-@pytest.mark.parametrize("build", [sd15, sdxl], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("build", [sd15, sd2, sdxl], ids=["sd15", "sd2", "sdxl"])
 def test_images_equal_diffusers_pipeline(tmp_path, build):
   ref = build(tmp_path / "pipe")
   pipe = Pipeline.from_pretrained(str(tmp_path / "pipe"), dtype=jnp.float32)
@@ -203,29 +218,39 @@ def test_convert_then_export_round_trip(tmp_path, build, capsys):
   assert e.value.code == 2 and "already holds a pipeline" in capsys.readouterr().err
 
 
-def test_single_file_export_and_convert_round_trip(tmp_path, capsys):
+ORIGINAL_TEXT_KEYS = {"sd15": ["cond_stage_model.transformer.text_model.final_layer_norm.weight"],
+                      "sd2": ["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"],
+                      "sdxl": ["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                               "conditioner.embedders.1.model.text_projection"]}
+
+
+@pytest.mark.parametrize("build", [sd15, sd2, sdxl], ids=["sd15", "sd2", "sdxl"])
+def test_single_file_export_and_convert_round_trip(tmp_path, capsys, build):
   """`export --format single-file` writes the original layout, which diffusers' from_single_file loads and samples
   to our images; `convert single-file` reads it (or its EMA copy) back to the same pipeline."""
   from safetensors.numpy import load_file, save_file
   from lidit_jax import export
   from lidit_jax.convert import diffusers_unet
   from lidit_jax.convert.__main__ import main as convert_main
-  sd15(tmp_path / "pipe")
+  ref = build(tmp_path / "pipe")
   file = str(tmp_path / "sd.safetensors")
   assert export.main(["diffusers", str(tmp_path / "pipe"), file, "--format", "single-file"]) == 0
   keys = set(load_file(file))
-  assert {"model.diffusion_model.input_blocks.1.1.proj_in.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
-          "cond_stage_model.transformer.text_model.final_layer_norm.weight"} <= keys
+  assert {"model.diffusion_model.out.2.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
+          *ORIGINAL_TEXT_KEYS[build.__name__]} <= keys
   prompts = ["a red circle", "blue square on the left"]
   latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
   want = Pipeline.from_pretrained(str(tmp_path / "pipe"))(prompts, num_steps=3, guidance=4.0, latents=latents)
-  ref = diffusers.StableDiffusionPipeline.from_single_file(file, config=str(tmp_path / "pipe"), safety_checker=None,
-                                                            local_files_only=True)
-  np.testing.assert_allclose(_reference(ref, prompts, latents, num_inference_steps=3, guidance_scale=4.0), want,
+  theirs = type(ref).from_single_file(file, config=str(tmp_path / "pipe"), local_files_only=True,
+                                      **({} if build is sdxl else {"safety_checker": None}))
+  np.testing.assert_allclose(_reference(theirs, prompts, latents, num_inference_steps=3, guidance_scale=4.0), want,
                              atol=2e-3)
   assert convert_main(["single-file", file, str(tmp_path / "ours"), "--config", str(tmp_path / "pipe")]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["components"]["unet"]["unused_tensors"] == []
   ours = Pipeline.from_pretrained(str(tmp_path / "ours"))
   np.testing.assert_allclose(ours(prompts, num_steps=3, guidance=4.0, latents=latents), want, atol=1e-5)
+  if build is not sd15:
+    return
 
   # The EMA copy (model_ema.*, dots dropped) is read with --ema, the plain one without
   state = load_file(file)

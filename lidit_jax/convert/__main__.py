@@ -13,9 +13,9 @@ single file (a whole SD checkpoint's first_stage_model.*, or a bare VAE file); `
 For `diffusers`, SRC is a Stable Diffusion 1.x / 2.x / XL pipeline folder: its U-Net, VAE and text encoders are
 converted into OUT_DIR's unet/, vae/, text_encoder(_2)/, its tokenizers, scheduler and model_index.json copied;
 `Pipeline.from_pretrained(OUT_DIR)` reads it with nothing left to convert (`python -m lidit_jax.export diffusers`
-writes it back). `single-file` does the same for an original SD 1.x checkpoint (`model.diffusion_model.*`,
-`first_stage_model.*`, `cond_stage_model.transformer.*`; `model_ema.*` with --ema), laid out by --config, a
-diffusers folder of the same model (its configs, tokenizers and scheduler).
+writes it back). `single-file` does the same for an original SD 1.x / 2.x / XL checkpoint (`model.diffusion_model.*`,
+`first_stage_model.*`, `cond_stage_model.*` or `conditioner.embedders.*`; `model_ema.*` with --ema), laid out by
+--config, a diffusers folder of the same model (its configs, tokenizers and scheduler).
 Ends by printing one JSON line: family, parameter count, dtype, seconds, unused tensors.
 """
 from __future__ import annotations
@@ -85,25 +85,26 @@ def convert_pipeline(src: str, out: str, dtype, progress: bool = False):
 
 def convert_single_file(src: str, out: str, dtype, config: str, kind: str | None = None, ema: bool = False,
                         progress: bool = False):
-  """The same as `convert_pipeline` for an original SD checkpoint file (`model.diffusion_model.*`,
-  `first_stage_model.*`, `cond_stage_model.transformer.*`): the diffusers pipeline folder `config` gives the
-  components' configs, the tokenizers, the scheduler and model_index.json (its weights are not read)."""
-  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text, safetensors_io
+  """The same as `convert_pipeline` for an original SD 1.x / 2.x / XL checkpoint file (`model.diffusion_model.*`,
+  `first_stage_model.*`, the text encoders of `sd_single_file`): the diffusers pipeline folder `config` gives
+  the components' configs, the tokenizers, the scheduler and model_index.json (its weights are not read)."""
+  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, safetensors_io, sd_single_file
   index = _read_index(config)
   if not os.path.isfile(src):
     raise cli.NotFound(f"{src} is not a file. Fix: point at the checkpoint's .safetensors file")
   found = diffusers_unet.detect_kind(safetensors_io.CheckpointFiles(src))
   if kind is not None and kind != found:
     raise cli.UserError(f"--kind {kind}: {src} holds an {found} checkpoint (its keys say). Fix: --kind {found}")
-  if found != "sd15":
-    raise cli.UserError(f"{src} is an {found} checkpoint: the OpenCLIP text encoder of SD 2.x / XL single files is "
-                        "not converted yet. Fix: convert its diffusers pipeline folder (`convert diffusers`)")
   parts = {"unet": (diffusers_unet, diffusers_unet.Conversion.prepare(src, dtype, config, found, ema)),
            "vae": (diffusers_vae, diffusers_vae.Conversion.prepare(src, dtype, os.path.join(config, "vae", "config.json")))}
-  for name, class_name in _text_encoders(index):
-    conv = hf_text.Conversion.prepare(os.path.join(config, name), dtype, adapt=hf_clip.sd_head(class_name),
-                                      weights=src)
-    parts[name] = (conv.fam, conv)
+  classes = dict(_text_encoders(index))
+  for name, prefix, layout in sd_single_file.TEXT_ENCODERS[found]:
+    if name not in classes:
+      raise cli.UserError(f"{config}/model_index.json has no {name} for this {found} checkpoint. Fix: --config a "
+                          f"diffusers folder of the same kind of model")
+    with open(os.path.join(config, name, "config.json"), encoding="utf-8") as f:
+      hf_config = json.load(f)
+    parts[name] = (hf_clip, sd_single_file.TextPart.prepare(src, hf_config, classes[name], prefix, layout, dtype))
   return _write_pipeline(parts, {n: src for n in parts}, config, out, dtype, progress)
 
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
   command("diffusers", "a diffusers Stable Diffusion pipeline folder -> a folder of Orbax components that "
           "Pipeline.from_pretrained reads", "pipeline folder (model_index.json, unet/, vae/, text_encoder(_2)/, "
           "tokenizer(_2)/, scheduler/)")
-  f = command("single-file", "an original SD 1.x checkpoint file (CompVis / A1111 layout) -> a folder of Orbax "
+  f = command("single-file", "an original SD 1.x / 2.x / XL checkpoint file (CompVis / A1111 layout) -> a folder of Orbax "
               "components that Pipeline.from_pretrained reads", "the checkpoint's .safetensors file")
   f.add_argument("--config", required=True, help="a diffusers pipeline folder of the same model (configs, "
                  "tokenizers, scheduler; weights not needed): nothing is downloaded")

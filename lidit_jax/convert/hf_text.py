@@ -103,17 +103,15 @@ class Conversion:
   resolved: dict  # param path -> checkpoint keys, from check_plan
 
   @classmethod
-  def prepare(cls, path: str, dtype=jnp.float32, allow_pickle: bool = False, adapt=None,
-              weights: str | None = None) -> "Conversion":
+  def prepare(cls, path: str, dtype=jnp.float32, allow_pickle: bool = False, adapt=None) -> "Conversion":
     """Reads config.json and the tensor index only; every missing or mis-shaped tensor is reported here.
-    `adapt(cfg) -> cfg` asks for more than a tower reads (CLIP's head, for SD pipelines); `weights`, a file whose
-    tensors are elsewhere than `path` (an original SD checkpoint: `cond_stage_model.transformer.*`)."""
+    `adapt(cfg) -> cfg` asks for more than a tower reads (CLIP's head, for SD pipelines)."""
     hf = read_hf_config(path)
     fam = family_for(hf, os.path.join(path, "config.json"))
     cfg = fam.config_from_hf(hf)
     cfg = adapt(cfg) if adapt else cfg
     module = fam.make_module(cfg, dtype)
-    files = io.CheckpointFiles(weights or path, allow_pickle=allow_pickle)
+    files = io.CheckpointFiles(path, allow_pickle=allow_pickle)
     files.find_prefix(fam.ANCHORS)
     abstract = abstract_params(module)
     expected = io.flatten_shapes(strip_boxes(abstract))
@@ -129,9 +127,8 @@ class Conversion:
   def unused(self) -> list[str]:
     """Tensors read by no parameter, besides the expected ones (LM heads, decoders, vision towers)."""
     ignored = self.fam.IGNORED
-    p = self.files.prefix
-    mine = (lambda k: k.startswith(p)) if os.path.isfile(self.files.directory) else (lambda k: True)  # a whole SD file
-    out = [k for k in self.files.unused() if mine(k) and not k[len(p):].startswith(ignored) and not k.startswith(ignored)]
+    out = [k for k in self.files.unused() if not k[len(self.files.prefix):].startswith(ignored)
+           and not k.startswith(ignored)]
     if out:
       logger.warning("%s: %d tensors were not used: %s", self.path, len(out), out[:20])
     return out
