@@ -98,6 +98,15 @@ def write_config_folder(out: str, parts: dict) -> None:
                "safety_checker": [None, None], "feature_extractor": [None, None]}, f)
 
 
+def write_inputs(work: str, quick: bool) -> int:
+  parts = components(quick)
+  shapes = {k: v for _, (_, s) in parts.items() for k, v in s.items()}
+  size = write_file(os.path.join(work, "sd15.safetensors"), shapes)
+  write_config_folder(os.path.join(work, "config"), parts)
+  print(json.dumps({"file_bytes": size, "params": sum(int(np.prod(s)) for s in shapes.values())}))
+  return 0
+
+
 def read_twice(path: str, chunk: int = 64 << 20) -> float:
   buf = memoryview(bytearray(chunk))
   t = time.perf_counter()
@@ -109,41 +118,47 @@ def read_twice(path: str, chunk: int = 64 << 20) -> float:
 
 
 def convert(file: str, cfg: str, out: str) -> dict:
-  """The CLI in a fresh process: wall seconds and its last JSON line."""
+  """The CLI in a fresh process: wall seconds, its own peak RSS (wait4: not another child's) and its JSON line."""
   cmd = [sys.executable, "-m", "lidit_jax.convert", "single-file", file, out, "--config", cfg, "--dtype", "float16"]
   t = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-  if proc.returncode:
-    raise RuntimeError(f"conversion failed:\n{proc.stderr[-3000:]}")
-  return {"seconds": time.perf_counter() - t, "report": json.loads(proc.stdout.strip().splitlines()[-1])}
+  with tempfile.TemporaryFile("w+") as err:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    if status:
+      err.seek(0)
+      raise RuntimeError(f"conversion failed:\n{err.read()[-3000:]}")
+  return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "report": json.loads(stdout.strip().splitlines()[-1])}
 
 
 def main(argv=None) -> int:
-  import resource
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny models (a check that the benchmark runs)")
   parser.add_argument("--workdir", help="where the synthetic checkpoint goes (default: a temp dir, deleted)")
   parser.add_argument("--no-record", action="store_true")
+  parser.add_argument("--write", metavar="DIR", help=argparse.SUPPRESS)  # the child that writes the checkpoint
   args = parser.parse_args(argv)
+  if args.write:
+    return write_inputs(args.write, args.quick)
   work = args.workdir or tempfile.mkdtemp(prefix="sd_single_file_")
   try:
-    parts = components(args.quick)
-    shapes = {k: v for _, (_, s) in parts.items() for k, v in s.items()}
-    file, cfg = os.path.join(work, "sd15.safetensors"), os.path.join(work, "config")
+    # Written by a child, so that this process stays small: the converter's process is forked from it, and a
+    # fork's peak RSS (ru_maxrss, kept across exec) starts at the parent's.
     t = time.perf_counter()
-    size = write_file(file, shapes)
+    made = json.loads(subprocess.run([sys.executable, "-m", "benchmarks.convert_single_file", "--write", work]
+                                     + (["--quick"] if args.quick else []), cwd=REPO, check=True,
+                                     capture_output=True, text=True).stdout.strip().splitlines()[-1])
     write_s = time.perf_counter() - t
-    write_config_folder(cfg, parts)
+    file, cfg = os.path.join(work, "sd15.safetensors"), os.path.join(work, "config")
     read_twice(file)  # warm the page cache
     baseline = read_twice(file)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     run = convert(file, cfg, os.path.join(work, "out"))
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    params = sum(int(np.prod(s)) for s in shapes.values())
-    result = {"params": params, "file_bytes": size, "write_s": round(write_s, 1), "read_x2_s": round(baseline, 2),
-              "convert_s": round(run["seconds"], 1), "peak_rss": peak, "peak_over_file": round(peak / size, 3),
-              "children_rss_before": before * 1024, "components": {k: v["params"] for k, v in
-                                                                   run["report"]["components"].items()}}
+    peak, size = run["peak_rss"], made["file_bytes"]
+    result = {"params": made["params"], "file_bytes": size, "write_s": round(write_s, 1),
+              "read_x2_s": round(baseline, 2), "convert_s": round(run["seconds"], 1), "peak_rss": peak,
+              "peak_over_file": round(peak / size, 3),
+              "components": {k: v["params"] for k, v in run["report"]["components"].items()}}
   finally:
     if not args.workdir:
       shutil.rmtree(work, ignore_errors=True)

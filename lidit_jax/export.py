@@ -2,13 +2,16 @@
 
   python -m lidit_jax.export diffusers SRC OUT [--dtype float16]
   python -m lidit_jax.export diffusers SRC OUT.safetensors --format single-file
+  python -m lidit_jax.export safetensors WORKDIR OUT.safetensors
 
 SRC is a Stable Diffusion model that `Pipeline.from_pretrained` reads: a diffusers pipeline folder or our
 converted one (`python -m lidit_jax.convert diffusers`). OUT becomes a diffusers pipeline folder: each
 component's config.json and safetensors weights (float32 unless --dtype), the tokenizers, the scheduler's config
 and model_index.json, which diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained load
 and sample to the same images (tests/test_pipeline.py). With --format single-file, OUT is one file in the
-original CompVis / Stability / A1111 layout, which diffusers' `from_single_file` also loads. No torch is needed.
+original CompVis / Stability / A1111 layout, which diffusers' `from_single_file` also loads. `safetensors` writes
+a training workdir's model (LI-DiT or any family) in PyTorch layouts under documented keys (`export_safetensors`).
+No torch is needed.
 """
 from __future__ import annotations
 
@@ -85,6 +88,73 @@ def export_single_file(sd, out: str, dtype=np.float32) -> str:
   os.replace(out + ".partial", out)  # a failed write leaves no half file under the name
   return out
 
+# ------------------------------------------------------------------ a workdir's model as PyTorch-layout safetensors
+
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def torch_layout(names: tuple, value: np.ndarray, path: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """{key: tensor} of one parameter in the documented layout (see `export_safetensors`)."""
+  if names and names[0] == "layers":  # a scanned stack: one tensor per layer, as the unrolled model names them
+    if "blocks" not in path:
+      raise ValueError(f"{'/'.join(path)}: a stacked parameter outside a `blocks` scan has no documented key")
+    at = path.index("blocks") + 1
+    return {k: v for i in range(value.shape[0])
+            for k, v in torch_layout(names[1:], value[i], path[:at] + (str(i),) + path[at:]).items()}
+  *mods, leaf = path
+  key = ".".join(mods + [_LEAF.get(leaf, leaf)])
+  if leaf == "kernel" and value.ndim == 4 and names[:2] == (None, None):  # conv HWIO -> OIHW
+    value = value.transpose(3, 2, 0, 1)
+  elif leaf == "kernel" and value.ndim >= 2:  # a Dense (heads split or not) -> torch Linear [out, in]
+    ins = 2 if names[0] == "heads" else 1  # an attention output [H, K, D] reads heads x head_dim
+    value = value.reshape(int(np.prod(value.shape[:ins])), -1).T
+  elif leaf == "bias" and value.ndim > 1:  # per-head biases [H, K]
+    value = value.reshape(-1)
+  return {key: np.ascontiguousarray(value)}
+
+
+def model_axis_names(config) -> dict[tuple[str, ...], tuple]:
+  """{parameter path: logical axis names} of the config's trainable model (nothing computed)."""
+  import flax.linen as nn
+  import jax
+  from lidit_jax import model as model_lib
+  m = model_lib.build_model(config)
+  boxed = jax.eval_shape(lambda kw: m.init(jax.random.key(0), **kw), model_lib.abstract_inputs(config, 1))["params"]
+  leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  return {tuple(k.key for k in p): tuple(leaf.names) for p, leaf in leaves}
+
+
+def export_safetensors(workdir: str, out: str, dtype=np.float32) -> str:
+  """The EMA weights of a training workdir's latest checkpoint (any family) as one safetensors file that PyTorch
+  reads (`safetensors.torch.load_file`). Keys: the parameter's path joined by "." with `kernel` / `scale` /
+  `embedding` named `weight`; a scanned stack (the DiT's `blocks`) written per layer as `blocks.{i}.`. Layouts:
+  Dense kernels as torch Linear weights [out, in] (attention projections with their heads flattened: q / k / v
+  [H*K, D], the output [D, H*K], per-head biases [H*K]); conv kernels OIHW; everything else as stored. The frozen
+  text towers and the autoencoder are not in it (they come from their own checkpoints). Metadata: `format`
+  "pt", `lidit_jax.config` (the workdir's config JSON) and `lidit_jax.step`."""
+  import jax
+  from safetensors.numpy import save_file
+  from lidit_jax import checkpoint as ckpt_lib
+  from lidit_jax.pipeline import Pipeline
+  if os.path.exists(out):
+    raise cli.UserError(f"{out} already exists. Fix: export to a new file")
+  ckpt_lib.require(workdir)
+  pipe = Pipeline.from_pretrained(workdir)
+  backend = pipe.backend
+  names = model_axis_names(backend.setup.config)
+  flat = {tuple(k.key for k in p): np.asarray(v, np.float32)
+          for p, v in jax.tree_util.tree_flatten_with_path(backend.params["model"])[0]}
+  state = {}
+  for path, value in flat.items():
+    state.update(torch_layout(names[path], value, path))
+  state = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in state.items()}
+  meta = {"format": "pt", "lidit_jax.config": backend.setup.config.to_json_best_effort(),
+          "lidit_jax.step": str(backend.step)}
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  save_file(state, out + ".partial", metadata=meta)
+  os.replace(out + ".partial", out)
+  return out
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m lidit_jax.export", description=__doc__.split("\n\n")[0],
                                    epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,13 +166,23 @@ def main(argv=None) -> int:
                  help="a diffusers pipeline folder, or one file in the original layout")
   d.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' storage dtype")
   cli.add_debug_flag(d)
+  t = sub.add_parser("safetensors", help="a training workdir's model (EMA weights, any family) -> one safetensors "
+                     "file in PyTorch layouts (keys documented in export_safetensors)")
+  t.add_argument("src", help="training workdir (config.json + checkpoints/)")
+  t.add_argument("out", help="new .safetensors file")
+  t.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' storage dtype")
+  cli.add_debug_flag(t)
   args = parser.parse_args(argv)
   with cli.user_errors():
+    if args.command == "safetensors":
+      export_safetensors(args.src, args.out, np.dtype(args.dtype))
+      print(json.dumps({"out": args.out, "format": "safetensors"}))
+      return 0
     from lidit_jax.pipeline import Pipeline, StableDiffusion
     pipe = Pipeline.from_pretrained(args.src)
     if not isinstance(pipe.backend, StableDiffusion):
       raise cli.UserError(f"{args.src} is a training workdir; `export diffusers` takes a Stable Diffusion pipeline "
-                          "folder. Fix: point at one")
+                          "folder (a workdir's model: `export safetensors`). Fix: point at one")
     write = export_diffusers if args.format == "diffusers" else export_single_file
     write(pipe.backend, args.out, np.dtype(args.dtype))
   print(json.dumps({"out": args.out, "format": args.format}))

@@ -290,3 +290,58 @@ def test_text_cache_refuses_a_mismatched_config_and_unknown_captions(tmp_path):
     text_cache.TextCache(str(tmp_path), other, model_lib.build_towers(other))
   with pytest.raises(FileExistsError):
     text_cache.write(str(tmp_path), config, towers, params, ["x"], progress=False)
+
+
+def test_export_safetensors_holds_the_ema_weights_in_torch_layouts(trained, tmp_path, capsys):
+  """`export safetensors WORKDIR` writes every trainable parameter under its documented key, and PyTorch's
+  Linear / conv2d on the exported tensors compute what our Dense, head-split attention and Conv compute."""
+  torch = pytest.importorskip("torch")
+  from safetensors import safe_open
+  from safetensors.torch import load_file
+  from lidit_jax import export
+  F = torch.nn.functional
+  config, workdir = trained
+  out = str(tmp_path / "model.safetensors")
+  assert export.main(["safetensors", workdir, out]) == 0
+  got = load_file(out)
+  _, params, step = state_lib.restore_for_inference(config, workdir)
+  with safe_open(out, "np") as f:
+    meta = f.metadata()
+  assert json.loads(meta["lidit_jax.config"])["model"]["depth"] == config.model.depth
+  assert int(meta["lidit_jax.step"]) == step
+  flat = {"/".join(k.key for k in p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  depth = config.model.depth
+  per_layer = sum(1 for k in flat if k.startswith("denoiser/blocks/"))
+  assert len(got) == len(flat) + per_layer * (depth - 1)  # every parameter, the stack split per layer
+  rng = np.random.default_rng(0)
+  t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))
+  # a Dense of the last block
+  k, b = flat["denoiser/blocks/block/mlp/fc1/kernel"][-1], flat["denoiser/blocks/block/mlp/fc1/bias"][-1]
+  x = rng.standard_normal((3, k.shape[0])).astype(np.float32)
+  np.testing.assert_allclose(F.linear(t(x), got[f"denoiser.blocks.{depth - 1}.block.mlp.fc1.weight"],
+                                      got[f"denoiser.blocks.{depth - 1}.block.mlp.fc1.bias"]).numpy(), x @ k + b,
+                             rtol=1e-5, atol=1e-5)
+  # attention: q [D, H, K] in, out [H, K, D] back
+  attn = "conditioner/token_refiner_0/block_0/attn"
+  q, qb = flat[f"{attn}/query/kernel"], flat[f"{attn}/query/bias"]
+  o, ob = flat[f"{attn}/out/kernel"], flat[f"{attn}/out/bias"]
+  key = attn.replace("/", ".")
+  x = rng.standard_normal((3, q.shape[0])).astype(np.float32)
+  heads = np.einsum("bd,dhk->bhk", x, q) + qb
+  ours = np.einsum("bhk,hkd->bd", heads, o) + ob
+  theirs = F.linear(F.linear(t(x), got[f"{key}.query.weight"], got[f"{key}.query.bias"]),
+                    got[f"{key}.out.weight"], got[f"{key}.out.bias"])
+  np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-5)
+  # a 3x3 conv of the positional ResBlock
+  conv = next(k for k in flat if k.endswith("kernel") and flat[k].ndim == 4 and "/blocks/" not in k)
+  w, cb = flat[conv], flat[conv.replace("kernel", "bias")]
+  x = rng.standard_normal((1, 5, 5, w.shape[2])).astype(np.float32)
+  ours = jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(w), (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + cb
+  name = conv.replace("/", ".").replace(".kernel", ".weight")
+  theirs = F.conv2d(t(x.transpose(0, 3, 1, 2)), got[name], got[name.replace(".weight", ".bias")], padding=1)
+  np.testing.assert_allclose(theirs.numpy().transpose(0, 2, 3, 1), np.asarray(ours), rtol=1e-4, atol=1e-5)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:  # never over an existing file
+    export.main(["safetensors", workdir, out])
+  assert e.value.code == 2 and "already exists" in capsys.readouterr().err
