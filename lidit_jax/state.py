@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 
 from lidit_jax import autoencoder as autoencoder_lib
 from lidit_jax import checkpoint as ckpt_lib
@@ -97,9 +98,24 @@ class Setup:
     m = self.config.model
     if not m.init:
       return state
-    loaded = ckpt_lib.restore_weights(m.init, self.abstract_state.params, m.init_skip)
-    params = jax.tree_util.tree_map_with_path(lambda p, x: loaded.get(ckpt_lib.param_name(p), x), state.params)
+    loaded = pretrained_weights(self.config, self.abstract_state.params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.device_put(loaded[ckpt_lib.param_name(p)], x.sharding).astype(x.dtype)
+        if ckpt_lib.param_name(p) in loaded else x, state.params)
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))  # two buffers: both donated
+
+
+def pretrained_weights(config, abstract_params) -> dict:
+  """{name: array} that `model.init` names: the EMA weights of another run's workdir, else what the family reads
+  (`pretrained_weights` in its file: the U-Net family's, a converted diffusers U-Net); `model.init_skip` names
+  stay fresh."""
+  from lidit_jax import denoisers
+  m = config.model
+  fam = denoisers.family(config)
+  if hasattr(fam, "pretrained_weights") and not epath.Path(ckpt_lib.checkpoint_dir(m.init)).is_dir():
+    loaded = fam.pretrained_weights(config, m.init)
+    return {k: v for k, v in loaded.items() if not any(re.search(rx, k) for rx in m.init_skip)}
+  return ckpt_lib.restore_weights(m.init, abstract_params, m.init_skip)
 
 
 def _init_state(s: Setup, rng) -> TrainState:

@@ -9,7 +9,7 @@ import pytest
 from lidit_jax import configs, model, plan, sample, state, train
 from lidit_jax.pipeline import Pipeline, Workdir
 
-from conftest import ROOT
+from conftest import ROOT, train_preempted
 
 TINY_UNET = str(ROOT / "configs" / "shapes.py") + ":tiny,unet"
 
@@ -34,6 +34,21 @@ def test_unet_family_trains_samples_and_plans(tmp_path):
       v for k, v in report.items() if not k.startswith(("frozen", "trainable")))
   p = plan.plan(config, 1)
   assert p["model_tflop_per_step"] > 0 and p["bytes_per_device"]["activations_estimate"] > 0
+
+
+def test_unet_family_resumes_on_the_same_loss_curve(tmp_path, monkeypatch):
+  """Preempted after its step-4 checkpoint and restarted, a U-Net run logs the losses an uninterrupted one logs
+  (checkpoints every 2 steps, as the logs: the logged loss is the mean since the last log)."""
+  from lidit_jax.data import pipeline
+  config = unet_config(**{"train.checkpoint_every": 2})
+  train.train_and_evaluate(config, str(tmp_path / "reference"))
+  train_preempted(config, str(tmp_path / "resumed"), monkeypatch, pipeline.ShapesBatches, at_batch=6)
+  assert os.path.isdir(tmp_path / "resumed" / "checkpoints" / "4")
+  read = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
+  got, want = read("resumed"), read("reference")
+  assert [r["step"] for r in got] == [r["step"] for r in want]
+  for g, w in zip(got, want):
+    assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6), (g, w)
 
 
 def test_unet_config_refusals():
@@ -72,3 +87,37 @@ def test_unet_remat_keeps_outputs_and_gradients_and_shrinks_the_estimate(policy)
 def nn_unbox(tree):
   import flax.linen as nn
   return nn.meta.unbox(tree)
+
+
+def test_model_init_reads_a_converted_diffusers_unet(tmp_path):
+  """`model.init` at a converted diffusers U-Net: the denoiser starts from its weights (the conditioner and the
+  null context from their initialisation) and trains; a config whose U-Net differs is refused by field."""
+  import jax
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from lidit_jax.convert import diffusers_unet
+  from lidit_jax.cli import UserError
+  from lidit_jax.convert.__main__ import stream
+  base = unet_config()
+  u = base.unet
+  torch.manual_seed(0)
+  ref = diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=3, out_channels=3, block_out_channels=tuple(u.block_out_channels),
+      down_block_types=tuple(u.down_block_types), up_block_types=tuple(u.up_block_types),
+      layers_per_block=u.layers_per_block, attention_head_dim=u.num_heads, cross_attention_dim=u.cross_attention_dim,
+      norm_num_groups=u.norm_num_groups, use_linear_projection=u.use_linear_projection)
+  ref.save_pretrained(tmp_path / "unet")
+  conv = diffusers_unet.Conversion.prepare(str(tmp_path / "unet"))
+  stream(conv, diffusers_unet, str(tmp_path / "unet"), str(tmp_path / "converted"), np.float32)
+  config = unet_config(**{"model.init": str(tmp_path / "converted"), "train.num_steps": 2})
+  s = state.setup(config)
+  st = s.init_state(jax.random.key(0))
+  _, want = diffusers_unet.load_unet(str(tmp_path / "converted"))
+  for a, b in zip(jax.tree.leaves(st.params["denoiser"]), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(st.ema_params["denoiser"])[0]),
+                                np.asarray(jax.tree.leaves(want)[0]))
+  train.train_and_evaluate(config, str(tmp_path / "run"))  # and it trains from there
+  with pytest.raises(UserError, match="num_heads"):
+    state.setup(unet_config(**{"model.init": str(tmp_path / "converted"), "unet.num_heads": 1})).init_state(
+        jax.random.key(0))

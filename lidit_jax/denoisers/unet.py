@@ -112,6 +112,29 @@ def param_groups(params) -> dict:
   return {"denoiser (U-Net)": params["denoiser"], "conditioner": params["conditioner"], "embeddings": rest}
 
 
+def pretrained_weights(config, path: str) -> dict:
+  """{"denoiser/...": array} of a converted diffusers U-Net (`python -m lidit_jax.convert diffusers` or
+  `single-file`: OUT or OUT/unet) for `model.init`: the U-Net starts from it, the conditioner and the null context
+  from their initialisation. Its layout must be the config's `unet` section (a mismatch is refused by field)."""
+  import dataclasses
+  import os
+  from lidit_jax.cli import UserError
+  from lidit_jax.convert import diffusers_unet
+  if os.path.isfile(os.path.join(path, "model_index.json")):
+    path = os.path.join(path, "unet")
+  module, params = diffusers_unet.load_unet(path, jnp.dtype(config.model.dtype))
+  want = unet_config(config)
+  ignore = {"sample_size", "upcast_attention"}  # not in the weights' layout: the image size is data.image_size
+  diff = {k: (v, getattr(want, k)) for k, v in dataclasses.asdict(module.cfg).items()
+          if k not in ignore and v != getattr(want, k)}
+  if diff:
+    name, (theirs, ours) = next(iter(diff.items()))
+    raise UserError(f"model.init={path!r}: its U-Net has {name}={theirs!r}, the config {ours!r} ({len(diff)} fields "
+                    f"differ: {sorted(diff)}). Fix: set the config's unet section (and autoencoder.channels) to the "
+                    "checkpoint's, as configs/sd15.py does")
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"denoiser/" + "/".join(k.key for k in p): v for p, v in flat}
+
 def validate(config, towers: Sequence[str]) -> None:
   """The `unet` section's checks, each a ConfigError naming value and fix."""
   try:
