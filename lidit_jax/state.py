@@ -110,7 +110,11 @@ def pretrained_weights(config, abstract_params) -> dict:
   (`pretrained_weights` in its file: the U-Net family's, a converted diffusers U-Net); `model.init_skip` names
   stay fresh."""
   from lidit_jax import denoisers
+  from lidit_jax.cli import NotFound
   m = config.model
+  if not epath.Path(m.init).exists():
+    raise NotFound(f"model.init={m.init!r} does not exist. Fix: point at a training workdir (or, for the U-Net "
+                   "family, a converted diffusers U-Net)")
   fam = denoisers.family(config)
   if hasattr(fam, "pretrained_weights") and not epath.Path(ckpt_lib.checkpoint_dir(m.init)).is_dir():
     loaded = fam.pretrained_weights(config, m.init)

@@ -164,6 +164,8 @@ def test_init_from_a_run_with_fresh_and_frozen_groups(trained, tmp_path):
   deeper = tiny_config(**{**over, "model.init_skip": (), "model.refiner.depth": 2})
   with pytest.raises(checkpoint.UserError, match="has no parameter conditioner/token_refiner_0/.*model.init_skip"):
     state_lib.setup(deeper).init_state(jax.random.key(0))
+  with pytest.raises(checkpoint.UserError, match="model.init=.*does not exist"):
+    state_lib.setup(tiny_config(**{**over, "model.init": str(tmp_path / "typo")})).init_state(jax.random.key(0))
 
 
 def test_frozen_groups_get_no_gradient():
