@@ -11,8 +11,9 @@
 - compile_time_ratio_depth28_vs_2: LI-DiT-1B train step compile seconds at DiT depth 28 over depth 2 (scanned,
   8 simulated devices, fsdp=8; benchmarks/compile_time.py in a subprocess).
 - text_encoder_speedup_vs_torch: our decoder LLM vs transformers' LlamaModel, forward tokens / s.
-- Full run only: the data pipeline (benchmarks/data_pipeline.py) and HF LLM conversion (benchmarks/convert_llm.py)
-  figures, run in subprocesses.
+- vs_unet: our SD U-Net against diffusers' UNet2DConditionModel, train step and forward (benchmarks/unet.py).
+- Full run only: the data pipeline (benchmarks/data_pipeline.py), HF LLM conversion (benchmarks/convert_llm.py)
+  and SD single-file conversion (benchmarks/convert_single_file.py) figures, run in subprocesses.
 Writes JSON (--out) and rewrites its section of benchmarks/RESULTS.md (not with --no-record).
 """
 from __future__ import annotations
@@ -100,6 +101,10 @@ def main():
   if not q:
     r["data_pipeline"] = subprocess_json(["benchmarks.data_pipeline", "--no-record"])
     r["convert_llm"] = subprocess_json(["benchmarks.convert_llm", "--no-record"])
+    r["convert_single_file"] = subprocess_json(["benchmarks.convert_single_file", "--no-record"])
+  # 5. The SD family: our U-Net against diffusers' (SD 1.5 widths; --quick: a tiny one).
+  r["vs_unet"] = subprocess_json(["benchmarks.unet", "--no-record"] + (["--quick"] if q else []))
+  log("vs_unet")
   summary = {k: r[k] for k in GOALS}
   summary["text_encoder_speedup_vs_torch"] = r["text_encoder_speedup_vs_torch"]
   print(json.dumps(summary))
