@@ -15,6 +15,16 @@ from lidit_jax import cli, configs
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.py")
 
 
+def trained_steps(workdir: str) -> int:
+  """The step of the workdir's latest checkpoint (0 without one)."""
+  from lidit_jax import checkpoint
+  ckpt = checkpoint.Checkpoints(workdir)
+  try:
+    return ckpt.latest_step() or 0
+  finally:
+    ckpt.close()
+
+
 def main(argv):
   from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
@@ -26,6 +36,11 @@ def main(argv):
   workdir = f.workdir
   print(f"[1/3] training into {workdir} (resumes if it holds a checkpoint)")
   train.train_and_evaluate(config, workdir)
+  reached = trained_steps(workdir)
+  if reached < config.train.num_steps:  # stopped early (SIGTERM: preemption): the rest waits for the resumed run
+    print(f"      stopped at step {reached} of {config.train.num_steps}: re-run the same command to resume; "
+          "sampling and evaluation come after the last step")
+    return
   pipe = Pipeline(Workdir.of(*state.restore_for_inference(config, workdir)))
   step = pipe.backend.step
   print("[2/3] samples of the config's prompts (EMA weights, written at the last training step)")

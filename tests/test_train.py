@@ -347,3 +347,12 @@ def test_export_safetensors_holds_the_ema_weights_in_torch_layouts(trained, tmp_
   with pytest.raises(SystemExit) as e:  # never over an existing file
     export.main(["safetensors", workdir, out])
   assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_the_demo_samples_only_after_the_last_step(trained):
+  """A demo run stopped early (SIGTERM) leaves sampling and evaluation to the resumed run: `python -m lidit_jax`
+  compares the latest checkpoint's step with train.num_steps before going on."""
+  from lidit_jax.__main__ import trained_steps
+  config, workdir = trained
+  assert trained_steps(workdir) == config.train.num_steps == 6
+  assert trained_steps(workdir + "_none") == 0
