@@ -300,6 +300,8 @@ def test_original_unet_layout_is_diffusers_own(tmp_path, kind):
   for k, v in want.items():
     np.testing.assert_array_equal(np.asarray(back[k]), v, err_msg=k)
   save_file(original, str(tmp_path / "unet.safetensors"))
+  with pytest.raises(diffusers_unet.NotFound, match="no original SD checkpoint"):  # diffusers' own file, alone
+    diffusers_unet.Conversion.prepare(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
   conv = diffusers_unet.Conversion.prepare(str(tmp_path / "unet.safetensors"))  # kind from its keys
   assert conv.cfg == module.cfg
   for a, b in zip(jax.tree.leaves(conv.run(jnp.float32)), jax.tree.leaves(params)):

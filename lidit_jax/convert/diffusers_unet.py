@@ -248,6 +248,9 @@ class Conversion:
       if not path.endswith(".safetensors"):
         raise NotFound(f"{path!r} is not a .safetensors file. Fix: convert the checkpoint to safetensors first")
       files = io.CheckpointFiles(path)
+      if not any(k.startswith(LDM_PREFIX) for k in files.keys()):
+        raise NotFound(f"{path} holds no {LDM_PREFIX}* tensors, so it is no original SD checkpoint. Fix: a U-Net "
+                       "file in diffusers' naming goes with its config.json: point at its folder")
       if kind is not None and kind not in KINDS:
         raise NotFound(f"kind {kind!r} is not one of {sorted(KINDS)}. Fix: pick one")
       cfg = _read_config(config) if config else infer_config(files, kind or detect_kind(files))
