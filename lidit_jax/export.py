@@ -28,13 +28,19 @@ from lidit_jax import cli
 _CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
 
 
+def _cast(state: dict, dtype) -> dict:
+  """`state` in `dtype`, entry by entry (each float32 array is let go as its copy is made: one tensor extra)."""
+  for k in list(state):
+    state[k] = np.ascontiguousarray(np.asarray(state[k]).astype(dtype, copy=False))
+  return state
+
+
 def _save(directory: str, config: dict, state: dict, weights: str, dtype) -> None:
   from safetensors.numpy import save_file
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
-  state = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in state.items()}
-  save_file(state, os.path.join(directory, weights), metadata={"format": "pt"})
+  save_file(_cast(state, dtype), os.path.join(directory, weights), metadata={"format": "pt"})
 
 
 def export_diffusers(sd, out: str, dtype=np.float32) -> str:
@@ -82,7 +88,7 @@ def export_single_file(sd, out: str, dtype=np.float32) -> str:
   encoders = {enc.name: enc for enc in sd.encoders}
   for name, prefix, layout in sd_single_file.TEXT_ENCODERS[sd_single_file.kind_of(sd)]:
     state.update(sd_single_file.text_state(encoders[name].module.cfg, sd.params[name], prefix, layout))
-  state = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in state.items()}
+  state = _cast(state, dtype)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   save_file(state, out + ".partial", metadata={"format": "pt"})
   os.replace(out + ".partial", out)  # a failed write leaves no half file under the name
@@ -147,7 +153,7 @@ def export_safetensors(workdir: str, out: str, dtype=np.float32) -> str:
   state = {}
   for path, value in flat.items():
     state.update(torch_layout(names[path], value, path))
-  state = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in state.items()}
+  state = _cast(state, dtype)
   meta = {"format": "pt", "lidit_jax.config": backend.setup.config.to_json_best_effort(),
           "lidit_jax.step": str(backend.step)}
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
