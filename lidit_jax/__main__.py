@@ -17,7 +17,10 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def trained_steps(workdir: str) -> int:
   """The step of the workdir's latest checkpoint (0 without one)."""
+  from etils import epath
   from lidit_jax import checkpoint
+  if not epath.Path(checkpoint.checkpoint_dir(workdir)).is_dir():
+    return 0
   ckpt = checkpoint.Checkpoints(workdir)
   try:
     return ckpt.latest_step() or 0

@@ -144,7 +144,7 @@ def export_safetensors(workdir: str, out: str, dtype=np.float32) -> str:
   from lidit_jax.pipeline import Pipeline
   if os.path.exists(out):
     raise cli.UserError(f"{out} already exists. Fix: export to a new file")
-  ckpt_lib.require(workdir)
+  ckpt_lib.require(workdir).close()  # a clear error before anything is built
   pipe = Pipeline.from_pretrained(workdir)
   backend = pipe.backend
   names = model_axis_names(backend.setup.config)

@@ -36,7 +36,6 @@ def text_inputs(towers, tower_params, text):
   return feats, valids, prompts
 
 
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array

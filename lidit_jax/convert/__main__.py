@@ -80,7 +80,7 @@ def convert_pipeline(src: str, out: str, dtype, progress: bool = False):
   for name, class_name in _text_encoders(index):
     conv = hf_text.Conversion.prepare(os.path.join(src, name), dtype, adapt=hf_clip.sd_head(class_name))
     parts[name] = (conv.fam, conv)
-  return _write_pipeline(parts, {n: os.path.join(src, n) for n in parts}, src, out, dtype, progress)
+  return _write_pipeline(parts, {n: os.path.join(src, n) for n in parts}, src, index, out, dtype, progress)
 
 
 def convert_single_file(src: str, out: str, dtype, config: str, kind: str | None = None, ema: bool = False,
@@ -105,18 +105,18 @@ def convert_single_file(src: str, out: str, dtype, config: str, kind: str | None
     with open(os.path.join(config, name, "config.json"), encoding="utf-8") as f:
       hf_config = json.load(f)
     parts[name] = (hf_clip, sd_single_file.TextPart.prepare(src, hf_config, classes[name], prefix, layout, dtype))
-  return _write_pipeline(parts, {n: src for n in parts}, config, out, dtype, progress)
+  return _write_pipeline(parts, {n: src for n in parts}, config, index, out, dtype, progress)
 
 
-def _write_pipeline(parts: dict, sources: dict, folder: str, out: str, dtype, progress: bool):
+def _write_pipeline(parts: dict, sources: dict, folder: str, index: dict, out: str, dtype, progress: bool):
   """Checked conversions `parts` ({component: (family, conversion)}) streamed into OUT's component folders, then
-  `folder`'s tokenizers, scheduler and model_index.json copied (the index last: a folder without it is no pipeline)."""
+  `folder`'s tokenizers, scheduler and model_index.json (`index`) copied (the index last: a folder without it is no pipeline)."""
   import shutil
   if os.path.isdir(out) and os.listdir(out):
     raise cli.UserError(f"{out} is not empty. Fix: convert into a new directory")
   done = {name: (fam, conv.cfg, *stream(conv, fam, sources[name], os.path.join(out, name), dtype, progress))
           for name, (fam, conv) in parts.items()}
-  for name in _read_index(folder):  # what needs no conversion
+  for name in index:  # what needs no conversion
     if (name.startswith("tokenizer") or name == "scheduler") and os.path.isdir(os.path.join(folder, name)):
       shutil.copytree(os.path.join(folder, name), os.path.join(out, name))
   shutil.copy(os.path.join(folder, "model_index.json"), os.path.join(out, "model_index.json"))

@@ -23,7 +23,6 @@ from lidit_jax.convert import safetensors_io as io
 from lidit_jax.models import unet
 
 Config = unet.UNetConfig
-DOWN_BLOCKS = unet.DOWN_BLOCKS
 _INDEXED = re.compile(r"(down_blocks|up_blocks|resnets|attentions|transformer_blocks|downsamplers|upsamplers|to_out|net)"
                       r"_(\d+)")
 # (config field, the value our module implements): anything else is refused
@@ -137,7 +136,7 @@ def ldm_modules(cfg: unet.UNetConfig) -> dict[str, str]:
       m[f"up_blocks.{b}.resnets.{j}"], m[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{i}.0", f"output_blocks.{i}.1"
       i += 1
     if b < n - 1:
-      m[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{i - 1}.{2 if cfg.up_block_types[b] == UP_ATTN else 1}.conv"
+      m[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{i - 1}.{2 if cfg.up_block_types[b] == unet.UP_BLOCKS[0] else 1}.conv"
   return m
 
 
@@ -159,7 +158,6 @@ def ema_key(key: str) -> str:
   return "model_ema." + key[len("model."):].replace(".", "")
 
 
-UP_ATTN = "CrossAttnUpBlock2D"
 # Head counts are not in the tensors: SD 1.x has 8 per block, SD 2.x and XL 64 channels per head.
 KINDS = {"sd15": dict(heads=lambda w: 8, sample_size=64), "sd2": dict(heads=lambda w: w // 64, sample_size=96),
          "sdxl": dict(heads=lambda w: w // 64, sample_size=128)}
@@ -187,8 +185,8 @@ def infer_config(files: io.CheckpointFiles, kind: str) -> unet.UNetConfig:
   k = KINDS[kind]
   return unet.UNetConfig(
       in_channels=shape("input_blocks.0.0.weight")[1], out_channels=shape("out.2.weight")[0], block_out_channels=widths,
-      down_block_types=tuple(DOWN_BLOCKS[0] if a else DOWN_BLOCKS[1] for a in down_attn),
-      up_block_types=tuple(UP_ATTN if a else "UpBlock2D" for a in up_attn), layers_per_block=per,
+      down_block_types=tuple(unet.DOWN_BLOCKS[0] if a else unet.DOWN_BLOCKS[1] for a in down_attn),
+      up_block_types=tuple(unet.UP_BLOCKS[0] if a else unet.UP_BLOCKS[1] for a in up_attn), layers_per_block=per,
       num_heads=tuple(k["heads"](w) for w in widths), transformer_layers_per_block=depths,
       cross_attention_dim=shape(attn)[1], use_linear_projection=len(shape(proj)) == 2,
       addition_embed_type="text_time" if added else None, addition_time_embed_dim=256 if added else None,

@@ -230,6 +230,7 @@ def to_ldm(cfg: vae.VAEConfig, params) -> dict[str, np.ndarray]:
     out[LDM_PREFIX + key] = v[:, :, None, None] if ".attn_1." in key and key.endswith(".weight") and v.ndim == 2 else v
   return out
 
+
 def write_diffusers(out: str, cfg: vae.VAEConfig, params) -> str:
   """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) of `params`."""
   from safetensors.numpy import save_file

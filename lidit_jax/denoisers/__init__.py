@@ -13,6 +13,8 @@ The trainer, sampler, evaluator, planner and parameter report see a family throu
       pass on one device holding `batch` examples, `tensor`-way tensor parallel   (plan)
   param_groups(params) -> {group: subtree}                             (parameter report)
   validate(config, towers)   its own config checks (configs.validate calls it; ConfigError by name)
+  pretrained_weights(config, path) -> {"denoiser/...": array}   optional: what `model.init` reads besides another
+      run's workdir (the U-Net family: a converted diffusers U-Net)
 A new family is one file here plus its name below and a config.
 """
 from __future__ import annotations

@@ -131,9 +131,10 @@ def pretrained_weights(config, path: str) -> dict:
     name, (theirs, ours) = next(iter(diff.items()))
     raise UserError(f"model.init={path!r}: its U-Net has {name}={theirs!r}, the config {ours!r} ({len(diff)} fields "
                     f"differ: {sorted(diff)}). Fix: set the config's unet section (and autoencoder.channels) to the "
-                    "checkpoint's, as configs/sd15.py does")
+                    "checkpoint's config.json")
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   return {"denoiser/" + "/".join(k.key for k in p): v for p, v in flat}
+
 
 def validate(config, towers: Sequence[str]) -> None:
   """The `unet` section's checks, each a ConfigError naming value and fix."""
