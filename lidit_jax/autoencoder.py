@@ -140,6 +140,9 @@ def build(ae_cfg, abstract: bool = False):
   if abstract:
     if not path or not os.path.exists(os.path.expanduser(path)):
       return None, None
+    if os.path.isdir(os.path.expanduser(path)):  # a pipeline folder (ours too): its vae/
+      from lidit_jax.convert import safetensors_io
+      path = safetensors_io.component_dir(path, "vae", "AutoencoderKL")
     module = (registry.from_description(registry.read_marker(path), dtype)[2] if registry.marker(path)
               else diffusers_vae.Conversion.prepare(path, dtype).module)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),

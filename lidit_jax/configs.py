@@ -41,12 +41,17 @@ def tower(**overrides) -> ml_collections.ConfigDict:
   `python -m lidit_jax.convert hf-text`; its architecture then comes from that directory and the fields
   kind .. rope_theta are ignored. `tokenizer`: "" (the demo's word tokenizer for random towers, else the
   one in `init`), "words", or a local tokenizer directory. `layer`: which hidden state LI-DiT reads;
-  `all_layers`: every hidden state instead, [B, L, num_layers + 1, D] (for conditioners that read them all)."""
+  `all_layers`: every hidden state instead, [B, L, num_layers + 1, D] (for conditioners that read them all).
+  Stable Diffusion's text side: `final_norm` applies a CLIP tower's final LayerNorm to the chosen layer (SD 1.x /
+  2.x read layer -1 so normed: last_hidden_state; diffusers' clip_skip normed earlier layers); `mask_padding=False`
+  runs the tower and gives the context every position, padding included, as SD's pipelines run CLIP."""
   t = ml_collections.ConfigDict(dict(
       kind="llama", init="random", tokenizer="", vocab_size=0,
       hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192, rope_theta=10000.0,
       layer=-3,  # LI-DiT reads the third-to-last block's output
       all_layers=False,  # give every hidden state (the embeddings, then each block's output) instead
+      final_norm=False,  # CLIP only: its final LayerNorm on the chosen layer
+      mask_padding=True,  # False: no padding mask in the tower or the context (SD's CLIP)
       max_length=64, dtype="bfloat16"))
   t.update(overrides)
   return t
@@ -72,8 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
                 num_heads=8, transformer_layers_per_block=1, cross_attention_dim=768, norm_num_groups=32,
                 use_linear_projection=False)
   # tower features -> the denoiser's context (lidit_jax/conditioners): LI-DiT's "refiners" (options in
-  # model.refiner) or plain "tokens" (each tower projected to the width)
-  c.conditioner = dict(kind="refiners")
+  # model.refiner), plain "tokens" (each tower projected to the width) or "identity" (the features themselves,
+  # towers side by side: SD's CLIP). null: classifier-free guidance's unconditional context, "learned" (a
+  # parameter) or "empty_prompt" (the towers' features of "": caption dropout trains on them, sampling guides with
+  # them or a negative prompt; what diffusers' SD pipelines do, so such a model exports to them)
+  c.conditioner = dict(kind="refiners", null="learned")
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
                 words=(),  # the "words" tokenizer's vocabulary besides its fixed words (configs/shapes.py: the demo's)
@@ -181,6 +189,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   denoisers.family(c).validate(c, names)  # the family's own sections (LI-DiT: model.*)
   from lidit_jax import conditioners
   one_of("conditioner.kind", c.conditioner.kind, set(conditioners.CONDITIONERS))
+  one_of("conditioner.null", c.conditioner.null, {"learned", "empty_prompt"})
   conditioners.conditioner(c).validate(c, names)  # its own (the refiners: model.refiner.*)
 
   ae = c.autoencoder

@@ -42,6 +42,8 @@ def main(argv):
   if f.captions:
     with open(f.captions, encoding="utf-8") as fh:
       captions += [line.strip() for line in fh if line.strip()]
+  if config.conditioner.null == "empty_prompt":
+    captions.append("")  # the unconditional text: dropped captions train on it
   towers = model_lib.build_towers(config)
   mesh = sharding.make_mesh(config)
   with sharding.active(mesh, config):

@@ -4,8 +4,9 @@
   python -m lidit_jax.export diffusers SRC OUT.safetensors --format single-file
   python -m lidit_jax.export safetensors WORKDIR OUT.safetensors
 
-SRC is a Stable Diffusion model that `Pipeline.from_pretrained` reads: a diffusers pipeline folder or our
-converted one (`python -m lidit_jax.convert diffusers`). OUT becomes a diffusers pipeline folder: each
+SRC is a Stable Diffusion model: a diffusers pipeline folder, our converted one (`python -m lidit_jax.convert
+diffusers`), or a training workdir that fine-tuned one (configs/sd15.py: its EMA U-Net with the folder's text
+encoders, tokenizers, VAE and scheduler). OUT becomes a diffusers pipeline folder: each
 component's config.json and safetensors weights (float32 unless --dtype), the tokenizers, the scheduler's config
 and model_index.json, which diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained load
 and sample to the same images (tests/test_pipeline.py). With --format single-file, OUT is one file in the
@@ -94,6 +95,59 @@ def export_single_file(sd, out: str, dtype=np.float32) -> str:
   os.replace(out + ".partial", out)  # a failed write leaves no half file under the name
   return out
 
+
+def source_pipeline(config, where: str) -> str:
+  """The diffusers pipeline folder a U-Net run started from: its model.init (the folder, its unet/, or another
+  such run's workdir, followed back)."""
+  import ml_collections
+  path, seen = config.model.init, set()
+  while path and path not in seen:
+    seen.add(path)
+    for folder in (path, os.path.dirname(os.path.normpath(path))):
+      if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      break
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      path = ml_collections.ConfigDict(json.load(f)).model.get("init", "")
+  raise cli.UserError(f"{where}: no diffusers pipeline folder behind its model.init={config.model.init!r}, so there "
+                      "are no text encoders, VAE or scheduler to export with its U-Net. Fix: export a run that "
+                      "fine-tunes a pipeline (configs/sd15.py), or `export safetensors` for the model alone")
+
+
+def stable_diffusion_of(workdir: str):
+  """A U-Net run fine-tuned from an SD pipeline (configs/sd15.py) as a `pipeline.StableDiffusion`: the pipeline
+  folder's text encoders, tokenizers, VAE and scheduler with the EMA U-Net of the workdir's latest checkpoint.
+  Only runs whose text side is the folder's (conditioner identity on its text encoders, the empty prompt as the
+  unconditional context) export: anything else is not a model diffusers' pipelines run."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from lidit_jax import checkpoint as ckpt_lib, configs
+  from lidit_jax.pipeline import StableDiffusion
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    ckpt_lib.require(workdir).close()  # its clear error: no run here
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    config = configs.validate(ml_collections.ConfigDict(json.load(f)))
+  have = (config.model.family, config.conditioner.kind, config.conditioner.null)
+  if have != ("unet", "identity", "empty_prompt"):
+    raise cli.UserError(f"{workdir}: model.family / conditioner.kind / conditioner.null = {have}; a diffusers pipeline "
+                        "is a U-Net reading its text encoders' features, guided by the empty prompt ('unet', "
+                        "'identity', 'empty_prompt'). Fix: `export safetensors` for this run's model")
+  source = source_pipeline(config, workdir)
+  ckpt_lib.require(workdir).close()  # a clear error before anything is loaded
+  towers = [os.path.abspath(config.text.towers[n].init) for n in configs.tower_names(config)]
+  if any(os.path.commonpath([t, os.path.abspath(source)]) != os.path.abspath(source) for t in towers):
+    raise cli.UserError(f"{workdir}: its text towers {towers} are not the text encoders of {source}, the pipeline "
+                        "it started from. Fix: train with the pipeline's own text_encoder(s) (configs/sd15.py)")
+  sd = StableDiffusion.load(source, jnp.float32)
+  abstract = {"denoiser": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                       sd.params["unet"])}
+  trained = ckpt_lib.restore_weights(workdir, abstract)
+  sd.params["unet"] = jax.tree_util.tree_map_with_path(
+      lambda p, a: trained["denoiser/" + ckpt_lib.param_name(p)].astype(jnp.float32), sd.params["unet"])
+  return sd
+
 # ------------------------------------------------------------------ a workdir's model as PyTorch-layout safetensors
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -166,7 +220,7 @@ def main(argv=None) -> int:
                                    epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   d = sub.add_parser("diffusers", help="a Stable Diffusion model -> a diffusers pipeline folder")
-  d.add_argument("src", help="diffusers pipeline folder, or our converted one")
+  d.add_argument("src", help="diffusers pipeline folder, our converted one, or a workdir fine-tuning one")
   d.add_argument("out", help="new output directory (a new .safetensors file with --format single-file)")
   d.add_argument("--format", default="diffusers", choices=("diffusers", "single-file"),
                  help="a diffusers pipeline folder, or one file in the original layout")
@@ -184,13 +238,13 @@ def main(argv=None) -> int:
       export_safetensors(args.src, args.out, np.dtype(args.dtype))
       print(json.dumps({"out": args.out, "format": "safetensors"}))
       return 0
-    from lidit_jax.pipeline import Pipeline, StableDiffusion
-    pipe = Pipeline.from_pretrained(args.src)
-    if not isinstance(pipe.backend, StableDiffusion):
-      raise cli.UserError(f"{args.src} is a training workdir; `export diffusers` takes a Stable Diffusion pipeline "
-                          "folder (a workdir's model: `export safetensors`). Fix: point at one")
+    from lidit_jax.pipeline import Pipeline
+    if os.path.isfile(os.path.join(args.src, "model_index.json")):
+      sd = Pipeline.from_pretrained(args.src).backend
+    else:
+      sd = stable_diffusion_of(args.src)
     write = export_diffusers if args.format == "diffusers" else export_single_file
-    write(pipe.backend, args.out, np.dtype(args.dtype))
+    write(sd, args.out, np.dtype(args.dtype))
   print(json.dumps({"out": args.out, "format": args.format}))
   return 0
 

@@ -40,6 +40,7 @@ class TextTower:
   source: str  # "random" or the checkpoint directory
   num_layers: int = 0
   all_layers: bool = False
+  final_norm: bool = False  # a CLIP tower's final LayerNorm on the chosen layer (SD 1.x / 2.x)
 
   @property
   def feature_shape(self) -> tuple[int, ...]:
@@ -49,10 +50,15 @@ class TextTower:
 
   def features(self, params, input_ids, attention_mask):
     hidden = self.module.apply({"params": params}, input_ids, attention_mask)
+    if isinstance(hidden, tuple):  # a CLIP with its head (an SD pipeline's encoder): (every state, last, pooled)
+      hidden = hidden[0]
     if self.all_layers:
       hidden = jnp.moveaxis(hidden, 0, 2)  # [N + 1, B, L, D] -> [B, L, N + 1, D]
     elif getattr(self.module, "output_layer", None) is None:  # T5 / CLIP return every layer
       hidden = hidden[self.layer]
+    if self.final_norm:
+      from lidit_jax.models import clip
+      hidden = clip.final_norm(self.module.cfg, params, hidden)
     return jax.lax.stop_gradient(hidden)
 
 
@@ -84,17 +90,25 @@ def build_towers(config) -> list[TextTower]:
       raise ValueError(f"{where}.tokenizer={tokenizer!r} has {len(tok)} tokens but the model's vocabulary has "
                        f"{cfg.vocab_size}. Fix: use the tokenizer saved with {tc.init}.")
     encoder = prompt_lib.PromptEncoder(tok, tc.max_length, config.text.instruction or None,
-                                       config.text.use_chat_template, config.text.padding_side)
+                                       config.text.use_chat_template, config.text.padding_side,
+                                       mask_padding=tc.mask_padding)
     towers.append(make_tower(name, tc, fam, cfg, encoder))
   return towers
 
 
 def make_tower(name, tc, fam, cfg, encoder) -> TextTower:
+  if tc.final_norm:
+    from lidit_jax.convert import hf_clip
+    if fam is not hf_clip:
+      raise ValueError(f"text.towers.{name}.final_norm=True: only CLIP towers have a final LayerNorm outside their "
+                       f"hidden states ({tc.init} is {fam.__name__.rsplit('.', 1)[-1]}). Fix: set it False")
+    if not cfg.head:  # a Hugging Face CLIP folder: read its final LayerNorm too
+      cfg = hf_clip.with_head(cfg, projection=False)
   module = fam.make_module(cfg, DTYPES[tc.dtype])
   if hasattr(module, "output_layer") and not tc.all_layers:  # decoders can keep just the wanted layer as they go
     module = module.clone(output_layer=tc.layer)
   return TextTower(name, module, encoder, tc.layer, DTYPES[tc.dtype], cfg.hidden_size, tc.init, cfg.num_layers,
-                   tc.all_layers)
+                   tc.all_layers, tc.final_norm)
 
 
 def abstract_towers(config) -> list[TextTower]:
@@ -139,7 +153,9 @@ def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):
           lambda p: p.astype(dt), nn.unbox(m.init(r, ids, jnp.ones_like(ids))["params"])), out_shardings=shardings)
       out[t.name] = init(jax.random.fold_in(rng, i))
     else:
-      out[t.name] = hf_text.load_hf_text_model(t.source, t.dtype, mesh, rules)[1]
+      # final_norm: a Hugging Face CLIP folder read with its head, as the tower's module has it
+      adapt = (lambda _, m=t.module: m.cfg) if t.final_norm else None
+      out[t.name] = hf_text.load_hf_text_model(t.source, t.dtype, mesh, rules, adapt=adapt)[1]
   return out
 
 
@@ -189,8 +205,13 @@ def text_shapes(config, tower_dims: Sequence[tuple[int, int]] | None = None) -> 
 
 
 def abstract_inputs(config, batch_size: int, tower_dims: Sequence[tuple[int, int]] | None = None):
-  """ShapeDtypeStructs of one denoiser call (for eval_shape / compile without data)."""
-  return denoisers.family(config).abstract_inputs(batch_size, latent_shape(config), text_shapes(config, tower_dims))
+  """ShapeDtypeStructs of one denoiser call (for eval_shape / compile without data). With
+  conditioner.null=empty_prompt no example is dropped inside the model (its text is swapped first), so the model
+  has no learned null context."""
+  inputs = denoisers.family(config).abstract_inputs(batch_size, latent_shape(config), text_shapes(config, tower_dims))
+  if config.conditioner.null == "empty_prompt":
+    inputs["drop_B"] = None
+  return inputs
 
 
 def count_params(tree) -> int:

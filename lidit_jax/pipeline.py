@@ -283,7 +283,8 @@ class StableDiffusion:
 @dataclasses.dataclass
 class Workdir:
   """The EMA weights of a workdir's latest checkpoint, through its family's contract (`state.text_inputs`):
-  guidance mixes the conditional prediction with the learned null context's, so no negative prompt."""
+  guidance mixes the conditional prediction with the learned null context's (no negative prompt), or with
+  conditioner.null=empty_prompt with the prediction for "" or the negative prompt, as diffusers' pipelines do."""
   setup: Any
   params: dict
   step: int
@@ -335,23 +336,35 @@ class Workdir:
     return model_lib.latent_shape(self.setup.config)
 
   def text(self, prompts, negatives, guided: bool, size):
-    if negatives is not None:
+    s = self.setup
+    if negatives is not None and s.null_text is None:
       raise ValueError("negative_prompt: this model guides with its learned null context, not a negative prompt. "
                        "Fix: leave it None")
-    return self.setup.text_for(prompts)
+    text = {"cond": s.text_for(prompts)}
+    if guided and s.null_text is not None:  # conditioner.null=empty_prompt: "" or the negative prompts
+      text["uncond"] = s.text_for(negatives) if negatives is not None else jax.tree.map(
+          lambda a: np.repeat(a, len(prompts), axis=0), s.null_text)
+    return text
 
   def predictor(self, params, text, b: int, guided: bool):
     from lidit_jax import state as state_lib
     s = self.setup
-    feats, valids, prompts = state_lib.text_inputs(s.towers, params["frozen"]["towers"], text)
+    inputs = lambda t: state_lib.text_inputs(s.towers, params["frozen"]["towers"], t)
     apply = functools.partial(s.model.apply, {"params": params["model"]})
+    learned = s.null_text is None  # else the unconditional half reads the text of "" (or a negative prompt)
+    drop = lambda *flags: jnp.concatenate([jnp.full((b,), f) for f in flags]) if learned else None
+    feats, valids, prompts = inputs(text["cond"])
     if not guided:
-      return lambda x, t: (apply(x, t, feats, valids, prompts, jnp.zeros((b,), bool)), None)
-    two = lambda xs: [_twice(x) for x in xs]
-    drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+      return lambda x, t: (apply(x, t, feats, valids, prompts, drop(False)), None)
+    if learned:
+      two = lambda xs: [_twice(x) for x in xs]
+      feats, valids, prompts = two(feats), two(valids), two(prompts)
+    else:
+      both = lambda xs, ys: [jnp.concatenate([x, y]) for x, y in zip(xs, ys)]
+      feats, valids, prompts = map(both, (feats, valids, prompts), inputs(text["uncond"]))
 
     def predict(x, t):
-      p = apply(_twice(x), _twice(t), two(feats), two(valids), two(prompts), drop)
+      p = apply(_twice(x), _twice(t), feats, valids, prompts, drop(False, True))
       return p[:b], p[b:]
     return predict
 

@@ -146,6 +146,7 @@ class PromptEncoder:
     use_chat_template: bool = True
     padding_side: str = "right"
     cache_size: int = 1 << 16
+    mask_padding: bool = True  # False: every position valid, padding included (SD pipelines run CLIP so)
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
@@ -323,4 +324,6 @@ class PromptEncoder:
             input_ids[i, off : off + len(ids)] = ids
             attention_mask[i, off : off + len(ids)] = 1
             prompt_mask[i, off + p0 : off + p1] = 1
+        if not self.mask_padding:
+            attention_mask[:], prompt_mask[:] = 1, 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask}

@@ -128,7 +128,7 @@ def define_flags():
                       "--config is given), or a diffusers pipeline folder (model_index.json).", required=True)
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeatable).")
   flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line.")
-  flags.DEFINE_string("negative_prompt", None, "Negative prompt (SD pipelines; our families guide with their "
+  flags.DEFINE_string("negative_prompt", None, "Negative prompt (SD pipelines and conditioner.null=empty_prompt models; others guide with their "
                       "learned null context).")
   flags.DEFINE_string("out", "samples.png", "Output PNG (one prompt) or directory / stem (several prompts).")
   flags.DEFINE_integer("num_images", 1, "Images per prompt (saved as a grid).", lower_bound=1)

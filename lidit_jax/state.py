@@ -36,6 +36,13 @@ def text_inputs(towers, tower_params, text):
   return feats, valids, prompts
 
 
+def with_null_text(text, null_text, drop_B):
+  """`conditioner.null=empty_prompt`: the batch's text inputs with those of the dropped examples replaced by the
+  empty prompt's (`null_text`: the same tree, batch 1), tokens or cached features alike."""
+  return jax.tree.map(lambda a, n: jnp.where(drop_B.reshape(-1, *[1] * (a.ndim - 1)), jnp.asarray(n, a.dtype), a),
+                      text, null_text)
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -87,6 +94,7 @@ class Setup:
   schedule: Any
   state_shardings: Any
   abstract_state: Any
+  null_text: Any = None  # conditioner.null=empty_prompt: text_for([""]), the unconditional text inputs
 
   def init_state(self, rng) -> TrainState:
     """A fresh state; with `model.init` its weights (but those `model.init_skip` names) come from the EMA of
@@ -171,6 +179,8 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False) -> Setup:
     s.text_for = functools.partial(pipeline.tokenize, towers)
     with sharding.active(mesh, config):
       s.frozen["towers"] = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+  if config.conditioner.null == "empty_prompt" and not abstract:
+    s.null_text = s.text_for([""])
   return s
 
 

@@ -34,6 +34,9 @@ def signature(config, towers) -> dict:
           "towers": {tw.name: {"init": os.path.abspath(tw.source) if tw.source != "random" else "random",
                                "seed": config.seed if tw.source == "random" else None,
                                "layer": "all" if tw.all_layers else tw.layer, "max_length": tw.encoder.max_length,
+                               # SD's CLIP options, named only when set (caches written before them stay valid)
+                               **({"final_norm": True} if tw.final_norm else {}),
+                               **({"mask_padding": False} if not tw.encoder.mask_padding else {}),
                                "dtype": jnp.dtype(tw.dtype).name, "hidden_size": tw.hidden_size}
                      for tw in towers}}
 

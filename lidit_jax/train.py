@@ -66,8 +66,11 @@ def make_train_step(s: state_lib.Setup):
     def loss_fn(params, mb):
       if held is not None:
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, held)
-      feats, valids, prompts = state_lib.text_inputs(s.towers, frozen["towers"], mb["text"])
-      net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, mb["drop"])
+      text, drop = mb["text"], mb["drop"]
+      if s.null_text is not None:  # conditioner.null=empty_prompt: dropped captions become ""
+        text, drop = state_lib.with_null_text(text, s.null_text, drop), None
+      feats, valids, prompts = state_lib.text_inputs(s.towers, frozen["towers"], text)
+      net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, drop)
       return jnp.mean(objective.loss(net, mb["image"], mb))
 
     k = config.train.grad_accum
@@ -132,6 +135,8 @@ def lower_train_step(config):
     image = sds((b, h, w, s.autoencoder.stored_channels if s.autoencoder else c), jnp.float16)
   else:
     image = sds((b, config.data.image_size, config.data.image_size, 3), jnp.uint8)
+  if config.conditioner.null == "empty_prompt":  # the empty prompt's text inputs, in shape
+    s.null_text = jax.tree.map(lambda a: np.zeros((1, *a.shape[1:]), a.dtype), text)
   step = make_train_step(s)
   with sharding.active(s.mesh, config):
     return step.jitted.lower(s.abstract_state, s.frozen, {"image": image, "text": text}, jax.random.key(0))

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from lidit_jax.config_checks import ConfigError
 from lidit_jax.models import layers
 
-CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens"}
+CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens",
+                "identity": "lidit_jax.conditioners.identity"}
 
 
 def conditioner(config) -> ModuleType:

@@ -191,6 +191,8 @@ def load_vae(path: str, dtype=jnp.float32, config: str | None = None):
   (`first_stage_model.*` keys, or bare `encoder.*` / `decoder.*`) or our converted directory (`python -m
   lidit_jax.convert vae`); see the module docstring. Parameters are stored in `dtype`, which the module computes in."""
   path = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(path):  # a pipeline folder (ours too): its vae/
+    path = io.component_dir(path, "vae", "AutoencoderKL")
   if os.path.isdir(path) and registry.marker(path):
     from lidit_jax.convert import orbax_io
     desc = registry.read_marker(path)

@@ -65,3 +65,18 @@ def token_abstract_params(module: nn.Module, max_length: int = 8):
   """A text tower's boxed abstract params (any token count builds every layer)."""
   ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
   return jax.eval_shape(lambda i: module.init(jax.random.key(0), i, i), ids)["params"]
+
+
+def component_config(name: str, path: str, subfolder: str, class_name: str):
+  """The config of a diffusers component of family `name` (diffusers_unet, diffusers_vae) from JSON alone: its
+  folder, a pipeline folder holding it as `subfolder`, or our converted one."""
+  from lidit_jax.convert import safetensors_io as io
+  where = io.component_dir(path, subfolder, class_name)
+  if marker(where):
+    return from_description(read_marker(where), jnp.float32)[1]
+  config = os.path.join(where, "config.json")
+  if not os.path.exists(config):
+    from lidit_jax.cli import NotFound
+    raise NotFound(f"{where} has no config.json. Fix: point at a diffusers {class_name} or pipeline folder")
+  with open(config, encoding="utf-8") as f:
+    return family(name).config_from_diffusers(json.load(f), config)

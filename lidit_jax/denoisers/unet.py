@@ -109,7 +109,8 @@ def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_
 
 def param_groups(params) -> dict:
   rest = {k: v for k, v in params.items() if k not in ("denoiser", "conditioner")}
-  return {"denoiser (U-Net)": params["denoiser"], "conditioner": params["conditioner"], "embeddings": rest}
+  return {"denoiser (U-Net)": params["denoiser"], "conditioner": params.get("conditioner", {}),  # identity: none
+          "embeddings": rest}
 
 
 def pretrained_weights(config, path: str) -> dict:

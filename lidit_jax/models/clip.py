@@ -107,3 +107,9 @@ class CLIPTextTower(nn.Module):
       pooled = layers.Dense(c.projection_dim, ("embed", "mlp"), use_bias=False, dtype=self.dtype,
                             name="text_projection")(pooled)
     return hidden, last, pooled
+
+
+def final_norm(cfg: CLIPTextConfig, params, x):
+  """The final LayerNorm of a tower with its head (`params`: the tower's) on any hidden state: SD 1.x / 2.x's
+  last_hidden_state at layer -1, diffusers' `clip_skip` at earlier ones."""
+  return _layer_norm(cfg.eps, x.dtype, "final_layer_norm").apply({"params": params["final_layer_norm"]}, x)

@@ -1,0 +1,69 @@
+"""Fine-tune Stable Diffusion 1.x / 2.x: the U-Net trains; its CLIP text encoder and VAE stay frozen.
+
+  python -m lidit_jax.convert diffusers stable-diffusion-v1-5 checkpoints/sd15      # once (or: convert single-file)
+  python -m lidit_jax.data.prepare --src IMAGES --out data --name mydata             # captioned images -> ArrayRecord
+  python -m lidit_jax.train --config configs/sd15.py:checkpoints/sd15 --workdir runs/sd15 \
+      --config.data.name=mydata --config.data.data_dir=data
+  python -m lidit_jax.sample --workdir runs/sd15 --prompt "a photo of a cat" --negative_prompt "blurry" --out cat.png
+  python -m lidit_jax.export diffusers runs/sd15 sd15-finetuned                      # or OUT.safetensors --format single-file
+
+The argument after the colon is the pipeline folder, diffusers' own or converted (default checkpoints/sd15). The
+U-Net starts from its unet/ (model.init); the text side is the pipeline's: text_encoder/ + tokenizer/, 77 CLIP
+tokens padded with the tokenizer's pad token, no padding mask, the final LayerNorm on the last layer (SD 1.x /
+2.x's prompt_embeds), read as the context itself (conditioner identity); vae/ encodes the images. The U-Net layout,
+the VAE's factor and channels, the image size (unet sample_size x the VAE's factor) and the DDPM section with the
+sampler come from the folder's JSON configs (no weights are read here); without the folder, SD 1.5's values.
+Caption dropout trains on the empty prompt, which sampling guides with (or a negative prompt), as diffusers'
+pipelines do, so `export diffusers` gives a pipeline that diffusers samples to the same images (tested on a tiny
+pipeline: tests/test_sd_finetune.py). Expected: no numbers measured here (no SD 1.5 weights or data on this CPU).
+"""
+import os
+
+from lidit_jax import configs
+
+DEFAULT = "checkpoints/sd15"
+
+
+def pipeline_sections(path: str) -> dict:
+  """{unet: fields, autoencoder: (factor, channels), image_size, ddpm: (values, sampler)} of a pipeline folder."""
+  import json
+  from lidit_jax.convert import registry
+  from lidit_jax.objectives import ddpm
+  unet = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel")
+  vae = registry.component_config("diffusers_vae", path, "vae", "AutoencoderKL")
+  with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+    scheduler = ddpm.from_scheduler_config(json.load(f))
+  fields = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "num_heads",
+            "transformer_layers_per_block", "cross_attention_dim", "norm_num_groups", "use_linear_projection")
+  return dict(unet={k: getattr(unet, k) for k in fields}, autoencoder=(vae.downsample_factor, vae.latent_channels),
+              image_size=unet.sample_size * vae.downsample_factor, ddpm=scheduler)
+
+
+def get_config(path: str = DEFAULT):
+  c = configs.base_config()
+  c.model.update(family="unet", init=path, dtype="bfloat16")
+  c.conditioner.update(kind="identity", null="empty_prompt")
+  c.text.update(use="clip", instruction="", use_chat_template=False)
+  c.text.towers = {"clip": configs.tower(init=os.path.join(path, "text_encoder"),
+                                         tokenizer=os.path.join(path, "tokenizer"), layer=-1, final_norm=True,
+                                         mask_padding=False, max_length=77, dtype="bfloat16")}
+  c.autoencoder.update(kind="vae", path=path, factor=8, channels=4, dtype="float32")
+  c.objective.kind = "ddpm"
+  c.ddpm.update(snr_gamma=5.0)  # min-SNR-gamma weights; the rest: SD 1.x's scheduler (the defaults)
+  c.data.update(source="tfds", image_size=512, caption_dropout=0.1)
+  c.optim.update(lr=1e-5, warmup_steps=500, min_lr_ratio=1.0, weight_decay=1e-2, grad_clip=1.0, ema_decay=0.9999)
+  c.train.update(num_steps=15_000, batch_size=256, log_every=50, checkpoint_every=1000, sample_every=1000)
+  c.sample.update(steps=50, sampler="pndm", cfg=7.5, num_images=4,
+                  prompts=("a photograph of an astronaut riding a horse", "a red apple on a wooden table",
+                           "a watercolor painting of a lighthouse at dusk", "a corgi wearing sunglasses"))
+  c.mesh.data = -1  # data parallel over every device (SD 1.5's 860 M parameters fit each)
+  if os.path.isdir(path):  # the folder's own layout and scheduler
+    s = pipeline_sections(path)
+    c.unet = {**c.unet.to_dict(), **s["unet"]}  # replaced, not updated: per-block fields may become tuples
+    c.autoencoder.factor, c.autoencoder.channels = s["autoencoder"]
+    c.data.image_size = s["image_size"]
+    values, sampler = s["ddpm"]
+    from lidit_jax.objectives import ddpm
+    c.ddpm = ddpm.scheduler_section(values, sampler, c.ddpm)
+    c.sample.sampler = sampler
+  return c
