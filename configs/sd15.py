@@ -24,30 +24,15 @@ from lidit_jax import configs
 DEFAULT = "checkpoints/sd15"
 
 
-def pipeline_sections(path: str) -> dict:
-  """{unet: fields, autoencoder: (factor, channels), image_size, ddpm: (values, sampler)} of a pipeline folder."""
-  import json
-  from lidit_jax.convert import registry
-  from lidit_jax.objectives import ddpm
-  unet = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel")
-  vae = registry.component_config("diffusers_vae", path, "vae", "AutoencoderKL")
-  with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-    scheduler = ddpm.from_scheduler_config(json.load(f))
-  fields = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "num_heads",
-            "transformer_layers_per_block", "cross_attention_dim", "norm_num_groups", "use_linear_projection")
-  return dict(unet={k: getattr(unet, k) for k in fields}, autoencoder=(vae.downsample_factor, vae.latent_channels),
-              image_size=unet.sample_size * vae.downsample_factor, ddpm=scheduler)
-
-
 def get_config(path: str = DEFAULT):
   c = configs.base_config()
-  c.model.update(family="unet", init=path, dtype="bfloat16")
+  c.model.update(family="unet", dtype="bfloat16")
   c.conditioner.update(kind="identity", null="empty_prompt")
   c.text.update(use="clip", instruction="", use_chat_template=False)
   c.text.towers = {"clip": configs.tower(init=os.path.join(path, "text_encoder"),
                                          tokenizer=os.path.join(path, "tokenizer"), layer=-1, final_norm=True,
                                          mask_padding=False, max_length=77, dtype="bfloat16")}
-  c.autoencoder.update(kind="vae", path=path, factor=8, channels=4, dtype="float32")
+  c.autoencoder.update(kind="vae", factor=8, channels=4, dtype="float32")
   c.objective.kind = "ddpm"
   c.ddpm.update(snr_gamma=5.0)  # min-SNR-gamma weights; the rest: SD 1.x's scheduler (the defaults)
   c.data.update(source="tfds", image_size=512, caption_dropout=0.1)
@@ -57,13 +42,4 @@ def get_config(path: str = DEFAULT):
                   prompts=("a photograph of an astronaut riding a horse", "a red apple on a wooden table",
                            "a watercolor painting of a lighthouse at dusk", "a corgi wearing sunglasses"))
   c.mesh.data = -1  # data parallel over every device (SD 1.5's 860 M parameters fit each)
-  if os.path.isdir(path):  # the folder's own layout and scheduler
-    s = pipeline_sections(path)
-    c.unet = {**c.unet.to_dict(), **s["unet"]}  # replaced, not updated: per-block fields may become tuples
-    c.autoencoder.factor, c.autoencoder.channels = s["autoencoder"]
-    c.data.image_size = s["image_size"]
-    values, sampler = s["ddpm"]
-    from lidit_jax.objectives import ddpm
-    c.ddpm = ddpm.scheduler_section(values, sampler, c.ddpm)
-    c.sample.sampler = sampler
-  return c
+  return configs.from_sd_pipeline(c, path)  # its U-Net layout, VAE, image size and scheduler

@@ -44,13 +44,16 @@ def tower(**overrides) -> ml_collections.ConfigDict:
   `all_layers`: every hidden state instead, [B, L, num_layers + 1, D] (for conditioners that read them all).
   Stable Diffusion's text side: `final_norm` applies a CLIP tower's final LayerNorm to the chosen layer (SD 1.x /
   2.x read layer -1 so normed: last_hidden_state; diffusers' clip_skip normed earlier layers); `mask_padding=False`
-  runs the tower and gives the context every position, padding included, as SD's pipelines run CLIP."""
+  runs the tower and gives the context every position, padding included, as SD's pipelines run CLIP;
+  `output="pooled"`: the end-of-text token's normed, projected state instead (CLIPTextModelWithProjection's
+  text_embeds, SDXL's pooled vector), features [B, 1, P], which conditioner identity hands to the U-Net."""
   t = ml_collections.ConfigDict(dict(
       kind="llama", init="random", tokenizer="", vocab_size=0,
       hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192, rope_theta=10000.0,
       layer=-3,  # LI-DiT reads the third-to-last block's output
       all_layers=False,  # give every hidden state (the embeddings, then each block's output) instead
       final_norm=False,  # CLIP only: its final LayerNorm on the chosen layer
+      output="hidden",  # or "pooled": a CLIP with projection's pooled output [B, 1, P] (SDXL's text_embeds)
       mask_padding=True,  # False: no padding mask in the tower or the context (SD's CLIP)
       max_length=64, dtype="bfloat16"))
   t.update(overrides)
@@ -75,12 +78,16 @@ def base_config() -> ml_collections.ConfigDict:
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
                 num_heads=8, transformer_layers_per_block=1, cross_attention_dim=768, norm_num_groups=32,
-                use_linear_projection=False)
+                use_linear_projection=False,
+                addition_embed_type="",  # "text_time": SDXL's pooled text + size / crop ids (a tower with output
+                addition_time_embed_dim=0,  # "pooled" gives the text; the ids are the image size, uncropped)
+                projection_class_embeddings_input_dim=0)
   # tower features -> the denoiser's context (lidit_jax/conditioners): LI-DiT's "refiners" (options in
   # model.refiner), plain "tokens" (each tower projected to the width) or "identity" (the features themselves,
   # towers side by side: SD's CLIP). null: classifier-free guidance's unconditional context, "learned" (a
   # parameter) or "empty_prompt" (the towers' features of "": caption dropout trains on them, sampling guides with
-  # them or a negative prompt; what diffusers' SD pipelines do, so such a model exports to them)
+  # them or a negative prompt; what diffusers' SD pipelines do, so such a model exports to them) or "zeros" (zero
+  # context and pooled vector, a negative prompt's features when one is given: SDXL's force_zeros_for_empty_prompt)
   c.conditioner = dict(kind="refiners", null="learned")
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
@@ -141,6 +148,50 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def from_sd_pipeline(c: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+  """Point `c` at a Stable Diffusion pipeline folder (diffusers' or converted; configs/sd15.py, sdxl.py): the
+  U-Net starts from its unet/ (model.init), the VAE is its vae/; the `unet` section, the VAE's factor and
+  channels, the image size (unet sample_size x the factor), the `ddpm` section and sampler (its scheduler) and the
+  unconditional context (zeros with force_zeros_for_empty_prompt, else the empty prompt) are read from its JSON
+  files (no weights). Without the folder, `c` keeps the values it has."""
+  import json
+  c.model.init, c.autoencoder.path = path, path
+  if not os.path.isdir(path):
+    return c
+  from lidit_jax.convert import registry
+  from lidit_jax.objectives import ddpm
+  unet = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel")
+  vae = registry.component_config("diffusers_vae", path, "vae", "AutoencoderKL")
+  c.unet = {**c.unet.to_dict(), **{k: getattr(unet, k) or type(v)() for k, v in c.unet.items()}}  # None -> "" / 0
+  c.autoencoder.factor, c.autoencoder.channels = vae.downsample_factor, vae.latent_channels
+  c.data.image_size = unet.sample_size * vae.downsample_factor
+  with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+    values, sampler = ddpm.from_scheduler_config(json.load(f))
+  c.ddpm, c.sample.sampler = ddpm.scheduler_section(values, sampler, c.ddpm), sampler
+  with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+    c.conditioner.null = "zeros" if json.load(f).get("force_zeros_for_empty_prompt") else "empty_prompt"
+  return c
+
+
+def read_saved(workdir: str) -> ml_collections.ConfigDict:
+  """A run's saved config.json, validated, with the fields the code gained since it was written at their
+  defaults (so a run of an older version still samples and exports)."""
+  import json
+
+  def fill(d: dict, defaults: dict) -> None:
+    for k, v in defaults.items():
+      if k not in d:
+        d[k] = v
+      elif isinstance(v, dict) and isinstance(d[k], dict) and k != "towers":  # towers: a run's own names
+        fill(d[k], v)
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  fill(saved, base_config().to_dict())
+  for t in saved["text"]["towers"].values():
+    fill(t, tower().to_dict())
+  return validate(ml_collections.ConfigDict(saved))
+
+
 def tower_names(config) -> list[str]:
   """The towers `text.use` names, in order."""
   return [n.strip() for n in config.text.use.split(",") if n.strip()]
@@ -185,11 +236,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"hidden_size {t.hidden_size} / num_heads / num_kv_heads {t.num_kv_heads} do not divide evenly",
             "make hidden_size a multiple of num_heads and num_heads a multiple of num_kv_heads")
     one_of(f"text.towers.{n}.dtype", t.dtype, {"float32", "bfloat16"})
+    one_of(f"text.towers.{n}.output", t.output, {"hidden", "pooled"})
   one_of("text.padding_side", c.text.padding_side, {"left", "right"})
   denoisers.family(c).validate(c, names)  # the family's own sections (LI-DiT: model.*)
   from lidit_jax import conditioners
   one_of("conditioner.kind", c.conditioner.kind, set(conditioners.CONDITIONERS))
-  one_of("conditioner.null", c.conditioner.null, {"learned", "empty_prompt"})
+  one_of("conditioner.null", c.conditioner.null, {"learned", "empty_prompt", "zeros"})
   conditioners.conditioner(c).validate(c, names)  # its own (the refiners: model.refiner.*)
 
   ae = c.autoencoder

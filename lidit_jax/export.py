@@ -118,23 +118,28 @@ def source_pipeline(config, where: str) -> str:
 def stable_diffusion_of(workdir: str):
   """A U-Net run fine-tuned from an SD pipeline (configs/sd15.py) as a `pipeline.StableDiffusion`: the pipeline
   folder's text encoders, tokenizers, VAE and scheduler with the EMA U-Net of the workdir's latest checkpoint.
-  Only runs whose text side is the folder's (conditioner identity on its text encoders, the empty prompt as the
-  unconditional context) export: anything else is not a model diffusers' pipelines run."""
+  Only runs whose text side is the folder's (conditioner identity on its text encoders, the unconditional context
+  the pipeline's: the empty prompt, or zeros with force_zeros_for_empty_prompt) export: anything else is not a
+  model diffusers' pipelines run."""
   import jax
   import jax.numpy as jnp
-  import ml_collections
   from lidit_jax import checkpoint as ckpt_lib, configs
   from lidit_jax.pipeline import StableDiffusion
   if not os.path.isfile(os.path.join(workdir, "config.json")):
     ckpt_lib.require(workdir).close()  # its clear error: no run here
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = configs.validate(ml_collections.ConfigDict(json.load(f)))
+  config = configs.read_saved(workdir)
   have = (config.model.family, config.conditioner.kind, config.conditioner.null)
-  if have != ("unet", "identity", "empty_prompt"):
+  if have[:2] != ("unet", "identity") or have[2] == "learned":
     raise cli.UserError(f"{workdir}: model.family / conditioner.kind / conditioner.null = {have}; a diffusers pipeline "
-                        "is a U-Net reading its text encoders' features, guided by the empty prompt ('unet', "
-                        "'identity', 'empty_prompt'). Fix: `export safetensors` for this run's model")
+                        "is a U-Net reading its text encoders' features, guided by the empty prompt or zeros ('unet', "
+                        "'identity', 'empty_prompt' or 'zeros'). Fix: `export safetensors` for this run's model")
   source = source_pipeline(config, workdir)
+  with open(os.path.join(source, "model_index.json"), encoding="utf-8") as f:
+    want = "zeros" if json.load(f).get("force_zeros_for_empty_prompt") else "empty_prompt"
+  if config.conditioner.null != want:
+    raise cli.UserError(f"{workdir}: conditioner.null={config.conditioner.null!r}, but {source}'s pipeline guides with "
+                        f"{want!r} (its force_zeros_for_empty_prompt), so diffusers would not draw this model's images. "
+                        f"Fix: train with --config.conditioner.null={want}")
   ckpt_lib.require(workdir).close()  # a clear error before anything is loaded
   towers = [os.path.abspath(config.text.towers[n].init) for n in configs.tower_names(config)]
   if any(os.path.commonpath([t, os.path.abspath(source)]) != os.path.abspath(source) for t in towers):

@@ -41,15 +41,20 @@ class TextTower:
   num_layers: int = 0
   all_layers: bool = False
   final_norm: bool = False  # a CLIP tower's final LayerNorm on the chosen layer (SD 1.x / 2.x)
+  pooled: bool = False  # a CLIP with projection's pooled output instead, [B, 1, P] (hidden_size: P)
 
   @property
   def feature_shape(self) -> tuple[int, ...]:
     """Features of one prompt: (L, D), or (L, num_layers + 1, D) with all_layers."""
+    if self.pooled:
+      return (1, self.hidden_size)
     length = self.encoder.max_length
     return (length, self.num_layers + 1, self.hidden_size) if self.all_layers else (length, self.hidden_size)
 
   def features(self, params, input_ids, attention_mask):
     hidden = self.module.apply({"params": params}, input_ids, attention_mask)
+    if self.pooled:  # (every state, last, pooled) of a CLIP with its head and projection
+      return jax.lax.stop_gradient(hidden[2][:, None, :])
     if isinstance(hidden, tuple):  # a CLIP with its head (an SD pipeline's encoder): (every state, last, pooled)
       hidden = hidden[0]
     if self.all_layers:
@@ -97,18 +102,21 @@ def build_towers(config) -> list[TextTower]:
 
 
 def make_tower(name, tc, fam, cfg, encoder) -> TextTower:
-  if tc.final_norm:
+  pooled = tc.get("output", "hidden") == "pooled"
+  if tc.final_norm or pooled:
     from lidit_jax.convert import hf_clip
+    what = "final_norm=True" if tc.final_norm else "output='pooled'"
     if fam is not hf_clip:
-      raise ValueError(f"text.towers.{name}.final_norm=True: only CLIP towers have a final LayerNorm outside their "
-                       f"hidden states ({tc.init} is {fam.__name__.rsplit('.', 1)[-1]}). Fix: set it False")
-    if not cfg.head:  # a Hugging Face CLIP folder: read its final LayerNorm too
-      cfg = hf_clip.with_head(cfg, projection=False)
+      raise ValueError(f"text.towers.{name}.{what}: only CLIP towers have a final LayerNorm and a pooled output "
+                       f"({tc.init} is {fam.__name__.rsplit('.', 1)[-1]}). Fix: use a CLIP text encoder, or drop it")
+    if pooled and not (cfg.head and cfg.projection_dim) or not cfg.head:  # a Hugging Face CLIP folder: its head too
+      cfg = hf_clip.with_head(cfg, projection=pooled)
   module = fam.make_module(cfg, DTYPES[tc.dtype])
   if hasattr(module, "output_layer") and not tc.all_layers:  # decoders can keep just the wanted layer as they go
     module = module.clone(output_layer=tc.layer)
-  return TextTower(name, module, encoder, tc.layer, DTYPES[tc.dtype], cfg.hidden_size, tc.init, cfg.num_layers,
-                   tc.all_layers, tc.final_norm)
+  width = cfg.projection_dim if pooled else cfg.hidden_size
+  return TextTower(name, module, encoder, tc.layer, DTYPES[tc.dtype], width, tc.init, cfg.num_layers,
+                   tc.all_layers, tc.final_norm, pooled)
 
 
 def abstract_towers(config) -> list[TextTower]:
@@ -142,10 +150,13 @@ def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):
   """Frozen tower parameters in their dtype, sharded by their logical axes when a mesh is given.
   Random towers are recreated from the seed, so no checkpoint needs to store them."""
   from lidit_jax.convert import hf_text
-  out = {}
+  out, loaded = {}, {}
   rng = jax.random.key(config.seed + 1)
   for i, t in enumerate(towers):
-    if t.source == "random":
+    same = (t.source, t.dtype, getattr(t.module, "cfg", None))
+    if t.source != "random" and same in loaded:  # SDXL's second encoder, read for its states and its pooled output
+      out[t.name] = out[loaded[same]]
+    elif t.source == "random":
       ids = jnp.zeros((1, t.encoder.max_length), jnp.int32)
       abstract = jax.eval_shape(t.module.init, rng, ids, ids)["params"]
       shardings = None if mesh is None else sharding_lib.fit_to_shapes(abstract, mesh, rules)
@@ -154,8 +165,9 @@ def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):
       out[t.name] = init(jax.random.fold_in(rng, i))
     else:
       # final_norm: a Hugging Face CLIP folder read with its head, as the tower's module has it
-      adapt = (lambda _, m=t.module: m.cfg) if t.final_norm else None
+      adapt = (lambda _, m=t.module: m.cfg) if t.final_norm or t.pooled else None
       out[t.name] = hf_text.load_hf_text_model(t.source, t.dtype, mesh, rules, adapt=adapt)[1]
+      loaded[same] = t.name
   return out
 
 
@@ -200,6 +212,9 @@ def text_shapes(config, tower_dims: Sequence[tuple[int, int]] | None = None) -> 
   out = []
   for n, (d, layers) in zip(names, dims):
     tc = config.text.towers[n]
+    if tc.output == "pooled":  # one vector, of the projection's width (`tower_dims` gives it)
+      out.append((1, d))
+      continue
     out.append((tc.max_length, layers + 1, d) if tc.all_layers else (tc.max_length, d))
   return out
 
@@ -230,10 +245,17 @@ def planned_towers(config) -> dict:
   return out
 
 
+def tower_dims(config, towers: dict) -> list[tuple[int, int]]:
+  """(feature width, num_layers) of each planned tower (`planned_towers`): a pooled output is the projection's."""
+  return [(getattr(cfg, "projection_dim", 0) or cfg.hidden_size if config.text.towers[n].output == "pooled"
+           else cfg.hidden_size, cfg.num_layers)
+          for n, (_, cfg) in towers.items()]
+
+
 def abstract_params(config, towers: dict | None = None):
   """Boxed abstract parameters of the trainable model (logical axes kept), allocating nothing."""
   towers = towers or planned_towers(config)
-  inputs = abstract_inputs(config, 1, [(cfg.hidden_size, cfg.num_layers) for _, cfg in towers.values()])
+  inputs = abstract_inputs(config, 1, tower_dims(config, towers))
   return jax.eval_shape(lambda kw: build_model(config).init(jax.random.key(0), **kw), inputs)["params"]
 
 

@@ -283,8 +283,8 @@ class StableDiffusion:
 @dataclasses.dataclass
 class Workdir:
   """The EMA weights of a workdir's latest checkpoint, through its family's contract (`state.text_inputs`):
-  guidance mixes the conditional prediction with the learned null context's (no negative prompt), or with
-  conditioner.null=empty_prompt with the prediction for "" or the negative prompt, as diffusers' pipelines do."""
+  guidance mixes the conditional prediction with that of the null context (conditioner.null: learned, zeros, or the
+  empty prompt's text) or of a negative prompt (zeros and empty_prompt models, as diffusers' pipelines do)."""
   setup: Any
   params: dict
   step: int
@@ -300,11 +300,9 @@ class Workdir:
 
   @classmethod
   def load(cls, path: str, dtype, config=None) -> "Workdir":
-    import ml_collections
     from lidit_jax import configs, state as state_lib
     if config is None:
-      with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = configs.validate(ml_collections.ConfigDict(json.load(f)))
+      config = configs.read_saved(path)
     if dtype is not None:
       config.model.dtype = jnp.dtype(dtype).name
     return cls.of(*state_lib.restore_for_inference(config, path))
@@ -337,34 +335,37 @@ class Workdir:
 
   def text(self, prompts, negatives, guided: bool, size):
     s = self.setup
-    if negatives is not None and s.null_text is None:
+    null = s.config.conditioner.null
+    if negatives is not None and null == "learned":
       raise ValueError("negative_prompt: this model guides with its learned null context, not a negative prompt. "
                        "Fix: leave it None")
     text = {"cond": s.text_for(prompts)}
-    if guided and s.null_text is not None:  # conditioner.null=empty_prompt: "" or the negative prompts
-      text["uncond"] = s.text_for(negatives) if negatives is not None else jax.tree.map(
-          lambda a: np.repeat(a, len(prompts), axis=0), s.null_text)
+    if guided and negatives is not None:
+      text["uncond"] = s.text_for(negatives)
+    elif guided and null == "empty_prompt":
+      text["uncond"] = jax.tree.map(lambda a: np.repeat(a, len(prompts), axis=0), s.null_text)
     return text
 
   def predictor(self, params, text, b: int, guided: bool):
+    """The unconditional half reads the text of "" or a negative prompt ("uncond" in `text`), else the model's
+    null context (conditioner.null: learned or zeros) by its drop flags."""
     from lidit_jax import state as state_lib
     s = self.setup
     inputs = lambda t: state_lib.text_inputs(s.towers, params["frozen"]["towers"], t)
     apply = functools.partial(s.model.apply, {"params": params["model"]})
-    learned = s.null_text is None  # else the unconditional half reads the text of "" (or a negative prompt)
-    drop = lambda *flags: jnp.concatenate([jnp.full((b,), f) for f in flags]) if learned else None
+    swapped = "uncond" in text
+    # an empty_prompt model has no null context (no drop input); the others take flags
+    flags = lambda *fs: None if s.config.conditioner.null == "empty_prompt" else jnp.concatenate(
+        [jnp.full((b,), f and not swapped) for f in fs])
     feats, valids, prompts = inputs(text["cond"])
     if not guided:
-      return lambda x, t: (apply(x, t, feats, valids, prompts, drop(False)), None)
-    if learned:
-      two = lambda xs: [_twice(x) for x in xs]
-      feats, valids, prompts = two(feats), two(valids), two(prompts)
-    else:
-      both = lambda xs, ys: [jnp.concatenate([x, y]) for x, y in zip(xs, ys)]
-      feats, valids, prompts = map(both, (feats, valids, prompts), inputs(text["uncond"]))
+      return lambda x, t: (apply(x, t, feats, valids, prompts, flags(False)), None)
+    uncond = inputs(text["uncond"]) if swapped else (feats, valids, prompts)
+    feats, valids, prompts = ([jnp.concatenate([x, y]) for x, y in zip(xs, ys)]
+                              for xs, ys in zip((feats, valids, prompts), uncond))
 
     def predict(x, t):
-      p = apply(_twice(x), _twice(t), feats, valids, prompts, drop(False, True))
+      p = apply(_twice(x), _twice(t), feats, valids, prompts, flags(False, True))
       return p[:b], p[b:]
     return predict
 

@@ -66,7 +66,7 @@ def model_flops_per_example(config, tower_cfgs: dict) -> dict:
   """Forward FLOPs of one example: the denoiser family's groups, and `towers` (2 x weights x tokens +
   attention, per tower)."""
   lens = [config.text.towers[n].max_length for n in tower_cfgs]
-  shapes = model_lib.text_shapes(config, [(cfg.hidden_size, cfg.num_layers) for _, cfg in tower_cfgs.values()])
+  shapes = model_lib.text_shapes(config, model_lib.tower_dims(config, tower_cfgs))
   out = denoisers.family(config).flops_per_example(config, model_lib.latent_shape(config), shapes)
   towers = 0
   for l, (_, cfg) in zip(lens, tower_cfgs.values()):
@@ -120,7 +120,7 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
     tower_bytes += per_device_bytes(abstract, mesh_sizes, rules, itemsize)
   act_itemsize = jnp.dtype(model_lib.DTYPES[config.model.dtype]).itemsize
   batch_per_device = math.ceil(config.train.batch_size / (mesh_sizes["data"] * mesh_sizes["fsdp"]))
-  dims = [(cfg.hidden_size, cfg.num_layers) for _, cfg in towers.values()]
+  dims = model_lib.tower_dims(config, towers)
   acts = denoisers.family(config).activation_bytes(
       config, batch_per_device, model_lib.latent_shape(config), model_lib.text_shapes(config, dims),
       mesh_sizes["tensor"], act_itemsize)

@@ -31,8 +31,11 @@ def text_inputs(towers, tower_params, text):
   feats = [text[t.name]["hidden"] if "hidden" in text[t.name] else
            t.features(tower_params[t.name], text[t.name]["input_ids"], text[t.name]["attention_mask"])
            for t in towers]
-  valids = [text[t.name]["attention_mask"].astype(bool) for t in towers]
-  prompts = [text[t.name]["prompt_mask"].astype(bool) for t in towers]
+  # a pooled output is one valid vector (its masks are its tokens')
+  mask = lambda t, key: (jnp.ones_like(text[t.name][key][:, :1], bool) if t.pooled
+                         else text[t.name][key].astype(bool))
+  valids = [mask(t, "attention_mask") for t in towers]
+  prompts = [mask(t, "prompt_mask") for t in towers]
   return feats, valids, prompts
 
 

@@ -127,7 +127,7 @@ def lower_train_step(config):
     n = config.text.towers[t.name].max_length
     text[t.name] = {k: sds((b, n), jnp.int32) for k in ("attention_mask", "prompt_mask")}
     if config.text.cache:
-      text[t.name]["hidden"] = sds((b, n, t.hidden_size), t.dtype)
+      text[t.name]["hidden"] = sds((b, 1 if t.pooled else n, t.hidden_size), t.dtype)
     else:
       text[t.name]["input_ids"] = sds((b, n), jnp.int32)
   if s.autoencoder is None or config.data.source == "features":

@@ -2,7 +2,9 @@
 
 The contract a denoiser family calls (and nothing else does):
   build(config, width) -> Linen module   `width`: the context width the backbone reads
-  module(feats, valids, prompts, t_emb_BD) -> (context [B, S, width], context validity [B, S])
+  module(feats, valids, prompts, t_emb_BD) -> (context [B, S, width], context validity [B, S][, pooled [B, P]])
+      the pooled vector (SDXL's text_embeds) only where the conditioner gives one (identity, from towers with
+      output="pooled"); `outputs(...)` reads either form
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction)
       masks; t_emb_BD: the denoiser's timestep embedding (refiners conditioned on time read it, others not)
   flops_per_example(config, text_shapes, width) -> forward FLOPs of one example   (plan, MFU)
@@ -41,11 +43,19 @@ def context_valid(valids: Sequence[jax.Array], prompts: Sequence[jax.Array], dro
   return jnp.concatenate(keep, axis=1)
 
 
-def null_context(module, ctx_BSD, ctx_valid_BS, drop_B):
-  """Classifier-free guidance's unconditional context: where `drop_B`, the context becomes the learned
-  `null_context` parameter of `module` (a family's root, so every family's checkpoints name it alike), all valid."""
+def outputs(out) -> tuple:
+  """(context, validity, pooled or None) of a conditioner's call."""
+  return (*out, None) if len(out) == 2 else tuple(out)
+
+
+def null_context(module, ctx_BSD, ctx_valid_BS, drop_B, kind: str = "learned"):
+  """Classifier-free guidance's unconditional context where `drop_B`: the learned `null_context` parameter of
+  `module` (a family's root, so every family's checkpoints name it alike), all valid; or zeros (`kind="zeros"`,
+  conditioner.null). With conditioner.null=empty_prompt the text was swapped before (drop_B is None)."""
   if drop_B is None:
     return ctx_BSD, ctx_valid_BS
+  if kind == "zeros":
+    return jnp.where(drop_B[:, None, None], 0, ctx_BSD), ctx_valid_BS
   null = module.param("null_context", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
                       ctx_BSD.shape[1:], jnp.float32).astype(ctx_BSD.dtype)
   return (jnp.where(drop_B[:, None, None], null[None], ctx_BSD), jnp.where(drop_B[:, None], True, ctx_valid_BS))

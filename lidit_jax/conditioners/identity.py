@@ -1,6 +1,8 @@
 """The towers' features as the context (`conditioner.kind=identity`): Stable Diffusion's CLIP side, with no
 parameters. Several towers are read side by side along the width (SDXL's two encoders: 768 + 1280 = 2048), so
-their lengths must agree and their widths must sum to the backbone's context width."""
+their lengths must agree and their widths must sum to the backbone's context width. Towers with
+`output="pooled"` are not context: their vectors, side by side, are the pooled vector [B, P] (SDXL's
+text_embeds), the third thing returned."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -14,11 +16,16 @@ Dtype = Any
 
 class Identity(nn.Module):
   width: int
+  pooled: tuple[bool, ...] = ()  # per tower: a pooled output (not context)
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], valids: Sequence[jax.Array], prompts: Sequence[jax.Array],
                t_emb_BD: jax.Array | None = None):
+    is_pooled = self.pooled or (False,) * len(feats)
+    vectors = [f[:, 0].astype(self.dtype) for f, p in zip(feats, is_pooled) if p]
+    feats = [f for f, p in zip(feats, is_pooled) if not p]
+    valids = [v for v, p in zip(valids, is_pooled) if not p]
     shapes = [tuple(f.shape) for f in feats]
     if any(f.ndim != 3 for f in feats) or len({s[1] for s in shapes}) != 1 or sum(s[2] for s in shapes) != self.width:
       raise ValueError(f"conditioner.kind='identity' reads the towers' features [B, L, D] side by side as the "
@@ -28,11 +35,14 @@ class Identity(nn.Module):
     valid = valids[0].astype(bool)
     for v in valids[1:]:
       valid = valid & v.astype(bool)
-    return jnp.concatenate([f.astype(self.dtype) for f in feats], axis=-1), valid
+    context = jnp.concatenate([f.astype(self.dtype) for f in feats], axis=-1)
+    return context, valid, (jnp.concatenate(vectors, axis=-1) if vectors else None)
 
 
 def build(config, width: int) -> Identity:
-  return Identity(width, jnp.dtype(config.model.dtype))
+  from lidit_jax.configs import tower_names
+  pooled = tuple(config.text.towers[n].output == "pooled" for n in tower_names(config))
+  return Identity(width, pooled, jnp.dtype(config.model.dtype))
 
 
 def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int) -> int:
@@ -42,7 +52,7 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int
 def validate(config, towers: Sequence[str]) -> None:
   """The lengths must agree (the widths are known once the towers are read: checked at the first call)."""
   from lidit_jax.config_checks import fail
-  lengths = {config.text.towers[n].max_length for n in towers}
+  lengths = {config.text.towers[n].max_length for n in towers if config.text.towers[n].output != "pooled"}
   if len(lengths) > 1:
     fail("text.towers.*.max_length", sorted(lengths), "conditioner.kind='identity' sets the towers side by side",
          "give every tower the same max_length (SD: 77)")

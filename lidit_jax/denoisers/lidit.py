@@ -23,15 +23,16 @@ Dtype = Any
 class LIDiT(nn.Module):
   """The DiT reading a conditioner's context (LI-DiT: the refiners; `conditioner.kind`)."""
   dit: dit_lib.DiTConfig
-  conditioner: nn.Module  # conditioners contract: (feats, valids, prompts, t_emb) -> (context, validity)
+  conditioner: nn.Module  # conditioners contract: (feats, valids, prompts, t_emb) -> (context, validity[, pooled])
   dtype: Dtype = jnp.float32
+  null: str = "learned"  # conditioner.null: the unconditional context where drop_B
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
-    """Velocity prediction. `drop_B` (bool) replaces an example's text by the learned null context (CFG)."""
+    """Velocity prediction. `drop_B` (bool) replaces an example's text by the null context (CFG)."""
     t_emb = layers.TimestepEmbedder(self.dit.width, dtype=self.dtype, name="t_embedder")(t_B)
-    ctx, ctx_valid = self.conditioner(feats, valids, prompts, t_emb)
-    ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B)
+    ctx, ctx_valid, _ = conditioners.outputs(self.conditioner(feats, valids, prompts, t_emb))
+    ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B, self.null)
     pooled = layers.masked_mean(ctx, ctx_valid)
     return dit_lib.DiT(self.dit, self.dtype, name="denoiser")(x_BHWC, t_emb, pooled, ctx, ctx_valid)
 
@@ -42,7 +43,8 @@ def build(config, attention: str) -> LIDiT:
                            in_channels=config.autoencoder.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                            pos_embed=m.pos_embed, remat=m.remat, scan=m.scan, modulation=m.modulation,
                            attention=attention)
-  return LIDiT(dcfg, conditioners.conditioner(config).build(config, m.width), dtype=jnp.dtype(m.dtype))
+  return LIDiT(dcfg, conditioners.conditioner(config).build(config, m.width), dtype=jnp.dtype(m.dtype),
+               null=config.conditioner.null)
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:

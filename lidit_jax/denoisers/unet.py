@@ -23,23 +23,37 @@ Dtype = Any
 
 
 class SDUNet(nn.Module):
-  """The U-Net reading a conditioner's context; `drop_B` swaps in the learned null context (CFG)."""
+  """The U-Net reading a conditioner's context; `drop_B` swaps in the null context (CFG: conditioner.null). SDXL's
+  added conditions: the conditioner's pooled vector (zero where dropped) and the size ids of an uncropped image
+  of the input's size in pixels (`pixel_factor`: the autoencoder's), as diffusers' SDXL pipelines default them."""
   unet: unet_lib.UNetConfig
   conditioner: nn.Module
   time_scale: float = 1000.0
   dtype: Dtype = jnp.float32
   attention: str | None = None
   remat: str = "none"
+  null: str = "learned"
+  pixel_factor: int = 1
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
     width = self.unet.cross_attention_dim
     # The conditioner's timestep embedding (LI-DiT's refiners read it; plain tokens ignore it and its weights)
     t_emb = layers.TimestepEmbedder(width, dtype=self.dtype, name="t_embedder")(t_B)
-    ctx, ctx_valid = self.conditioner(feats, valids, prompts, t_emb)
-    ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B)
+    ctx, ctx_valid, pooled = conditioners.outputs(self.conditioner(feats, valids, prompts, t_emb))
+    ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B, self.null)
+    extra = {}
+    if self.unet.addition_embed_type == "text_time":
+      if pooled is None:
+        raise ValueError("unet.addition_embed_type='text_time' (SDXL) needs a pooled text vector: a tower with "
+                         "output='pooled' read by conditioner.kind='identity' (configs/sdxl.py)")
+      if drop_B is not None:
+        pooled = jnp.where(drop_B[:, None], 0, pooled)
+      b, h, w, _ = x_BHWC.shape
+      h, w = h * self.pixel_factor, w * self.pixel_factor
+      extra = dict(text_embeds=pooled, time_ids=jnp.tile(jnp.asarray([[h, w, 0, 0, h, w]], jnp.float32), (b, 1)))
     net = unet_lib.UNet2DConditionModel(self.unet, self.dtype, self.attention, self.remat, name="denoiser")
-    return net(x_BHWC, t_B * self.time_scale, ctx, ctx_valid)
+    return net(x_BHWC, t_B * self.time_scale, ctx, ctx_valid, **extra)
 
 
 def unet_config(config) -> unet_lib.UNetConfig:
@@ -52,14 +66,17 @@ def unet_config(config) -> unet_lib.UNetConfig:
       up_block_types=tuple(u.up_block_types), layers_per_block=u.layers_per_block,
       num_heads=per_block(u.num_heads), transformer_layers_per_block=per_block(u.transformer_layers_per_block),
       cross_attention_dim=u.cross_attention_dim, norm_num_groups=u.norm_num_groups,
-      use_linear_projection=u.use_linear_projection, sample_size=config.data.image_size // config.autoencoder.factor)
+      use_linear_projection=u.use_linear_projection, sample_size=config.data.image_size // config.autoencoder.factor,
+      addition_embed_type=u.get("addition_embed_type") or None,
+      addition_time_embed_dim=u.get("addition_time_embed_dim") or None,
+      projection_class_embeddings_input_dim=u.get("projection_class_embeddings_input_dim") or None)
 
 
 def build(config, attention: str) -> SDUNet:
   cfg = unet_config(config)
   cond = conditioners.conditioner(config).build(config, cfg.cross_attention_dim)
   return SDUNet(cfg, cond, float(config.ddpm.num_train_timesteps), jnp.dtype(config.model.dtype), attention,
-                config.model.remat)
+                config.model.remat, config.conditioner.null, config.autoencoder.factor)
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
@@ -68,16 +85,14 @@ def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: S
 
 
 def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
-  """{"unet": XLA's forward FLOPs of one example, "conditioner": the conditioner's own count}."""
-  cfg = unet_config(config)
-  module = unet_lib.UNet2DConditionModel(cfg)
-  s = sum(shape[0] for shape in text_shapes)
-  sds = jax.ShapeDtypeStruct
-  args = (sds((1, *latent_hwc), jnp.float32), sds((1,), jnp.float32), sds((1, s, cfg.cross_attention_dim), jnp.float32))
-  params = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)["params"]
-  lowered = jax.jit(lambda p, *a: module.apply({"params": p}, *a)).lower(params, *args)
-  return {"unet": float(lowered.cost_analysis()["flops"]),
-          "conditioner": conditioners.conditioner(config).flops_per_example(config, text_shapes, cfg.cross_attention_dim)}
+  """{"unet": XLA's forward FLOPs of one example (the whole family module lowered, less the conditioner's),
+  "conditioner": the conditioner's own count}."""
+  module = build(config, "xla")
+  inputs = abstract_inputs(1, latent_hwc, text_shapes)
+  params = jax.eval_shape(lambda kw: module.init(jax.random.key(0), **kw), inputs)["params"]
+  lowered = jax.jit(lambda p, kw: module.apply({"params": p}, **kw)).lower(params, inputs)
+  cond = conditioners.conditioner(config).flops_per_example(config, text_shapes, module.unet.cross_attention_dim)
+  return {"unet": float(lowered.cost_analysis()["flops"]) - cond, "conditioner": cond}
 
 
 def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]],
