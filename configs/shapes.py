@@ -15,7 +15,8 @@ the issue-13 goals are not met yet).
 to Orbax, in place of the random towers; make them first (no download, no torch):
   python -m lidit_jax.convert.tiny_models checkpoints/tiny --convert
 `configs/shapes.py:unet` is the SD family on the same data: a small U-Net on plain tokens, DDPM (v-prediction).
-Variants combine: `configs/shapes.py:tiny,hf`, `configs/shapes.py:tiny,unet`.
+`configs/shapes.py:cam` conditions on LLM4GEN's Cross-Adapter Module over the two towers instead of the refiners.
+Variants combine: `configs/shapes.py:tiny,hf`, `configs/shapes.py:tiny,unet`, `configs/shapes.py:unet,cam`.
 """
 from lidit_jax import configs
 from lidit_jax.data import shapes
@@ -26,9 +27,9 @@ HF_TOWERS = {"llama": "checkpoints/tiny/llama-orbax", "qwen2": "checkpoints/tiny
 
 def get_config(variant: str = ""):
   variants = {v.strip() for v in variant.split(",") if v.strip()}
-  unknown = variants - {"tiny", "hf", "unet"}
+  unknown = variants - {"tiny", "hf", "unet", "cam"}
   if unknown:
-    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf and/or unet")
+    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf, unet and/or cam")
   c = configs.base_config()
   c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both",
                  scan=False)  # 4 blocks: unrolled runs 11 % faster on this CPU (benchmarks/RESULTS.md)
@@ -79,4 +80,10 @@ def get_config(variant: str = ""):
   if "hf" in variants:  # architecture, tokenizer and vocabulary come from the checkpoints
     c.text.use = ",".join(HF_TOWERS)
     c.text.towers = {name: configs.tower(init=path, max_length=56) for name, path in HF_TOWERS.items()}
+  if "cam" in variants:
+    # LLM4GEN's Cross-Adapter Module on the demo's towers: the first stands where CLIP does (keys and values, its
+    # tokens first in the context), the second is the LLM (queries); on the DiT a projection to its width follows.
+    first, second = configs.tower_names(c)
+    c.conditioner.kind = "llm4gen"
+    c.conditioner.cam.update(clip=first, llm=second, num_heads=4 if "tiny" not in variants else 2)
   return c

@@ -54,6 +54,7 @@ def tower(**overrides) -> ml_collections.ConfigDict:
       all_layers=False,  # give every hidden state (the embeddings, then each block's output) instead
       final_norm=False,  # CLIP only: its final LayerNorm on the chosen layer
       output="hidden",  # or "pooled": a CLIP with projection's pooled output [B, 1, P] (SDXL's text_embeds)
+      instruction=None,  # this tower's own text before the prompt (LLM4GEN's T5: "pre"); None: text.instruction
       mask_padding=True,  # False: no padding mask in the tower or the context (SD's CLIP)
       max_length=64, dtype="bfloat16"))
   t.update(overrides)
@@ -88,7 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   # parameter) or "empty_prompt" (the towers' features of "": caption dropout trains on them, sampling guides with
   # them or a negative prompt; what diffusers' SD pipelines do, so such a model exports to them) or "zeros" (zero
   # context and pooled vector, a negative prompt's features when one is given: SDXL's force_zeros_for_empty_prompt)
-  c.conditioner = dict(kind="refiners", null="learned")
+  c.conditioner = dict(kind="refiners", null="learned",
+                       # kind=llm4gen: LLM4GEN's Cross-Adapter Module (conditioners/llm4gen.py; released values)
+                       cam=dict(clip="clip", llm="t5", num_blocks=1, num_heads=8, lam=1.0, llm_first=False,
+                                mask_llm=False, init="", allow_pickle=False))
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
                 words=(),  # the "words" tokenizer's vocabulary besides its fixed words (configs/shapes.py: the demo's)
@@ -197,8 +201,9 @@ def tower_names(config) -> list[str]:
   return [n.strip() for n in config.text.use.split(",") if n.strip()]
 
 
-def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks everything that can be checked without compute; raises ValueError naming value and fix."""
+def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.ConfigDict:
+  """Checks everything that can be checked without compute; raises ValueError naming value and fix. `data=False`
+  leaves out that the training data exist (sampling a config's model reads none)."""
   m = c.model
   for key, value in (("model.patch_size", m.patch_size), ("train.num_steps", c.train.num_steps),
                      ("train.batch_size", c.train.batch_size), ("train.log_every", c.train.log_every),
@@ -251,7 +256,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
           "set --config.autoencoder.factor=1 --config.autoencoder.channels=3")
   one_of("data.source", c.data.source, {"shapes", "tfds", "features"})
-  if c.data.source in ("tfds", "features") and not (c.data.name and c.data.data_dir):
+  if data and c.data.source in ("tfds", "features") and not (c.data.name and c.data.data_dir):
     fail("data.name/data_dir", (c.data.name, c.data.data_dir), f"data.source={c.data.source!r} needs both",
           "prepare a dataset (python -m lidit_jax.data.prepare --src IMAGES --out DIR --name NAME), then pass "
           "--config.data.name=NAME --config.data.data_dir=DIR")

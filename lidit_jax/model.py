@@ -94,7 +94,8 @@ def build_towers(config) -> list[TextTower]:
     if len(tok) > cfg.vocab_size:
       raise ValueError(f"{where}.tokenizer={tokenizer!r} has {len(tok)} tokens but the model's vocabulary has "
                        f"{cfg.vocab_size}. Fix: use the tokenizer saved with {tc.init}.")
-    encoder = prompt_lib.PromptEncoder(tok, tc.max_length, config.text.instruction or None,
+    instruction = config.text.instruction if tc.get("instruction") is None else tc.instruction
+    encoder = prompt_lib.PromptEncoder(tok, tc.max_length, instruction or None,
                                        config.text.use_chat_template, config.text.padding_side,
                                        mask_padding=tc.mask_padding)
     towers.append(make_tower(name, tc, fam, cfg, encoder))
@@ -153,7 +154,7 @@ def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):
   out, loaded = {}, {}
   rng = jax.random.key(config.seed + 1)
   for i, t in enumerate(towers):
-    same = (t.source, t.dtype, getattr(t.module, "cfg", None))
+    same = (t.source, t.dtype, repr(getattr(t.module, "cfg", None)))  # configs may hold lists
     if t.source != "random" and same in loaded:  # SDXL's second encoder, read for its states and its pooled output
       out[t.name] = out[loaded[same]]
     elif t.source == "random":

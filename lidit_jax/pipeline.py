@@ -44,10 +44,18 @@ class Pipeline:
     self._compiled: dict = {}
 
   @classmethod
-  def from_pretrained(cls, path: str, dtype=jnp.float32) -> "Pipeline":
+  def from_pretrained(cls, path, dtype=jnp.float32) -> "Pipeline":
     """A diffusers pipeline folder (model_index.json; its components diffusers' or converted by `python -m
-    lidit_jax.convert diffusers`) or a training workdir (config.json + checkpoints/).
-    `dtype=None`: a pipeline folder in float32, a workdir in its config's model.dtype."""
+    lidit_jax.convert diffusers`), a training workdir (config.json + checkpoints/), or a config (a ConfigDict, or
+    a file `configs/x.py[:arg]`) whose model is sampled as a run of it starts: the weights `model.init` and the
+    conditioner's released weights give it (configs/llm4gen_sd15.py), nothing trained.
+    `dtype=None`: a pipeline folder in float32, a workdir or config in its model.dtype."""
+    import ml_collections
+    if isinstance(path, ml_collections.ConfigDict) or str(path).partition(":")[0].endswith(".py"):
+      from lidit_jax import configs
+      config = configs.validate(path if isinstance(path, ml_collections.ConfigDict) else
+                                configs.load_config_file(path), data=False)  # sampling reads no training data
+      return cls(Workdir.from_config(config, dtype))
     path = os.path.expanduser(os.fspath(path))
     if os.path.isfile(os.path.join(path, "model_index.json")):
       return cls(StableDiffusion.load(path, dtype or jnp.float32))
@@ -306,6 +314,17 @@ class Workdir:
     if dtype is not None:
       config.model.dtype = jnp.dtype(dtype).name
     return cls.of(*state_lib.restore_for_inference(config, path))
+
+  @classmethod
+  def from_config(cls, config, dtype=None) -> "Workdir":
+    """The model a run of `config` starts from (its initial weights: `model.init`, the conditioner's released
+    ones, the rest freshly initialised), with no checkpoint."""
+    from lidit_jax import state as state_lib
+    config = config.copy_and_resolve_references()
+    if dtype is not None:
+      config.model.dtype = jnp.dtype(dtype).name
+    s = state_lib.setup(config, use_text_cache=False)
+    return cls.of(s, s.init_state(jax.random.key(config.seed)).params)
 
   @classmethod
   def of(cls, setup, params=None, step: int = 0) -> "Workdir":

@@ -105,10 +105,14 @@ class Setup:
     init = jax.jit(lambda r: nn.unbox(_init_state(self, r)), out_shardings=self.state_shardings)
     with sharding.active(self.mesh, self.config):
       state = init(rng)
+    from lidit_jax import conditioners
     m = self.config.model
-    if not m.init:
+    loaded = pretrained_weights(self.config, self.abstract_state.params) if m.init else {}
+    cond = conditioners.conditioner(self.config)
+    if hasattr(cond, "pretrained_weights"):  # released weights of the conditioner (LLM4GEN's projector)
+      loaded.update(cond.pretrained_weights(self.config))
+    if not loaded:
       return state
-    loaded = pretrained_weights(self.config, self.abstract_state.params)
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jax.device_put(loaded[ckpt_lib.param_name(p)], x.sharding).astype(x.dtype)
         if ckpt_lib.param_name(p) in loaded else x, state.params)

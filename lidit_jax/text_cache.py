@@ -37,6 +37,8 @@ def signature(config, towers) -> dict:
                                # SD's CLIP options, named only when set (caches written before them stay valid)
                                **({"final_norm": True} if tw.final_norm else {}),
                                **({"mask_padding": False} if not tw.encoder.mask_padding else {}),
+                               **({"instruction": tw.encoder.instruction} if tw.encoder.instruction !=
+                                  (t.instruction or None) else {}),
                                "dtype": jnp.dtype(tw.dtype).name, "hidden_size": tw.hidden_size}
                      for tw in towers}}
 

@@ -9,6 +9,8 @@ The contract a denoiser family calls (and nothing else does):
       masks; t_emb_BD: the denoiser's timestep embedding (refiners conditioned on time read it, others not)
   flops_per_example(config, text_shapes, width) -> forward FLOPs of one example   (plan, MFU)
   validate(config, towers)   its own config checks (configs.validate calls it)
+  pretrained_weights(config) -> {"conditioner/...": array}   optional: released weights a run starts from
+      (LLM4GEN's projector, `conditioner.cam.init`)
 A new conditioner is one file here plus its name below.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lidit_jax.config_checks import ConfigError
 from lidit_jax.models import layers
 
 CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens",
-                "identity": "lidit_jax.conditioners.identity"}
+                "identity": "lidit_jax.conditioners.identity", "llm4gen": "lidit_jax.conditioners.llm4gen"}
 
 
 def conditioner(config) -> ModuleType:

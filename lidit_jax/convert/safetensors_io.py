@@ -158,8 +158,11 @@ class CheckpointFiles:
   def __init__(self, directory: str, allow_pickle: bool = False):
     self.directory = directory
     self._headers: dict[str, tuple[int, dict]] = {}  # path -> (data offset, header)
+    pickle_file = os.path.isfile(directory) and directory.endswith((".bin", ".pt", ".pth"))  # one state dict
     if os.path.isfile(directory) and directory.endswith(".safetensors"):  # one file (an original checkpoint)
       index, single = "", directory
+    elif pickle_file:
+      index = single = ""
     else:
       stem = next((s for s in self.STEMS if os.path.exists(os.path.join(directory, f"{s}.safetensors.index.json"))
                    or os.path.exists(os.path.join(directory, f"{s}.safetensors"))), self.STEMS[0])
@@ -177,15 +180,16 @@ class CheckpointFiles:
     elif os.path.exists(single):
       self.key_to_file = {k: single for k in self._entries(single)}
     else:
-      bins = sorted(n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth")))
+      bins = [directory] if pickle_file else sorted(
+          os.path.join(directory, n) for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth")))
       if not bins:
         raise FileNotFoundError(f"no model.safetensors, diffusion_pytorch_model.safetensors or their "
                                 f".index.json in {directory}.")
       if not allow_pickle:
-        raise ValueError(f"{directory} holds only pickle checkpoints ({', '.join(bins)}), which can run code "
-                         "when loaded. Fix: convert them to safetensors, or pass allow_pickle=True "
+        raise ValueError(f"{directory} holds only pickle checkpoints ({', '.join(map(os.path.basename, bins))}), "
+                         "which can run code when loaded. Fix: convert them to safetensors, or pass allow_pickle=True "
                          "(CLI: --allow-pickle) to load them with torch's weights_only mode.")
-      self._pickle = self._load_pickle([os.path.join(directory, b) for b in bins])
+      self._pickle = self._load_pickle(bins)
       self.key_to_file = {k: "<pickle>" for k in self._pickle}
     self._open: dict[str, object] = {}  # safe_open handles, only for dtypes DTYPES lacks
     self.prefix = ""
