@@ -390,7 +390,8 @@ def explain_flag_error(argv, error: Exception) -> str:
   return f"bad command line: {message}. Fix: see --help for the flags and their types"
 
 
-def load_from_flags() -> ml_collections.ConfigDict:
+def load_from_flags(data: bool = True) -> ml_collections.ConfigDict:
+  """The --config of the command line, validated (`data=False`: a sampling command needs no training data)."""
   from absl import flags, logging
   from ml_collections import config_flags
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
@@ -404,4 +405,4 @@ def load_from_flags() -> ml_collections.ConfigDict:
   except Exception as e:
     load_config_file(spec)  # raises the clear message for a missing file, else the file's own error
     raise ConfigError(f"cannot load config {spec!r}: {e}") from e
-  return validate(config)
+  return validate(config, data)

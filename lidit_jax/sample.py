@@ -5,6 +5,9 @@ sampler, classifier-free guidance and the autoencoder's decoder: every image her
       --prompt "a red circle to the left of a blue square" --out sample.png [--num_images 4 --cfg 3 --steps 25]
   python -m lidit_jax.sample --workdir path/to/stable-diffusion-v1-5 --prompt "..." --negative_prompt "..."
 
+  python -m lidit_jax.sample --config configs/llm4gen_sd15.py:ROOT --prompt "..."   # no --workdir: the config's
+      model as a run of it starts (model.init, released conditioner weights), untrained
+
 Through `lidit_jax.pipeline.Pipeline`, in batches of --batch_size. --config (with overrides) replaces the
 workdir's saved config.json.
 
@@ -92,16 +95,19 @@ def main(argv):
       prompts += [line.strip() for line in fh if line.strip()]
   if not prompts:
     raise cli.UserError("no prompt given. Fix: use --prompt \"...\" (repeatable) or --prompts_file FILE")
+  if f["config"].value is None and not f.workdir:
+    raise cli.UserError("nothing to sample. Fix: pass --workdir (a training workdir or a pipeline folder) and/or "
+                        "--config (a config file: its model as a run of it starts)")
   if f["config"].value is None:  # a diffusers pipeline folder, or a workdir with the config.json it saved
     pipe = Pipeline.from_pretrained(f.workdir, dtype=None)
   else:
-    config = configs.load_from_flags()
+    config = configs.load_from_flags(data=False)
     sampler = f.sampler or config.sample.sampler
     names = objectives.objective(config).SAMPLERS
     if sampler not in names:  # refused before anything is loaded
       raise cli.UserError(f"--sampler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
                           f"Fix: use one of {', '.join(names)}")
-    pipe = Pipeline(Workdir.load(f.workdir, None, config))
+    pipe = Pipeline(Workdir.load(f.workdir, None, config) if f.workdir else Workdir.from_config(config))
   steps = f.steps or pipe.defaults["num_steps"]
   cfg = pipe.defaults["guidance"] if f.cfg is None else f.cfg
   where = f" from step {pipe.backend.step}" if isinstance(pipe.backend, Workdir) else ""
@@ -125,7 +131,8 @@ def define_flags():
   configs.define_flags()
   flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ (its config.json is used unless "
-                      "--config is given), or a diffusers pipeline folder (model_index.json).", required=True)
+                      "--config is given), or a diffusers pipeline folder (model_index.json). Without it, --config's "
+                      "model as a run of it starts (model.init and released weights, untrained).")
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeatable).")
   flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line.")
   flags.DEFINE_string("negative_prompt", None, "Negative prompt (SD pipelines and conditioner.null=empty_prompt models; others guide with their "

@@ -156,6 +156,24 @@ def test_llm4gen_config_samples_the_released_pipeline(tmp_path):
   assert want.std() > 0.02
   np.testing.assert_allclose(ours, want, atol=2e-3)
 
+  # the sample CLI on the config alone (no --workdir) draws the same image (seed 0's noise)
+  import os
+  import subprocess
+  import sys
+  from PIL import Image
+  from lidit_jax import sample
+  overrides = ["--config.model.dtype=float32", "--config.text.towers.clip.dtype=float32",
+               "--config.text.towers.t5.dtype=float32", "--config.text.towers.t5.max_length=16"]
+  r = subprocess.run([sys.executable, "-m", "lidit_jax.sample", "--config", f"configs/llm4gen_sd15.py:{root}",
+                      *overrides, "--prompt", prompts[0], "--steps", "3", "--cfg", "20", "--out",
+                      str(tmp_path / "cat.png")], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  seed0 = Pipeline.from_pretrained(config)(prompts[:1], num_steps=3, guidance=20.0, seed=0)
+  grid = np.asarray(Image.open(tmp_path / "cat.png")).astype(int)
+  got = grid[2 * 4:(2 + 16) * 4:4, 2 * 4:(2 + 16) * 4:4]  # the grid's one image, undone from its 4x upscale
+  assert np.abs(got - sample.to_uint8(seed0)[0].astype(int)).max() <= 1
+
 
 @pytest.mark.parametrize("variant", ["tiny,cam", "tiny,unet,cam"])
 def test_cam_trains_samples_and_evaluates_on_the_demo(tmp_path, variant):
