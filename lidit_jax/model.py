@@ -94,7 +94,7 @@ def build_towers(config) -> list[TextTower]:
     if len(tok) > cfg.vocab_size:
       raise ValueError(f"{where}.tokenizer={tokenizer!r} has {len(tok)} tokens but the model's vocabulary has "
                        f"{cfg.vocab_size}. Fix: use the tokenizer saved with {tc.init}.")
-    instruction = config.text.instruction if tc.get("instruction") is None else tc.instruction
+    instruction = config.text.instruction if tc.instruction is None else tc.instruction
     encoder = prompt_lib.PromptEncoder(tok, tc.max_length, instruction or None,
                                        config.text.use_chat_template, config.text.padding_side,
                                        mask_padding=tc.mask_padding)
@@ -103,14 +103,14 @@ def build_towers(config) -> list[TextTower]:
 
 
 def make_tower(name, tc, fam, cfg, encoder) -> TextTower:
-  pooled = tc.get("output", "hidden") == "pooled"
+  pooled = tc.output == "pooled"
   if tc.final_norm or pooled:
     from lidit_jax.convert import hf_clip
     what = "final_norm=True" if tc.final_norm else "output='pooled'"
     if fam is not hf_clip:
       raise ValueError(f"text.towers.{name}.{what}: only CLIP towers have a final LayerNorm and a pooled output "
                        f"({tc.init} is {fam.__name__.rsplit('.', 1)[-1]}). Fix: use a CLIP text encoder, or drop it")
-    if pooled and not (cfg.head and cfg.projection_dim) or not cfg.head:  # a Hugging Face CLIP folder: its head too
+    if not cfg.head or (pooled and not cfg.projection_dim):  # a Hugging Face CLIP folder: read its head too
       cfg = hf_clip.with_head(cfg, projection=pooled)
   module = fam.make_module(cfg, DTYPES[tc.dtype])
   if hasattr(module, "output_layer") and not tc.all_layers:  # decoders can keep just the wanted layer as they go
