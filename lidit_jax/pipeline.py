@@ -2,7 +2,7 @@
 
   from lidit_jax.pipeline import Pipeline
   pipe = Pipeline.from_pretrained("stable-diffusion-v1-5")      # a diffusers pipeline folder (SD 1.x / 2.x / XL)
-  pipe = Pipeline.from_pretrained("runs/shapes")                # a training workdir of any family
+  pipe = Pipeline.from_pretrained("./runs/shapes")              # a training workdir of any family
   images = pipe(["a red circle"], num_steps=25, guidance=7.5, seed=0)   # numpy float32 [B, H, W, 3] in [0, 1]
 
 `latents` is the initial noise NHWC as diffusers' pipelines take it (before the scheduler's init_noise_sigma),
