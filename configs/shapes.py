@@ -16,6 +16,8 @@ to Orbax, in place of the random towers; make them first (no download, no torch)
   python -m lidit_jax.convert.tiny_models checkpoints/tiny --convert
 `configs/shapes.py:unet` is the SD family on the same data: a small U-Net on plain tokens, DDPM (v-prediction).
 `configs/shapes.py:cam` conditions on LLM4GEN's Cross-Adapter Module over the two towers instead of the refiners.
+`configs/shapes.py:diff` conditions on the LLM Diff Adapter over the second tower's per-block scores (on the U-Net:
+a second cross-attention per block; everything trains, the demo's U-Net being untrained).
 Variants combine: `configs/shapes.py:tiny,hf`, `configs/shapes.py:tiny,unet`, `configs/shapes.py:unet,cam`.
 """
 from lidit_jax import configs
@@ -27,9 +29,10 @@ HF_TOWERS = {"llama": "checkpoints/tiny/llama-orbax", "qwen2": "checkpoints/tiny
 
 def get_config(variant: str = ""):
   variants = {v.strip() for v in variant.split(",") if v.strip()}
-  unknown = variants - {"tiny", "hf", "unet", "cam"}
+  unknown = variants - {"tiny", "hf", "unet", "cam", "diff"}
   if unknown:
-    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf, unet and/or cam")
+    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf, unet, cam and/or "
+                     "diff")
   c = configs.base_config()
   c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both",
                  scan=False)  # 4 blocks: unrolled runs 11 % faster on this CPU (benchmarks/RESULTS.md)
@@ -86,4 +89,12 @@ def get_config(variant: str = ""):
     first, second = configs.tower_names(c)
     c.conditioner.kind = "llm4gen"
     c.conditioner.cam.update(clip=first, llm=second, num_heads=4 if "tiny" not in variants else 2)
+  if "diff" in variants:
+    # The LLM Diff Adapter on the second tower: its per-block scores summed into the text code (phi(code): the
+    # context; the code itself: the U-Net's second cross-attentions). The instruction stays in the tower, masked.
+    llm = configs.tower_names(c)[-1]
+    c.text.use = llm
+    c.text.towers[llm].output = "scores"
+    c.conditioner.kind = "diff_adapter"
+    c.conditioner.diff.llm = llm
   return c

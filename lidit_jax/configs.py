@@ -46,7 +46,11 @@ def tower(**overrides) -> ml_collections.ConfigDict:
   2.x read layer -1 so normed: last_hidden_state; diffusers' clip_skip normed earlier layers); `mask_padding=False`
   runs the tower and gives the context every position, padding included, as SD's pipelines run CLIP;
   `output="pooled"`: the end-of-text token's normed, projected state instead (CLIPTextModelWithProjection's
-  text_embeds, SDXL's pooled vector), features [B, 1, P], which conditioner identity hands to the U-Net."""
+  text_embeds, SDXL's pooled vector), features [B, 1, P], which conditioner identity hands to the U-Net.
+  `output="scores"` (decoder-only LLM towers): the LLM Diff Adapter's per-block scores, [B, L, num_layers + 1, D]
+  (entry 0 the embedding output, entry t block t's update with context minus its update of the token alone;
+  `alone`: "diagonal", the same block with attention to the token itself, or "trajectory", a context-free run;
+  models/llm.DecoderLM). The tower then runs about twice its FLOPs."""
   t = ml_collections.ConfigDict(dict(
       kind="llama", init="random", tokenizer="", vocab_size=0,
       hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192, rope_theta=10000.0,
@@ -54,6 +58,8 @@ def tower(**overrides) -> ml_collections.ConfigDict:
       all_layers=False,  # give every hidden state (the embeddings, then each block's output) instead
       final_norm=False,  # CLIP only: its final LayerNorm on the chosen layer
       output="hidden",  # or "pooled": a CLIP with projection's pooled output [B, 1, P] (SDXL's text_embeds)
+                        # or "scores": an LLM's per-block scores (the Diff Adapter's), read as `alone` says
+      alone="diagonal",
       instruction=None,  # this tower's own text before the prompt (LLM4GEN's T5: "pre"); None: text.instruction
       mask_padding=True,  # False: no padding mask in the tower or the context (SD's CLIP)
       max_length=64, dtype="bfloat16"))
@@ -82,7 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
                 use_linear_projection=False,
                 addition_embed_type="",  # "text_time": SDXL's pooled text + size / crop ids (a tower with output
                 addition_time_embed_dim=0,  # "pooled" gives the text; the ids are the image size, uncropped)
-                projection_class_embeddings_input_dim=0)
+                projection_class_embeddings_input_dim=0,
+                # a conditioner's second context (the Diff Adapter's code): a new cross-attention beside each
+                # original one, mixed a1 exp(b1) orig + a2 exp(b2) new, a = (1, 0), b = 0 at init (the U-Net
+                # unchanged): "per_layer" mixes, or one "global" mix
+                second_attention="per_layer")
   # tower features -> the denoiser's context (lidit_jax/conditioners): LI-DiT's "refiners" (options in
   # model.refiner), plain "tokens" (each tower projected to the width) or "identity" (the features themselves,
   # towers side by side: SD's CLIP). null: classifier-free guidance's unconditional context, "learned" (a
@@ -92,7 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.conditioner = dict(kind="refiners", null="learned",
                        # kind=llm4gen: LLM4GEN's Cross-Adapter Module (conditioners/llm4gen.py; released values)
                        cam=dict(clip="clip", llm="t5", num_blocks=1, num_heads=8, lam=1.0, llm_first=False,
-                                mask_llm=False, init="", allow_pickle=False))
+                                mask_llm=False, init="", allow_pickle=False),
+                       # kind=diff_adapter: the LLM Diff Adapter (conditioners/diff_adapter.py: the open readings)
+                       diff=dict(llm="llm", start="embedding", learn_g=True, g_init=1.0, noise="train",
+                                 noise_init=1e-4))
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
                 words=(),  # the "words" tokenizer's vocabulary besides its fixed words (configs/shapes.py: the demo's)
@@ -166,7 +179,8 @@ def from_sd_pipeline(c: ml_collections.ConfigDict, path: str) -> ml_collections.
   from lidit_jax.objectives import ddpm
   unet = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel")
   vae = registry.component_config("diffusers_vae", path, "vae", "AutoencoderKL")
-  c.unet = {**c.unet.to_dict(), **{k: getattr(unet, k) or type(v)() for k, v in c.unet.items()}}  # None -> "" / 0
+  c.unet = {**c.unet.to_dict(), **{k: getattr(unet, k) or type(v)() for k, v in c.unet.items()
+                                   if hasattr(unet, k)}}  # None -> "" / 0; our own fields (second_attention) kept
   c.autoencoder.factor, c.autoencoder.channels = vae.downsample_factor, vae.latent_channels
   c.data.image_size = unet.sample_size * vae.downsample_factor
   with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
@@ -241,7 +255,8 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
             f"hidden_size {t.hidden_size} / num_heads / num_kv_heads {t.num_kv_heads} do not divide evenly",
             "make hidden_size a multiple of num_heads and num_heads a multiple of num_kv_heads")
     one_of(f"text.towers.{n}.dtype", t.dtype, {"float32", "bfloat16"})
-    one_of(f"text.towers.{n}.output", t.output, {"hidden", "pooled"})
+    one_of(f"text.towers.{n}.output", t.output, {"hidden", "pooled", "scores"})
+    one_of(f"text.towers.{n}.alone", t.alone, {"diagonal", "trajectory"})
   one_of("text.padding_side", c.text.padding_side, {"left", "right"})
   denoisers.family(c).validate(c, names)  # the family's own sections (LI-DiT: model.*)
   from lidit_jax import conditioners

@@ -113,6 +113,13 @@ def make_tower(name, tc, fam, cfg, encoder) -> TextTower:
     if not cfg.head or (pooled and not cfg.projection_dim):  # a Hugging Face CLIP folder: read its head too
       cfg = hf_clip.with_head(cfg, projection=pooled)
   module = fam.make_module(cfg, DTYPES[tc.dtype])
+  scores = tc.output == "scores"
+  if scores:  # the Diff Adapter's per-block scores: shaped as every hidden state
+    if not hasattr(module, "alone"):
+      raise ValueError(f"text.towers.{name}.output='scores': only decoder-only LLM towers give per-block scores "
+                       f"({tc.init} is {fam.__name__.rsplit('.', 1)[-1]}). Fix: use an LLM tower")
+    return TextTower(name, module.clone(alone=tc.alone), encoder, tc.layer, DTYPES[tc.dtype], cfg.hidden_size,
+                     tc.init, cfg.num_layers, all_layers=True)
   if hasattr(module, "output_layer") and not tc.all_layers:  # decoders can keep just the wanted layer as they go
     module = module.clone(output_layer=tc.layer)
   width = cfg.projection_dim if pooled else cfg.hidden_size
@@ -216,7 +223,8 @@ def text_shapes(config, tower_dims: Sequence[tuple[int, int]] | None = None) -> 
     if tc.output == "pooled":  # one vector, of the projection's width (`tower_dims` gives it)
       out.append((1, d))
       continue
-    out.append((tc.max_length, layers + 1, d) if tc.all_layers else (tc.max_length, d))
+    every = tc.all_layers or tc.output == "scores"
+    out.append((tc.max_length, layers + 1, d) if every else (tc.max_length, d))
   return out
 
 

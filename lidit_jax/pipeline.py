@@ -127,7 +127,7 @@ class Pipeline:
     b = self.backend
 
     def generate(params, text, noise, rng):
-      predict = b.predictor(params, text, noise.shape[0], scale > 1.0)
+      predict = b.predictor(params, text, noise.shape[0], scale > 1.0, jax.random.fold_in(rng, 17))
       net = guidance_lib.guided(predict, scale) if scale > 1.0 else (lambda x, t: predict(x, t)[0])
       final = objective.sample(net, noise, steps, sampler, rng)
       return jnp.clip(b.decode(params, final).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
@@ -260,7 +260,7 @@ class StableDiffusion:
       pooled = pool
     return jnp.concatenate(states, axis=-1), pooled
 
-  def predictor(self, params, text, b: int, guided: bool):
+  def predictor(self, params, text, b: int, guided: bool, rng=None):
     """(x, t in [0, 1]) -> (cond, uncond) U-Net outputs (uncond None unguided), one batched evaluation."""
     ctx, pooled = self._encode(params, text["cond"])
     extra = {}
@@ -365,13 +365,15 @@ class Workdir:
       text["uncond"] = jax.tree.map(lambda a: np.repeat(a, len(prompts), axis=0), s.null_text)
     return text
 
-  def predictor(self, params, text, b: int, guided: bool):
+  def predictor(self, params, text, b: int, guided: bool, rng=None):
     """The unconditional half reads the text of "" or a negative prompt ("uncond" in `text`), else the model's
-    null context (conditioner.null: learned or zeros) by its drop flags."""
+    null context (conditioner.null: learned or zeros) by its drop flags. `rng`: the model's "sample_noise"
+    stream (one draw per image, the same at every step: the Diff Adapter's code with noise="always")."""
     from lidit_jax import state as state_lib
     s = self.setup
     inputs = lambda t: state_lib.text_inputs(s.towers, params["frozen"]["towers"], t)
-    apply = functools.partial(s.model.apply, {"params": params["model"]})
+    apply = functools.partial(s.model.apply, {"params": params["model"]},
+                              rngs=None if rng is None else {"sample_noise": rng})
     swapped = "uncond" in text
     # an empty_prompt model has no null context (no drop input); the others take flags
     flags = lambda *fs: None if s.config.conditioner.null == "empty_prompt" else jnp.concatenate(

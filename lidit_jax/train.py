@@ -57,11 +57,13 @@ def make_train_step(s: state_lib.Setup):
   def train_step(state: state_lib.TrainState, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     r_drop, r_t, r_eps = jax.random.split(rng, 3)
+    r_noise = jax.random.fold_in(rng, 4)
     x0 = clean_latents(s.autoencoder, frozen["autoencoder"], batch["image"], jax.random.fold_in(rng, 3))
     b = x0.shape[0]
     # Noise, times and caption dropout for the whole batch, so micro-batching changes nothing but memory.
     full = {"image": x0, "text": batch["text"], "drop": jax.random.bernoulli(r_drop, config.data.caption_dropout, (b,)),
-            **objective.draw(r_t, r_eps, x0)}
+            # a seed per micro-batch for the model's own noise (the Diff Adapter's, rng stream "noise")
+            "noise_seed": jax.random.randint(r_noise, (b,), 0, 2 ** 31 - 1), **objective.draw(r_t, r_eps, x0)}
 
     def loss_fn(params, mb):
       if held is not None:
@@ -70,7 +72,8 @@ def make_train_step(s: state_lib.Setup):
       if s.null_text is not None:  # conditioner.null=empty_prompt: dropped captions become ""
         text, drop = state_lib.with_null_text(text, s.null_text, drop), None
       feats, valids, prompts = state_lib.text_inputs(s.towers, frozen["towers"], text)
-      net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, drop)
+      rngs = {"noise": jax.random.fold_in(r_noise, mb["noise_seed"][0])}
+      net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, drop, rngs=rngs)
       return jnp.mean(objective.loss(net, mb["image"], mb))
 
     k = config.train.grad_accum

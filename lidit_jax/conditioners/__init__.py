@@ -3,8 +3,9 @@
 The contract a denoiser family calls (and nothing else does):
   build(config, width) -> Linen module   `width`: the context width the backbone reads
   module(feats, valids, prompts, t_emb_BD) -> (context [B, S, width], context validity [B, S][, pooled [B, P]])
-      the pooled vector (SDXL's text_embeds) only where the conditioner gives one (identity, from towers with
-      output="pooled"); `outputs(...)` reads either form
+      or a `Conditioning`: the pooled vector (SDXL's text_embeds) only where the conditioner gives one (identity,
+      from towers with output="pooled"); a second context `code` [B, M, C] for a backbone with a second
+      cross-attention (the Diff Adapter's text code; a U-Net reads it, a DiT does not); `outputs(...)` reads any form
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction)
       masks; t_emb_BD: the denoiser's timestep embedding (refiners conditioned on time read it, others not)
   flops_per_example(config, text_shapes, width) -> forward FLOPs of one example   (plan, MFU)
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,16 @@ from lidit_jax.config_checks import ConfigError
 from lidit_jax.models import layers
 
 CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens",
-                "identity": "lidit_jax.conditioners.identity", "llm4gen": "lidit_jax.conditioners.llm4gen"}
+                "identity": "lidit_jax.conditioners.identity", "llm4gen": "lidit_jax.conditioners.llm4gen",
+                "diff_adapter": "lidit_jax.conditioners.diff_adapter"}
+
+
+class Conditioning(NamedTuple):
+  context: jax.Array  # [B, S, width]
+  valid: jax.Array  # [B, S]
+  pooled: jax.Array | None = None  # [B, P]
+  code: jax.Array | None = None  # [B, M, C]: a second context (the Diff Adapter's), for a second cross-attention
+  code_valid: jax.Array | None = None  # [B, M]
 
 
 def conditioner(config) -> ModuleType:
@@ -45,19 +55,20 @@ def context_valid(valids: Sequence[jax.Array], prompts: Sequence[jax.Array], dro
   return jnp.concatenate(keep, axis=1)
 
 
-def outputs(out) -> tuple:
-  """(context, validity, pooled or None) of a conditioner's call."""
-  return (*out, None) if len(out) == 2 else tuple(out)
+def outputs(out) -> Conditioning:
+  """A conditioner's call as a `Conditioning` (from a 2- or 3-tuple too)."""
+  return out if isinstance(out, Conditioning) else Conditioning(*out)
 
 
-def null_context(module, ctx_BSD, ctx_valid_BS, drop_B, kind: str = "learned"):
+def null_context(module, ctx_BSD, ctx_valid_BS, drop_B, kind: str = "learned", name: str = "null_context"):
   """Classifier-free guidance's unconditional context where `drop_B`: the learned `null_context` parameter of
   `module` (a family's root, so every family's checkpoints name it alike), all valid; or zeros (`kind="zeros"`,
-  conditioner.null). With conditioner.null=empty_prompt the text was swapped before (drop_B is None)."""
+  conditioner.null). With conditioner.null=empty_prompt the text was swapped before (drop_B is None). A second
+  context (a conditioner's code) takes its own parameter, `name`."""
   if drop_B is None:
     return ctx_BSD, ctx_valid_BS
   if kind == "zeros":
     return jnp.where(drop_B[:, None, None], 0, ctx_BSD), ctx_valid_BS
-  null = module.param("null_context", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
+  null = module.param(name, layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
                       ctx_BSD.shape[1:], jnp.float32).astype(ctx_BSD.dtype)
   return (jnp.where(drop_B[:, None, None], null[None], ctx_BSD), jnp.where(drop_B[:, None], True, ctx_valid_BS))

@@ -31,7 +31,7 @@ class LIDiT(nn.Module):
   def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
     """Velocity prediction. `drop_B` (bool) replaces an example's text by the null context (CFG)."""
     t_emb = layers.TimestepEmbedder(self.dit.width, dtype=self.dtype, name="t_embedder")(t_B)
-    ctx, ctx_valid, _ = conditioners.outputs(self.conditioner(feats, valids, prompts, t_emb))
+    ctx, ctx_valid = conditioners.outputs(self.conditioner(feats, valids, prompts, t_emb))[:2]  # a code: not read
     ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B, self.null)
     pooled = layers.masked_mean(ctx, ctx_valid)
     return dit_lib.DiT(self.dit, self.dtype, name="denoiser")(x_BHWC, t_emb, pooled, ctx, ctx_valid)

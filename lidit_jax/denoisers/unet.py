@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lidit_jax import conditioners
-from lidit_jax.config_checks import fail
+from lidit_jax.config_checks import fail, one_of
 from lidit_jax.models import layers
 from lidit_jax.models import unet as unet_lib
 
@@ -34,15 +34,19 @@ class SDUNet(nn.Module):
   remat: str = "none"
   null: str = "learned"
   pixel_factor: int = 1
+  second_mix: str = "per_layer"  # unet.second_attention
 
   @nn.compact
   def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
     width = self.unet.cross_attention_dim
     # The conditioner's timestep embedding (LI-DiT's refiners read it; plain tokens ignore it and its weights)
     t_emb = layers.TimestepEmbedder(width, dtype=self.dtype, name="t_embedder")(t_B)
-    ctx, ctx_valid, pooled = conditioners.outputs(self.conditioner(feats, valids, prompts, t_emb))
-    ctx, ctx_valid = conditioners.null_context(self, ctx, ctx_valid, drop_B, self.null)
-    extra = {}
+    out = conditioners.outputs(self.conditioner(feats, valids, prompts, t_emb))
+    ctx, ctx_valid = conditioners.null_context(self, out.context, out.valid, drop_B, self.null)
+    pooled, extra = out.pooled, {}
+    if out.code is not None:  # a second context (the Diff Adapter's code): the U-Net's new cross-attentions
+      code, code_valid = conditioners.null_context(self, out.code, out.code_valid, drop_B, self.null, "null_code")
+      extra = dict(code_BMC=code, code_valid_BM=code_valid)
     if self.unet.addition_embed_type == "text_time":
       if pooled is None:
         raise ValueError("unet.addition_embed_type='text_time' (SDXL) needs a pooled text vector: a tower with "
@@ -51,8 +55,9 @@ class SDUNet(nn.Module):
         pooled = jnp.where(drop_B[:, None], 0, pooled)
       b, h, w, _ = x_BHWC.shape
       h, w = h * self.pixel_factor, w * self.pixel_factor
-      extra = dict(text_embeds=pooled, time_ids=jnp.tile(jnp.asarray([[h, w, 0, 0, h, w]], jnp.float32), (b, 1)))
-    net = unet_lib.UNet2DConditionModel(self.unet, self.dtype, self.attention, self.remat, name="denoiser")
+      extra.update(text_embeds=pooled, time_ids=jnp.tile(jnp.asarray([[h, w, 0, 0, h, w]], jnp.float32), (b, 1)))
+    net = unet_lib.UNet2DConditionModel(self.unet, self.dtype, self.attention, self.remat, self.second_mix,
+                                        name="denoiser")
     return net(x_BHWC, t_B * self.time_scale, ctx, ctx_valid, **extra)
 
 
@@ -76,7 +81,8 @@ def build(config, attention: str) -> SDUNet:
   cfg = unet_config(config)
   cond = conditioners.conditioner(config).build(config, cfg.cross_attention_dim)
   return SDUNet(cfg, cond, float(config.ddpm.num_train_timesteps), jnp.dtype(config.model.dtype), attention,
-                config.model.remat, config.conditioner.null, config.autoencoder.factor)
+                config.model.remat, config.conditioner.null, config.autoencoder.factor,
+                config.unet.get("second_attention", "per_layer"))
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
@@ -167,6 +173,7 @@ def validate(config, towers: Sequence[str]) -> None:
     if width % heads:
       fail("unet.num_heads", cfg.num_heads, f"{heads} heads do not divide a block width of {width}",
            "pick head counts that divide each block's width")
+  one_of("unet.second_attention", config.unet.get("second_attention", "per_layer"), ("per_layer", "global"))
   unit = 2 ** (len(cfg.block_out_channels) - 1) * config.autoencoder.factor
   if config.data.image_size % unit:
     fail("data.image_size", config.data.image_size, f"the U-Net halves it {len(cfg.block_out_channels) - 1} times "

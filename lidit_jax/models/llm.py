@@ -60,48 +60,59 @@ class DecoderBlock(nn.Module):
   cfg: DecoderConfig
   dtype: Dtype = jnp.float32
   keep_index: int | None = None  # carry this block's output instead of stacking every layer's
+  alone: str | None = None  # emit the Diff Adapter's score instead of the output (DecoderLM.alone)
 
-  @nn.compact
-  def __call__(self, carry, mask, positions_BL, scanned):
+  def setup(self):
     c = self.cfg
+    norm = lambda name: layers.RMSNorm(c.norm_eps, unit_offset=c.norm_unit_offset, dtype=self.dtype, name=name)
+    self.input_norm, self.post_attn_norm = norm("input_norm"), norm("post_attn_norm")
+    if c.sandwich_norms:
+      self.post_attn_out_norm, self.post_mlp_norm = norm("post_attn_out_norm"), norm("post_mlp_norm")
+    self.attn = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, qk_norm=c.qk_norm, use_bias=c.qkv_bias,
+                                 out_bias=c.out_bias, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+                                 scale=None if c.query_scale is None else c.query_scale ** -0.5,
+                                 logit_softcap=c.attn_softcap, norm_eps=c.norm_eps, torch_layout=True,
+                                 dtype=self.dtype, name="attn")
+    self.mlp = layers.GatedMlp(c.intermediate_size, c.activation, c.mlp_bias, torch_layout=True, dtype=self.dtype,
+                               name="mlp")
+
+  def block(self, x_BLD, mask, positions_BL):
+    """The block's output: x + attention, then + MLP (pre-norms; Gemma 2's sandwich norms too)."""
+    h = self.attn(self.input_norm(x_BLD), mask=mask, positions_BL=positions_BL)
+    x_BLD = x_BLD + (self.post_attn_out_norm(h) if self.cfg.sandwich_norms else h)
+    h = self.mlp(self.post_attn_norm(x_BLD))
+    return x_BLD + (self.post_mlp_norm(h) if self.cfg.sandwich_norms else h)
+
+  def __call__(self, carry, mask, positions_BL, scanned):
     x_BLD, keep = carry
     window, index = scanned
     # Sliding window over token indices (as the reference), on top of the causal + padding mask.
     idx = jnp.arange(x_BLD.shape[1])
     near = (idx[:, None] - idx[None, :]) < jnp.where(window > 0, window, x_BLD.shape[1] + 1)
-    mask = mask & near[None, None]
-
-    def norm(name):
-      return layers.RMSNorm(c.norm_eps, unit_offset=c.norm_unit_offset, dtype=self.dtype, name=name)
-
-    h = norm("input_norm")(x_BLD)
-    h = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, qk_norm=c.qk_norm, use_bias=c.qkv_bias,
-                         out_bias=c.out_bias, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
-                         scale=None if c.query_scale is None else c.query_scale ** -0.5,
-                         logit_softcap=c.attn_softcap, norm_eps=c.norm_eps, torch_layout=True,
-                         dtype=self.dtype, name="attn")(h, mask=mask, positions_BL=positions_BL)
-    if c.sandwich_norms:
-      h = norm("post_attn_out_norm")(h)
-    x_BLD = x_BLD + h
-    h = norm("post_attn_norm")(x_BLD)
-    h = layers.GatedMlp(c.intermediate_size, c.activation, c.mlp_bias, torch_layout=True, dtype=self.dtype,
-                        name="mlp")(h)
-    if c.sandwich_norms:
-      h = norm("post_mlp_norm")(h)
-    x_BLD = x_BLD + h
-    x_BLD = layers.constrain(x_BLD, ("batch", "length", "embed"))
+    out = layers.constrain(self.block(x_BLD, mask & near[None, None], positions_BL), ("batch", "length", "embed"))
+    if self.alone is not None:  # the update with context minus the update of each token alone (`keep`: its input)
+      alone = (x_BLD if self.alone == "diagonal" else keep)
+      alone_out = self.block(alone, jnp.eye(x_BLD.shape[1], dtype=bool)[None, None], positions_BL)
+      score = layers.constrain(out - x_BLD - (alone_out - alone), ("batch", "length", "embed"))
+      return (out, alone_out if self.alone == "trajectory" else keep), score
     if self.keep_index is None:  # every hidden state is wanted: emit each layer's output
-      return (x_BLD, keep), x_BLD
+      return (out, keep), out
     # One layer is wanted: carry it instead of stacking all of them ([layers, B, L, D] is huge at 8B).
-    return (x_BLD, jnp.where(index == self.keep_index, x_BLD, keep)), None
+    return (out, jnp.where(index == self.keep_index, out, keep)), None
 
 
 class DecoderLM(nn.Module):
   """`__call__(input_ids, attention_mask)` -> hidden states [num_layers + 1, B, L, D], or only entry
-  `output_layer` ([B, L, D]; negative counts from the end, as in Python) when that is set."""
+  `output_layer` ([B, L, D]; negative counts from the end, as in Python) when that is set.
+
+  `alone` (the LLM Diff Adapter's scores, PAPERS.md section 3): entry 0 the embedding output, entry t block t's
+  update of each token with its context minus its update of the token alone, both from block t's input
+  ("diagonal": the same block, attention restricted to the token itself: one extra pass per block), or minus the
+  update along a trajectory of tokens alone from the embeddings ("trajectory": a second, context-free run)."""
   cfg: DecoderConfig
   dtype: Dtype = jnp.float32
   output_layer: int | None = None
+  alone: str | None = None  # None | "diagonal" | "trajectory"
 
   @nn.compact
   def __call__(self, input_ids_BL, attention_mask_BL):
@@ -124,7 +135,10 @@ class DecoderLM(nn.Module):
     blocks = nn.scan(DecoderBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, 0), length=n,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    (last, kept), per_layer = blocks(c, self.dtype, keep_index, name="layers")((x, x), mask, positions, scanned)
+    (last, kept), per_layer = blocks(c, self.dtype, keep_index, self.alone, name="layers")(
+        (x, x), mask, positions, scanned)
+    if self.alone is not None:
+      return jnp.concatenate([x[None], per_layer], axis=0)
     final = layers.RMSNorm(c.norm_eps, unit_offset=c.norm_unit_offset, dtype=self.dtype, name="norm")(last)
     if layer is None:
       return jnp.concatenate([x[None], per_layer[:-1], final[None]], axis=0)

@@ -143,19 +143,37 @@ class FeedForward(nn.Module):
     return layers.Dense(x_BLD.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="net_2")(h)
 
 
+MIX_INIT = ((1.0, 0.0), (0.0, 0.0))  # (a, b) of the original and the new cross-attention: the original alone
+
+
+def mix_param(module: nn.Module) -> jnp.ndarray:
+  """The second cross-attention's mix [[a1, b1], [a2, b2]] (LLM Diff Adapter), the U-Net's own at init."""
+  return module.param("attn_mix", layers.logical(lambda *_: jnp.asarray(MIX_INIT, jnp.float32), (None, None)),
+                      (2, 2), jnp.float32)
+
+
 class TransformerBlock(nn.Module):
+  """`second` = (code [B, M, C], its mask [B, 1, 1, M], the global mix or None): a new cross-attention `attn2_new`
+  on the code beside the original one, mixed a1 exp(b1) orig + a2 exp(b2) new (per layer unless global)."""
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x_BLD, ctx_BSD, mask):
+  def __call__(self, x_BLD, ctx_BSD, mask, second=None):
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name=name,
                                    scale_init=layers.logical(nn.initializers.ones_init(), ("embed",)),
                                    bias_init=layers.logical(nn.initializers.zeros_init(), ("embed",)))
     attn = lambda name: CrossAttention(self.num_heads, self.dtype, self.implementation, name=name)
     x_BLD = x_BLD + attn("attn1")(ln("norm1")(x_BLD))
-    x_BLD = x_BLD + attn("attn2")(ln("norm2")(x_BLD), ctx_BSD, mask)
+    h = ln("norm2")(x_BLD)
+    cross = attn("attn2")(h, ctx_BSD, mask)
+    if second is not None:
+      code, code_mask, mix = second
+      mix = mix_param(self) if mix is None else mix
+      w = (mix[:, 0] * jnp.exp(mix[:, 1])).astype(self.dtype)
+      cross = w[0] * cross + w[1] * attn("attn2_new")(h, code, code_mask)
+    x_BLD = x_BLD + cross
     return x_BLD + FeedForward(self.dtype, name="ff")(ln("norm3")(x_BLD))
 
 
@@ -170,14 +188,15 @@ class Transformer2D(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x_BHWC, ctx_BSD, mask):
+  def __call__(self, x_BHWC, ctx_BSD, mask, second=None):
     b, hgt, wid, c = x_BHWC.shape
     h = group_norm(self.groups, self.dtype, "norm", 1e-6)(x_BHWC)
     proj = lambda name: (layers.Dense(c, ("conv_in", "conv_out"), dtype=self.dtype, name=name) if self.linear
                          else conv(c, 1, dtype=self.dtype, name=name))
     h = proj("proj_in")(h).reshape(b, hgt * wid, c)
     for i in range(self.depth):
-      h = TransformerBlock(self.num_heads, self.dtype, self.implementation, name=f"transformer_blocks_{i}")(h, ctx_BSD, mask)
+      h = TransformerBlock(self.num_heads, self.dtype, self.implementation, name=f"transformer_blocks_{i}")(
+          h, ctx_BSD, mask, second)
     return x_BHWC + proj("proj_out")(h.reshape(b, hgt, wid, c))
 
 
@@ -225,7 +244,7 @@ class Block(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, h, emb, ctx, mask, skips=None):
+  def __call__(self, h, emb, ctx, mask, second=None, skips=None):
     st, dt = self.stage, self.dtype
     # Rematerialised, each resnet and transformer keeps its input (and what the policy saves) for the backward pass
     wrap = (lambda m: m) if self.remat == "none" else (
@@ -234,14 +253,14 @@ class Block(nn.Module):
     attn = lambda j: wrap(Transformer2D)(st.heads, st.depth, st.groups, st.linear, dt, self.implementation,
                                          name=f"attentions_{j}")
     if self.kind == "mid":
-      return resnet(1)(attn(0)(resnet(0)(h, emb), ctx, mask), emb), []
+      return resnet(1)(attn(0)(resnet(0)(h, emb), ctx, mask, second), emb), []
     outputs = []
     for j in range(st.num_resnets):
       if self.kind == "up":
         h = jnp.concatenate([h, skips.pop()], axis=-1)
       h = resnet(j)(h, emb)
       if st.attention:
-        h = attn(j)(h, ctx, mask)
+        h = attn(j)(h, ctx, mask, second)
       outputs.append(h)
     if st.resample == "down":
       h = Downsample(dt, name="downsamplers_0")(h)
@@ -252,17 +271,26 @@ class Block(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-  """`apply(v, sample_BHWC, timesteps_B, context_BSD, context_valid_BS=None, text_embeds=None, time_ids=None)`
-  -> the prediction [B, H, W, out_channels]. `text_embeds` [B, P] / `time_ids` [B, 6]: SDXL's added conditions."""
+  """`apply(v, sample_BHWC, timesteps_B, context_BSD, context_valid_BS=None, text_embeds=None, time_ids=None,
+  code_BMC=None, code_valid_BM=None)` -> the prediction [B, H, W, out_channels]. `text_embeds` [B, P] / `time_ids`
+  [B, 6]: SDXL's added conditions. `code_BMC`: a second context (the LLM Diff Adapter's) read by a new
+  cross-attention in every transformer block, mixed with the original (`second_mix`: "per_layer" or "global");
+  at init the output is the plain U-Net's."""
   cfg: UNetConfig
   dtype: Dtype = jnp.float32
   attention: str | None = None
   remat: str = "none"  # a `layers.REMAT_POLICIES` key, for training at larger batches or resolutions
+  second_mix: str = "per_layer"
 
   @nn.compact
-  def __call__(self, x_BHWC, t_B, ctx_BSD, ctx_valid_BS=None, text_embeds=None, time_ids=None):
+  def __call__(self, x_BHWC, t_B, ctx_BSD, ctx_valid_BS=None, text_embeds=None, time_ids=None, code_BMC=None,
+               code_valid_BM=None):
     cfg, dt = self.cfg, self.dtype
     mask = None if ctx_valid_BS is None else ctx_valid_BS.astype(bool)[:, None, None, :]
+    second = None
+    if code_BMC is not None:
+      code_mask = None if code_valid_BM is None else code_valid_BM.astype(bool)[:, None, None, :]
+      second = (code_BMC.astype(dt), code_mask, mix_param(self) if self.second_mix == "global" else None)
     t_B = jnp.broadcast_to(t_B, (x_BHWC.shape[0],))
     emb = timestep_embedding(t_B, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     emb = TimestepEmbedding(cfg.time_embed_dim, dt, name="time_embedding")(emb.astype(dt))
@@ -282,14 +310,14 @@ class UNet2DConditionModel(nn.Module):
     for i, kind in enumerate(cfg.down_block_types):
       st = stage(cfg.block_out_channels[i], cfg.layers_per_block, kind == "CrossAttnDownBlock2D", cfg.num_heads[i],
                  cfg.transformer_layers_per_block[i], "down" if i < n - 1 else None)
-      h, out = block(st, "down", f"down_blocks_{i}")(h, emb, ctx_BSD, mask)
+      h, out = block(st, "down", f"down_blocks_{i}")(h, emb, ctx_BSD, mask, second)
       skips += out
     st = stage(cfg.block_out_channels[-1], 2, True, cfg.num_heads[-1], cfg.transformer_layers_per_block[-1], None)
-    h, _ = block(st, "mid", "mid_block")(h, emb, ctx_BSD, mask)
+    h, _ = block(st, "mid", "mid_block")(h, emb, ctx_BSD, mask, second)
     for i, kind in enumerate(cfg.up_block_types):
       r = n - 1 - i  # up blocks mirror the down blocks
       st = stage(cfg.block_out_channels[r], cfg.layers_per_block + 1, kind == "CrossAttnUpBlock2D", cfg.num_heads[r],
                  cfg.transformer_layers_per_block[r], "up" if i < n - 1 else None)
-      h, _ = block(st, "up", f"up_blocks_{i}")(h, emb, ctx_BSD, mask, skips)
+      h, _ = block(st, "up", f"up_blocks_{i}")(h, emb, ctx_BSD, mask, second, skips)
     h = nn.silu(group_norm(cfg.norm_num_groups, dt, "conv_norm_out", cfg.norm_eps)(h))
     return conv(cfg.out_channels, dtype=dt, name="conv_out")(h)
