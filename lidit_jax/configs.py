@@ -28,6 +28,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("depth", None),  # one value per tower block (a layer mix, the Diff Adapter's g and h): not a scanned stack
     ("patch", None),
     ("cond", None),
     ("conv_in", None),  # VAE channels: frozen and small, replicated unless a config maps them

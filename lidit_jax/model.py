@@ -42,6 +42,7 @@ class TextTower:
   all_layers: bool = False
   final_norm: bool = False  # a CLIP tower's final LayerNorm on the chosen layer (SD 1.x / 2.x)
   pooled: bool = False  # a CLIP with projection's pooled output instead, [B, 1, P] (hidden_size: P)
+  scores: str | None = None  # an LLM's per-block scores instead of its states (output="scores"): the `alone` reading
 
   @property
   def feature_shape(self) -> tuple[int, ...]:
@@ -119,7 +120,7 @@ def make_tower(name, tc, fam, cfg, encoder) -> TextTower:
       raise ValueError(f"text.towers.{name}.output='scores': only decoder-only LLM towers give per-block scores "
                        f"({tc.init} is {fam.__name__.rsplit('.', 1)[-1]}). Fix: use an LLM tower")
     return TextTower(name, module.clone(alone=tc.alone), encoder, tc.layer, DTYPES[tc.dtype], cfg.hidden_size,
-                     tc.init, cfg.num_layers, all_layers=True)
+                     tc.init, cfg.num_layers, all_layers=True, scores=tc.alone)
   if hasattr(module, "output_layer") and not tc.all_layers:  # decoders can keep just the wanted layer as they go
     module = module.clone(output_layer=tc.layer)
   width = cfg.projection_dim if pooled else cfg.hidden_size

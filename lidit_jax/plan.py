@@ -17,6 +17,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lidit_jax import denoisers
 from lidit_jax import model as model_lib
@@ -69,11 +70,20 @@ def model_flops_per_example(config, tower_cfgs: dict) -> dict:
   shapes = model_lib.text_shapes(config, model_lib.tower_dims(config, tower_cfgs))
   out = denoisers.family(config).flops_per_example(config, model_lib.latent_shape(config), shapes)
   towers = 0
-  for l, (_, cfg) in zip(lens, tower_cfgs.values()):
+  for name, l, (_, cfg) in zip(tower_cfgs, lens, tower_cfgs.values()):
     hd = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", 4 * hd)
-    towers += cfg.num_layers * (2 * l * (4 * hd * hd + 3 * hd * inter) + 4 * l * l * hd)
+    passes = 2 if config.text.towers[name].output == "scores" else 1  # each block again, on tokens alone
+    towers += passes * cfg.num_layers * (2 * l * (4 * hd * hd + 3 * hd * inter) + 4 * l * l * hd)
   return {**out, "towers": towers}
+
+
+def text_feature_bytes(config, tower_cfgs: dict) -> dict:
+  """{tower: bytes of one prompt's features} as the conditioner reads them (cached by encode_prompts, or made by
+  the towers in the step): every hidden state or per-block score for all-layer towers, heavy for a large LLM."""
+  shapes = model_lib.text_shapes(config, model_lib.tower_dims(config, tower_cfgs))
+  return {n: int(np.prod(shape)) * jnp.dtype(model_lib.DTYPES[config.text.towers[n].dtype]).itemsize
+          for n, shape in zip(tower_cfgs, shapes)}
 
 
 def step_flops(config, tower_cfgs: dict | None = None, encode_flops: float = 0.0) -> dict:
@@ -125,11 +135,13 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
       config, batch_per_device, model_lib.latent_shape(config), model_lib.text_shapes(config, dims),
       mesh_sizes["tensor"], act_itemsize)
   ae = autoencoder_plan(config, batch_per_device)
+  feature_bytes = text_feature_bytes(config, towers)
   flops = step_flops(config, towers, ae["encode_flops"])
   batch = config.train.batch_size
   train_flops, frozen_flops = flops["train"], flops["towers"] + flops["autoencoder"]
   per_device = {"params": p_bytes, "grads": p_bytes, "optimizer": 2 * p_bytes, "ema": p_bytes,
                 "frozen_towers": tower_bytes, "autoencoder": ae["params"], "activations_estimate": acts,
+                "text_features": batch_per_device * sum(feature_bytes.values()),
                 "autoencoder_activations_estimate": ae["activations"]}
   per_device["total"] = sum(per_device.values())
   out = {"mesh": mesh_sizes, "devices": num_devices, "trainable_params": n_params, "tower_params": tower_params,
@@ -137,7 +149,7 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
          "params_plus_optimizer_vs_even_split": (p_bytes * 3) / (n_params * 4 * 3 / num_devices),
          "model_tflop_per_step": train_flops / 1e12, "tower_tflop_per_step": flops["towers"] / 1e12,
          "autoencoder_tflop_per_step": flops["autoencoder"] / 1e12, "autoencoder_planned": ae["planned"],
-         "batch_size": batch, "remat": config.model.remat}
+         "batch_size": batch, "remat": config.model.remat, "text_feature_bytes_per_prompt": feature_bytes}
   if chip:
     peak = CHIP_PEAK_TFLOPS[chip]
     out.update(chip=chip, peak_tflops_per_chip=peak, assumed_mfu=mfu,
@@ -154,6 +166,8 @@ def format_plan(p: dict) -> str:
   lines.append(f"  params + optimizer vs total / devices: {p['params_plus_optimizer_vs_even_split']:.3f}x")
   lines.append(f"model FLOPs per step: {p['model_tflop_per_step']:.1f} TFLOP (+ forward of the towers "
                f"{p['tower_tflop_per_step']:.1f}, of the autoencoder {p['autoencoder_tflop_per_step']:.1f} TFLOP)")
+  lines.append("text features per prompt: " + ", ".join(f"{n} {b / 2 ** 20:.2f} MiB" for n, b in
+                                                        p["text_feature_bytes_per_prompt"].items()))
   if not p["autoencoder_planned"]:
     lines.append("autoencoder: not planned (no VAE at autoencoder.path yet): its parameters, activations and "
                  "FLOPs are left out")

@@ -36,6 +36,7 @@ def signature(config, towers) -> dict:
                                "layer": "all" if tw.all_layers else tw.layer, "max_length": tw.encoder.max_length,
                                # SD's CLIP options, named only when set (caches written before them stay valid)
                                **({"final_norm": True} if tw.final_norm else {}),
+                               **({"scores": tw.scores} if tw.scores else {}),  # the Diff Adapter's
                                **({"mask_padding": False} if not tw.encoder.mask_padding else {}),
                                **({"instruction": tw.encoder.instruction} if tw.encoder.instruction !=
                                   (t.instruction or None) else {}),

@@ -165,3 +165,89 @@ def test_diff_adapter_config_is_sd_at_init_and_trains_only_the_adapter(tmp_path)
       kinds["new"].append(moved)
   assert len(kinds["frozen"]) > 50 and max(kinds["frozen"]) == 0.0
   assert len(kinds["new"]) > 10 and min(kinds["new"]) > 0.0  # the new attentions too, once a2 left 0
+
+
+def test_demo_diff_on_the_unet_resumes_samples_evaluates_and_exports(tmp_path, monkeypatch):
+  """configs/shapes.py:tiny,unet,diff: preempted after its step-4 checkpoint and restarted, it logs an uninterrupted
+  run's losses (the adapter's training noise included); then it samples, evaluates and exports."""
+  from lidit_jax import evaluate, export
+  from lidit_jax.data import pipeline
+  from lidit_jax.pipeline import Pipeline
+  from safetensors.numpy import load_file
+  config = configs.validate(configs.apply_overrides(configs.load_config_file(
+      f"{ROOT / 'configs' / 'shapes.py'}:tiny,unet,diff"), {"train.checkpoint_every": 2, "train.sample_every": 100}))
+  train.train_and_evaluate(config, str(tmp_path / "reference"))
+  train_preempted(config, str(tmp_path / "resumed"), monkeypatch, pipeline.ShapesBatches, at_batch=6)
+  assert os.path.isdir(tmp_path / "resumed" / "checkpoints" / "4")
+  read = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
+  got, want = read("resumed"), read("reference")
+  assert [r["step"] for r in got] == [r["step"] for r in want] and len(got) >= 3
+  for g, w in zip(got, want):
+    assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6), (g, w)
+  _, params, _ = state.restore_for_inference(config, str(tmp_path / "resumed"))
+  assert "attn2_new" in params["denoiser"]["mid_block"]["attentions_0"]["transformer_blocks_0"]
+  pipe = Pipeline.from_pretrained(str(tmp_path / "resumed"))
+  result = evaluate.evaluate(pipe, num_prompts=4, steps=2, batch_size=4)
+  assert result["num_prompts"] == 4 and np.isfinite([result[f"{k}_accuracy"] for k in ("colour", "shape")]).all()
+  exported = load_file(export.export_safetensors(str(tmp_path / "resumed"), str(tmp_path / "model.safetensors")))
+  np.testing.assert_array_equal(exported["conditioner.block_scale"], np.asarray(params["conditioner"]["block_scale"]))
+
+
+def test_demo_diff_on_the_dit_trains_and_samples(tmp_path):
+  """configs/shapes.py:tiny,diff: the DiT reads phi(code) (it has no second cross-attention)."""
+  from lidit_jax.pipeline import Pipeline
+  config = configs.validate(configs.load_config_file(f"{ROOT / 'configs' / 'shapes.py'}:tiny,diff"))
+  train.train_and_evaluate(config, str(tmp_path))
+  losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+  assert len(losses) == 3 and np.isfinite(losses).all()
+  images = Pipeline.from_pretrained(str(tmp_path))(["a red circle", "a blue square"], num_steps=2, seed=1)
+  assert images.shape == (2, 32, 32, 3) and images.std() > 0
+
+
+@pytest.mark.slow
+def test_diff_adapter_on_eight_devices_logs_the_one_device_losses(tmp_path):
+  """configs/shapes.py:tiny,unet,diff on 8 simulated devices (4 data x 2 fsdp) logs one device's losses: the
+  training noise is drawn the same however the batch is split."""
+  import subprocess
+  import sys
+  losses = {}
+  for name, devices, mesh in (("one", 1, []), ("eight", 8, ["--config.mesh.data=4", "--config.mesh.fsdp=2"])):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    r = subprocess.run([sys.executable, "-m", "lidit_jax.train", "--config", "configs/shapes.py:tiny,unet,diff",
+                        "--workdir", str(tmp_path / name), "--config.train.batch_size=8", "--config.train.num_steps=3",
+                        "--config.train.log_every=1", "--config.train.sample_every=100", *mesh],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses[name] = [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+  assert len(losses["one"]) == 3
+  np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
+
+
+def test_plan_reports_the_scores_and_encode_prompts_caches_them(tmp_path):
+  """The scores tower's features (every block's, per prompt) are in the plan, with the tower's second pass in its
+  FLOPs; the text cache holds exactly those bytes and refuses a config reading the tower's plain states."""
+  from lidit_jax import model as model_lib, plan, text_cache
+  from lidit_jax.data import pipeline
+  config = configs.validate(configs.load_config_file(f"{ROOT / 'configs' / 'shapes.py'}:tiny,unet,diff"))
+  tc = config.text.towers.llama_b
+  p = plan.plan(config, 1)
+  per_prompt = tc.max_length * (tc.num_layers + 1) * tc.hidden_size * 2  # bfloat16
+  assert p["text_feature_bytes_per_prompt"] == {"llama_b": per_prompt}
+  assert p["bytes_per_device"]["text_features"] == config.train.batch_size * per_prompt
+  assert "text features per prompt: llama_b" in plan.format_plan(p)
+  plain = configs.apply_overrides(config.copy_and_resolve_references(), {"text.towers.llama_b.output": "hidden",
+                                                                        "text.towers.llama_b.all_layers": True})
+  towers = model_lib.planned_towers(config)
+  assert plan.model_flops_per_example(config, towers)["towers"] == 2 * plan.model_flops_per_example(plain, towers)["towers"]
+
+  towers = model_lib.build_towers(config)
+  params = model_lib.load_tower_params(config, towers)
+  captions = ["a red circle", "a blue square", "a green star"]
+  summary = text_cache.write(str(tmp_path), config, towers, params, captions, batch_size=2, progress=False)
+  assert summary["bytes"] == len(captions) * (per_prompt + 2 * tc.max_length)
+  got = text_cache.TextCache(str(tmp_path), config, towers)(["a blue square"])["llama_b"]["hidden"][0]
+  ids = {k: jnp.asarray(v) for k, v in pipeline.tokenize(towers, ["a blue square"])["llama_b"].items()}
+  want = towers[0].features(params["llama_b"], ids["input_ids"], ids["attention_mask"])[0]
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  with pytest.raises(ValueError, match="llama_b"):
+    text_cache.TextCache(str(tmp_path), plain, model_lib.build_towers(plain))

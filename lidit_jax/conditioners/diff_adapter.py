@@ -53,14 +53,14 @@ class DiffAdapter(nn.Module):
                        "text.towers.NAME.output='scores' on its LLM tower")
     n = f.shape[2] - 1
     f = f.astype(jnp.float32)  # a sum over tens of blocks
-    g = (self.param("block_scale", layers.logical(nn.initializers.constant(self.g_init), ("layers",)), (n,),
+    g = (self.param("block_scale", layers.logical(nn.initializers.constant(self.g_init), ("depth",)), (n,),
                     jnp.float32) if self.learn_g else jnp.full((n,), self.g_init, jnp.float32))
     code = jnp.einsum("bltd,t->bld", f[:, :, 1:], g)
     if self.start == "embedding":
       code = code + f[:, :, 0]
     if self.noise != "off":
       log_h = self.param("log_noise", layers.logical(nn.initializers.constant(math.log(self.noise_init)),
-                                                     ("layers",)), (n,), jnp.float32)
+                                                     ("depth",)), (n,), jnp.float32)
       stream = "noise" if self.has_rng("noise") else (
           "sample_noise" if self.noise == "always" and self.has_rng("sample_noise") else None)
       if stream is not None:

@@ -29,7 +29,7 @@ class Tokens(nn.Module):
     for i, f in enumerate(feats):
       f = f.astype(self.dtype)
       if f.ndim == 4:  # [B, L, layers, D]: every hidden state of the tower
-        w = self.param(f"layer_mix_{i}", layers.logical(nn.initializers.zeros, ("layers",)), (f.shape[2],),
+        w = self.param(f"layer_mix_{i}", layers.logical(nn.initializers.zeros, ("depth",)), (f.shape[2],),
                        jnp.float32)
         f = jnp.einsum("blnd,n->bld", f, jax.nn.softmax(w).astype(self.dtype))
       xs.append(layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name=f"proj_{i}")(f))
