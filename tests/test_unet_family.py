@@ -19,13 +19,15 @@ def unet_config(**overrides):
 
 
 def test_unet_family_trains_samples_and_plans(tmp_path):
-  config = unet_config()
+  """The U-Net on LI-DiT's refiners (the conditioners are backbone-agnostic; plain tokens: the resume test)."""
+  config = unet_config(**{"conditioner.kind": "refiners"})
   train.train_and_evaluate(config, str(tmp_path))
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f]
   assert len(losses) >= 2 and np.isfinite(losses).all()
   s, params, step = state.restore_for_inference(config, str(tmp_path))
   assert step == config.train.num_steps and "down_blocks_0" in params["denoiser"]
+  assert {"token_refiner_0", "token_refiner_1"} <= set(params["conditioner"])
   imgs = sample.generate_images(Pipeline(Workdir.of(s, params)), ["a red circle"], 1, steps=3, cfg_scale=2.0,
                                 sampler="ddim")
   assert imgs.shape == (1, 1, 32, 32, 3) and imgs.std() > 0
