@@ -251,3 +251,41 @@ def test_plan_reports_the_scores_and_encode_prompts_caches_them(tmp_path):
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   with pytest.raises(ValueError, match="llama_b"):
     text_cache.TextCache(str(tmp_path), plain, model_lib.build_towers(plain))
+
+
+def test_diff_adapter_config_refusals():
+  base = f"{ROOT / 'configs' / 'shapes.py'}:tiny,unet,diff"
+  cases = {"text.towers.llama_b.output": ("hidden", "text.towers.llama_b.output"),
+           "text.use": ("llama_a,llama_b", "text.use"),
+           "conditioner.diff.noise": ("sometimes", "conditioner.diff.noise"),
+           "conditioner.diff.noise_init": (0.0, "conditioner.diff.noise_init"),
+           "unet.second_attention": ("both", "unet.second_attention")}
+  for key, (value, named) in cases.items():
+    with pytest.raises(configs.ConfigError, match=named.replace(".", r"\.")):
+      configs.validate(configs.apply_overrides(configs.load_config_file(base), {key: value}))
+
+
+def test_the_code_sums_the_scores_and_draws_noise_only_when_asked():
+  """code = embeddings + sum_t g_t score_t (+ sqrt(2 sum_t h_t) eps): noise in training (rng "noise"), at sampling
+  only with noise="always" (rng "sample_noise"), never with "off"; start="zero" drops the embeddings."""
+  from lidit_jax.conditioners import diff_adapter
+  rng = np.random.default_rng(0)
+  f = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)  # 3 blocks
+  valid = jnp.ones((2, 5), bool)
+  args = ([f], [valid], [valid])
+  g = np.asarray([0.5, -1.0, 2.0], np.float32)
+
+  def code(rngs=None, **kw):
+    m = diff_adapter.DiffAdapter(6, 0, noise_init=0.5, **kw)
+    p = m.init(jax.random.key(0), *args)["params"]
+    p["block_scale"] = jnp.asarray(g)
+    return np.asarray(m.apply({"params": p}, *args, rngs=rngs).code)
+
+  want = np.asarray(f[:, :, 0]) + np.einsum("bltd,t->bld", np.asarray(f[:, :, 1:]), g)
+  np.testing.assert_allclose(code(), want, atol=1e-5)
+  np.testing.assert_allclose(code(start="zero"), want - np.asarray(f[:, :, 0]), atol=1e-5)
+  noisy = code({"noise": jax.random.key(1)}) - want
+  assert abs(noisy.std() - np.sqrt(2 * 3 * 0.5)) < 0.3  # the blocks' variances add: 2 sum h = 3
+  np.testing.assert_allclose(code({"sample_noise": jax.random.key(1)}), want, atol=1e-5)  # "train": not at sampling
+  assert np.abs(code({"sample_noise": jax.random.key(1)}, noise="always") - want).max() > 0.5
+  np.testing.assert_allclose(code({"noise": jax.random.key(1)}, noise="off"), want, atol=1e-5)
