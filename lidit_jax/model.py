@@ -250,7 +250,8 @@ def planned_towers(config) -> dict:
   for name in tower_names(config):
     tc = config.text.towers[name]
     if tc.init != "random" and not os.path.isdir(os.path.expanduser(tc.init)):
-      tc = ml_collections.ConfigDict({**tc.to_dict(), "init": "random"})
+      missing = tc.tokenizer not in ("", "words") and not os.path.isdir(os.path.expanduser(tc.tokenizer))
+      tc = ml_collections.ConfigDict({**tc.to_dict(), "init": "random", **({"tokenizer": ""} if missing else {})})
     out[name] = tower_spec(tc, f"text.towers.{name}", config.text.words)
   return out
 
