@@ -35,7 +35,8 @@ setup(
     extras_require={
         # The PyTorch side is only a reference for parity tests. Pin torch: a bare `torch`
         # pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.31",
+        "test": ["pytest>=8", "pytest-xdist>=3.5",  # two workers, one test file each at a time
+                 "torch==2.13.0", "diffusers>=0.31",
                  "scikit-image>=0.24"],  # its package data: real photos for the data tests
         "tpu": ["jax[tpu]>=0.6,<0.11"],
         "gpu": ["jax[cuda12]>=0.6,<0.11"],
