@@ -54,7 +54,7 @@ def _train(model, step_loss, batches, steps: int, lr: float, log=print) -> None:
     opt.step()
     sched.step()
     if (s + 1) % max(1, steps // 10) == 0:
-      log(f"  step {s + 1}/{steps}: loss {float(loss):.3f}")
+      log(f"  step {s + 1}/{steps}: loss {loss.item():.3f}")
   model.eval()
 
 
