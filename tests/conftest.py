@@ -24,6 +24,24 @@ def train_preempted(config, workdir, monkeypatch, batches_cls, at_batch: int):
   return train.train_and_evaluate(config, workdir)
 
 
+def one_and_eight_device_losses(config_arg: str, flags, mesh, workdir) -> dict:
+  """{"one": losses, "eight": losses} of `python -m lidit_jax.train --config config_arg` with `flags`, on one
+  simulated device and on eight laid out as `mesh` (["--config.mesh.data=4", ...]); each run in WORKDIR/one|eight."""
+  import json
+  import os
+  import subprocess
+  import sys
+  losses = {}
+  for name, devices, layout in (("one", 1, []), ("eight", 8, list(mesh))):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    r = subprocess.run([sys.executable, "-m", "lidit_jax.train", "--config", config_arg, "--workdir",
+                        str(workdir / name), *flags, *layout], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses[name] = [json.loads(line)["loss"] for line in open(workdir / name / "metrics.jsonl")]
+  return losses
+
+
 def images_by_hand(s, params, prompts, noise, steps: int, cfg: float, sampler: str):
   """What a Pipeline on a workdir must give, computed step by step: the model (its null context for the
   unconditional half), guidance, the objective's sampler, the decoder; [0, 1] float32 images."""

@@ -208,17 +208,11 @@ def test_demo_diff_on_the_dit_trains_and_samples(tmp_path):
 def test_diff_adapter_on_eight_devices_logs_the_one_device_losses(tmp_path):
   """configs/shapes.py:tiny,unet,diff on 8 simulated devices (4 data x 2 fsdp) logs one device's losses: the
   training noise is drawn the same however the batch is split."""
-  import subprocess
-  import sys
-  losses = {}
-  for name, devices, mesh in (("one", 1, []), ("eight", 8, ["--config.mesh.data=4", "--config.mesh.fsdp=2"])):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    r = subprocess.run([sys.executable, "-m", "lidit_jax.train", "--config", "configs/shapes.py:tiny,unet,diff",
-                        "--workdir", str(tmp_path / name), "--config.train.batch_size=8", "--config.train.num_steps=3",
-                        "--config.train.log_every=1", "--config.train.sample_every=100", *mesh],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    losses[name] = [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+  from conftest import one_and_eight_device_losses
+  losses = one_and_eight_device_losses(
+      "configs/shapes.py:tiny,unet,diff", ["--config.train.batch_size=8", "--config.train.num_steps=3",
+                                  "--config.train.log_every=1", "--config.train.sample_every=100"],
+      ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path)
   assert len(losses["one"]) == 3
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
 

@@ -204,20 +204,11 @@ def test_cam_trains_samples_and_evaluates_on_the_demo(tmp_path, variant):
 def test_cam_on_eight_devices_logs_the_one_device_losses(tmp_path):
   """configs/shapes.py:tiny,cam trained on 8 simulated devices (4 data x 2 fsdp) logs the losses of one device (the
   DiT: the cheaper backbone; the U-Net family on a mesh is tests/test_sd_finetune.py's)."""
-  import json
-  import os
-  import subprocess
-  import sys
-  from conftest import ROOT
-  losses = {}
-  for name, devices, mesh in (("one", 1, []), ("eight", 8, ["--config.mesh.data=4", "--config.mesh.fsdp=2"])):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    r = subprocess.run([sys.executable, "-m", "lidit_jax.train", "--config", "configs/shapes.py:tiny,cam",
-                        "--workdir", str(tmp_path / name), "--config.train.batch_size=8", "--config.train.num_steps=3",
-                        "--config.train.log_every=1", "--config.train.sample_every=100", *mesh],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    losses[name] = [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+  from conftest import one_and_eight_device_losses
+  losses = one_and_eight_device_losses(
+      "configs/shapes.py:tiny,cam", ["--config.train.batch_size=8", "--config.train.num_steps=3",
+                                  "--config.train.log_every=1", "--config.train.sample_every=100"],
+      ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path)
   assert len(losses["one"]) == 3
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
 

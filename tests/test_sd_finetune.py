@@ -12,7 +12,7 @@ import pytest
 from lidit_jax import configs, state, train
 from lidit_jax.pipeline import Pipeline
 
-from conftest import ROOT
+from conftest import ROOT, one_and_eight_device_losses
 from test_pipeline import _reference, sd15, sdxl
 
 diffusers = pytest.importorskip("diffusers")
@@ -125,20 +125,12 @@ def test_export_diffusers_refuses_a_run_diffusers_cannot_run(tmp_path, capsys):
 def test_sd15_finetune_on_eight_devices_logs_the_one_device_losses(tmp_path):
   """`python -m lidit_jax.train --config configs/sd15.py:FOLDER` on 8 simulated devices (2 data x 4 fsdp: the U-Net
   and its optimizer state sharded) logs the losses of the same run on one device."""
-  import subprocess
-  import sys
   sd15(tmp_path / "pipe")
   flags = ["--config.model.dtype=float32", "--config.text.towers.clip.dtype=float32", "--config.data.source=shapes",
            "--config.data.max_objects=1", "--config.train.num_steps=3", "--config.train.batch_size=8",
            "--config.train.log_every=1", "--config.train.sample_every=100", "--config.optim.warmup_steps=0",
            "--config.optim.lr=1e-3"]
-  losses = {}
-  for name, devices, mesh in (("one", 1, []), ("eight", 8, ["--config.mesh.data=2", "--config.mesh.fsdp=4"])):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    r = subprocess.run([sys.executable, "-m", "lidit_jax.train", "--config", f"configs/sd15.py:{tmp_path / 'pipe'}",
-                        "--workdir", str(tmp_path / name), *flags, *mesh], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    losses[name] = [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+  losses = one_and_eight_device_losses(f"configs/sd15.py:{tmp_path / 'pipe'}", flags,
+                                       ["--config.mesh.data=2", "--config.mesh.fsdp=4"], tmp_path)
   assert len(losses["one"]) == 3 and losses["one"][0] != losses["one"][-1]
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
