@@ -5,7 +5,9 @@
 Generates one image per held-out prompt (attribute/relation combinations never seen in training),
 detects every object's colour, shape and position programmatically, and reports accuracy per kind
 (colour, shape, object = both, relation), whole-prompt accuracy, and object accuracy by the phrase's
-position in the prompt (first vs last phrase): LI-DiT's positional-bias measure at toy scale.
+position in the prompt (first vs last phrase, and by relative position in quarters: LI-DiT's positional-bias
+measure, Figure 3, at toy scale; `--split train` on a model trained with data.max_objects up to 6 scores
+prompts of 2 to 6 phrases).
 
 The relation probe (`relation_sensitivity`) asks whether the relation word moves the objects: each probe
 pair of objects is drawn from the same noise four times, once per relation word, and the second object's
@@ -21,6 +23,9 @@ import numpy as np
 
 from lidit_jax import sample as sample_lib
 from lidit_jax.data import shapes
+
+
+POSITION_BINS = ("0-25 %", "25-50 %", "50-75 %", "75-100 %")
 
 
 def summarize(scenes, scores) -> dict:
@@ -40,6 +45,13 @@ def summarize(scenes, scores) -> dict:
   out["object_accuracy_first_phrase"] = mean([sc["object"][0] for sc in scores])
   out["object_accuracy_last_phrase"] = mean([sc["object"][-1] for sc in scores])
   max_n = max(len(s.objects) for s in scenes)
+  # LI-DiT's Figure 3: phrase k of n at relative position k / (n - 1) (first 0, last 1), in quarters.
+  bins = [[] for _ in POSITION_BINS]
+  for sc in scores:
+    n = len(sc["object"])
+    for k, ok in enumerate(sc["object"]):
+      bins[min(len(bins) - 1, int(len(bins) * k / max(1, n - 1)))].append(ok)
+  out["object_accuracy_by_relative_position"] = [mean(b) for b in bins]
   out["object_accuracy_by_phrase_index"] = [
       mean([sc["object"][k] for sc in scores if len(sc["object"]) > k]) for k in range(max_n)]
   out["prompt_accuracy_by_num_objects"] = {
@@ -48,14 +60,16 @@ def summarize(scenes, scores) -> dict:
   return out
 
 
-def eval_scenes(split: str, n: int, seed: int, min_objects: int = 2) -> list:
-  """min_objects..3-object scenes: held-out compositions, or ones drawn like the training data
-  (the gap between the two separates compositional generalisation from fitting)."""
+def eval_scenes(split: str, n: int, seed: int, min_objects: int = 2, max_objects: int = 3) -> list:
+  """min_objects..3-object scenes of held-out compositions, or min_objects..max_objects-object scenes drawn like
+  the training data, equally many of each count (the gap between the two separates compositional
+  generalisation from fitting; 4 to 6 objects: inventories, the positional-bias study's long prompts)."""
   if split == "heldout":
     return shapes.heldout_scenes(n, seed=seed, min_objects=min_objects)
   if split == "train":
     rng = np.random.default_rng([seed, 0x7A1])
-    return [shapes.sample_scene(rng, "train", 3, (0.0, 1.0 if min_objects == 2 else 0.0, 1.0)) for _ in range(n)]
+    weights = [0.0 if k + 1 < min_objects else 1.0 for k in range(max_objects)]
+    return [shapes.sample_scene(rng, "train", max_objects, weights) for _ in range(n)]
   raise ValueError(f"evaluation split {split!r}: use 'heldout' or 'train'")
 
 
@@ -110,10 +124,11 @@ def relation_probe(pipe, num_pairs: int, steps: int | None = None, cfg_scale: fl
 
 def evaluate(pipe, num_prompts: int, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
              sampler: str | None = None, batch_size: int = 64, out_dir: str | None = None,
-             split: str = "heldout", min_objects: int = 2, num_probe_pairs: int = 0, scene_seed: int = 0) -> dict:
+             split: str = "heldout", min_objects: int = 2, num_probe_pairs: int = 0, scene_seed: int = 0,
+             max_objects: int = 3) -> dict:
   """Scores of `pipe` (a `pipeline.Pipeline`; steps, guidance and sampler its defaults unless given) on
   `num_prompts` scenes drawn from `scene_seed` (the relation probe's pairs too)."""
-  scenes = eval_scenes(split, num_prompts, scene_seed, min_objects)
+  scenes = eval_scenes(split, num_prompts, scene_seed, min_objects, max_objects)
   captions = [sc.caption(k % shapes.N_TEMPLATES) for k, sc in enumerate(scenes)]
   images = sample_lib.generate_images(pipe, captions, 1, seed=seed, steps=steps, cfg_scale=cfg_scale,
                                       sampler=sampler, batch_size=batch_size)[:, 0]
@@ -152,7 +167,8 @@ def main(argv):
   cfg = e.cfg if f.cfg is None else f.cfg
   out_dir = os.path.dirname(os.path.abspath(f.out))
   result = evaluate(pipe, f.num_prompts or e.num_prompts, steps, cfg, seed=f.seed, batch_size=e.batch_size,
-                    out_dir=out_dir, split=f.split, num_probe_pairs=e.probe_pairs, scene_seed=config.seed)
+                    out_dir=out_dir, split=f.split, num_probe_pairs=e.probe_pairs, scene_seed=config.seed,
+                    max_objects=max(3, config.data.max_objects))
   result["checkpoint_step"] = step
   os.makedirs(out_dir, exist_ok=True)
   with open(f.out, "w", encoding="utf-8") as fh:
@@ -175,7 +191,8 @@ def define_flags():
   flags.DEFINE_float("cfg", None, "Guidance scale (default: config.eval.cfg).")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_enum("split", "heldout", ["heldout", "train"],
-                    "Prompts: held-out compositions, or compositions drawn like the training data.")
+                    "Prompts: held-out compositions (2-3 objects), or scenes drawn like the training data (2 to "
+                    "data.max_objects objects).")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,22 @@ def test_summary_on_ground_truth_and_on_wrong_images():
   assert len(wrong["object_accuracy_by_phrase_index"]) == 3
 
 
+def test_relative_position_bins_on_long_prompts():
+  """Prompts of 2 to 6 phrases (data.max_objects=6): phrase k of n scores in quarter int(4 k / (n - 1))."""
+  scenes = evaluate.eval_scenes("train", 60, seed=3, max_objects=6)
+  assert {len(s.objects) for s in scenes} == {2, 3, 4, 5, 6}
+  rng = np.random.default_rng(0)
+  scores = [shapes.score(s, shapes.detect(shapes.render(s, rng))) for s in scenes]
+  assert evaluate.summarize(scenes, scores)["object_accuracy_by_relative_position"] == [1.0] * 4
+  # Only the last phrase of each prompt wrong: the last quarter holds the last phrases, the 4th of five, the 5th of
+  # six.
+  for sc in scores:
+    sc["object"][-1] = False
+  by_pos = evaluate.summarize(scenes, scores)["object_accuracy_by_relative_position"]
+  right = sum(len(s.objects) in (5, 6) for s in scenes)
+  assert by_pos[:3] == [1.0] * 3 and by_pos[3] == pytest.approx(right / (len(scenes) + right))
+
+
 def test_independent_check_reads_grids_and_agrees_on_ground_truth(tmp_path):
   """benchmarks/independent_check.py: its own caption reader and detector score the renderer's images 1.0 (as the
   evaluator does, from the grid PNG the evaluator writes) and images of other prompts far lower."""

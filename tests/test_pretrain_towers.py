@@ -1,5 +1,5 @@
 """Towers that know the demo's language (issue 17), tiny versions: the caption corpus, T5's span corruption, and the
-one command that pretrains a Llama LM, its instruction-tuned variant and a T5 encoder with transformers' classes,
+one command that pretrains two Llama LMs, an instruction-tuned variant and a T5 encoder with transformers' classes,
 whose held-out losses fall and whose saved folders our converters read to transformers' features."""
 import json
 
@@ -23,6 +23,9 @@ def test_corpus_phrases_the_demo_scenes_many_ways_within_its_vocabulary():
   assert sum(any(d in t for d in corpus.DISTRACTORS) for t in train) > 100
   assert sum("." not in t for t in train) > 40  # the demo's own captions (no sentence marks) are among them
   assert not set(held) & set(train)
+  lengths = {len(s.objects) for s in corpus.scenes(300, "train", np.random.default_rng(0))}
+  assert lengths == set(range(1, 7))  # the positional study's inventories of up to six objects are read too
+  assert {len(s.objects) for s in corpus.scenes(50, "heldout", np.random.default_rng(0))} == {2, 3}
 
 
 def test_span_corruption_hides_spans_behind_sentinels_and_the_target_restores_them():
@@ -51,7 +54,7 @@ def test_pretrain_command_makes_three_towers_our_converters_read(tmp_path):
   from lidit_jax.convert import load_hf_text_model
   assert pretrain_towers.main(["--out", str(tmp_path), "--quick"]) == 0
   report = json.loads((tmp_path / "report.json").read_text())
-  for name in ("lm", "lm_instruct", "t5"):
+  for name in ("lm", "lm_b", "lm_instruct", "t5"):
     r = report[name]
     assert r["heldout_loss"] < r["heldout_loss_before"], (name, r)  # it learned something that generalises
     module, params = load_hf_text_model(str(tmp_path / name), dtype=jnp.float32)

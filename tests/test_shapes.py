@@ -242,3 +242,20 @@ def test_score_matching_prefers_exact_match():
     r = S.score(scene, dets)
     assert r["all"] and r["object"] == [True, True] and r["relation"] == [True]
     assert S.score(scene, [])["object"] == [False, False]
+
+
+def test_inventories_of_up_to_six_objects_render_and_score_perfectly():
+    src = S.ShapesSource(seed=1, max_objects=6)
+    scenes = [src.example(i, uint8=True) for i in range(120)]
+    counts = np.bincount([len(e["scene"].objects) for e in scenes], minlength=7)
+    assert counts[0] == 0 and all(counts[1:] > 8)
+    for e in scenes:
+        scene = e["scene"]
+        assert (len(scene.relations) == 0) == (len(scene.objects) in (1, 4, 5, 6))
+        assert S.score(scene, S.detect(e["image"]))["all"], e["caption"]
+    six = next(e for e in scenes if len(e["scene"].objects) == 6)["caption"]
+    assert six.count(" and ") == 5
+    with pytest.raises(ValueError, match="max_objects=7"):
+        S.ShapesSource(max_objects=7)
+    assert {len(s.objects) for s in (S.sample_scene(np.random.default_rng(k), "heldout", 6) for k in range(40))} \
+        <= {2, 3}  # inventories hold no relation, so none is held out

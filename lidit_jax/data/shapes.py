@@ -1,7 +1,8 @@
 """Procedural "coloured shapes" demo dataset, with held-out compositions and a detector/scorer.
 
 Images are small RGB renders of one to three coloured shapes on a plain dark background, with
-captions such as "a red circle to the left of a blue square". Everything is deterministic given a
+captions such as "a red circle to the left of a blue square"; with `max_objects` 4 to 6, also inventories of
+four to six shapes without relations ("a red circle and a blue square and ..."), for the positional-bias study. Everything is deterministic given a
 seed. Held-out prompts are defined at the level of pairwise layout facts ("red circle left of blue
 square"): a held-out fact never appears anywhere in a training image, stated or implied, so
 evaluating on held-out scenes measures genuine compositional generalisation.
@@ -174,9 +175,12 @@ def heldout_facts() -> list[tuple[tuple[str, str], str, tuple[str, str]]]:
             for rel in ("to the left of", "above") if _fact_is_heldout((a, rel, b))]
 
 
+MAX_OBJECTS = 6  # a 3 x 3 grid of 7 px cells at 32 px holds six with room to choose
+
+
 def _object_count_probs(split: str, max_objects: int, object_weights) -> np.ndarray:
-    if max_objects not in (1, 2, 3):
-        raise ValueError("max_objects must be 1, 2 or 3")
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects={max_objects}: must be 1 to {MAX_OBJECTS}")
     if object_weights is None:
         w = np.ones(max_objects)
     else:
@@ -185,6 +189,7 @@ def _object_count_probs(split: str, max_objects: int, object_weights) -> np.ndar
             raise ValueError("object_weights needs one weight per object count")
     if split == "heldout":
         w[0] = 0.0  # single objects cannot be held out
+        w[3:] = 0.0  # nor inventories (no relations)
     if w.sum() <= 0:
         raise ValueError(f"no object count is possible for split {split!r}, max_objects={max_objects}")
     return w / w.sum()
@@ -195,7 +200,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: in
     """Sample a scene of the given split. `object_weights[k]` weighs k+1 objects (default uniform).
 
     2 objects: one relation. 3 objects: a row or column chain, (0, r, 1) and (1, r, 2) with the same
-    relation r, which is always satisfiable at 32 px.
+    relation r, which is always satisfiable at 32 px. 4 to 6 objects: an inventory, no relations.
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"unknown split {split!r}")
@@ -206,7 +211,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: in
         n = int(rng.choice(len(probs), p=probs)) + 1
         picks = rng.choice(len(_ALL_OBJECTS), size=n, replace=False)
         objects = tuple(_ALL_OBJECTS[int(k)] for k in picks)
-        if n == 1:
+        if n == 1 or n > 3:
             relations = ()
         elif n == 2:
             relations = ((0, RELATIONS[int(rng.integers(len(RELATIONS)))], 1),)
@@ -291,6 +296,8 @@ def _propose(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray | 
     """One candidate layout, int boxes [n, 3] = (x0, y0, side), or None if the sides cannot fit."""
     smin, smax, gap, _ = _geometry(size)
     n = len(scene.objects)
+    if n > 3 and not scene.relations:
+        return _propose_grid(n, rng, size, smin, gap)
     axes = {_REL_GEOMETRY[r][0] for _, r, _ in scene.relations}
     if len(axes) == 1:
         # A row or column must fit n objects and their gaps: cap the side so that most
@@ -320,6 +327,19 @@ def _propose(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray | 
         else:
             for k in range(n):
                 boxes[k, axis] = rng.integers(_MARGIN, size - _MARGIN - sides[k] + 1)
+    return boxes
+
+
+def _propose_grid(n: int, rng: np.random.Generator, size: int, smin: int, gap: int) -> np.ndarray:
+    """Inventories: n of the 3 x 3 grid's cells, each shape of the smallest side jittered inside its cell (free
+    placement rarely fits six shapes with their gaps)."""
+    cell = (size - 2 * _MARGIN + gap) // 3  # 11 at 32 px: side 7 + gap 3, and 1 px to jitter
+    side = max(1, min(smin, cell - gap))
+    boxes = np.zeros((n, 3), dtype=np.int64)
+    for k, c in enumerate(rng.choice(9, size=n, replace=False)):
+        row, col = divmod(int(c), 3)
+        boxes[k] = (_MARGIN + col * cell + rng.integers(0, cell - gap - side + 1),
+                    _MARGIN + row * cell + rng.integers(0, cell - gap - side + 1), side)
     return boxes
 
 
@@ -363,7 +383,10 @@ class ShapesSource:
     """Deterministic, index-addressable: example i depends only on (seed, split, i)."""
 
     def __init__(self, size: int = 32, seed: int = 0, split: str = "train", max_objects: int = 3,
-                 object_weights=(0.2, 0.45, 0.35)):
+                 object_weights=None):
+        """`object_weights[k]` weighs k+1 objects; default 0.2 / 0.45 / 0.35 up to three, uniform beyond."""
+        if object_weights is None:
+            object_weights = (0.2, 0.45, 0.35) if max_objects <= 3 else (1.0,) * max_objects
         if split not in _SPLIT_IDS:
             raise ValueError(f"unknown split {split!r}")
         _object_count_probs(split, max_objects, object_weights)  # validate early

@@ -58,11 +58,22 @@ def describe(scene: shapes.Scene, rng: np.random.Generator) -> str:
   return text
 
 
+# objects per training scene: 1 to 3 (relations) as the demo draws them, and inventories of 4 to 6 (the
+# positional-bias study's long prompts); half the scenes have relations
+TRAIN_OBJECT_WEIGHTS = (1.0, 2.0, 2.0, 1.0, 1.0, 1.0)
+
+
+def scenes(n: int, split: str, rng: np.random.Generator) -> list[shapes.Scene]:
+  """`n` scenes of `split` ("train": 1 to 6 objects; "heldout": the demo's held-out 2- and 3-object compositions)."""
+  if split == "train":
+    return [shapes.sample_scene(rng, split, 6, TRAIN_OBJECT_WEIGHTS) for _ in range(n)]
+  return [shapes.sample_scene(rng, split, 3, [0.0, 1.0, 1.0]) for _ in range(n)]
+
+
 def texts(n: int, split: str = "train", seed: int = 0) -> list[str]:
-  """`n` descriptions of scenes of `split` ("train" or "heldout": the demo's held-out compositions)."""
+  """`n` descriptions of scenes of `split` (see `scenes`)."""
   rng = np.random.default_rng([seed, 0xC0])
-  weights = None if split == "train" else [0.0, 1.0, 1.0]
-  return [describe(shapes.sample_scene(rng, split, 3, weights), rng) for _ in range(n)]
+  return [describe(scene, rng) for scene in scenes(n, split, rng)]
 
 
 def vocabulary() -> list[str]:

@@ -6,7 +6,8 @@ go through the same converters as any downloaded model.
   pip install -e ".[study]"      # PyTorch (a CPU build) trains them: transformers' own Llama and T5 classes
   python -m lidit_jax.experiments.pretrain_towers --out checkpoints/pretrained [--steps 1500] [--quick]
 
-OUT/lm (LlamaForCausalLM, the demo's word tokenizer over the corpus with its chat template), OUT/lm_instruct (the
+OUT/lm (LlamaForCausalLM, the demo's word tokenizer over the corpus with its chat template), OUT/lm_b (another
+such LM, 3/4 the width, another seed: a second tower), OUT/lm_instruct (the
 LM tuned on chat turns: the system turn one of the corpus's instructions, the user turn a description, the answer
 another description of the same scene), OUT/t5 (T5EncoderModel, its own word tokenizer with </s> and sentinels;
 trained with a decoder, which is dropped) and OUT/report.json: per tower the held-out loss (descriptions of the
@@ -211,13 +212,10 @@ def t5_encoder(out: str, size: dict, train_texts, heldout_texts, seed: int, log=
 def instruction_texts(n: int, split: str, seed: int) -> list[str]:
   """Chat turns: system = an instruction, user = a description, assistant = another description of the scene."""
   from lidit_jax import prompt
-  from lidit_jax.data import shapes
   tok = prompt.build_word_tokenizer(corpus.vocabulary())
   rng = np.random.default_rng([seed, 0x1D])
-  weights = None if split == "train" else [0.0, 1.0, 1.0]
   out = []
-  for _ in range(n):
-    scene = shapes.sample_scene(rng, split, 3, weights)
+  for scene in corpus.scenes(n, split, rng):
     turns = [{"role": "system", "content": corpus.INSTRUCTIONS[int(rng.integers(len(corpus.INSTRUCTIONS)))]},
              {"role": "user", "content": corpus.describe(scene, rng)}]
     text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -234,6 +232,9 @@ def make_all(out: str, quick: bool = False, steps: int | None = None, seed: int 
   report = {"size": size, "train_texts": n_train, "heldout_texts": n_held}
   log("decoder LM (next-token prediction)")
   report["lm"] = causal_lm(os.path.join(out, "lm"), size, train_texts, held_texts, seed, log=log)
+  log("a second decoder LM (3/4 the width, another seed): LI-DiT's two-tower and collaborative ablations")
+  other = dict(size, hidden=size["hidden"] * 3 // 4, ff=size["ff"] * 2 // 3)
+  report["lm_b"] = causal_lm(os.path.join(out, "lm_b"), other, train_texts, held_texts, seed + 1, log=log)
   log("instruction-tuned LM (chat turns)")
   instruct = dict(size, steps=max(1, size["steps"] // 3), length=size["length"] * 2)
   report["lm_instruct"] = causal_lm(os.path.join(out, "lm_instruct"), instruct,
@@ -249,7 +250,7 @@ def make_all(out: str, quick: bool = False, steps: int | None = None, seed: int 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m lidit_jax.experiments.pretrain_towers", description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", default="checkpoints/pretrained", help="folder for lm/, lm_instruct/, t5/, report.json")
+  p.add_argument("--out", default="checkpoints/pretrained", help="folder for lm/, lm_b/, lm_instruct/, t5/, report.json")
   p.add_argument("--steps", type=int, default=None, help="training steps per tower (default: 1500; quick: 30)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--quick", action="store_true", help="tiny towers in seconds (tests)")
