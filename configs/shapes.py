@@ -18,6 +18,11 @@ to Orbax, in place of the random towers; make them first (no download, no torch)
 `configs/shapes.py:cam` conditions on LLM4GEN's Cross-Adapter Module over the two towers instead of the refiners.
 `configs/shapes.py:diff` conditions on the LLM Diff Adapter over the second tower's per-block scores (on the U-Net:
 a second cross-attention per block; everything trains, the demo's U-Net being untrained).
+`configs/shapes.py:pretrained` reads towers that know the demo's language (issue 17) in place of the random ones:
+an instruction-tuned LM (llama_a, the instruction its chat template's system turn) and a second base LM (llama_b,
+plain text); the base LM the first was tuned from (lm) and a T5-style encoder (t5) are there for `text.use` to name
+(experiments/ablate.py); make them first (torch, ~25 minutes):
+  python -m lidit_jax.experiments.pretrain_towers --out checkpoints/pretrained
 Variants combine: `configs/shapes.py:tiny,hf`, `configs/shapes.py:tiny,unet`, `configs/shapes.py:unet,cam`.
 """
 from lidit_jax import configs
@@ -25,14 +30,15 @@ from lidit_jax.data import shapes
 
 
 HF_TOWERS = {"llama": "checkpoints/tiny/llama-orbax", "qwen2": "checkpoints/tiny/qwen2-orbax"}
+PRETRAINED = "checkpoints/pretrained"  # experiments/pretrain_towers.py --out
 
 
 def get_config(variant: str = ""):
   variants = {v.strip() for v in variant.split(",") if v.strip()}
-  unknown = variants - {"tiny", "hf", "unet", "cam", "diff"}
+  unknown = variants - {"tiny", "hf", "pretrained", "unet", "cam", "diff"}
   if unknown:
-    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf, unet, cam and/or "
-                     "diff")
+    raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf, pretrained, unet, "
+                     "cam and/or diff")
   c = configs.base_config()
   c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both",
                  scan=False)  # 4 blocks: unrolled runs 11 % faster on this CPU (benchmarks/RESULTS.md)
@@ -83,6 +89,17 @@ def get_config(variant: str = ""):
   if "hf" in variants:  # architecture, tokenizer and vocabulary come from the checkpoints
     c.text.use = ",".join(HF_TOWERS)
     c.text.towers = {name: configs.tower(init=path, max_length=56) for name, path in HF_TOWERS.items()}
+  if "pretrained" in variants:
+    # Their own word tokenizers; the instruction is one the instruction-tuned LM was tuned on. LI-DiT reads layer
+    # -3 of the LMs' 4 blocks, the T5 its normed last state. Base LM and T5 read the prompt alone.
+    from lidit_jax.experiments import corpus
+    c.text.update(use="llama_a,llama_b", instruction=corpus.INSTRUCTIONS[0], words=())
+    c.text.towers = {"llama_a": configs.tower(init=f"{PRETRAINED}/lm_instruct", max_length=32, dtype="float32"),
+                     "llama_b": configs.tower(init=f"{PRETRAINED}/lm_b", instruction="", max_length=32,
+                                              dtype="float32"),
+                     "lm": configs.tower(init=f"{PRETRAINED}/lm", instruction="", max_length=32, dtype="float32"),
+                     "t5": configs.tower(init=f"{PRETRAINED}/t5", instruction="", layer=-1, max_length=32,
+                                         dtype="float32")}
   if "cam" in variants:
     # LLM4GEN's Cross-Adapter Module on the demo's towers: the first stands where CLIP does (keys and values, its
     # tokens first in the context), the second is the LLM (queries); on the DiT a projection to its width follows.

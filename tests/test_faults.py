@@ -99,6 +99,8 @@ USER_ERRORS = {
                              ["--src", "Fix:"]),
     "ablation variant": (["lidit_jax.experiments.ablate", "--out", "{tmp}/a", "--variants", "bogus"],
                          ["unknown variant(s) ['bogus']"]),
+    "ablation group": (["lidit_jax.experiments.ablate", "--out", "{tmp}/a", "--groups", "lidit,bogus"],
+                       ["unknown group(s) ['bogus']", "position"]),
     "sample --steps 0": (["lidit_jax.sample", "--config", TINY, "--workdir", "{tmp}/empty", "--prompt", "a red circle",
                           "--steps", "0"], ["--steps=0"]),
 }

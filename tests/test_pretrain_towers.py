@@ -48,7 +48,7 @@ def test_span_corruption_hides_spans_behind_sentinels_and_the_target_restores_th
   assert 0.1 <= hidden / 40 <= 0.4 and len(spans) >= 1
 
 
-def test_pretrain_command_makes_three_towers_our_converters_read(tmp_path):
+def test_pretrain_command_makes_four_towers_our_converters_read(tmp_path):
   import jax.numpy as jnp
   from lidit_jax import prompt
   from lidit_jax.convert import load_hf_text_model
@@ -69,4 +69,5 @@ def test_pretrain_command_makes_three_towers_our_converters_read(tmp_path):
       want = ref(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]))
     valid = enc["attention_mask"].astype(bool)
     np.testing.assert_allclose(got[valid], want.last_hidden_state.numpy()[valid], atol=1e-4)
-  assert prompt.load_tokenizer(str(tmp_path / "lm")).chat_template  # the instruction goes in as the system turn
+  assert prompt.load_tokenizer(str(tmp_path / "lm_instruct")).chat_template  # the instruction: the system turn
+  assert not prompt.load_tokenizer(str(tmp_path / "lm_b")).chat_template  # base LMs read plain text

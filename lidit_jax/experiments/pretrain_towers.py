@@ -6,12 +6,12 @@ go through the same converters as any downloaded model.
   pip install -e ".[study]"      # PyTorch (a CPU build) trains them: transformers' own Llama and T5 classes
   python -m lidit_jax.experiments.pretrain_towers --out checkpoints/pretrained [--steps 1500] [--quick]
 
-OUT/lm (LlamaForCausalLM, the demo's word tokenizer over the corpus with its chat template), OUT/lm_b (another
-such LM, 3/4 the width, another seed: a second tower), OUT/lm_instruct (the
-LM tuned on chat turns: the system turn one of the corpus's instructions, the user turn a description, the answer
-another description of the same scene), OUT/t5 (T5EncoderModel, its own word tokenizer with </s> and sentinels;
-trained with a decoder, which is dropped) and OUT/report.json: per tower the held-out loss (descriptions of the
-demo's held-out compositions) before and after training, its parameters and seconds.
+OUT/lm (LlamaForCausalLM, the demo's word tokenizer over the corpus; a base LM, so no chat template), OUT/lm_b
+(another such LM, 3/4 the width, another seed: a second tower), OUT/lm_instruct (the LM tuned on chat turns: the
+system turn one of the corpus's instructions, the user turn a description, the answer another description of the
+same scene; its tokenizer has the chat template), OUT/t5 (T5EncoderModel, its own word tokenizer with </s> and
+sentinels; trained with a decoder, which is dropped) and OUT/report.json: per tower the held-out loss (descriptions
+of the demo's held-out compositions) before and after training, its parameters and seconds.
 """
 from __future__ import annotations
 
@@ -102,6 +102,8 @@ def causal_lm(out: str, size: dict, train_texts, heldout_texts, seed: int, start
   seconds = time.perf_counter() - t0
   after = _mean_loss(step_loss, held_ids, size["batch"], size["length"], pad)
   model.save_pretrained(out)
+  if start is None:  # a base LM read plain text only: no chat template (LI-DiT's instruction goes in as text)
+    tok.chat_template = None
   tok.save_pretrained(out)
   return {"heldout_loss_before": before, "heldout_loss": after, "seconds": seconds,
           "params": sum(p.numel() for p in model.parameters()), "vocab": len(tok)}
