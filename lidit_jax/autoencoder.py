@@ -1,6 +1,8 @@
 """The autoencoder between pixels and the space the denoiser works in (`autoencoder.kind`).
 
   identity  the demo's pixel space: images in [-1, 1] are the "latents" (factor 1, 3 channels)
+  patches   pixel space as factor x factor patches of 3 factor^2 channels (a U-Net on the shapes demo's 32 px at
+            factor 4 runs on an 8 x 8 grid, as SD's on latents and the demo's DiT on its 4 px patches)
   vae       diffusers' AutoencoderKL (`autoencoder.path`: a VAE or pipeline folder, an original single file or
             our converted directory; see `convert.load_vae`), frozen
 
@@ -34,18 +36,31 @@ def stored_channels(ae_cfg) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Identity:
+class Pixels:
+  """Pixel space, each factor x factor patch one position of 3 factor^2 channels (lossless space-to-depth; factor
+  1: the pixels themselves). A convolutional denoiser then runs on a coarse grid as on a VAE's latents, where a
+  DiT patchifies pixels itself."""
   factor: int = 1
-  channels: int = 3
 
-  stored_channels = 3
+  @property
+  def channels(self) -> int:
+    return 3 * self.factor ** 2
+
+  @property
+  def stored_channels(self) -> int:
+    return self.channels
 
   def encode(self, params, images_BHWC, rng=None):
     del params, rng
-    return images_BHWC
+    f = self.factor
+    if f == 1:
+      return images_BHWC
+    b, h, w, c = images_BHWC.shape
+    x = images_BHWC.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // f, w // f, f * f * c)
 
   def stored(self, params, images_BHWC):
-    return images_BHWC
+    return self.encode(params, images_BHWC)
 
   def from_stored(self, stored_BhwC, rng):
     del rng
@@ -53,7 +68,12 @@ class Identity:
 
   def decode(self, params, latents_BHWC):
     del params
-    return latents_BHWC
+    f = self.factor
+    if f == 1:
+      return latents_BHWC
+    b, h, w, c = latents_BHWC.shape
+    x = latents_BHWC.reshape(b, h, w, f, f, c // (f * f)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * f, w * f, c // (f * f))
 
   def encode_flops(self, params, image_hw) -> float:
     return 0.0
@@ -133,8 +153,8 @@ def build(ae_cfg, abstract: bool = False):
   (None, None) when the VAE does not exist yet: a planned run then trains on precomputed latents."""
   import os
   from lidit_jax import configs
-  if ae_cfg.kind == "identity":
-    return Identity(), None
+  if ae_cfg.kind in ("identity", "patches"):
+    return Pixels(ae_cfg.factor), None
   from lidit_jax.convert import diffusers_vae, registry
   path, dtype = ae_cfg.get("path", ""), jnp.dtype(ae_cfg.get("dtype", "float32"))
   if abstract:

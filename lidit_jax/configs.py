@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
                 threads=16,  # decoding threads per batch
                 prefetch=2)  # batches read ahead (per worker process)
   # vae: path = a diffusers VAE / pipeline folder, an original single file or a converted directory; frozen
+  # identity (pixels), patches (pixels as factor x factor patches, 3 factor^2 channels) or vae (autoencoder.py)
   c.autoencoder = dict(kind="identity", factor=1, channels=3, path="", dtype="float32")
   c.objective = dict(kind="rectified_flow")  # lidit_jax/objectives: rectified_flow reads `flow`, ddpm `ddpm`
   c.flow = dict(prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; flow.as_velocity)
@@ -266,11 +267,14 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
   conditioners.conditioner(c).validate(c, names)  # its own (the refiners: model.refiner.*)
 
   ae = c.autoencoder
-  one_of("autoencoder.kind", ae.kind, {"identity", "vae"})
+  one_of("autoencoder.kind", ae.kind, {"identity", "patches", "vae"})
   one_of("autoencoder.dtype", ae.dtype, {"float32", "bfloat16"})
   if ae.kind == "identity" and (ae.factor != 1 or ae.channels != 3):
     fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
           "set --config.autoencoder.factor=1 --config.autoencoder.channels=3")
+  if ae.kind == "patches" and (ae.factor < 1 or ae.channels != 3 * ae.factor ** 2):
+    fail("autoencoder.factor/channels", (ae.factor, ae.channels), "patches of factor f hold 3 f^2 channels",
+          f"set --config.autoencoder.channels={3 * max(1, ae.factor) ** 2} (factor {max(1, ae.factor)})")
   one_of("data.source", c.data.source, {"shapes", "tfds", "features"})
   if data and c.data.source in ("tfds", "features") and not (c.data.name and c.data.data_dir):
     fail("data.name/data_dir", (c.data.name, c.data.data_dir), f"data.source={c.data.source!r} needs both",

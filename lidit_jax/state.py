@@ -89,7 +89,7 @@ class Setup:
   config: Any
   model: Any  # the denoiser family's module (denoisers: the contract)
   towers: list
-  autoencoder: Any  # autoencoder.Identity | VAE; None when planning a VAE run before the VAE exists
+  autoencoder: Any  # autoencoder.Pixels | VAE; None when planning a VAE run before the VAE exists
   frozen: dict  # {"towers": ..., "autoencoder": ...}: parameters no optimizer touches
   text_for: Any  # captions -> per-tower text inputs: tokens, or features from text.cache
   mesh: Any

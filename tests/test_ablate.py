@@ -46,20 +46,22 @@ def test_ablation_table_and_position_plot(tmp_path):
 @pytest.mark.slow
 def test_study_groups_on_pretrained_towers(tmp_path, monkeypatch):
   """The issue-17 groups end to end on tiny pretrained towers (made by the command, quick): LI-DiT, a conditioner
-  (the CAM, T5 in CLIP's place) and a positional-bias variant trained and scored on prompts of 2 to 6 phrases."""
+  (the CAM, T5 in CLIP's place, on the U-Net over 4 x 4 pixel patches) and a positional-bias variant trained and
+  scored on prompts of 2 to 6 phrases."""
   pytest.importorskip("torch")
   from lidit_jax.experiments import pretrain_towers
   monkeypatch.chdir(tmp_path)  # configs/shapes.py:pretrained reads checkpoints/pretrained/
   assert pretrain_towers.main(["--out", "checkpoints/pretrained", "--quick"]) == 0
   base = str(ROOT / "configs" / "shapes.py") + ":tiny"
-  names = ["lidit", "dit_cam", "pos_t5_refiner"]
+  names = ["lidit", "unet_cam", "pos_t5_refiner"]
   agg = ablate.ablate("study", base, names, seeds=[0], steps=2, num_prompts=10)
   cfg = lambda v: json.load(open(tmp_path / "study" / v / "seed_0" / "config.json"))
   assert cfg("lidit")["text"]["towers"]["llama_a"]["init"] == "checkpoints/pretrained/lm_instruct"
   assert cfg("lidit")["text"]["use"] == "llama_a,llama_b" and cfg("lidit")["conditioner"]["kind"] == "refiners"
-  cam = cfg("dit_cam")
+  cam = cfg("unet_cam")
   assert (cam["text"]["use"], cam["conditioner"]["kind"], cam["conditioner"]["cam"]["clip"]) == \
       ("t5,llama_a", "llm4gen", "t5")
+  assert (cam["model"]["family"], cam["autoencoder"]["kind"]) == ("unet", "patches")
   pos = cfg("pos_t5_refiner")
   assert pos["data"]["max_objects"] == 6 and pos["text"]["use"] == "t5" and pos["model"]["refiner"]["depth"] == 1
   counts = json.load(open(tmp_path / "study" / "pos_t5_refiner" / "seed_0" / "eval.json"))

@@ -67,6 +67,20 @@ def test_identity_and_config_refusals(tmp_path):
     autoencoder.build(_section(path=path, factor=8))
 
 
+def test_patches_are_pixels_rearranged():
+  """autoencoder.kind=patches: position (i, j) holds pixel block (4i.., 4j..) row-major, colour last; lossless."""
+  ae, params = autoencoder.build(ml_collections.ConfigDict(dict(kind="patches", factor=4, channels=48)))
+  x = jax.random.normal(jax.random.key(0), (2, 32, 16, 3))
+  z = ae.encode(params, x)
+  assert z.shape == (2, 8, 4, 48) and ae.channels == ae.stored_channels == 48
+  np.testing.assert_array_equal(z[1, 2, 3].reshape(4, 4, 3), x[1, 8:12, 12:16])
+  np.testing.assert_array_equal(ae.decode(params, z), x)
+  c = configs.base_config()
+  c.autoencoder.update(kind="patches", factor=4, channels=12)
+  with pytest.raises(configs.ConfigError, match="channels=48"):
+    configs.validate(c)
+
+
 @pytest.mark.parametrize("attention,channels", [(True, (8, 16)), (False, (32, 64))])
 def test_vae_encode_peak_estimate_matches_what_xla_allocates(attention, channels):
   """The planner's encoding estimate against the compiled encoder's temporary bytes (CPU): the mid block's

@@ -8,7 +8,8 @@ Every variant trains configs/shapes.py with its changes and the same budget (ste
 scores one image per evaluation prompt with the demo's detector. Groups:
   lidit         LI-DiT with the pretrained towers (an instruction-tuned LM + a second LM) and its ablations
   conditioners  plain T5-style tokens, plain causal-LM tokens, LLM4GEN's CAM (the T5 in CLIP's place + the LM),
-                the LLM Diff Adapter on the LM, LI-DiT; on the DiT (dit_*, `lidit`) and on the U-Net (unet_*)
+                the LLM Diff Adapter on the LM, LI-DiT; on the DiT (dit_*, `lidit`) and on the U-Net (unet_*: on
+                4 x 4 pixel patches, configs/shapes.py:unet,patches, as fast per step as the DiT here)
   position      trained on scenes of 1 to 6 objects (4 to 6: inventories); prompts of 2 to 6 attribute-object
                 phrases, each phrase scored by its relative position in the prompt, per encoder (the base causal
                 LM or the T5), with or without LI-DiT's refiner (Figure 3)
@@ -33,7 +34,7 @@ import numpy as np
 
 class Variant(NamedTuple):
   groups: tuple[str, ...]
-  config: str  # configs/shapes.py variants it adds to the base config's ("pretrained,unet")
+  config: str  # configs/shapes.py variants it adds to the base config's ("pretrained,unet,patches")
   overrides: dict
   what: str
   prompts: str = "heldout"  # "heldout": held-out 3-object compositions; "long": 2 to 6 phrases (position group)
@@ -78,14 +79,14 @@ VARIANTS = {
                        "DiT on LLM4GEN's CAM: T5 tokens (CLIP's place) + the LM through the cross-adapter"),
     "dit_diff_adapter": Variant(("conditioners",), "pretrained,diff", _DIFF,
                                 "DiT on the LLM Diff Adapter's phi(code) over the LM's per-block scores"),
-    "unet_t5_tokens": Variant(("conditioners",), "pretrained,unet", {**_T5, "conditioner.kind": "tokens"},
+    "unet_t5_tokens": Variant(("conditioners",), "pretrained,unet,patches", {**_T5, "conditioner.kind": "tokens"},
                               "U-Net on plain T5-style encoder tokens"),
-    "unet_lm_tokens": Variant(("conditioners",), "pretrained,unet", {**_LM, "conditioner.kind": "tokens"},
+    "unet_lm_tokens": Variant(("conditioners",), "pretrained,unet,patches", {**_LM, "conditioner.kind": "tokens"},
                               "U-Net on plain causal-LM tokens"),
-    "unet_cam": Variant(("conditioners",), "pretrained,unet,cam", _CAM, "U-Net on LLM4GEN's CAM (T5 + LM)"),
-    "unet_diff_adapter": Variant(("conditioners",), "pretrained,unet,diff", _DIFF,
+    "unet_cam": Variant(("conditioners",), "pretrained,unet,patches,cam", _CAM, "U-Net on LLM4GEN's CAM (T5 + LM)"),
+    "unet_diff_adapter": Variant(("conditioners",), "pretrained,unet,patches,diff", _DIFF,
                                  "U-Net on the LLM Diff Adapter (phi(code) + second cross-attentions on the code)"),
-    "unet_lidit": Variant(("conditioners",), "pretrained,unet", {"conditioner.kind": "refiners"},
+    "unet_lidit": Variant(("conditioners",), "pretrained,unet,patches", {"conditioner.kind": "refiners"},
                           "U-Net on LI-DiT's refiners over the two LMs"),
     "pos_lm": Variant(("position",), "pretrained", {**_LONG, "text.use": "lm", "model.refiner.depth": 0,
                                                    "model.refiner.fusion": "concat"},
