@@ -29,6 +29,7 @@ def test_ablation_table_and_position_plot(tmp_path):
   assert cfg("refiner_depth_0") == 0 and cfg("baseline") == 1
   md = (tmp_path / "ablation.md").read_text()
   assert md.count("\n| baseline |") == 1 and md.count("\n| refiner_depth_0 |") == 1
+  assert "Cost: 4 timed runs" in md and "CPU-hours" in md
   rows = [line for line in md.splitlines() if line.startswith("|")]
   assert len(rows) == 4 and len({line.count("|") for line in rows}) == 1  # header, rule, 2 variants: aligned
   img = np.asarray(Image.open(tmp_path / "position.png"))

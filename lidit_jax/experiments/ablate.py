@@ -158,6 +158,8 @@ def run_one(config, workdir: str, num_prompts: int, prompts: str = "heldout", ke
                       "Fix: give a new --out, or delete that directory to re-run it")
     with open(path, encoding="utf-8") as f:
       return json.load(f)
+  import time
+  start = time.perf_counter()
   train.train_and_evaluate(config, workdir)
   pipe = Pipeline(Workdir.of(*state.restore_for_inference(config, workdir)))
   step = pipe.backend.step
@@ -166,7 +168,7 @@ def run_one(config, workdir: str, num_prompts: int, prompts: str = "heldout", ke
            dict(split="train", min_objects=2, max_objects=MAX_OBJECTS_LONG))
   result = evaluate.evaluate(pipe, num_prompts, e.steps, e.cfg, batch_size=e.batch_size, out_dir=workdir,
                              scene_seed=config.seed, **which)
-  result["checkpoint_step"] = step
+  result.update(checkpoint_step=step, seconds=time.perf_counter() - start, cpu_cores=os.cpu_count())
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   if not keep_checkpoints:
@@ -218,6 +220,17 @@ def table(agg: dict, group: str, steps: int, num_prompts: int) -> str:
   return f"## {group}\n\n{intro} Mean ± standard deviation over seeds.\n\n{head}{body}\n"
 
 
+def cost(runs: dict) -> str:
+  """The runs' wall time (training + evaluation) and CPU-hours (wall time x the machine's cores), where recorded."""
+  timed = [r for per_seed in runs.values() for r in per_seed.values() if "seconds" in r]
+  if not timed:
+    return ""
+  hours = sum(r["seconds"] for r in timed) / 3600
+  cpu = sum(r["seconds"] * r["cpu_cores"] for r in timed) / 3600
+  return (f"\nCost: {len(timed)} timed runs, {hours:.1f} h wall, {cpu:.1f} CPU-hours "
+          f"({timed[0]['cpu_cores']} cores){'' if len(timed) == sum(map(len, runs.values())) else '; older runs untimed'}.\n")
+
+
 def plot(agg: dict, path: str):
   import matplotlib
   matplotlib.use("Agg")
@@ -259,7 +272,7 @@ def ablate(out: str, base: str, variants: list[str], seeds: list[int], steps: in
                "runs": {v: {str(s): r for s, r in rs.items()} for v, rs in runs.items()}, "aggregate": agg}, f, indent=2)
   groups = [g for g in GROUPS if any(g in VARIANTS[v].groups for v in variants)]
   with open(os.path.join(out, "ablation.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(table(agg, g, steps, num_prompts) for g in groups))
+    f.write("\n".join(table(agg, g, steps, num_prompts) for g in groups) + cost(runs))
   plot(agg, os.path.join(out, "position.png"))
   return agg
 
