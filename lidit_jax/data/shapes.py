@@ -2,9 +2,9 @@
 
 Images are small RGB renders of one to three coloured shapes on a plain dark background, with
 captions such as "a red circle to the left of a blue square"; with `max_objects` 4 to 6, also inventories of
-four to six shapes without relations ("a red circle and a blue square and ..."), for the positional-bias study. Everything is deterministic given a
-seed. Held-out prompts are defined at the level of pairwise layout facts ("red circle left of blue
-square"): a held-out fact never appears anywhere in a training image, stated or implied, so
+four to six shapes without relations ("a red circle and a blue square and ..."), for the positional-bias study.
+Everything is deterministic given a seed. Held-out prompts are defined at the level of pairwise layout facts
+("red circle left of blue square"): a held-out fact never appears anywhere in a training image, stated or implied, so
 evaluating on held-out scenes measures genuine compositional generalisation.
 
 The detector is deliberately cheap and robust (generated images are blurry and noisy): each pixel
