@@ -11,6 +11,15 @@ from lidit_jax.cli import UserError
 from lidit_jax.experiments import ablate
 
 
+def test_difference_is_starred_only_beyond_both_spreads():
+  assert ablate.versus((0.50, 0.01, 2), (0.40, 0.02, 2)) == "+0.100 *"
+  assert ablate.versus((0.40, 0.06, 3), (0.50, 0.05, 3)) == "-0.100"  # within 0.06 + 0.05
+  assert ablate.versus((0.50, 0.00, 1), (0.40, 0.00, 1)) == "+0.100"  # one seed has no spread to exceed
+  runs = {"pos_lm": {s: {**{m: 0.5 for m in ablate.METRICS}, "object_accuracy_by_phrase_index": [0.5] * 3,
+                         "object_accuracy_by_relative_position": [0.6 - 0.1 * s, 0.5, 0.5, 0.4]} for s in (0, 1)}}
+  assert ablate.aggregate(runs)["pos_lm"]["position_decay"] == pytest.approx((0.15, 0.05, 2))
+
+
 @pytest.mark.slow
 def test_ablation_table_and_position_plot(tmp_path):
   base = str(ROOT / "configs" / "shapes.py") + ":tiny"
@@ -30,6 +39,9 @@ def test_ablation_table_and_position_plot(tmp_path):
   md = (tmp_path / "ablation.md").read_text()
   assert md.count("\n| baseline |") == 1 and md.count("\n| refiner_depth_0 |") == 1
   assert "Cost: 4 timed runs" in md and "CPU-hours" in md
+  assert "| object vs baseline | seeds |" in md and "| (reference) | 2 |" in md
+  d = agg["refiner_depth_0"]["object_accuracy"][0] - agg["baseline"]["object_accuracy"][0]
+  assert f"| {d:+.3f}" in md.split("\n| refiner_depth_0 |")[1].splitlines()[0]
   rows = [line for line in md.splitlines() if line.startswith("|")]
   assert len(rows) == 4 and len({line.count("|") for line in rows}) == 1  # header, rule, 2 variants: aligned
   img = np.asarray(Image.open(tmp_path / "position.png"))

@@ -185,7 +185,8 @@ def _quarters_of_three(result: dict) -> list[float]:
 
 
 def aggregate(runs: dict) -> dict:
-  """{variant: {metric: (mean, std, n)}} plus accuracy by phrase index and by relative position (lists)."""
+  """{variant: {metric: (mean, std, n)}} plus accuracy by phrase index and by relative position (lists) and the
+  positional decay (first minus last quarter)."""
   out = {}
   for name, per_seed in runs.items():
     vals = list(per_seed.values())
@@ -193,14 +194,33 @@ def aggregate(runs: dict) -> dict:
     for key in ("object_accuracy_by_phrase_index", "object_accuracy_by_relative_position"):
       arr = np.array([v[key] if key in v else _quarters_of_three(v) for v in vals], np.float64)
       agg[key] = (arr.mean(0).tolist(), arr.std(0).tolist(), len(vals))
+    decay = arr[:, 0] - arr[:, -1]  # first minus last quarter, per seed
+    agg["position_decay"] = (float(decay.mean()), float(decay.std()), len(vals))
     out[name] = agg
   return out
+
+
+def reference(name: str, group: str) -> str:
+  """The variant a row is compared with: the group's full model on the same backbone, or the paper's baseline."""
+  if group == "conditioners":
+    return "unet_lidit" if name.startswith("unet_") else "lidit"
+  return {"random": "baseline", "lidit": "lidit", "position": "pos_lm"}[group]
+
+
+def versus(a: tuple, b: tuple) -> str:
+  """Difference of two (mean, std, n) accuracies; `*` where it exceeds the spread (mean ± std ranges apart), which
+  one seed cannot show."""
+  d = a[0] - b[0]
+  return f"{d:+.3f}{' *' if min(a[2], b[2]) > 1 and abs(d) > a[1] + b[1] else ''}"
 
 
 def table(agg: dict, group: str, steps: int, num_prompts: int) -> str:
   from lidit_jax.evaluate import POSITION_BINS
   names = [n for n in agg if group in VARIANTS[n].groups]
   cell = lambda mean, std: f"{mean:.3f} ± {std:.3f}"
+  ref = lambda n: reference(n, group)
+  delta = lambda n: ("(reference)" if n == ref(n) else
+                     versus(agg[n]["object_accuracy"], agg[ref(n)]["object_accuracy"]) if ref(n) in agg else "-")
   if group == "position":
     heads = [HEADS[m] for m in LONG_METRICS] + [f"phrases at {b}" for b in POSITION_BINS]
     rows = []
@@ -208,16 +228,21 @@ def table(agg: dict, group: str, steps: int, num_prompts: int) -> str:
       a = agg[n]
       mean, std, _ = a["object_accuracy_by_relative_position"]
       cells = [cell(*a[m][:2]) for m in LONG_METRICS] + [cell(m, s) for m, s in zip(mean, std)]
-      rows.append((n, cells, a[METRICS[0]][2]))
+      cells.append(cell(*a["position_decay"][:2]))
+      rows.append((n, cells + [delta(n)], a[METRICS[0]][2]))
+    heads += ["first - last quarter"]
     intro = (f"Prompts of 2 to 6 attribute-object phrases drawn like the training data ({num_prompts} per run), "
-             f"{steps} training steps per run; object accuracy by the phrase's relative position k / (n - 1).")
+             f"{steps} training steps per run; object accuracy by the phrase's relative position k / (n - 1). "
+             f"The paper's positional bias is a positive first - last quarter.")
   else:
     heads = [HEADS[m] for m in METRICS]
-    rows = [(n, [cell(*agg[n][m][:2]) for m in METRICS], agg[n][METRICS[0]][2]) for n in names]
+    rows = [(n, [cell(*agg[n][m][:2]) for m in METRICS] + [delta(n)], agg[n][METRICS[0]][2]) for n in names]
     intro = f"Held-out three-object prompts ({num_prompts} per run), {steps} training steps per run."
+  heads += ["object vs " + ("LI-DiT on its backbone" if group == "conditioners" else ref(names[0]))]
   head = ("| variant | what it tests | " + " | ".join(heads) + " | seeds |\n|" + "---|" * (len(heads) + 3) + "\n")
   body = "\n".join(f"| {n} | {VARIANTS[n].what} | {' | '.join(cells)} | {k} |" for n, cells, k in rows)
-  return f"## {group}\n\n{intro} Mean ± standard deviation over seeds.\n\n{head}{body}\n"
+  return (f"## {group}\n\n{intro} Mean ± standard deviation over seeds; `*` marks a difference larger than the two "
+          f"spreads together (needs two seeds or more).\n\n{head}{body}\n")
 
 
 def cost(runs: dict) -> str:
