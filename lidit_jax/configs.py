@@ -80,7 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
                  attention="auto",  # DiT attention: auto (cuDNN on GPU in bf16, splash on TPU, else XLA), xla,
                                     # cudnn, splash
                  refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative",
-                              rope=False))  # rope: rotary word positions in the token refiners (not in the paper)
+                              rope=False, feature_norm=False))
+  # rope: rotary word positions in the token refiners; feature_norm: the LLM features RMS-normalised (no weights)
+  # before the refiner reads them, so a tower's scale cannot swamp the timestep in c. Neither is in the paper.
   # model.family=unet: the SD U-Net (diffusers' UNet2DConditionModel fields; per-block ones as tuples or one value)
   c.unet = dict(block_out_channels=(320, 640, 1280, 1280),
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),

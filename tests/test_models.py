@@ -126,6 +126,18 @@ def test_zero_init_gates_make_refiner_identity():
   assert float(jnp.abs(out_u - ref_u).max()) > 1e-3
 
 
+def test_feature_norm_makes_the_refiner_blind_to_the_towers_scale():
+  feats, valid, pool, t_emb = refiner_inputs()
+  normed = refiner.TokenRefiner(16, depth=2, num_heads=2, feature_norm=True)
+  params = perturb(unboxed_init(normed, feats, valid, pool, t_emb))
+  out = normed.apply({"params": params}, feats, valid, pool, t_emb)
+  scaled = normed.apply({"params": params}, 7.0 * feats, valid, pool, t_emb)  # a pretrained tower's larger states
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), out, scaled)
+  raw = refiner.TokenRefiner(16, depth=2, num_heads=2)  # the same weights: feature_norm adds none
+  a, b = (raw.apply({"params": params}, f, valid, pool, t_emb)[1] for f in (feats, 7.0 * feats))
+  assert float(jnp.abs(a - b).max()) > 1e-2
+
+
 def test_collaborative_refiner_reads_the_other_tower():
   k = jax.random.split(jax.random.key(4), 4)
   xs = [jax.random.normal(k[0], (2, 5, 16)), jax.random.normal(k[1], (2, 7, 16))]
@@ -203,6 +215,17 @@ def test_cfg_scale_one_is_the_conditional_prediction(denoiser):
   xt, t = x["x_BHWC"], x["t_B"]
   np.testing.assert_allclose(guidance.guided(both, 1.0)(xt, t), cond(xt, t), atol=1e-6)
   assert float(jnp.abs(guidance.guided(both, 3.0)(xt, t) - cond(xt, t)).max()) > 1e-4
+
+
+def test_config_feature_norm_reaches_the_refiners(denoiser):
+  m, p, x, over = denoiser
+  normed = model_lib.build_model(tiny_config(**over, **{"model.refiner.feature_norm": True}))
+  loud = dict(x, feats=[7.0 * f for f in x["feats"]])
+  assert float(jnp.abs(m.apply({"params": p}, **loud) - m.apply({"params": p}, **x)).max()) > 1e-3
+  if over["conditioner.kind"] == "refiners":
+    np.testing.assert_allclose(normed.apply({"params": p}, **loud), normed.apply({"params": p}, **x), atol=1e-4)
+  else:  # the refiners' option: plain tokens ignore it
+    np.testing.assert_allclose(normed.apply({"params": p}, **loud), m.apply({"params": p}, **loud), atol=1e-6)
 
 
 def test_instruction_tokens_are_dropped_from_the_context(denoiser):

@@ -24,6 +24,7 @@ class Refiners(nn.Module):
   causal: bool = False
   gated: bool = True
   rope: bool = False  # rotary word positions in the token refiners' self-attention
+  feature_norm: bool = False  # RMS-normalise the LLM features before the token refiners (not in the paper)
   qk_norm: bool = True
   fusion: str = "collaborative"  # or "concat"
   drop_instruction: bool = True
@@ -36,7 +37,8 @@ class Refiners(nn.Module):
     for i, (f, v, pm) in enumerate(zip(feats, valids, prompts)):
       x, c = refiner.TokenRefiner(self.width, self.depth, self.num_heads, self.mlp_ratio, causal=self.causal,
                                   gated=self.gated, qk_norm=self.qk_norm,
-                                  rope_theta=10000.0 if self.rope else None, dtype=self.dtype,
+                                  rope_theta=10000.0 if self.rope else None,
+                                  feature_norm=self.feature_norm, dtype=self.dtype,
                                   name=f"token_refiner_{i}")(f, v, pm, t_emb_BD)
       xs.append(x), cs.append(c)
     if self.fusion == "collaborative":
@@ -47,8 +49,9 @@ class Refiners(nn.Module):
 
 def build(config, width: int) -> Refiners:
   r = config.model.refiner
-  return Refiners(width, r.depth, r.num_heads, r.mlp_ratio, r.causal, r.gated, r.rope, config.model.qk_norm,
-                  r.fusion, config.text.drop_instruction, jnp.dtype(config.model.dtype))
+  return Refiners(width, r.depth, r.num_heads, r.mlp_ratio, r.causal, r.gated, r.rope,
+                  feature_norm=r.get("feature_norm", False), qk_norm=config.model.qk_norm, fusion=r.fusion,
+                  drop_instruction=config.text.drop_instruction, dtype=jnp.dtype(config.model.dtype))
 
 
 def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int) -> int:

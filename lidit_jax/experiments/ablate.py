@@ -66,6 +66,8 @@ def _random_and_pretrained():
   out.update({f"lidit_{k}": Variant(("lidit",), "pretrained", o, w) for k, (o, w) in changes.items()})
   out["lidit_no_instruction"] = Variant(("lidit",), "pretrained", {"text.instruction": ""},
                                         "no instruction: the tuned LM reads the prompt as its only chat turn (Table 5)")
+  out["lidit_feature_norm"] = Variant(("lidit",), "pretrained", {"model.refiner.feature_norm": True},
+                                      "LLM features RMS-normalised before the refiners (not in the paper)")
   return out
 
 

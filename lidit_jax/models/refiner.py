@@ -63,11 +63,14 @@ class TokenRefiner(nn.Module):
   gated: bool = True
   qk_norm: bool = True
   rope_theta: float | None = None
+  feature_norm: bool = False  # RMS-normalise each token's features first (no weights)
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, feats_BLE, valid_BL, pool_BL, t_emb_BD):
     feats_BLE = feats_BLE.astype(self.dtype)
+    if self.feature_norm:
+      feats_BLE = feats_BLE * jax.lax.rsqrt(jnp.mean(jnp.square(feats_BLE), -1, keepdims=True) + 1e-6)
     x = layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="in_proj")(feats_BLE)
     pooled = layers.masked_mean(feats_BLE, pool_BL)
     pooled = layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="pool_fc1")(pooled)
