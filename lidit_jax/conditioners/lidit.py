@@ -50,7 +50,7 @@ class Refiners(nn.Module):
 def build(config, width: int) -> Refiners:
   r = config.model.refiner
   return Refiners(width, r.depth, r.num_heads, r.mlp_ratio, r.causal, r.gated, r.rope,
-                  feature_norm=r.get("feature_norm", False), qk_norm=config.model.qk_norm, fusion=r.fusion,
+                  feature_norm=r.feature_norm, qk_norm=config.model.qk_norm, fusion=r.fusion,
                   drop_instruction=config.text.drop_instruction, dtype=jnp.dtype(config.model.dtype))
 
 

@@ -193,10 +193,12 @@ def aggregate(runs: dict) -> dict:
   for name, per_seed in runs.items():
     vals = list(per_seed.values())
     agg = {m: (float(np.mean([v[m] for v in vals])), float(np.std([v[m] for v in vals])), len(vals)) for m in METRICS}
-    for key in ("object_accuracy_by_phrase_index", "object_accuracy_by_relative_position"):
-      arr = np.array([v[key] if key in v else _quarters_of_three(v) for v in vals], np.float64)
+    arrays = {key: np.array([v[key] if key in v else _quarters_of_three(v) for v in vals], np.float64)
+              for key in ("object_accuracy_by_phrase_index", "object_accuracy_by_relative_position")}
+    for key, arr in arrays.items():
       agg[key] = (arr.mean(0).tolist(), arr.std(0).tolist(), len(vals))
-    decay = arr[:, 0] - arr[:, -1]  # first minus last quarter, per seed
+    quarters = arrays["object_accuracy_by_relative_position"]
+    decay = quarters[:, 0] - quarters[:, -1]  # first minus last quarter, per seed
     agg["position_decay"] = (float(decay.mean()), float(decay.std()), len(vals))
     out[name] = agg
   return out

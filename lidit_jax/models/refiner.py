@@ -70,7 +70,7 @@ class TokenRefiner(nn.Module):
   def __call__(self, feats_BLE, valid_BL, pool_BL, t_emb_BD):
     feats_BLE = feats_BLE.astype(self.dtype)
     if self.feature_norm:
-      feats_BLE = feats_BLE * jax.lax.rsqrt(jnp.mean(jnp.square(feats_BLE), -1, keepdims=True) + 1e-6)
+      feats_BLE = layers.RMSNorm(use_scale=False, dtype=self.dtype, name="feature_norm")(feats_BLE)
     x = layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="in_proj")(feats_BLE)
     pooled = layers.masked_mean(feats_BLE, pool_BL)
     pooled = layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="pool_fc1")(pooled)
