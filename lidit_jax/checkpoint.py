@@ -141,6 +141,16 @@ class Checkpoints:
                       f"checkpoint is {last}, untouched. Fix: free space (or point --workdir elsewhere) and "
                       "re-run the same command to resume from it") from e
 
+  def check_shapes(self, abstract_state) -> None:
+    """Refuse a latest checkpoint whose parameters differ from `abstract_state`'s (metadata only, nothing read)."""
+    step = self.latest_step()
+    meta = None
+    if step is not None:
+      with contextlib.suppress(Exception):  # unreadable metadata: restore() deals with a damaged checkpoint
+        meta = self.manager.item_metadata(step)["state"]
+    if meta is not None:
+      check_matches(getattr(meta, "tree", meta), abstract_state, step, self.directory)
+
   def restore(self, abstract_state, step: int | None = None):
     """(state, data_state) of `step` (default: the newest readable one), or None if there is no checkpoint."""
     steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]

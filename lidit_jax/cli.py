@@ -31,6 +31,7 @@ def explain_flag_error(argv, error: Exception) -> str:
 
 USER_ERRORS = (UserError, ValueError, OSError, NotImplementedError, FloatingPointError)
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def debug_requested() -> bool:
@@ -53,13 +54,20 @@ def describe(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def user_errors():
-  """Turn a user error raised inside into `fail(message)` (unless --debug / LIDIT_DEBUG=1)."""
+  """Turn a user error raised inside into `fail(message)`, and Ctrl-C into one line and exit status 130 (unless
+  --debug / LIDIT_DEBUG=1)."""
   try:
     yield
   except USER_ERRORS as e:
     if debug_requested():
       raise
     fail(describe(e))
+  except KeyboardInterrupt:  # Ctrl-C outside the trainer's own handling: no traceback, the shell's status
+    if debug_requested():
+      raise
+    sys.stdout.flush()
+    print("interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def run(main) -> NoReturn:

@@ -6,11 +6,13 @@ validated before any compute: a bad value is refused with a message naming it an
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
 
 import ml_collections
+from etils import epath
 
 from lidit_jax import cli
 from lidit_jax.cli import UserError, warn
@@ -154,7 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
                  keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple, for good
                  grad_accum=1,  # micro-batches per step (same update, less activation memory)
                  freeze=(),  # regexes of parameter names not trained (no update, no optimizer state)
-                 sample_every=5000)
+                 sample_every=5000,
+                 # resuming with a changed objective / prediction / schedule / tower / family / conditioner is
+                 # refused unless True (then recorded in WORKDIR/config.json's history)
+                 allow_config_change=False)
   c.sample = dict(steps=30, sampler="euler", cfg=4.0, num_images=4,
                   shift=0.0,  # time shift of the sampling steps (samples and eval); 0 = the training shift
                   prompts=("a red circle to the left of a blue square",
@@ -175,7 +180,6 @@ def from_sd_pipeline(c: ml_collections.ConfigDict, path: str) -> ml_collections.
   channels, the image size (unet sample_size x the factor), the `ddpm` section and sampler (its scheduler) and the
   unconditional context (zeros with force_zeros_for_empty_prompt, else the empty prompt) are read from its JSON
   files (no weights). Without the folder, `c` keeps the values it has."""
-  import json
   c.model.init, c.autoencoder.path = path, path
   if not os.path.isdir(path):
     return c
@@ -198,7 +202,11 @@ def from_sd_pipeline(c: ml_collections.ConfigDict, path: str) -> ml_collections.
 def read_saved(workdir: str) -> ml_collections.ConfigDict:
   """A run's saved config.json, validated, with the fields the code gained since it was written at their
   defaults (so a run of an older version still samples and exports)."""
-  import json
+  return validate(ml_collections.ConfigDict(saved_fields(workdir)))
+
+
+def saved_fields(workdir: str) -> dict:
+  """WORKDIR/config.json as a dict, without its `history` (resume.py), with missing fields at their defaults."""
 
   def fill(d: dict, defaults: dict) -> None:
     for k, v in defaults.items():
@@ -206,12 +214,12 @@ def read_saved(workdir: str) -> ml_collections.ConfigDict:
         d[k] = v
       elif isinstance(v, dict) and isinstance(d[k], dict) and k != "towers":  # towers: a run's own names
         fill(d[k], v)
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = json.loads((epath.Path(workdir) / "config.json").read_text(encoding="utf-8"))
+  saved.pop("history", None)
   fill(saved, base_config().to_dict())
   for t in saved["text"]["towers"].values():
     fill(t, tower().to_dict())
-  return validate(ml_collections.ConfigDict(saved))
+  return saved
 
 
 def tower_names(config) -> list[str]:
@@ -226,9 +234,15 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
   for key, value in (("model.patch_size", m.patch_size), ("train.num_steps", c.train.num_steps),
                      ("train.batch_size", c.train.batch_size), ("train.log_every", c.train.log_every),
                      ("train.grad_accum", c.train.grad_accum),
-                     ("train.checkpoint_every", c.train.checkpoint_every), ("sample.steps", c.sample.steps)):
+                     ("train.checkpoint_every", c.train.checkpoint_every), ("sample.steps", c.sample.steps),
+                     ("train.sample_every", c.train.sample_every)):
     if value < 1:
       fail(key, value, "must be at least 1", "set a positive value")
+  if c.train.keep_checkpoints < 1:  # Orbax's max_to_keep=0 deletes every checkpoint, the new one too
+    fail("train.keep_checkpoints", c.train.keep_checkpoints, "must be at least 1 (the newest checkpoint is what a "
+         "run resumes from)", "keep 1 or more; train.keep_every > 0 also keeps every multiple of it for good")
+  if c.train.keep_every < 0:
+    fail("train.keep_every", c.train.keep_every, "must be >= 0", "use 0 (off) or a step multiple, e.g. 10000")
   for key, patterns in (("model.init_skip", m.init_skip), ("train.freeze", c.train.freeze)):
     for rx in patterns:
       try:

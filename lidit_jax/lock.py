@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 
+from lidit_jax import outputs
 from lidit_jax.cli import UserError, warn
 
 NAME = ".lock"
@@ -75,12 +76,14 @@ def describe(info: dict) -> str:
 
 
 def refuse_if_held(path: str, what: str) -> None:
-  """For commands that write into a directory a trainer may hold (exports, conversions): refuse while it does."""
-  if os.path.isdir(path):
-    info = holder(path)
+  """For commands that write `path` (exports, conversions): refuse while a trainer holds it, or the directory it is
+  written into (an export beside a run's checkpoints)."""
+  path = os.path.abspath(path)
+  for directory in (path, os.path.dirname(path)):
+    info = holder(directory) if os.path.isdir(directory) else None
     if info is not None:
-      raise LockedError(f"{path} is a workdir held by {describe(info)}; {what} there would race with it. Fix: wait "
-                        "for that run to end (or stop it), or write somewhere else")
+      raise LockedError(f"{directory} is a workdir held by {describe(info)}; {what} there would race with it. Fix: "
+                        "wait for that run to end (or stop it), or write somewhere else")
 
 
 class WorkdirLock:
@@ -96,23 +99,10 @@ class WorkdirLock:
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
-        info = _read(self.path)
-        if info is not None and _alive(info, self.path):
-          if info.get("pid") == os.getpid() and info.get("host") == self.info["host"]:
-            raise LockedError(f"{os.path.dirname(self.path)} is already held by this process ({describe(info)}). "
-                              "Fix: finish the first run before starting another in the same workdir")
-          raise LockedError(f"{os.path.dirname(self.path)} is in use by {describe(info)}. Fix: wait for that run to "
-                            "end (or stop it), or pass another --workdir; if that process is gone for good, delete "
-                            f"{self.path}")
-        stale = f"{self.path}.stale-{os.getpid()}"
-        try:
-          os.rename(self.path, stale)  # only one taker wins the rename of the same file
-        except FileNotFoundError:
-          continue
-        os.remove(stale)
-        warn(f"{os.path.dirname(self.path)} was locked by {describe(info or {})}, which is no longer running: "
-             "taking the lock over")
+        self._take_over_if_stale()
         continue
+      except OSError as e:  # a read-only filesystem, a directory not ours
+        raise outputs.explain(e, os.path.dirname(self.path)) from e
       with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(self.info, f)
       self._thread = threading.Thread(target=self._beat, daemon=True, name="lidit-workdir-lock")
@@ -120,6 +110,24 @@ class WorkdirLock:
       return self
     raise LockedError(f"could not take the lock {self.path} (other processes keep taking it). Fix: make sure one "
                       "process at a time uses this workdir")
+
+  def _take_over_if_stale(self):
+    """Refuse a live holder; move a dead one's lock away (only one taker wins the rename of the same file)."""
+    info = _read(self.path)
+    where = os.path.dirname(self.path)
+    if info is not None and _alive(info, self.path):
+      if info.get("pid") == os.getpid() and info.get("host") == self.info["host"]:
+        raise LockedError(f"{where} is already held by this process ({describe(info)}). Fix: finish the first run "
+                          "before starting another in the same workdir")
+      raise LockedError(f"{where} is in use by {describe(info)}. Fix: wait for that run to end (or stop it), or "
+                        f"pass another --workdir; if that process is gone for good, delete {self.path}")
+    stale = f"{self.path}.stale-{os.getpid()}"
+    try:
+      os.rename(self.path, stale)
+    except FileNotFoundError:
+      return
+    os.remove(stale)
+    warn(f"{where} was locked by {describe(info or {})}, which is no longer running: taking the lock over")
 
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):

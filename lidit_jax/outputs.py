@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 from typing import Callable
 
 from lidit_jax.cli import UserError
@@ -49,6 +50,21 @@ def check_target(target: str, overwrite: bool = False, ours: Callable[[str], boo
   raise OutputError(f"{target} already exists. Fix: choose a new path, or pass {flag} to replace it")
 
 
+def check_apart(target: str, sources, allow_inside: bool = False) -> None:
+  """Refuse a `target` that is one of `sources` or holds one (replacing it would delete what is being read) or,
+  unless `allow_inside`, lies inside one (it would write into the source); before a byte is written."""
+  t = os.path.realpath(target)
+  for src in sources:
+    s = os.path.realpath(src)
+    within = lambda a, b: os.path.commonpath([a, b]) == b  # a is b or under it
+    if within(s, t):
+      raise OutputError(f"{target} {'is' if s == t else 'holds'} the source {src}: replacing it would delete what "
+                        f"is being read. Fix: choose an output path outside {src}")
+    if within(t, s) and not allow_inside:
+      raise OutputError(f"{target} lies inside the source {src}: the output would be written into the source. "
+                        f"Fix: choose an output path outside {src}")
+
+
 def remove(path: str) -> None:
   if os.path.isdir(path) and not os.path.islink(path):
     shutil.rmtree(path, ignore_errors=True)
@@ -62,9 +78,25 @@ def make_parent(target: str) -> str:
   parent = os.path.dirname(os.path.abspath(target))
   try:
     os.makedirs(parent, exist_ok=True)
+  except FileExistsError as e:  # makedirs found a file where the directory should be
+    raise explain(NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), parent), parent) from e
   except OSError as e:
     raise explain(e, parent) from e
   return parent
+
+
+def preflight(target: str, overwrite: bool = False, ours: Callable[[str], bool] | None = None,
+              what: str = "output", flag: str = "--overwrite") -> None:
+  """What `staged` would refuse, checked before a long computation: the target, its directory (made here) and
+  that a file can be created in it."""
+  check_target(target, overwrite, ours, what, flag)
+  parent = make_parent(target)
+  try:
+    fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.probe-", dir=parent)
+  except OSError as e:
+    raise explain(e, parent) from e
+  os.close(fd)
+  os.remove(probe)
 
 
 def check_space(directory: str, need_bytes: float, what: str = "the output") -> None:

@@ -36,6 +36,13 @@ def _as_list(prompts, n: int | None = None, what: str = "prompts") -> list[str]:
   return out
 
 
+def _at_least_1(name: str, value, what: str) -> int:
+  """The Python API validates as the command line does: a ValueError naming the argument and the fix."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}={value!r}: must be a whole number of at least 1. Fix: pass {what}")
+  return int(value)
+
+
 class Pipeline:
   """Prompts -> images for one model (`backend`: the model's text side, denoiser and decoder)."""
 
@@ -77,9 +84,20 @@ class Pipeline:
       raise ValueError("prompts: none given. Fix: pass a prompt or a list of prompts")
     b = self.backend
     negatives = None if negative_prompt is None else _as_list(negative_prompt, len(prompts), "negative_prompt")
-    steps = int(num_steps or b.defaults["num_steps"])
-    scale = float(b.defaults["guidance"] if guidance is None else guidance)
-    height, width = height or b.defaults["height"], width or b.defaults["width"]
+    steps = _at_least_1("num_steps", b.defaults["num_steps"] if num_steps is None else num_steps,
+                        "a number of sampling steps (None: the model's default)")
+    try:
+      scale = float(b.defaults["guidance"] if guidance is None else guidance)
+    except (TypeError, ValueError):
+      scale = float("nan")
+    if not np.isfinite(scale):  # NaN would fail every `scale > 1` test and sample unguided, silently
+      raise ValueError(f"guidance={guidance!r}: must be a finite number. Fix: pass e.g. 5.0 (1.0: no guidance; "
+                       "None: the model's default)")
+    height = _at_least_1("height", b.defaults["height"] if height is None else height, "a size in pixels (None: "
+                         f"the model's {b.defaults['height']})")
+    width = _at_least_1("width", b.defaults["width"] if width is None else width, "a size in pixels (None: "
+                        f"the model's {b.defaults['width']})")
+    batch_size = _at_least_1("batch_size", batch_size, "a number of prompts per compiled batch, e.g. 8")
     objective, sampler = b.scheduler(scheduler)
     shape = b.latent_shape(height, width)
     if latents is not None:
@@ -111,7 +129,9 @@ class Pipeline:
 
   def noise(self, keys, height: int | None = None, width: int | None = None) -> np.ndarray:
     """Initial noise [len(keys), h, w, c] (float32, NHWC), one image per jax key: what `latents` takes."""
-    shape = self.backend.latent_shape(height or self.defaults["height"], width or self.defaults["width"])
+    height = self.defaults["height"] if height is None else _at_least_1("height", height, "a size in pixels")
+    width = self.defaults["width"] if width is None else _at_least_1("width", width, "a size in pixels")
+    shape = self.backend.latent_shape(height, width)
     return np.stack([np.asarray(jax.random.normal(k, shape), np.float32) for k in keys])
 
   def _place(self, text, noise):

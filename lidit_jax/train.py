@@ -8,9 +8,11 @@ grids to WORKDIR/samples/. A non-finite loss stops the run naming the step; the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -19,10 +21,11 @@ from etils import epath
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from lidit_jax import autoencoder as autoencoder_lib
 from lidit_jax import checkpoint as ckpt_lib
-from lidit_jax import objectives, sharding
+from lidit_jax import cli, lock, objectives, outputs, resume, sharding
 from lidit_jax import model as model_lib
 from lidit_jax import pipeline as pipeline_lib
 from lidit_jax import plan as plan_lib
@@ -199,17 +202,28 @@ def save_samples(pipe, params, workdir: str, step: int):
 
 
 class StopRequest:
-  """SIGTERM (how schedulers and spot / preemptible VMs announce preemption) -> save at the step reached
-  and leave cleanly. With several processes all must stop at the same step: JAX's preemption sync point
-  (the coordination service watches for the signal on every host) decides instead of the local flag."""
+  """SIGTERM (how schedulers and spot / preemptible VMs announce preemption) or the first Ctrl-C (SIGINT) -> save
+  at the step reached and leave cleanly; a second Ctrl-C exits at once (status 130). With several
+  processes all must stop at the same step: JAX's preemption sync point (the coordination service watches for
+  SIGTERM on every host) decides instead of the local flag, and Ctrl-C keeps its default there."""
 
   def __init__(self):
     self.signum = None
-    self._previous = None
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGTERM,)
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
   def _handle(self, signum, frame):
+    if signum == signal.SIGINT:
+      if self.signum is not None:  # the second Ctrl-C: leave now. Not by raising KeyboardInterrupt, which lands
+        # wherever Python is (a GC callback swallows it); the last good checkpoint is untouched (Orbax writes
+        # each step under a temporary name) and the lock left behind is taken over by the next run
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(cli.EXIT_INTERRUPTED)
+      print("\nCtrl-C: saving once this step is done (press Ctrl-C again to exit at once, without saving)",
+            file=sys.stderr, flush=True)
     self.signum = signum
 
   def __call__(self, step: int) -> bool:
@@ -221,30 +235,84 @@ class StopRequest:
         pass
     return self.signum is not None
 
+  @property
+  def reason(self) -> str:
+    return "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
+
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Create WORKDIR, or check that an existing one is a run's (or empty): a trainer writes config.json,
+  metrics.jsonl, tb/, samples/ and checkpoints/ there, and must not replace a user's files of those names."""
+  path = epath.Path(workdir)
+  if "://" in workdir:  # a bucket
+    path.mkdir(parents=True, exist_ok=True)
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ckpt_lib.UserError(f"--workdir {workdir} is a file, not a directory. Fix: pass a directory (a new one, "
+                             "or a run's workdir to resume it)")
+  if os.path.isdir(workdir):
+    entries = set(os.listdir(workdir)) - {lock.NAME}
+    if entries and not is_workdir(workdir):
+      listed = ", ".join(sorted(entries)[:5])
+      raise ckpt_lib.UserError(f"--workdir {workdir} holds files that are not a training run's ({listed}): a run "
+                               "writes config.json, metrics.jsonl, tb/, samples/ and checkpoints/ there. Fix: pass "
+                               "a new or empty directory, or a run's workdir to resume it")
+    return
+  outputs.make_parent(os.path.join(workdir, "config.json"))
+
+
+def is_workdir(path: str) -> bool:
+  """A training run's directory: checkpoints/, or the config.json a trainer wrote (a config's sections)."""
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return True
+  try:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(saved, dict) and {"model", "train", "text"} <= set(saved)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Train (resuming from workdir if possible); returns the last logged metrics."""
-  from tqdm import tqdm
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local directory or a bucket (gs://...)
-  data = pipeline.make_batches(config, text_for=None)  # a missing or corrupt dataset fails before any compute
-  s = state_lib.setup(config)
-  data.text_for = s.text_for
+  """Train (resuming from workdir if possible); returns the last logged metrics. The workdir is locked for the
+  run: a second trainer on it is refused with this one's host and pid."""
+  prepare_workdir(workdir)
+  with lock.held(workdir, "train", enabled=jax.process_index() == 0):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
   t = config.train
-  ckpt = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
-  restored = ckpt.restore(s.abstract_state)
-  if restored is None:
-    state = s.init_state(jax.random.key(config.seed))
-  else:
-    state, data_state = restored
-    data.restore(data_state)
-  start = int(state.step)
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2), encoding="utf-8")
+  with contextlib.ExitStack() as closing:  # also on Ctrl-C or an error: an in-flight checkpoint save finishes
+    ckpt = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
+    closing.callback(ckpt.close)
+    # A change of meaning (objective, towers, ...) is refused before any compute; a change of shapes by name
+    changed = resume.check(config, workdir, ckpt.latest_step(),
+                           lambda: ckpt.check_shapes(state_lib.setup(config, abstract=True).abstract_state))
+    data = pipeline.make_batches(config, text_for=None)  # a missing or corrupt dataset fails before any compute
+    closing.callback(data.close)
+    s = state_lib.setup(config)
+    data.text_for = s.text_for
+    restored = ckpt.restore(s.abstract_state)
+    if restored is None:
+      state = s.init_state(jax.random.key(config.seed))
+    else:
+      state, data_state = restored
+      data.restore(data_state)
+    start = int(state.step)
+    if jax.process_index() == 0:
+      resume.write_config(config, workdir, start, changed)
+    return _loop(config, workdir, s, state, data, ckpt, closing)
+
+
+def _loop(config, workdir, s, state, data, ckpt, closing) -> dict:
+  t, start = config.train, int(state.step)
   log = MetricsLog(workdir, start)
+  closing.callback(log.close)
   step_fn = make_train_step(s)
   pipe = pipeline_lib.Pipeline(pipeline_lib.Workdir.of(s))
   rng = jax.random.key(config.seed + 2)
@@ -256,6 +324,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   peak = plan_lib.CHIP_PEAK_TFLOPS.get(plan_lib.chip_of(jax.devices()[0]))
 
   bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+  closing.callback(bar.close)
   window, last, pending = [], {}, None
   t_window = time.perf_counter()
 
@@ -286,39 +355,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
       window, t_window = [], now
 
   stop = StopRequest()
-  try:
-    for step in range(start, t.num_steps):
-      batch = device_batch(next(data), s.mesh)
-      state, metrics = step_fn(state, s.frozen, batch, rng)
-      done = step + 1
-      if pending is not None:
-        finish(*pending)
-      pending = (done, metrics)
-      stopping = stop(done)
-      if (stopping or done == t.num_steps or done % t.log_every == 0 or done % t.checkpoint_every == 0
-          or done % t.sample_every == 0):
-        finish(*pending)  # wait for this step: log what finished, save what is done
-        pending = None
-      if stopping:
-        ckpt.save(done, state, data.state(), config, force=True)
-        ckpt.wait()
-        bar.write(f"stop requested (SIGTERM): saved step {done} in {ckpt.directory}; re-run the same command "
-                  "to resume")
-        break
-      if done % t.checkpoint_every == 0 or done == t.num_steps:
-        ckpt.save(done, state, data.state(), config, force=True)
-      if done % t.sample_every == 0 or done == t.num_steps:
-        path = save_samples(pipe, state.ema_params, workdir, done)
-        if path:
-          bar.write(f"step {done}: samples -> {path}")
+  closing.callback(stop.close)
+  for step in range(start, t.num_steps):
+    batch = device_batch(next(data), s.mesh)
+    state, metrics = step_fn(state, s.frozen, batch, rng)
+    done = step + 1
     if pending is not None:
       finish(*pending)
-  finally:  # also on Ctrl-C or an error: let an in-flight checkpoint save finish
-    stop.close()
-    data.close()
-    bar.close()
-    ckpt.close()
-    log.close()
+    pending = (done, metrics)
+    stopping = stop(done)
+    if (stopping or done == t.num_steps or done % t.log_every == 0 or done % t.checkpoint_every == 0
+        or done % t.sample_every == 0):
+      finish(*pending)  # wait for this step: log what finished, save what is done
+      pending = None
+    if stopping:
+      ckpt.save(done, state, data.state(), config, force=True)
+      ckpt.wait()
+      bar.write(f"stopped ({stop.reason}): saved step {done} in {ckpt.directory}; re-run the same command "
+                "to resume")
+      break
+    if done % t.checkpoint_every == 0 or done == t.num_steps:
+      ckpt.save(done, state, data.state(), config, force=True)
+    if done % t.sample_every == 0 or done == t.num_steps:
+      path = save_samples(pipe, state.ema_params, workdir, done)
+      if path:
+        bar.write(f"step {done}: samples -> {path}")
+  if pending is not None:
+    finish(*pending)
   return last
 
 
@@ -333,7 +396,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import flags
-  from lidit_jax import cli
   from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")  # list --config under --help
