@@ -38,6 +38,7 @@ def main(argv):
   from lidit_jax import configs, model as model_lib, sharding, text_cache
   f = flags.FLAGS
   config = configs.load_from_flags()
+  text_cache.check_out(f.out, f.overwrite)  # before loading the towers: a refused output costs no compute
   captions = [] if f.no_source else run_captions(config, f.num_examples)
   if f.captions:
     with open(f.captions, encoding="utf-8") as fh:
@@ -48,7 +49,7 @@ def main(argv):
   mesh = sharding.make_mesh(config)
   with sharding.active(mesh, config):
     params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
-    summary = text_cache.write(f.out, config, towers, params, captions, f.batch_size)
+    summary = text_cache.write(f.out, config, towers, params, captions, f.batch_size, overwrite=f.overwrite)
   print(json.dumps(summary))
 
 
@@ -57,7 +58,8 @@ def define_flags():
   from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")
-  flags.DEFINE_string("out", None, "Output directory of the cache (must not hold one yet).", required=True)
+  flags.DEFINE_string("out", None, "Output directory of the cache: new or empty, unless --overwrite.", required=True)
+  flags.DEFINE_bool("overwrite", False, "Replace what --out holds (when the new cache is complete).")
   flags.DEFINE_string("captions", None, "Text file of extra captions, one per line.")
   flags.DEFINE_boolean("no_source", False, "Do not enumerate the data source's captions (only --captions).")
   flags.DEFINE_integer("num_examples", None, "Examples of the data source to cover (default: "

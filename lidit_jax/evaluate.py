@@ -13,16 +13,23 @@ The relation probe (`relation_sensitivity`) asks whether the relation word moves
 pair of objects is drawn from the same noise four times, once per relation word, and the second object's
 offset from the first is measured along the relation's axis. A model that follows relations moves the second
 object by about an object's width (7-11 px) to the asked side; one that ignores the word leaves it near 0.
+
+Writes --out (the metrics JSON) and eval_grid.png / eval_grid.txt beside it, each under a temporary name and
+renamed when complete. A previous evaluation's files are replaced; any other existing file of those names is
+refused by name before generating (--overwrite replaces it).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
-from lidit_jax import sample as sample_lib
+from lidit_jax import outputs, sample as sample_lib
 from lidit_jax.data import shapes
+
+GRID, GRID_LIST = "eval_grid.png", "eval_grid.txt"
 
 
 POSITION_BINS = ("0-25 %", "25-50 %", "50-75 %", "75-100 %")
@@ -125,9 +132,10 @@ def relation_probe(pipe, num_pairs: int, steps: int | None = None, cfg_scale: fl
 def evaluate(pipe, num_prompts: int, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
              sampler: str | None = None, batch_size: int = 64, out_dir: str | None = None,
              split: str = "heldout", min_objects: int = 2, num_probe_pairs: int = 0, scene_seed: int = 0,
-             max_objects: int = 3) -> dict:
+             max_objects: int = 3, overwrite: bool = True) -> dict:
   """Scores of `pipe` (a `pipeline.Pipeline`; steps, guidance and sampler its defaults unless given) on
-  `num_prompts` scenes drawn from `scene_seed` (the relation probe's pairs too)."""
+  `num_prompts` scenes drawn from `scene_seed` (the relation probe's pairs too). With `out_dir`, the grid and its
+  captions are written there (`overwrite=False`: other files of their names are refused)."""
   scenes = eval_scenes(split, num_prompts, scene_seed, min_objects, max_objects)
   captions = [sc.caption(k % shapes.N_TEMPLATES) for k, sc in enumerate(scenes)]
   images = sample_lib.generate_images(pipe, captions, 1, seed=seed, steps=steps, cfg_scale=cfg_scale,
@@ -142,11 +150,51 @@ def evaluate(pipe, num_prompts: int, steps: int | None = None, cfg_scale: float 
                 sampler=sampler or d["sampler"], seed=seed)
   if out_dir:
     n = min(len(images), 32)
-    sample_lib.save_grid(images[:n], os.path.join(out_dir, "eval_grid.png"), cols=8)
-    with open(os.path.join(out_dir, "eval_grid.txt"), "w", encoding="utf-8") as f:
-      f.write("\n".join(f"{k:02d} {'OK ' if sc['all'] else 'BAD'} {c}"
-                        for k, (c, sc) in enumerate(zip(captions[:n], scores[:n]))) + "\n")
+    sample_lib.save_grid(images[:n], os.path.join(out_dir, GRID), cols=8, overwrite=overwrite)
+    write_text(os.path.join(out_dir, GRID_LIST), "".join(f"{k:02d} {'OK ' if sc['all'] else 'BAD'} {c}\n"
+                                                         for k, (c, sc) in enumerate(zip(captions[:n], scores[:n]))),
+               overwrite, is_grid_list, "an evaluation's grid captions")
   return result
+
+
+def _small_text(path: str) -> str | None:
+  """The text of `path` when it is a small UTF-8 file (what our outputs are), else None."""
+  try:
+    if os.path.getsize(path) > 2 ** 20:
+      return None
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except (OSError, ValueError):
+    return None
+
+
+def is_result(path: str) -> bool:
+  """Whether `path` is a previous evaluation's metrics JSON (which a new one may replace)."""
+  try:
+    obj = json.loads(_small_text(path) or "")
+  except ValueError:
+    return False
+  return isinstance(obj, dict) and {"prompt_accuracy", "split", "checkpoint_step"} <= obj.keys()
+
+
+def is_grid_list(path: str) -> bool:
+  """Whether `path` is a previous eval_grid.txt: lines `NN OK  caption` / `NN BAD caption`."""
+  return re.match(r"\d+ (OK |BAD) ", _small_text(path) or "") is not None
+
+
+def check_outputs(out: str, overwrite: bool = False):
+  """Refuse, by name, a file at --out or its grid's paths that a previous evaluation did not write."""
+  out_dir = os.path.dirname(os.path.abspath(out))
+  for path, ours, what in ((out, is_result, "an evaluation result"),
+                           (os.path.join(out_dir, GRID), sample_lib.is_ours, "an image written by lidit_jax"),
+                           (os.path.join(out_dir, GRID_LIST), is_grid_list, "an evaluation's grid captions")):
+    outputs.preflight(path, overwrite, ours, what)
+
+
+def write_text(path: str, text: str, overwrite: bool, ours, what: str):
+  with outputs.staged(path, overwrite, ours=ours, what=what) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
 
 
 def main(argv):
@@ -156,6 +204,8 @@ def main(argv):
   from lidit_jax import configs
   from lidit_jax.pipeline import Pipeline, Workdir
   f = flags.FLAGS
+  check_outputs(f.out, f.overwrite)  # before generating: a refused output costs no compute
+  out_dir = os.path.dirname(os.path.abspath(f.out))
   if f["config"].value is None:  # the workdir's saved config.json (or a diffusers pipeline folder)
     pipe = Pipeline.from_pretrained(f.workdir, dtype=None)
   else:
@@ -165,16 +215,13 @@ def main(argv):
   e = config.eval
   steps = f.steps or e.steps
   cfg = e.cfg if f.cfg is None else f.cfg
-  out_dir = os.path.dirname(os.path.abspath(f.out))
   result = evaluate(pipe, f.num_prompts or e.num_prompts, steps, cfg, seed=f.seed, batch_size=e.batch_size,
                     out_dir=out_dir, split=f.split, num_probe_pairs=e.probe_pairs, scene_seed=config.seed,
-                    max_objects=max(3, config.data.max_objects))
+                    max_objects=max(3, config.data.max_objects), overwrite=f.overwrite)
   result["checkpoint_step"] = step
-  os.makedirs(out_dir, exist_ok=True)
-  with open(f.out, "w", encoding="utf-8") as fh:
-    json.dump(result, fh, indent=2)
+  write_text(f.out, json.dumps(result, indent=2), f.overwrite, is_result, "an evaluation result")
   print(json.dumps(result, indent=2))
-  print(f"wrote {f.out} and {os.path.join(out_dir, 'eval_grid.png')}")
+  print(f"wrote {f.out} and {os.path.join(out_dir, GRID)}")
 
 
 def define_flags():
@@ -185,6 +232,8 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ (its config.json is used unless "
                       "--config is given), or anything else Pipeline.from_pretrained reads.", required=True)
   flags.DEFINE_string("out", "eval.json", "Where to write the metrics JSON (a sample grid goes beside it).")
+  flags.DEFINE_bool("overwrite", False, "Replace existing files at --out and the grid's paths (a previous "
+                    "evaluation's files are replaced without it).")
   flags.DEFINE_integer("num_prompts", None, "Held-out prompts to generate (default: config.eval.num_prompts).",
                        lower_bound=1)
   flags.DEFINE_integer("steps", None, "Sampler steps (default: config.eval.steps).", lower_bound=1)

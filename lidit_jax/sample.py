@@ -12,7 +12,10 @@ Through `lidit_jax.pipeline.Pipeline`, in batches of --batch_size. --config (wit
 workdir's saved config.json.
 
 One PNG per prompt at --out (a grid when --num_images > 1). With several prompts (repeated --prompt or
---prompts_file), --out names a directory, or a file whose stem gets a _000, _001, ... suffix.
+--prompts_file), --out names a directory, or a file whose stem gets a _000, _001, ... suffix. Each PNG is
+written under a temporary name and renamed when complete; it carries the text chunk `Software: lidit_jax`, so
+running the same command again replaces its own images, while any other existing file is refused by name
+(checked before sampling) unless --overwrite.
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ import re
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from lidit_jax import objectives
+from lidit_jax import objectives, outputs
+
+SOFTWARE = "lidit_jax"  # the PNG text chunk `Software` that marks an image as ours (replaceable)
 
 
 def generate_images(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int | None = None,
@@ -47,8 +52,19 @@ def to_uint8(x):
   return np.clip(np.round(np.asarray(x, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
-def save_grid(images, path: str, cols: int | None = None, scale: int = 4):
-  """Save [N, H, W, C] uint8 images as one PNG grid (nearest-neighbour upscaled so 32 px is visible)."""
+def is_ours(path: str) -> bool:
+  """Whether `path` is a PNG this package wrote (its `Software` text chunk), which a new image may replace."""
+  try:
+    with Image.open(path) as img:
+      return img.format == "PNG" and img.info.get("Software") == SOFTWARE
+  except Exception:  # not an image, unreadable, a directory: not ours
+    return False
+
+
+def save_grid(images, path: str, cols: int | None = None, scale: int = 4, overwrite: bool = True):
+  """Save [N, H, W, C] uint8 images as one PNG grid (nearest-neighbour upscaled so 32 px is visible), written
+  under a temporary name and renamed when complete. `overwrite=False` (the CLI's rule) refuses an existing
+  file at `path` unless it is one of ours (`is_ours`)."""
   images = np.asarray(images)
   n, h, w, c = images.shape
   cols = cols or math.ceil(math.sqrt(n))
@@ -60,16 +76,18 @@ def save_grid(images, path: str, cols: int | None = None, scale: int = 4):
     grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
   pil = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
   pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-  if "://" in path:  # a bucket: encode here, write through epath
+  info = PngImagePlugin.PngInfo()
+  info.add_text("Software", SOFTWARE)
+  if "://" in path:  # a bucket (the trainer's samples): one object, written whole by epath
     import io
     from etils import epath
     buf = io.BytesIO()
-    pil.save(buf, format="PNG")
+    pil.save(buf, format="PNG", pnginfo=info)
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
     epath.Path(path).write_bytes(buf.getvalue())
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  pil.save(path)
+  with outputs.staged(path, overwrite, ours=is_ours, what="an image written by lidit_jax") as tmp:
+    pil.save(tmp, format="PNG", pnginfo=info)
 
 
 def output_paths(out: str, prompts: list[str]) -> list[str]:
@@ -95,6 +113,10 @@ def main(argv):
       prompts += [line.strip() for line in fh if line.strip()]
   if not prompts:
     raise cli.UserError("no prompt given. Fix: use --prompt \"...\" (repeatable) or --prompts_file FILE")
+  paths = output_paths(f.out, prompts)
+  for path in paths:  # before sampling: a refused output costs no compute (a bucket's objects are replaced)
+    if "://" not in path:
+      outputs.preflight(path, f.overwrite, ours=is_ours, what="an image written by lidit_jax")
   if f["config"].value is None and not f.workdir:
     raise cli.UserError("nothing to sample. Fix: pass --workdir (a training workdir or a pipeline folder) and/or "
                         "--config (a config file: its model as a run of it starts)")
@@ -120,8 +142,8 @@ def main(argv):
   except ValueError as e:  # a bad sampler, size or negative prompt for this model: the user's to fix
     raise cli.UserError(str(e)) from e
   images = to_uint8(images).reshape(len(prompts), f.num_images, *images.shape[1:])
-  for path, p, grid in zip(output_paths(f.out, prompts), prompts, images):
-    save_grid(grid, path, cols=min(f.num_images, 8))
+  for path, p, grid in zip(paths, prompts, images):
+    save_grid(grid, path, cols=min(f.num_images, 8), overwrite=f.overwrite)
     print(f"{path}: {p}")
 
 
@@ -138,6 +160,8 @@ def define_flags():
   flags.DEFINE_string("negative_prompt", None, "Negative prompt (SD pipelines and conditioner.null=empty_prompt models; others guide with their "
                       "learned null context).")
   flags.DEFINE_string("out", "samples.png", "Output PNG (one prompt) or directory / stem (several prompts).")
+  flags.DEFINE_bool("overwrite", False, "Replace existing files at the output paths (images this package wrote "
+                    "are replaced without it).")
   flags.DEFINE_integer("num_images", 1, "Images per prompt (saved as a grid).", lower_bound=1)
   flags.DEFINE_integer("batch_size", 8, "Images per batch (split over the devices).", lower_bound=1)
   flags.DEFINE_integer("steps", None, "Sampler steps (default: the model's: config.sample.steps, 50 for SD).",

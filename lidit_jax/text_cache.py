@@ -7,7 +7,9 @@ then reads features from it and never runs (or even loads) the LLMs. Layout of D
                          NAME.prompt_mask [N, L] (uint8)
   captions.json          the N captions, row i <-> caption i
   meta.json              what the features depend on (towers, layer, lengths, instruction, template);
-                         written last, and checked against the training config on load
+                         checked against the training config on load
+DIR is written under a temporary name and renamed when complete; an existing cache, or any non-empty
+directory, is refused before encoding unless overwrite (`--overwrite`).
 The cache is held in host memory (N x L x D per tower), sized for caption sets of up to a few million
 tokens per tower; larger sets belong in the `features` data source of the data pipeline.
 """
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from lidit_jax import outputs
 from lidit_jax.cli import NotFound
 
 META = "meta.json"
@@ -44,12 +47,20 @@ def signature(config, towers) -> dict:
                      for tw in towers}}
 
 
-def write(out: str, config, towers, tower_params, captions, batch_size: int = 64, progress: bool = True) -> dict:
+def check_out(out: str, overwrite: bool = False):
+  """Refuse `out` when it holds a cache or anything else (unless `overwrite`), or cannot be written."""
+  if os.path.exists(os.path.join(out, META)) and not overwrite:  # hours of encoding: replaced only when asked
+    raise FileExistsError(f"{out} already holds a text cache. Fix: choose a new --out, or pass --overwrite to "
+                          "replace it")
+  outputs.preflight(out, overwrite, what="a text cache")
+
+
+def write(out: str, config, towers, tower_params, captions, batch_size: int = 64, progress: bool = True,
+          overwrite: bool = False) -> dict:
   """Encode the unique `captions` with every tower; returns the summary that is also printed by the CLI."""
   from tqdm import tqdm
   from lidit_jax.data import pipeline
-  if os.path.exists(os.path.join(out, META)):
-    raise FileExistsError(f"{out} already holds a text cache. Fix: choose a new --out or delete it.")
+  check_out(out, overwrite)
   unique = list(dict.fromkeys(captions))
   if not unique:
     raise ValueError("no captions to encode. Fix: pass --captions FILE (one per line) or --source shapes.")
@@ -71,15 +82,15 @@ def write(out: str, config, towers, tower_params, captions, batch_size: int = 64
       arrays[f"{tw.name}.hidden"][rows] = np.asarray(hidden)[:len(chunk)]
       for m in ("attention_mask", "prompt_mask"):
         arrays[f"{tw.name}.{m}"][rows] = tok[m][:len(chunk)]
-  os.makedirs(out, exist_ok=True)
-  save_file(arrays, os.path.join(out, "features.safetensors"))
-  with open(os.path.join(out, "captions.json"), "w", encoding="utf-8") as f:
-    json.dump(unique, f)
-  meta = {**signature(config, towers), "num_captions": n}
-  with open(os.path.join(out, META + ".tmp"), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2)
-  os.replace(os.path.join(out, META + ".tmp"), os.path.join(out, META))
-  return {"out": out, "captions": n, "bytes": int(sum(a.nbytes for a in arrays.values()))}
+  num_bytes = int(sum(a.nbytes for a in arrays.values()))
+  with outputs.staged(out, overwrite, what="a text cache", need_bytes=num_bytes) as tmp:
+    os.makedirs(tmp)
+    save_file(arrays, os.path.join(tmp, "features.safetensors"))
+    with open(os.path.join(tmp, "captions.json"), "w", encoding="utf-8") as f:
+      json.dump(unique, f)
+    with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
+      json.dump({**signature(config, towers), "num_captions": n}, f, indent=2)
+  return {"out": out, "captions": n, "bytes": num_bytes}
 
 
 class TextCache:

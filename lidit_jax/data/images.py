@@ -21,17 +21,26 @@ class Skip(Exception):
   def __init__(self, reason: str, detail: str = ""):
     assert reason in SKIP_REASONS, reason
     super().__init__(f"{reason}: {detail}" if detail else reason)
-    self.reason = reason
+    self.reason, self.detail = reason, detail
+
+  def __reduce__(self):  # pickled by its fields: a worker process hands it over as it was made
+    return Skip, (self.reason, self.detail)
 
 
-def open_image(data: bytes) -> Image.Image:
-  """Decode fully (a truncated file only fails on load), or raise Skip."""
+def open_image(data: bytes, min_size: int = 0, max_pixels: int = 0) -> Image.Image:
+  """Decode fully (a truncated file only fails on load), or raise Skip. The size the header declares is checked
+  first, so an image over `max_pixels` (or under `min_size` on its shorter side) is never decoded."""
   try:
     img = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as e:
     raise Skip("too_large", str(e)) from None
   except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, ValueError, SyntaxError ...
     raise Skip("unreadable", str(e)) from None
+  w, h = img.size
+  if min(w, h) < min_size:
+    raise Skip("too_small", f"{w}x{h} is below --min_size={min_size}")
+  if max_pixels and w * h > max_pixels:
+    raise Skip("too_large", f"{w}x{h} has more than --max_pixels={max_pixels} pixels")
   try:
     img.load()
   except Exception as e:
@@ -79,14 +88,10 @@ def normalize(data: bytes, min_size: int = 0, max_pixels: int = 0) -> tuple[byte
   """Check one encoded image: (bytes to store, (height, width), conversions). Plain RGB JPEG / PNG / WebP
   files are stored unchanged; anything converted is re-encoded (JPEG when it came from a JPEG, else PNG,
   which keeps graphics exact)."""
-  img = open_image(data)
+  img = open_image(data, min_size, max_pixels)
   fmt = img.format
   rgb, done = to_rgb(img)
-  w, h = rgb.size
-  if min(w, h) < min_size:
-    raise Skip("too_small", f"{w}x{h} is below --min_size={min_size}")
-  if max_pixels and w * h > max_pixels:
-    raise Skip("too_large", f"{w}x{h} has more than {max_pixels} pixels")
+  w, h = rgb.size  # EXIF rotation may swap them
   if not done and fmt in KEEP_FORMATS:
     return data, (h, w), done
   buf = io.BytesIO()

@@ -43,6 +43,8 @@ def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 
   from tqdm import tqdm
   from lidit_jax import autoencoder as autoencoder_lib
   t0 = time.time()
+  feats = features()
+  writer = prepare.DatasetWriter(out, name, feats, shard_size, overwrite)  # refuses an existing one before work
   d = config.data
   source, sizes, path = pipeline.open_dataset(d.data_dir, d.name, d.split)
   # As the image pipeline does: a bucket that cannot fill train.batch_size is merged into its neighbour.
@@ -50,7 +52,6 @@ def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 
                                            config.train.batch_size, [(0, len(source))])
   ae, ae_params = autoencoder_lib.build(config.autoencoder)
   enc = jax.jit(lambda x: ae.stored(ae_params, autoencoder_lib.from_uint8(x)))
-  feats = features()
   skipped, pending = collections.Counter(), collections.defaultdict(list)
 
   def load(i):
@@ -60,7 +61,7 @@ def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 
     except Exception:
       return i, None, None, rec["key"]
 
-  with prepare.DatasetWriter(out, name, feats, shard_size, overwrite) as writer, ThreadPoolExecutor(8) as ex:
+  with writer, ThreadPoolExecutor(8) as ex:
     def flush(b):
       items, pending[b] = pending[b], []
       lat = np.asarray(enc(np.stack([x[1] for x in items])), np.float16)
@@ -108,5 +109,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("name", None, "Name of the latents dataset (snake_case).", required=True)
   flags.DEFINE_integer("batch_size", 64, "Images per autoencoder call.")
   flags.DEFINE_integer("shard_size", 2048, "Records per ArrayRecord shard.")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of that name.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of that name (when the new one is complete).")
   cli.run(main)

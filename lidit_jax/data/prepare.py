@@ -10,12 +10,16 @@ WebDataset tar shards (members `KEY.jpg` + `KEY.txt` / `KEY.json`). Every record
 captions and a stable key (the path without extension; `TAR_NAME/KEY` for tars).
 
 Bad files are skipped and counted by reason, never fatal: unreadable or truncated images, images below
---min_size, missing / empty / unparseable captions, duplicate keys. Odd modes (grey, palette, RGBA,
-CMYK, 16-bit, animated, EXIF-rotated) are converted and counted. An unreadable tar is an error naming it.
+--min_size, missing / empty / unparseable captions, duplicate keys, and files too large to read (`too_large`:
+a file or tar member over --max_bytes, or an image whose header declares more than --max_pixels; both are
+checked before the bytes are read or decoded, so memory stays bounded by the largest allowed image). Odd
+modes (grey, palette, RGBA, CMYK, 16-bit, animated, EXIF-rotated) are converted and counted. An unreadable
+tar is an error naming it.
 
 Writes DATA_DIR/NAME/1.0.0/ (TFDS metadata, NAME-train.array_record-*, lidit_sizes.npy with every
 record's (height, width) for aspect-ratio buckets, lidit_prepare.json), built in a temporary directory
-and renamed when complete. Ends with one JSON line: examples written, skip and conversion counts.
+and renamed when complete (`outputs.staged`); an existing one is rebuilt only with --overwrite. Ends with
+one JSON line: examples written, skip and conversion counts.
 
 No TensorFlow is needed: images are stored as encoded bytes (a scalar bytes tensor, not tfds' Image
 feature, whose encoder needs TensorFlow) and decoded with Pillow at training time.
@@ -28,12 +32,12 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import tarfile
 import time
 
 import numpy as np
 
+from lidit_jax import outputs
 from lidit_jax.cli import UserError
 from lidit_jax.data import images
 
@@ -44,6 +48,27 @@ CAPTION_EXTS = {"txt", "json"}
 SIZES_FILE = "lidit_sizes.npy"
 STATS_FILE = "lidit_prepare.json"
 _CAPTION_KEYS = ("captions", "caption", "text", "prompt")
+# Byte limits, checked before a file or tar member is read. An image may take up to 8 bytes a pixel (16-bit
+# RGBA, uncompressed) plus 1 MiB of metadata; without --max_pixels, 256 MiB. A caption past 1 MiB is no caption.
+BYTES_PER_PIXEL, METADATA_BYTES = 8, 2 ** 20
+DEFAULT_MAX_BYTES = 256 * 2 ** 20
+MAX_CAPTION_BYTES = 2 ** 20
+
+
+def byte_limit(max_pixels: int = 0, max_bytes: int = 0) -> int:
+  """The largest image file read: `max_bytes`, else derived from `max_pixels`, else DEFAULT_MAX_BYTES."""
+  if max_bytes < 0 or max_pixels < 0:
+    raise ValueError(f"max_bytes={max_bytes}, max_pixels={max_pixels}: limits are >= 0. Fix: pass a positive "
+                     "limit, or 0 for the default")
+  if max_bytes:
+    return max_bytes
+  return max_pixels * BYTES_PER_PIXEL + METADATA_BYTES if max_pixels else DEFAULT_MAX_BYTES
+
+
+def check_size(name: str, size: int, limit: int):
+  if size > limit:
+    flag = "" if limit == MAX_CAPTION_BYTES else " (--max_bytes)"
+    raise images.Skip("too_large", f"{name} holds {size} bytes, over the limit of {limit}{flag}")
 
 
 def features():
@@ -108,8 +133,9 @@ def folder_items(root: str):
       yield key, path, sorted(g["captions"]), i > 0
 
 
-def tar_items(paths: list[str]):
-  """WebDataset convention: members are grouped by basename up to the first dot, consecutive in the tar."""
+def tar_items(paths: list[str], max_bytes: int = DEFAULT_MAX_BYTES):
+  """WebDataset convention: members are grouped by basename up to the first dot, consecutive in the tar. A member
+  over its byte limit is not read: it stands in its group as the Skip that `process` raises."""
   for path in paths:
     prefix = os.path.basename(path).split(".")[0]
     try:
@@ -127,7 +153,13 @@ def tar_items(paths: list[str]):
             key, group = k, {"images": [], "captions": []}
           ext = ext.lower().rpartition(".")[2]
           if ext in IMAGE_EXTS or ext in CAPTION_EXTS:
-            group["images" if ext in IMAGE_EXTS else "captions"].append((ext, tar.extractfile(m).read()))
+            kind = "images" if ext in IMAGE_EXTS else "captions"
+            try:  # the declared size: a sparse member stores a few bytes and expands to all of it on read
+              check_size(m.name, m.size, max_bytes if kind == "images" else MAX_CAPTION_BYTES)
+              data = tar.extractfile(m).read()
+            except images.Skip as skip:
+              data = skip
+            group[kind].append((ext, data))
         if group is not None:
           yield from _tar_group(prefix, key, group)
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -140,14 +172,19 @@ def _tar_group(prefix, key, group):
     yield f"{prefix}/{key}", data, group["captions"], i > 0
 
 
-def _read(x) -> bytes:
-  if isinstance(x, bytes):
-    return x
-  with open(x, "rb") as f:
-    return f.read()
+def _read(src, limit: int) -> bytes:
+  """The bytes of `src` (a tar member's bytes or Skip, or a file's path), never more than `limit` of them."""
+  if isinstance(src, images.Skip):
+    raise src
+  if isinstance(src, bytes):
+    return src
+  with open(src, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    check_size(src, size, limit)
+    return f.read(size)  # what was checked, even if the file grows meanwhile
 
 
-def process(item, min_size: int, max_pixels: int):
+def process(item, min_size: int, max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES):
   """One input -> ("ok", key, serialized record, (h, w), conversions) or ("skip", key, reason, detail)."""
   key, image, caption_files, duplicate = item
   try:
@@ -157,8 +194,8 @@ def process(item, min_size: int, max_pixels: int):
       raise images.Skip("missing_caption", "no .txt or .json beside the image")
     captions = []
     for ext, src in caption_files:
-      captions += parse_captions(_read(src), ext)
-    data, size, done = images.normalize(_read(image), min_size, max_pixels)
+      captions += parse_captions(_read(src, MAX_CAPTION_BYTES), ext)
+    data, size, done = images.normalize(_read(image, max_bytes), min_size, max_pixels)
   except images.Skip as e:
     return "skip", key, e.reason, str(e)
   record = _FEATURES.serialize_example({"image": data, "size": np.asarray(size, np.int32),
@@ -218,26 +255,28 @@ def check_name(name: str) -> str:
 
 
 class DatasetWriter:
-  """A TFDS dataset DATA_DIR/NAME/1.0.0, written in a temporary directory and renamed when complete, so a
-  crash leaves either the old dataset or the new one (used as a context manager: an error removes the
-  temporary directory). Records are serialized examples of `features`; `sizes` go to lidit_sizes.npy."""
+  """A TFDS dataset DATA_DIR/NAME/1.0.0, written in a temporary directory and renamed when complete
+  (`outputs.staged`), so a crash leaves either the old dataset or the new one. Used as a context manager: the
+  rename happens when the block ends without error; an error removes the temporary directory. Records are
+  serialized examples of `features`; `sizes` go to lidit_sizes.npy. An existing dataset (or anything else at
+  that path) is refused when the writer is made, before any work, unless `overwrite`."""
 
   def __init__(self, out: str, name: str, features, shard_size: int, overwrite: bool):
-    self.name, self.features = check_name(name), features
+    self.name, self.features, self.shard_size = check_name(name), features, shard_size
     self.final = os.path.join(out, name, VERSION)
-    if os.path.exists(self.final) and not overwrite:
+    if os.path.lexists(self.final) and not overwrite:  # a previous dataset too: rebuilding one is asked for
       raise FileExistsError(f"{self.final} already exists. Fix: pass --overwrite to rebuild it, or another --name.")
-    self.tmp = os.path.join(out, name, f".{VERSION}.tmp-{os.getpid()}")
-    shutil.rmtree(self.tmp, ignore_errors=True)
-    os.makedirs(self.tmp)
-    self.shards = ShardWriter(self.tmp, name, shard_size)
+    self.staged = outputs.staged(self.final, overwrite=True, what="a prepared dataset")
     self.sizes: list = []
 
   def __enter__(self):
+    self.tmp = self.staged.__enter__()
+    os.makedirs(self.tmp)
+    self.shards = ShardWriter(self.tmp, self.name, self.shard_size)
     return self
 
   def __exit__(self, kind, value, tb):
-    shutil.rmtree(self.tmp, ignore_errors=True)  # gone after the rename; a failure's leftovers otherwise
+    return self.staged.__exit__(kind, value, tb)
 
   def write(self, record: bytes, size_hw):
     """One serialized record (`features.serialize_example(...)`) and its (height, width)."""
@@ -257,39 +296,40 @@ class DatasetWriter:
                "bytes": self.shards.num_bytes, **summary}
     with open(os.path.join(self.tmp, STATS_FILE), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
-    if os.path.exists(self.final):
-      shutil.rmtree(self.final)
-    os.rename(self.tmp, self.final)
-    return summary
+    return summary  # renamed into place when the `with` block ends
 
 
-def source_items(src: str):
+def source_items(src: str, max_bytes: int = DEFAULT_MAX_BYTES):
   """(items, total or None, description) for a folder of images or WebDataset tars (file, folder, or glob)."""
   if os.path.isdir(src):
     items = list(folder_items(src))  # one walk of the tree
     tars = [] if items else sorted(glob.glob(os.path.join(src, "*.tar")))
     if tars:
-      return tar_items(tars), None, f"{len(tars)} WebDataset shards in {src}"
+      return tar_items(tars, max_bytes), None, f"{len(tars)} WebDataset shards in {src}"
     return items, len(items), f"image folder {src}"
   tars = sorted(glob.glob(src))
   if not tars:
     raise FileNotFoundError(f"--src {src!r} is neither a folder nor a file / glob that matches anything. "
                             "Fix: pass a folder of images with captions, or WebDataset .tar shards.")
-  return tar_items(tars), None, f"{len(tars)} WebDataset shards matching {src}"
+  return tar_items(tars, max_bytes), None, f"{len(tars)} WebDataset shards matching {src}"
 
 
 def prepare(src: str, out: str, name: str | None = None, min_size: int = 64, max_pixels: int = 0,
-            shard_size: int = 2048, workers: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-  """Build the dataset; returns the summary that the CLI prints as JSON."""
+            shard_size: int = 2048, workers: int | None = None, overwrite: bool = False, progress: bool = True,
+            max_bytes: int = 0) -> dict:
+  """Build the dataset; returns the summary that the CLI prints as JSON. `max_bytes`: the largest image file or
+  tar member read (0: `byte_limit(max_pixels)`)."""
   from tqdm import tqdm
   t0 = time.time()
   name = check_name(name or re.sub(r"[^a-z0-9_]", "_",
                                   os.path.basename(os.path.normpath(src.split("*")[0])).lower()).strip("_"))
-  items, total, what = source_items(src)
+  max_bytes = byte_limit(max_pixels, max_bytes)
+  writer = DatasetWriter(out, name, features(), shard_size, overwrite)  # refuses an existing one before reading
+  items, total, what = source_items(src, max_bytes)
   skipped, converted, examples = collections.Counter(), collections.Counter(), {}
   workers = workers or os.cpu_count() or 1
-  args = ((it, min_size, max_pixels) for it in items)
-  with DatasetWriter(out, name, features(), shard_size, overwrite) as writer:
+  args = ((it, min_size, max_pixels, max_bytes) for it in items)
+  with writer:
     if workers > 1:
       pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker)
       results = pool.imap(_process_star, args, chunksize=8)  # ordered: the dataset is deterministic
@@ -315,7 +355,8 @@ def prepare(src: str, out: str, name: str | None = None, min_size: int = 64, max
 def main(argv):
   from absl import flags
   f = flags.FLAGS
-  summary = prepare(f.src, f.out, f.name, f.min_size, f.max_pixels, f.shard_size, f.workers, f.overwrite)
+  summary = prepare(f.src, f.out, f.name, f.min_size, f.max_pixels, f.shard_size, f.workers, f.overwrite,
+                    max_bytes=f.max_bytes)
   summary.pop("skip_examples")
   print(json.dumps(summary))
 
@@ -330,8 +371,12 @@ if __name__ == "__main__":
   flags.DEFINE_string("name", None, "Dataset name, snake_case (default: from --src). Train with "
                       "--config.data.name=NAME.")
   flags.DEFINE_integer("min_size", 64, "Skip images whose shorter side is below this many pixels.")
-  flags.DEFINE_integer("max_pixels", 0, "Skip images with more pixels than this (0: Pillow's own limit).")
+  flags.DEFINE_integer("max_pixels", 0, "Skip images with more pixels than this, read from the header before "
+                       "decoding (0: Pillow's own limit).")
+  flags.DEFINE_integer("max_bytes", 0, "Skip image files and tar members larger than this many bytes, checked "
+                       "before reading (0: 8 bytes a pixel of --max_pixels + 1 MiB, or 256 MiB without it).",
+                       lower_bound=0)
   flags.DEFINE_integer("shard_size", 2048, "Records per ArrayRecord shard.")
   flags.DEFINE_integer("workers", 0, "Decoding processes (0: one per CPU core).")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing DATA_DIR/NAME/1.0.0.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing DATA_DIR/NAME/1.0.0 (when the new one is complete).")
   cli.run(main)
