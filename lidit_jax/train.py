@@ -163,7 +163,9 @@ class MetricsLog:
     if self.path.exists():
       self.lines = [l + "\n" for l in self.path.read_text(encoding="utf-8").splitlines()
                     if l.strip() and json.loads(l)["step"] <= resume_step]
-      self.path.write_text("".join(self.lines), encoding="utf-8")
+      tmp = self.path.parent / "metrics.jsonl.tmp"  # renamed over the old file: a crash here loses no line
+      tmp.write_text("".join(self.lines), encoding="utf-8")
+      tmp.replace(self.path)
     if "://" not in workdir:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))
