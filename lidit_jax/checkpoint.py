@@ -71,14 +71,20 @@ def _drop_closed_loop_errors():
   sys.unraisablehook = hook
 
 
+def quiet_orbax_failures() -> None:
+  """Drop Orbax's per-writer failure logs (unless --debug): the failure reaches us as an exception, reported once."""
+  if debug_requested():
+    return
+  absl_logging.get_absl_logger().addFilter(_ORBAX_FAILURES)
+  logging.getLogger("asyncio").addFilter(_LOST_FUTURES)
+  _drop_closed_loop_errors()
+
+
 class Checkpoints:
   def __init__(self, workdir: str, keep: int = 3, save_every: int = 1, keep_every: int = 0):
     """Keeps the last `keep` checkpoints, plus every step divisible by `keep_every` (if > 0) for good."""
     self.directory = checkpoint_dir(workdir)
-    if not debug_requested():
-      absl_logging.get_absl_logger().addFilter(_ORBAX_FAILURES)
-      logging.getLogger("asyncio").addFilter(_LOST_FUTURES)
-      _drop_closed_loop_errors()
+    quiet_orbax_failures()
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=ITEMS,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),

@@ -13,6 +13,11 @@ and sample to the same images (tests/test_pipeline.py). With --format single-fil
 original CompVis / Stability / A1111 layout, which diffusers' `from_single_file` also loads. `safetensors` writes
 a training workdir's model (LI-DiT or any family) in PyTorch layouts under documented keys (`export_safetensors`).
 No torch is needed.
+
+OUT is written under a temporary name beside it and renamed into place when complete, so a failed export (a full
+disk) leaves nothing half-written. An existing OUT is replaced only when it is a previous output of the same command
+(a folder holding EXPORT_MARKER, a file whose metadata names the command) or with --overwrite; anything else, the
+source itself, and a workdir a live trainer holds are refused before anything is loaded.
 """
 from __future__ import annotations
 
@@ -21,12 +26,49 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 
-from lidit_jax import cli
+from lidit_jax import cli, lock, outputs
+from lidit_jax.convert import safetensors_io
 
 # model_index.json entries of the components written here; any other (a safety checker) is left out
 _CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
+# What marks a previous output of each command, so that running it again may replace it: a pipeline folder holds
+# EXPORT_MARKER (model_index.json alone would also match a user's downloaded pipeline); a file's metadata names it.
+EXPORT_MARKER = "lidit_exported.json"
+METADATA_KEY = "lidit_jax.export"
+
+
+def _exported_folder(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, EXPORT_MARKER)) and os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _exported_file(kind: str):
+  return lambda path: (safetensors_io.metadata(path) or {}).get(METADATA_KEY) == kind
+
+
+# {format: (what marks a previous output, what that is)}
+OUTPUTS = {"diffusers": (_exported_folder, "a pipeline folder written by `export diffusers`"),
+           "single-file": (_exported_file("single-file"), "a file written by `export diffusers --format single-file`"),
+           "safetensors": (_exported_file("safetensors"), "a file written by `export safetensors`")}
+
+
+def check_out(kind: str, out: str, overwrite: bool = False, sources=()) -> None:
+  """Refuse OUT before anything is loaded: the source itself (a workdir may hold its own exports), a workdir a live
+  trainer holds, an existing path that is not a previous output of `kind` (unless `overwrite`)."""
+  outputs.check_apart(out, sources, allow_inside=True)
+  lock.refuse_if_held(out, "an export")
+  outputs.check_target(out, overwrite, *OUTPUTS[kind])
+
+
+def _staged(kind: str, out: str, overwrite: bool, state_bytes: int):
+  check_out(kind, out, overwrite)
+  return outputs.staged(out, overwrite, *OUTPUTS[kind], need_bytes=state_bytes)
+
+
+def _nbytes(tree, dtype) -> int:
+  return sum(int(np.size(x)) for x in jax.tree.leaves(tree)) * np.dtype(dtype).itemsize
 
 
 def _cast(state: dict, dtype) -> dict:
@@ -44,11 +86,16 @@ def _save(directory: str, config: dict, state: dict, weights: str, dtype) -> Non
   save_file(_cast(state, dtype), os.path.join(directory, weights), metadata={"format": "pt"})
 
 
-def export_diffusers(sd, out: str, dtype=np.float32) -> str:
-  """Write `sd` (a `pipeline.StableDiffusion`: a loaded pipeline folder) to `out` as a diffusers pipeline folder."""
+def export_diffusers(sd, out: str, dtype=np.float32, overwrite: bool = False) -> str:
+  """Write `sd` (a `pipeline.StableDiffusion`: a loaded pipeline folder) to `out` as a diffusers pipeline folder
+  (atomically; see the module docstring for what may be replaced)."""
+  with _staged("diffusers", out, overwrite, _nbytes(sd.params, dtype)) as tmp:
+    _write_folder(sd, tmp, dtype)
+  return out
+
+
+def _write_folder(sd, out: str, dtype) -> None:
   from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip
-  if os.path.exists(os.path.join(out, "model_index.json")):
-    raise cli.UserError(f"{out} already holds a pipeline (model_index.json). Fix: export to a new directory")
   params = sd.params
   _save(os.path.join(out, "unet"), *diffusers_unet.to_diffusers(sd.unet.cfg, params["unet"]),
         "diffusion_pytorch_model.safetensors", dtype)
@@ -73,26 +120,25 @@ def export_diffusers(sd, out: str, dtype=np.float32) -> str:
       index[key] = [None, None] if isinstance(value, list) else value
   with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
     json.dump(index, f, indent=2)
-  return out
+  with open(os.path.join(out, EXPORT_MARKER), "w", encoding="utf-8") as f:
+    json.dump({"command": "python -m lidit_jax.export diffusers", "dtype": np.dtype(dtype).name}, f, indent=2)
 
 
-def export_single_file(sd, out: str, dtype=np.float32) -> str:
+def export_single_file(sd, out: str, dtype=np.float32, overwrite: bool = False) -> str:
   """Write `sd` (a `pipeline.StableDiffusion`) to the file `out` in the original single-file layout that A1111,
   ComfyUI and diffusers' `from_single_file` read: `model.diffusion_model.*` (the U-Net), `first_stage_model.*`
   (the VAE) and the text encoders under their SD 1.x / 2.x / XL keys (`convert.sd_single_file`)."""
   from safetensors.numpy import save_file
   from lidit_jax.convert import diffusers_unet, diffusers_vae, sd_single_file
-  if os.path.exists(out):
-    raise cli.UserError(f"{out} already exists. Fix: export to a new file")
+  check_out("single-file", out, overwrite)
   state = {**diffusers_unet.to_ldm(sd.unet.cfg, sd.params["unet"]),
            **diffusers_vae.to_ldm(sd.vae.module.cfg, sd.params["vae"])}
   encoders = {enc.name: enc for enc in sd.encoders}
   for name, prefix, layout in sd_single_file.TEXT_ENCODERS[sd_single_file.kind_of(sd)]:
     state.update(sd_single_file.text_state(encoders[name].module.cfg, sd.params[name], prefix, layout))
   state = _cast(state, dtype)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  save_file(state, out + ".partial", metadata={"format": "pt"})
-  os.replace(out + ".partial", out)  # a failed write leaves no half file under the name
+  with _staged("single-file", out, overwrite, _nbytes(state, dtype)) as tmp:
+    save_file(state, tmp, metadata={"format": "pt", METADATA_KEY: "single-file"})
   return out
 
 
@@ -121,7 +167,6 @@ def stable_diffusion_of(workdir: str):
   Only runs whose text side is the folder's (conditioner identity on its text encoders, the unconditional context
   the pipeline's: the empty prompt, or zeros with force_zeros_for_empty_prompt) export: anything else is not a
   model diffusers' pipelines run."""
-  import jax
   import jax.numpy as jnp
   from lidit_jax import checkpoint as ckpt_lib, configs
   from lidit_jax.pipeline import StableDiffusion
@@ -181,7 +226,6 @@ def torch_layout(names: tuple, value: np.ndarray, path: tuple[str, ...]) -> dict
 def model_axis_names(config) -> dict[tuple[str, ...], tuple]:
   """{parameter path: logical axis names} of the config's trainable model (nothing computed)."""
   import flax.linen as nn
-  import jax
   from lidit_jax import model as model_lib
   m = model_lib.build_model(config)
   boxed = jax.eval_shape(lambda kw: m.init(jax.random.key(0), **kw), model_lib.abstract_inputs(config, 1))["params"]
@@ -189,20 +233,19 @@ def model_axis_names(config) -> dict[tuple[str, ...], tuple]:
   return {tuple(k.key for k in p): tuple(leaf.names) for p, leaf in leaves}
 
 
-def export_safetensors(workdir: str, out: str, dtype=np.float32) -> str:
+def export_safetensors(workdir: str, out: str, dtype=np.float32, overwrite: bool = False) -> str:
   """The EMA weights of a training workdir's latest checkpoint (any family) as one safetensors file that PyTorch
   reads (`safetensors.torch.load_file`). Keys: the parameter's path joined by "." with `kernel` / `scale` /
   `embedding` named `weight`; a scanned stack (the DiT's `blocks`) written per layer as `blocks.{i}.`. Layouts:
   Dense kernels as torch Linear weights [out, in] (attention projections with their heads flattened: q / k / v
   [H*K, D], the output [D, H*K], per-head biases [H*K]); conv kernels OIHW; everything else as stored. The frozen
   text towers and the autoencoder are not in it (they come from their own checkpoints). Metadata: `format`
-  "pt", `lidit_jax.config` (the workdir's config JSON) and `lidit_jax.step`."""
-  import jax
+  "pt", `lidit_jax.config` (the workdir's config JSON), `lidit_jax.step` and `lidit_jax.export` ("safetensors",
+  so that a later export may replace the file; anything else there is refused unless `overwrite`)."""
   from safetensors.numpy import save_file
   from lidit_jax import checkpoint as ckpt_lib
   from lidit_jax.pipeline import Pipeline
-  if os.path.exists(out):
-    raise cli.UserError(f"{out} already exists. Fix: export to a new file")
+  check_out("safetensors", out, overwrite, [workdir])
   ckpt_lib.require(workdir).close()  # a clear error before anything is built
   pipe = Pipeline.from_pretrained(workdir)
   backend = pipe.backend
@@ -214,11 +257,16 @@ def export_safetensors(workdir: str, out: str, dtype=np.float32) -> str:
     state.update(torch_layout(names[path], value, path))
   state = _cast(state, dtype)
   meta = {"format": "pt", "lidit_jax.config": backend.setup.config.to_json_best_effort(),
-          "lidit_jax.step": str(backend.step)}
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  save_file(state, out + ".partial", metadata=meta)
-  os.replace(out + ".partial", out)
+          "lidit_jax.step": str(backend.step), METADATA_KEY: "safetensors"}
+  with _staged("safetensors", out, overwrite, _nbytes(state, dtype)) as tmp:
+    save_file(state, tmp, metadata=meta)
   return out
+
+
+def _add_overwrite_flag(parser):
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace OUT whatever it holds (atomically: the old OUT goes once the new one is complete)")
+
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m lidit_jax.export", description=__doc__.split("\n\n")[0],
@@ -230,26 +278,29 @@ def main(argv=None) -> int:
   d.add_argument("--format", default="diffusers", choices=("diffusers", "single-file"),
                  help="a diffusers pipeline folder, or one file in the original layout")
   d.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' storage dtype")
+  _add_overwrite_flag(d)
   cli.add_debug_flag(d)
   t = sub.add_parser("safetensors", help="a training workdir's model (EMA weights, any family) -> one safetensors "
                      "file in PyTorch layouts (keys documented in export_safetensors)")
   t.add_argument("src", help="training workdir (config.json + checkpoints/)")
   t.add_argument("out", help="new .safetensors file")
   t.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' storage dtype")
+  _add_overwrite_flag(t)
   cli.add_debug_flag(t)
   args = parser.parse_args(argv)
   with cli.user_errors():
     if args.command == "safetensors":
-      export_safetensors(args.src, args.out, np.dtype(args.dtype))
+      export_safetensors(args.src, args.out, np.dtype(args.dtype), args.overwrite)
       print(json.dumps({"out": args.out, "format": "safetensors"}))
       return 0
     from lidit_jax.pipeline import Pipeline
+    check_out(args.format, args.out, args.overwrite, [args.src])  # before the model is loaded
     if os.path.isfile(os.path.join(args.src, "model_index.json")):
       sd = Pipeline.from_pretrained(args.src).backend
     else:
       sd = stable_diffusion_of(args.src)
     write = export_diffusers if args.format == "diffusers" else export_single_file
-    write(sd, args.out, np.dtype(args.dtype))
+    write(sd, args.out, np.dtype(args.dtype), args.overwrite)
   print(json.dumps({"out": args.out, "format": args.format}))
   return 0
 

@@ -65,9 +65,9 @@ def test_cli_refuses_bad_input_with_a_clear_message(tiny, tmp_path):
   r = subprocess.run(cmd + [str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True,
                      cwd=ROOT)
   assert r.returncode == 2 and "config.json" in r.stderr, r.stderr
-  r = subprocess.run(cmd + [str(tiny / "llama"), str(tiny / "llama-orbax")], capture_output=True, text=True,
-                     cwd=ROOT)
-  assert r.returncode == 2 and "already holds a converted model" in r.stderr, r.stderr
+  r = subprocess.run(cmd + [str(tiny / "llama"), str(tiny / "qwen2")], capture_output=True, text=True,
+                     cwd=ROOT)  # a Hugging Face folder as OUT: not a previous conversion, refused
+  assert r.returncode == 2 and "is not a converted text model" in r.stderr, r.stderr
   r = subprocess.run([sys.executable, "-m", "lidit_jax.convert", "hf-text", "--help"], capture_output=True,
                      text=True, cwd=ROOT)
   assert r.returncode == 0 and "--allow-pickle" in r.stdout

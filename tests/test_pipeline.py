@@ -213,9 +213,9 @@ def test_convert_then_export_round_trip(tmp_path, build, capsys):
   ref = cls.from_pretrained(str(tmp_path / "back"))
   np.testing.assert_allclose(_reference(ref, prompts, latents, num_inference_steps=3, guidance_scale=4.0), want,
                              atol=2e-3)
-  with pytest.raises(SystemExit) as e:  # a second export over the first is refused, not merged
-    export.main(["diffusers", str(tmp_path / "ours"), str(tmp_path / "back")])
-  assert e.value.code == 2 and "already holds a pipeline" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:  # a pipeline folder the exporter did not write is refused, not merged
+    export.main(["diffusers", str(tmp_path / "ours"), str(tmp_path / "again")])
+  assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
 
 
 ORIGINAL_TEXT_KEYS = {"sd15": ["cond_stage_model.transformer.text_model.final_layer_norm.weight"],
@@ -268,8 +268,8 @@ def test_single_file_export_and_convert_round_trip(tmp_path, capsys, build):
     with pytest.raises(SystemExit) as e:
       convert_main(["single-file", file, str(tmp_path / "bad"), "--config", str(tmp_path / "pipe"), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
-  with pytest.raises(SystemExit) as e:  # an existing file is not overwritten
-    export.main(["diffusers", str(tmp_path / "pipe"), file, "--format", "single-file"])
+  with pytest.raises(SystemExit) as e:  # an existing file the exporter did not write is not overwritten
+    export.main(["diffusers", str(tmp_path / "pipe"), str(tmp_path / "ema.safetensors"), "--format", "single-file"])
   assert e.value.code == 2 and "already exists" in capsys.readouterr().err
 
 

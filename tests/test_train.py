@@ -344,8 +344,8 @@ def test_export_safetensors_holds_the_ema_weights_in_torch_layouts(trained, tmp_
   theirs = F.conv2d(t(x.transpose(0, 3, 1, 2)), got[name], got[name.replace(".weight", ".bias")], padding=1)
   np.testing.assert_allclose(theirs.numpy().transpose(0, 2, 3, 1), np.asarray(ours), rtol=1e-4, atol=1e-5)
   capsys.readouterr()
-  with pytest.raises(SystemExit) as e:  # never over an existing file
-    export.main(["safetensors", workdir, out])
+  with pytest.raises(SystemExit) as e:  # never over a file the exporter did not write
+    export.main(["safetensors", workdir, os.path.join(workdir, "config.json")])
   assert e.value.code == 2 and "already exists" in capsys.readouterr().err
 
 

@@ -159,12 +159,11 @@ def test_convert_cli_writes_orbax_that_load_vae_reads(tmp_path, capsys):
     want = ref.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(np.asarray(module.apply({"params": params}, jnp.asarray(z), method="decode")), want,
                              atol=1e-4, rtol=1e-4)
-  # Refusals are one message and exit 2: a layout the shapes cannot tell (its 8 norm groups; inferred: SD's 32)
-  # without --config, and a second conversion into OUT.
-  for args, message in ((["--config", str(tmp_path / "vae" / "config.json")], "already holds a converted model"),
-                        ([], "not divisible by norm_num_groups 32")):
+  # Refusals are one message and exit 2: an OUT that is no converted VAE (the diffusers folder), and a layout the
+  # shapes cannot tell (its 8 norm groups; inferred: SD's 32) without --config.
+  for out, message in (("vae", "is not a converted VAE"), ("out", "not divisible by norm_num_groups 32")):
     with pytest.raises(SystemExit) as e:
-      convert_cli.main(["vae", str(file), str(tmp_path / "out"), *args])
+      convert_cli.main(["vae", str(file), str(tmp_path / out)])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 

@@ -9,7 +9,6 @@ Config fields the module does not implement are refused by name rather than conv
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
@@ -50,6 +49,13 @@ def config_from_diffusers(d: dict, where: str = "config.json") -> unet.UNetConfi
     raise ValueError(f"{where}: addition_embed_type={d['addition_embed_type']!r} is not supported (None or 'text_time')")
   n = len(d.get("block_out_channels", unet.UNetConfig.block_out_channels))
   per_block = lambda v: tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),) * n
+  layers = d.get("layers_per_block")
+  if isinstance(layers, (list, tuple)):  # diffusers takes one count per block; the same count everywhere is an int
+    if len(set(layers)) != 1:
+      raise ValueError(f"{where}: layers_per_block={list(layers)} (a different resnet count per block) is not "
+                       "supported: models/unet.py builds every block with one count. Fix: convert a U-Net with one "
+                       "layers_per_block, or extend models/unet.py to take one per block")
+    d = {**d, "layers_per_block": int(layers[0])}
   base = unet.UNetConfig()
   get = lambda k, default=None: d.get(k) if d.get(k) is not None else (default if default is not None else getattr(base, k))
   return unet.UNetConfig(
@@ -243,8 +249,7 @@ class Conversion:
     path = os.path.expanduser(os.fspath(path))
     single = os.path.isfile(path)
     if single:
-      if not path.endswith(".safetensors"):
-        raise NotFound(f"{path!r} is not a .safetensors file. Fix: convert the checkpoint to safetensors first")
+      io.require_safetensors(path)
       files = io.CheckpointFiles(path)
       if not any(k.startswith(LDM_PREFIX) for k in files.keys()):
         raise NotFound(f"{path} holds no {LDM_PREFIX}* tensors, so it is no original SD checkpoint. Fix: a U-Net "
@@ -286,8 +291,7 @@ def _read_config(where: str) -> unet.UNetConfig:
     where = os.path.join(io.component_dir(where, "unet", "UNet2DConditionModel"), "config.json")
   if not os.path.exists(where):
     raise NotFound(f"{where} does not exist. Fix: point at a diffusers U-Net folder or its config.json")
-  with open(where, encoding="utf-8") as f:
-    return config_from_diffusers(json.load(f), where)
+  return config_from_diffusers(io.read_json(where), where)
 
 
 def load_unet(path: str, dtype=jnp.float32):

@@ -131,8 +131,7 @@ def infer_config(files: io.CheckpointFiles) -> vae.VAEConfig:
 def _read_config(where: str) -> vae.VAEConfig:
   if not os.path.exists(where):
     raise NotFound(f"VAE config {where} does not exist. Fix: pass config= the diffusers config.json of these weights")
-  with open(where, encoding="utf-8") as f:
-    return config_from_diffusers(json.load(f), where)
+  return config_from_diffusers(io.read_json(where), where)
 
 
 @dataclasses.dataclass
@@ -150,8 +149,7 @@ class Conversion:
   def prepare(cls, path: str, dtype=jnp.float32, config: str | None = None) -> "Conversion":
     path = os.path.expanduser(os.fspath(path))
     if os.path.isfile(path):
-      if not path.endswith(".safetensors"):
-        raise NotFound(f"VAE file {path!r} is not a .safetensors file. Fix: convert it to safetensors first")
+      io.require_safetensors(path)
       files = io.CheckpointFiles(path)
       files.find_prefix(("encoder.conv_in.weight",))  # "first_stage_model." in a whole SD checkpoint
       original = files.resolve("encoder.down_blocks.0.resnets.0.conv1.weight") is None

@@ -12,7 +12,6 @@ and plan(cfg) -> {param path: Source}.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from types import ModuleType
@@ -41,7 +40,9 @@ def family_for(hf_config: dict, where: str = "config.json") -> ModuleType:
     if model_type in fam.MODEL_TYPES:
       return fam
   supported = sorted(t for f in map(family, FAMILIES) for t in f.MODEL_TYPES)
-  raise ValueError(f"{where}: model_type={model_type!r} is not supported. Supported: {supported}.")
+  raise ValueError(f"{where}: model_type={model_type!r} is not supported. Supported: {supported}. Fix: convert a "
+                   "model of one of those types (a text tower can be any of them: --config.text.towers.NAME.init), "
+                   "or add its family to lidit_jax/convert (a module like hf_llm.py, listed in hf_text.FAMILIES)")
 
 
 def read_hf_config(path: str) -> dict:
@@ -49,8 +50,7 @@ def read_hf_config(path: str) -> dict:
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"{path} has no config.json (nor {registry.MARKER}); expected a Hugging Face model "
                             "directory or the output of `python -m lidit_jax.convert hf-text`.")
-  with open(cfg_path) as f:
-    return json.load(f)
+  return io.read_json(cfg_path)
 
 
 def _converted_text(path: str) -> bool:

@@ -5,7 +5,8 @@ Layout of OUT (from `python -m lidit_jax.convert hf-text SRC OUT`):
                            conversion dtype; `StandardCheckpointer().restore` reads it
   config.json, tokenizer*  copied from SRC, so OUT also serves as a tokenizer directory
   lidit_converted.json     family, model config, source, dtype; written last, so a half-written OUT is
-                           never mistaken for a finished one
+                           never mistaken for a finished one (and the CLI writes OUT under a temporary name
+                           beside it, renamed when complete: Orbax's files hold no absolute paths)
 
 Writing: leaves go to Orbax as host numpy arrays, written from their own buffers (no copy). The CLI
 streams (`stream_converted`): Orbax starts on a tree of placeholders (`PendingArray`) and writes each

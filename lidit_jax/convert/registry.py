@@ -78,5 +78,4 @@ def component_config(name: str, path: str, subfolder: str, class_name: str):
   if not os.path.exists(config):
     from lidit_jax.cli import NotFound
     raise NotFound(f"{where} has no config.json. Fix: point at a diffusers {class_name} or pipeline folder")
-  with open(config, encoding="utf-8") as f:
-    return family(name).config_from_diffusers(json.load(f), config)
+  return family(name).config_from_diffusers(io.read_json(config), config)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import struct
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -134,6 +135,40 @@ def to_state_dict(plan: "Plan", params) -> dict[str, np.ndarray]:
   return out
 
 
+def read_json(path: str) -> dict:
+  """A model's JSON file (config.json, model_index.json, a shard index), named when it is not valid JSON."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except ValueError as e:  # json's own text names a line and column, never the file
+      raise UserError(f"{path} is not valid JSON ({e}). Fix: restore that file from the model's original download "
+                      "(or repair it by hand)") from e
+
+
+def metadata(path: str) -> dict | None:
+  """The `__metadata__` of a safetensors file, or None when `path` is not a readable safetensors file."""
+  try:
+    with safe_open(path, "np") as f:
+      return f.metadata() or {}
+  except Exception:  # noqa: BLE001  SafetensorError (no OSError) for anything that is not safetensors
+    return None
+
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def require_safetensors(path: str) -> None:
+  """Refuse a single checkpoint file that is not .safetensors, saying how to get one (pickles are never read)."""
+  if path.endswith(".safetensors"):
+    return
+  if path.endswith(PICKLE_SUFFIXES):
+    raise UserError(f"{path} is a PyTorch pickle checkpoint, which can run code when loaded, so it is not read. Fix: "
+                    "download the model's .safetensors release (most checkpoints publish one), or convert this file "
+                    "in a sandbox with a tool you trust (torch.load(path, weights_only=True)['state_dict'], then "
+                    "safetensors.torch.save_file)")
+  raise UserError(f"{path} is not a .safetensors file. Fix: point at the checkpoint's .safetensors file")
+
+
 def component_dir(path: str, subfolder: str, class_name: str) -> str:
   """A diffusers component's folder: `path` itself, or its `subfolder` (vae/, unet/) when `path` is a pipeline."""
   path = os.path.expanduser(os.fspath(path))
@@ -170,8 +205,7 @@ class CheckpointFiles:
       single = os.path.join(directory, f"{stem}.safetensors")
     self._pickle: dict[str, np.ndarray] | None = None
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = read_json(index)["weight_map"]
       self.key_to_file = {k: os.path.join(directory, v) for k, v in weight_map.items()}
       missing = sorted({p for p in self.key_to_file.values() if not os.path.exists(p)})
       if missing:
@@ -200,7 +234,18 @@ class CheckpointFiles:
     import torch  # only on explicit request: pickle checkpoints need torch to unpickle
     out = {}
     for p in paths:
-      sd = torch.load(p, map_location="cpu", weights_only=True)
+      try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+      except pickle.UnpicklingError as e:  # weights_only met something besides tensors: nothing of it ran
+        boilerplate = ("Weights only load failed", "Please file", "Check the documentation")
+        why = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(boilerplate)]
+        raise UserError(f"{p} was refused as unsafe to load: torch's weights_only loader accepts tensors only and "
+                        f"rejected it ({why[0] if why else type(e).__name__}); nothing in it was run. Fix: convert it "
+                        "to safetensors with a tool you trust, in a sandbox, or download the model's .safetensors "
+                        "files") from e
+      except (RuntimeError, EOFError) as e:  # a truncated zip, an empty file
+        raise UserError(f"cannot read {p}: {e}. Fix: the file is truncated or not a PyTorch checkpoint; download or "
+                        "copy it again (its .safetensors files, if the model has them)") from e
       out.update({k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()})
     return out
 
