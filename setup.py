@@ -37,7 +37,9 @@ setup(
         # pulls a multi-GB CUDA build.
         "test": ["pytest>=8", "pytest-xdist>=3.5",  # two workers, one test file each at a time
                  "torch==2.13.0", "diffusers>=0.31",
-                 "scikit-image>=0.24"],  # its package data: real photos for the data tests
+                 "scikit-image>=0.24",  # its package data: real photos for the data tests
+                 # libtpu: the TPU compiler, for compiling configs for TPU slices here (no TPU needed)
+                 "jax[tpu]>=0.6,<0.11"],
         # The study's towers that know language train with transformers' PyTorch classes (experiments/pretrain_towers)
         "study": ["torch==2.13.0"],
         "tpu": ["jax[tpu]>=0.6,<0.11"],

@@ -203,9 +203,9 @@ def attention_implementation(config, platform: str | None = None) -> str:
   return want
 
 
-def build_model(config) -> nn.Module:
-  """The trainable denoiser of `model.family`."""
-  return denoisers.family(config).build(config, attention_implementation(config))
+def build_model(config, platform: str | None = None) -> nn.Module:
+  """The trainable denoiser of `model.family`, with the attention kernel of `platform` (default: this process')."""
+  return denoisers.family(config).build(config, attention_implementation(config, platform))
 
 
 def latent_shape(config) -> tuple[int, int, int]:
@@ -267,7 +267,9 @@ def abstract_params(config, towers: dict | None = None):
   """Boxed abstract parameters of the trainable model (logical axes kept), allocating nothing."""
   towers = towers or planned_towers(config)
   inputs = abstract_inputs(config, 1, tower_dims(config, towers))
-  return jax.eval_shape(lambda kw: build_model(config).init(jax.random.key(0), **kw), inputs)["params"]
+  # the attention kernel changes no shape: XLA's, so that a splash config plans on any host
+  model = denoisers.family(config).build(config, "xla")
+  return jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw), inputs)["params"]
 
 
 def param_report(config) -> dict:

@@ -2,12 +2,15 @@
 no devices are needed):
 
   python -m lidit_jax.plan --config configs/lidit_10b.py --config.mesh.fsdp=256 [--devices 256] [--chip v5p]
+  python -m lidit_jax.plan --config configs/lidit_1b.py --topology v5p-128 [--slices 2]   # + the TPU compiler's
 
 Per device: bytes of parameters, gradients, optimizer state (AdamW: two moments) and EMA, each sharded by
 the config's logical-axis rules on the mesh; the frozen text towers and autoencoder; estimates of the
 activations the denoiser family keeps for the backward pass (at the config's batch and remat policy) and of
 the autoencoder's encoding peak. Per step: model FLOPs (training counts forward + backward = 3x forward; the
 frozen towers' and autoencoder's forward separately) and, for a chip, the step time at a given MFU. `train.py` logs TFLOP/s per device and MFU from the same FLOP count.
+With --topology the train step is also compiled for that TPU slice on this machine (lidit_jax/tpu_compile.py): the
+compiled program's memory per chip against HBM, its collectives and cost model, beside this estimate.
 """
 from __future__ import annotations
 
@@ -179,13 +182,27 @@ def format_plan(p: dict) -> str:
 
 def main(argv):
   from absl import flags
-  from lidit_jax import configs
+  from lidit_jax import cli, configs
   f = flags.FLAGS
+  if f.topology:
+    from lidit_jax import tpu_compile  # it imports the trainer, which imports this module
+    topology = tpu_compile.parse(f.topology, f.slices)  # a bad name fails before the config loads
+    jax.config.update("jax_platforms", "cpu")  # the host; the slice's devices exist for the compiler only
+  elif f.slices != 1:
+    raise cli.UserError(f"--slices {f.slices} without --topology. Fix: add --topology (e.g. v5p-128)")
   config = configs.load_from_flags()
-  devices = f.devices or math.prod(max(1, int(config.mesh[a])) for a in sharding.AXES)
-  p = plan(config, devices, f.chip, f.mfu)
-  print(format_plan(p))
-  print(json.dumps(p))
+  if not f.topology:
+    devices = f.devices or math.prod(max(1, int(config.mesh[a])) for a in sharding.AXES)
+    p = plan(config, devices, f.chip, f.mfu)
+    print(format_plan(p))
+    print(json.dumps(p))
+    return
+  config = tpu_compile.configure(config, topology, f.chip, f.devices)
+  p = plan(tpu_compile.planner_view(config, topology), topology.chips, topology.chip, f.mfu)
+  print(format_plan(p), flush=True)  # the estimate first: the compile takes minutes for a large config
+  compiled = tpu_compile.compile_train_step(config, topology)
+  print(tpu_compile.format_compiled(compiled, p["bytes_per_device"]["total"]))
+  print(json.dumps({**p, "compiled": compiled}))
 
 
 if __name__ == "__main__":
@@ -198,4 +215,9 @@ if __name__ == "__main__":
                        "when an axis is -1).")
   flags.DEFINE_enum("chip", None, sorted(CHIP_PEAK_TFLOPS), "Chip, for the step time at --mfu.")
   flags.DEFINE_float("mfu", 0.4, "Model FLOP utilization assumed for the step time.")
+  flags.DEFINE_string("topology", None, "Also compile the train step for this Cloud TPU slice here, no TPU needed "
+                      "(libtpu: the test extra or `jax[tpu]`): v5p-128, v5litepod-256 / v5e-256, v6e-8, v4-128, "
+                      "or v5p:4x4x4; reports the compiled memory per chip against HBM.")
+  flags.DEFINE_integer("slices", 1, "With --topology: slices of it, joined over DCN (mesh.dcn_data unless the "
+                       "config sets dcn axes).")
   cli.run(main)

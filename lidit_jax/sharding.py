@@ -74,10 +74,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def compile_only(mesh: Mesh) -> bool:
+  """Whether the mesh's devices exist only for the compiler (`jax.experimental.topologies`: a TPU slice described
+  on a machine without one): nothing can be placed on them."""
+  return getattr(mesh.devices.flat[0].client, "runtime_type", "") == "compile_only_runtime"
+
+
 @contextlib.contextmanager
 def active(mesh: Mesh, config):
-  """Mesh + logical rules in scope, for tracing and running sharded functions."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)):
+  """Mesh + logical rules in scope, for tracing and running sharded functions. A compile-only mesh is put in
+  scope abstractly: under `jax.set_mesh` eager values (`jax.random.key(0)`) would be placed on its devices."""
+  scope = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if compile_only(mesh) else jax.set_mesh(mesh)
+  with scope, nn.logical_axis_rules(rules(config)):
     yield
 
 

@@ -143,17 +143,18 @@ def _init_state(s: Setup, rng) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=s.tx.init(params))
 
 
-def setup(config, use_text_cache: bool = True, abstract: bool = False) -> Setup:
+def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=None) -> Setup:
   """`use_text_cache=False` loads the towers even when text.cache is set (sampling new prompts).
   `abstract=True` builds everything from shapes only (no tokenizers, checkpoints or parameters; towers from
-  their checkpoints' configs or the config's fields): for compiling and planning a run before it exists."""
-  mesh = sharding.make_mesh(config)
+  their checkpoints' configs or the config's fields): for compiling and planning a run before it exists.
+  `devices` (default `jax.devices()`) may be a TPU slice's compile-only devices, with `abstract=True`."""
+  mesh = sharding.make_mesh(config, devices)
   shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum
   if config.train.batch_size % shards:
     raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by data x fsdp devices x "
                      f"train.grad_accum ({mesh.shape['data']} x {mesh.shape['fsdp']} x {config.train.grad_accum})."
                      " Fix: change the batch size, the mesh or grad_accum.")
-  model = model_lib.build_model(config)
+  model = model_lib.build_model(config, mesh.devices.flat[0].platform)  # the kernels of the mesh's chips
   ae, ae_params = autoencoder_lib.build(config.autoencoder, abstract=abstract)  # a bad VAE fails before the LLMs
   if ae_params is not None:  # small and convolutional: replicated (its logical axes map to no mesh axis)
     repl = sharding.replicated(mesh)

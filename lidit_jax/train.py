@@ -121,11 +121,12 @@ def device_batch(batch: dict, mesh) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), arrays)
 
 
-def lower_train_step(config):
+def lower_train_step(config, devices=None):
   """The train step lowered on abstract inputs (nothing allocated): `.compile()` it to check a config on a
   mesh, `.cost_analysis()` for FLOPs. Text inputs are token ids, or cached features with text.cache; images
-  are uint8 pixels (encoded in the step), or stored latents with data.source=features or before the VAE exists."""
-  s = state_lib.setup(config, abstract=True)
+  are uint8 pixels (encoded in the step), or stored latents with data.source=features or before the VAE exists.
+  `devices`: those of the mesh (default `jax.devices()`), e.g. a TPU slice's from `jax.experimental.topologies`."""
+  s = state_lib.setup(config, abstract=True, devices=devices)
   b, sh = config.train.batch_size, sharding.batch_sharding(s.mesh)
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   text = {}

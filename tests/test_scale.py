@@ -158,7 +158,7 @@ def test_sigterm_saves_the_step_reached_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, err[-3000:]
   saved = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())
   assert saved and saved[-1] == max(losses(str(tmp_path))) >= 3  # the step it had reached, not a periodic one
-  assert "stop requested (SIGTERM)" in out + err
+  assert "stopped (SIGTERM): saved step" in out + err
 
 
 def test_sigkill_and_restart_gives_the_same_losses(tmp_path):

@@ -163,6 +163,10 @@ def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool 
     return local(q_BLHK, k_BSHK, v_BSHK, valid)
   from jax.sharding import PartitionSpec as P
   batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  # an axis its mesh axes do not divide (the batch of 1 that initialisation traces) is not split
+  split = lambda axes, n: axes if n % math.prod(mesh.shape[a] for a in
+                                               ((axes,) if isinstance(axes, str) else axes or ())) == 0 else None
+  batch, heads = split(batch, b), split(heads, h)
   spec = P(batch, None, heads, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
                        check_vma=False)(q_BLHK, k_BSHK, v_BSHK, valid)
