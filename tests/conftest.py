@@ -78,6 +78,9 @@ def _compilation_cache():
   import os
   import shutil
   import tempfile
+  # libtpu (the test extra: TPU compiles here) would have every process try a TPU first and warn; these tests run
+  # on the CPU (tpu_compile targets its compile-only devices whatever this says)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lidit_jax_xla_cache_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"

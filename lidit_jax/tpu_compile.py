@@ -1,0 +1,267 @@
+"""A config's train step compiled for a Cloud TPU slice on this machine, without a TPU (`python -m lidit_jax.plan
+--topology v5p-128`): libtpu's compiler (`pip install "jax[tpu]"`) targets the slice's compile-only devices
+(`jax.experimental.topologies`), and the compiled program's own memory analysis, collectives and cost analysis are
+reported per chip, as MaxText's `train_compile.py` does. The host stays on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+
+import jax
+from jax.experimental import topologies
+
+from lidit_jax import cli, sharding
+from lidit_jax import plan as plan_lib
+from lidit_jax import train
+
+GiB = plan_lib.GiB
+# Per chip (vendor figures, Cloud TPU system architecture pages): HBM capacity in GiB and bandwidth in GB/s.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+HBM_GBPS = {"v4": 1228, "v5e": 819, "v5p": 2765, "v6e": 1640}
+# The names a user may type for a chip -> ours. gcloud calls v5e "v5litepod"; libtpu calls v5p "v5".
+CHIP_NAMES = {"v4": "v4", "v5p": "v5p", "v5": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
+TORUS_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
+MEGACORE = {"v4", "v5p"}  # two TensorCores per chip, one JAX device; gcloud's v4-N / v5p-N count the cores
+MAX_CHIPS = {"v4": 4096, "v5p": 8960, "v5e": 256, "v6e": 256}
+VALID_FORMS = ("a gcloud accelerator type, v4-N / v5p-N counting TensorCores (2 per chip: v4-8, v4-128, v5p-8, "
+               "v5p-128, ...) or v5litepod-N / v5e-N / v6e-N counting chips (1, 4, 8, ..., 256: v5litepod-256, "
+               "v6e-256), N a power of two; or a topology CHIP:AxB[xC] (v4:2x2x1, v5p:4x4x4, v5e:2x2, v6e:16x16) "
+               "for other slice shapes")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute",
+               "collective-broadcast")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  chip: str  # v4 | v5e | v5p | v6e
+  shape: tuple[int, ...]  # chips along the torus' axes, one slice
+  slices: int = 1
+
+  @property
+  def name(self) -> str:
+    return f"{self.chip}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape) * self.slices
+
+
+def torus_shape(chips: int, ndim: int) -> tuple[int, ...] | None:
+  """gcloud's layout of a power-of-two slice: from 2x2(x1), double the last of the shortest axes (v5p-128 ->
+  4x4x4, v5p-256 -> 4x4x8, v5e-32 -> 4x8); None if `chips` is not such a size."""
+  if chips == 1 and ndim == 2:
+    return (1, 1)
+  dims = [2, 2] + [1] * (ndim - 2)
+  while math.prod(dims) < chips:
+    i = max(j for j in range(ndim) if dims[j] == min(dims))
+    dims[i] *= 2
+  return tuple(dims) if math.prod(dims) == chips else None
+
+
+def parse(name: str, slices: int = 1) -> Topology:
+  """`v5p-128`, `v5litepod-256`, `v6e-8`, or `v5p:4x4x4`, with `slices` of it (multi-slice, over DCN)."""
+  bad = lambda why: cli.UserError(f"--topology {name!r}: {why}. Fix: use {VALID_FORMS}")
+  if slices < 1:
+    raise cli.UserError(f"--slices {slices}: must be >= 1 (the number of slices of the pod)")
+  m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
+  if m:
+    chip = CHIP_NAMES.get(m.group(1))
+    if chip is None or m.group(1) == "v5":
+      raise bad(f"unknown TPU {m.group(1)!r}")
+    count = int(m.group(2))
+    chips = count // 2 if chip in MEGACORE else count
+    if chip in MEGACORE and count % 2:
+      raise bad(f"{chip}-N counts TensorCores, two per chip, so N is even")
+    shape = torus_shape(chips, TORUS_DIMS[chip]) if 0 < chips <= MAX_CHIPS[chip] else None
+    if shape is None:
+      raise bad(f"no {chip} slice of {chips} chip(s) here")
+    return Topology(chip, shape, slices)
+  m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", name.strip().lower())
+  if not m:
+    raise bad("not a TPU name")
+  chip = CHIP_NAMES.get(m.group(1))
+  if chip is None:
+    raise bad(f"unknown TPU {m.group(1)!r}")
+  shape = tuple(int(d) for d in m.group(2).split("x"))
+  if TORUS_DIMS[chip] == 2 and len(shape) == 3 and shape[2] == 1:
+    shape = shape[:2]
+  if len(shape) != TORUS_DIMS[chip] or min(shape) < 1:
+    raise bad(f"a {chip} topology has {TORUS_DIMS[chip]} axes of at least 1 chip")
+  return Topology(chip, shape, slices)
+
+
+def devices(topology: Topology) -> list:
+  """The slice's compile-only devices (one per chip; `slice_index` set with several slices), from libtpu."""
+  # Without these libtpu asks the TPU VM's metadata server and warns about the answer; they describe nothing
+  # the compiler reads (the topology is given whole).
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+  # libtpu takes /tmp/libtpu_lockfile to keep TPU chips to one process; there are none here, and compiles may
+  # run side by side (two test workers, two slices checked at once)
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  kwargs = {"chip_config_name": "megacore"} if topology.chip in MEGACORE else {}
+  if math.prod(topology.shape) < 4:  # a one-chip slice is one host of one chip (default hosts hold 2x2)
+    kwargs["chips_per_host_bounds"] = (1, 1, 1)
+  if topology.slices > 1:
+    kwargs["num_slices"] = topology.slices
+  try:
+    return topologies.get_topology_desc(topology.name, "tpu", **kwargs).devices
+  except RuntimeError as e:
+    message = str(e).strip().splitlines()[0]
+    if "not installed" in message:
+      raise cli.UserError(f"--topology {topology.name}: libtpu is not installed, so the TPU compiler is missing. "
+                          f'Fix: pip install "jax[tpu]=={jax.__version__}" (no TPU needed)') from e
+    raise cli.UserError(f"--topology {topology.name}: libtpu refuses it ({message}). Fix: use "
+                        f"{VALID_FORMS}") from e
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: {"count", "bytes"}} of the collectives in a compiled (per-chip) HLO module: each instruction once,
+  bytes its largest result array (the gathered / reduced buffer); a loop body's are counted once."""
+  out = {}
+  ops = "|".join(re.escape(k) for k in sorted(COLLECTIVES, key=len, reverse=True))
+  pattern = re.compile(rf"=\s*(?P<type>.+?)\s+(?P<op>{ops})(?:-start)?\(")
+  for line in hlo_text.splitlines():
+    m = pattern.search(line)
+    if not m:
+      continue
+    arrays = [DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
+              for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group("type")) if dt in DTYPE_BYTES]
+    entry = out.setdefault(m.group("op"), {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += max(arrays, default=0)
+  return out
+
+
+def memory(compiled) -> dict:
+  """The compiled program's memory per chip, from its own analysis: arguments, temporaries, outputs not aliased
+  to (donated) arguments, generated code, and the peak (the compiler's, else their sum)."""
+  m = compiled.memory_analysis()
+  get = lambda key: int(getattr(m, key, 0) or 0)
+  out = {"argument_bytes": get("argument_size_in_bytes"), "temp_bytes": get("temp_size_in_bytes"),
+         "output_bytes": get("output_size_in_bytes"), "alias_bytes": get("alias_size_in_bytes"),
+         "generated_code_bytes": get("generated_code_size_in_bytes")}
+  out["output_not_aliased_bytes"] = max(0, out["output_bytes"] - out["alias_bytes"])
+  # Everything the program holds in HBM at its worst (MaxText's total, plus the code): the TPU compiler's
+  # `peak_memory_in_bytes` comes out below its own temporaries, so it is only reported beside.
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_not_aliased_bytes"] + out["temp_bytes"]
+                       + out["generated_code_bytes"])
+  out["compiler_peak_bytes"] = get("peak_memory_in_bytes")
+  return out
+
+
+def out_of_memory(error: Exception) -> dict | None:
+  """What the TPU compiler says when it refuses a program larger than HBM ("RESOURCE_EXHAUSTED: Ran out of memory
+  on HBM, the total memory required for HLO temporaries (157.87G) exceeds available HBM (15.75G)"); None for any
+  other error. There is no compiled program then: the bytes are the message's."""
+  message = str(error)
+  if "RESOURCE_EXHAUSTED" not in message:
+    return None
+  units = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}  # XLA prints binary units
+  size = lambda m: int(float(m.group(1)) * units[m.group(2)]) if m else None
+  required = size(re.search(r"required[^(]*\(([\d.]+)([KMGT]?)i?B?\)", message)
+                  or re.search(r"Used ([\d.]+)([KMGT]?)i?B? of", message))
+  available = size(re.search(r"available HBM \(([\d.]+)([KMGT]?)i?B?\)", message)
+                   or re.search(r"of ([\d.]+)([KMGT]?)i?B? hbm", message))
+  return {"argument_bytes": None, "temp_bytes": required, "output_not_aliased_bytes": None,
+          "generated_code_bytes": None, "peak_bytes": required, "compiler_hbm_bytes": available,
+          "compiler_message": message.strip().splitlines()[0]}
+
+
+def cost(compiled, chip: str) -> dict:
+  """The compiler's cost model per chip, and the roofline step time it implies (estimates: a while loop's body,
+  such as the scanned blocks', is counted once)."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis or {}
+  flops, accessed = float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+  compute_s = flops / (plan_lib.CHIP_PEAK_TFLOPS[chip] * 1e12)
+  memory_s = accessed / (HBM_GBPS[chip] * 1e9)
+  return {"flops_per_chip_estimate": flops, "bytes_accessed_per_chip_estimate": accessed,
+          "step_seconds_estimate": max(compute_s, memory_s), "bound": "compute" if compute_s >= memory_s else "memory"}
+
+
+def compile_train_step(config, topology: Topology) -> dict:
+  """Compile the config's train step for the slice here; the report's bytes are the compiled program's own."""
+  devs = devices(topology)
+  start = time.perf_counter()
+  lowered = train.lower_train_step(config, devs)
+  hbm = HBM_GIB[topology.chip] * GiB
+  out = {"topology": topology.name, "slices": topology.slices, "chip": topology.chip, "chips": len(devs),
+         "hbm_bytes": hbm}
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    oom = out_of_memory(e)
+    if oom is None:
+      raise
+    peak = oom["peak_bytes"]
+    return {**out, "compile_seconds": round(time.perf_counter() - start, 1), **oom, "fits": False,
+            "headroom_bytes": None if peak is None else hbm - peak}
+  out["compile_seconds"] = round(time.perf_counter() - start, 1)
+  mem = memory(compiled)
+  hlo = compiled.as_text()
+  return {**out, **mem, "fits": mem["peak_bytes"] <= hbm, "headroom_bytes": hbm - mem["peak_bytes"],
+          "collectives": collectives(hlo), "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
+          **cost(compiled, topology.chip)}
+
+
+def configure(config, topology: Topology, chip: str | None = None, num_devices: int | None = None):
+  """The config on the slice: `--slices N` puts the slices on mesh.dcn_data unless the config names them.
+  `chip` / `num_devices` (the planner's --chip / --devices), when given, must agree with the slice."""
+  if chip and chip != topology.chip:
+    raise cli.UserError(f"--chip {chip} but --topology {topology.name} is {topology.chip}. Fix: drop --chip")
+  if num_devices and num_devices != topology.chips:
+    raise cli.UserError(f"--devices {num_devices} but --topology {topology.name} has {topology.chips} chips. Fix: "
+                        "drop --devices")
+  dcn = int(config.mesh.dcn_data) * int(config.mesh.dcn_fsdp)
+  if dcn == 1 and topology.slices > 1:
+    config.mesh.dcn_data = topology.slices
+  elif dcn != topology.slices:
+    raise cli.UserError(f"mesh.dcn_data x dcn_fsdp = {dcn} slices, but --slices {topology.slices}. Fix: pass "
+                        f"--slices {dcn}, or set --config.mesh.dcn_data / dcn_fsdp to the slices' count")
+  sharding.mesh_shape(config.mesh, math.prod(topology.shape))  # the mesh describes one slice: refused with its fix
+  return config
+
+
+def planner_view(config, topology: Topology):
+  """The same mesh flattened for the planner (which knows no DCN axes): data x dcn_data, fsdp x dcn_fsdp."""
+  c = config.copy_and_resolve_references()
+  per_slice = math.prod(topology.shape)
+  data, fsdp, tensor = sharding.mesh_shape(config.mesh, per_slice)
+  c.mesh.update(data=data * int(config.mesh.dcn_data), fsdp=fsdp * int(config.mesh.dcn_fsdp), tensor=tensor,
+                dcn_data=1, dcn_fsdp=1)
+  return c
+
+
+def format_compiled(c: dict, planned_bytes: int) -> str:
+  g = lambda b: f"{b / GiB:.3f} GiB"
+  slices = f" x {c['slices']} slices" if c["slices"] > 1 else ""
+  where = f"{c['topology']}{slices} ({c['chips']} x {c['chip']}, {c['hbm_bytes'] // GiB} GiB HBM each)"
+  if "compiler_message" in c:  # refused by the compiler: no program, no analysis
+    over = f", {g(-c['headroom_bytes'])} over" if c["headroom_bytes"] is not None else ""
+    return (f"compiling for {where}: does NOT fit{over}; the compiler refused it after {c['compile_seconds']:.0f} s: "
+            f"{c['compiler_message']}\n  the planner's estimate: {g(planned_bytes)} per chip")
+  verdict = (f"fits, {g(c['headroom_bytes'])} to spare" if c["fits"] else f"does NOT fit: {g(-c['headroom_bytes'])} "
+             "over")
+  lines = [f"compiled for {where} in {c['compile_seconds']:.0f} s; per chip, the compiler's memory analysis:"]
+  for k in ("argument_bytes", "temp_bytes", "output_not_aliased_bytes", "generated_code_bytes", "peak_bytes"):
+    lines.append(f"  {k.removesuffix('_bytes'):>32}: {c[k] / GiB:10.3f} GiB")
+  lines.append(f"  peak vs HBM: {verdict}; the planner's estimate {g(planned_bytes)} is "
+               f"{planned_bytes / max(c['peak_bytes'], 1):.2f}x the compiled peak")
+  if c["collectives"]:
+    lines.append("collectives (per chip, each instruction once): " + ", ".join(
+        f"{k} {v['count']} x ({v['bytes'] / 2 ** 20:.1f} MiB)" for k, v in sorted(c["collectives"].items())))
+  else:
+    lines.append("collectives: none")
+  if c["mosaic_kernels"]:
+    lines.append(f"Mosaic (Pallas) kernels: {c['mosaic_kernels']} custom calls")
+  lines.append(f"cost model (estimates; a while loop's body, such as scanned blocks', counted once): "
+               f"{c['flops_per_chip_estimate'] / 1e12:.3f} TFLOP, {c['bytes_accessed_per_chip_estimate'] / GiB:.2f} "
+               f"GiB accessed per chip -> {c['step_seconds_estimate']:.4f} s/step ({c['bound']}-bound)")
+  return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""`python -m lidit_jax.plan --topology`: the train step compiled for a TPU slice on this CPU (libtpu, no TPU), its
+reported bytes the compiled program's own; a splash-attention DiT lowered by Mosaic; a config too large for a chip
+reported as not fitting; a bad slice name refused in one message."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from lidit_jax import cli, tpu_compile
+
+pytest.importorskip("libtpu", reason="the TPU compiler comes with the test extra (jax[tpu])")
+
+TINY = str(ROOT / "configs/shapes.py:tiny")
+# The host on CPU; no persistent cache: every compile here is the compiler's own.
+ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}, "JAX_PLATFORMS": "cpu"}
+SPLASH = ["--config.model.attention=splash", "--config.model.patch_size=2",  # 256 image tokens
+          "--config.text.towers.llama_a.max_length=64", "--config.text.towers.llama_b.max_length=64"]  # 128 text
+
+DIRECT = r"""
+import json, sys
+from lidit_jax import configs, tpu_compile, train
+c = configs.validate(configs.apply_overrides(configs.load_config_file(sys.argv[1]), json.loads(sys.argv[2])))
+m = train.lower_train_step(c, tpu_compile.devices(tpu_compile.parse(sys.argv[3]))).compile().memory_analysis()
+print(json.dumps({k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "temp_size_in_bytes",
+                                                  "output_size_in_bytes", "alias_size_in_bytes",
+                                                  "generated_code_size_in_bytes")}))
+"""
+
+
+def plan(*args):
+  r = subprocess.run([sys.executable, "-m", "lidit_jax.plan", *args], capture_output=True, text=True, timeout=900,
+                     cwd=ROOT, env=ENV)
+  return r, (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None)
+
+
+def test_tiny_train_step_compiled_for_a_v5e_2x2_slice_reports_the_compiled_bytes():
+  r, p = plan("--config", TINY, "--config.mesh.fsdp=-1", "--topology", "v5e:2x2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  c = p["compiled"]
+  assert (c["topology"], c["chip"], c["chips"], p["devices"]) == ("v5e:2x2", "v5e", 4, 4)
+  assert c["hbm_bytes"] == 16 * 2 ** 30 and c["fits"] and c["headroom_bytes"] == c["hbm_bytes"] - c["peak_bytes"]
+  # fsdp over 4 chips: the parameters are gathered and the gradients reduced across them
+  assert c["collectives"] and sum(v["count"] for v in c["collectives"].values()) > 0, c["collectives"]
+  assert c["mosaic_kernels"] == 0  # XLA attention: the splash test's arm that must differ
+  assert c["flops_per_chip_estimate"] > 0 and c["step_seconds_estimate"] > 0
+  assert "compiled for v5e:2x2" in r.stdout and "peak vs HBM: fits" in r.stdout
+  d = subprocess.run([sys.executable, "-c", DIRECT, TINY, json.dumps({"mesh.fsdp": -1}), "v5e:2x2"],
+                     capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
+  assert d.returncode == 0, d.stderr[-3000:]
+  m = json.loads(d.stdout.strip().splitlines()[-1])
+  assert c["argument_bytes"] == m["argument_size_in_bytes"] > 0
+  assert c["temp_bytes"] == m["temp_size_in_bytes"] > 0
+  assert c["output_not_aliased_bytes"] == m["output_size_in_bytes"] - m["alias_size_in_bytes"]
+  assert c["peak_bytes"] == (m["argument_size_in_bytes"] + m["output_size_in_bytes"] - m["alias_size_in_bytes"]
+                             + m["temp_size_in_bytes"] + m["generated_code_size_in_bytes"])
+
+
+def test_splash_attention_dit_is_lowered_by_mosaic_for_a_tpu_slice():
+  """The Pallas splash kernel compiled for real (not interpret mode): Mosaic custom calls in the TPU program."""
+  r, p = plan("--config", TINY, "--config.mesh.fsdp=-1", *SPLASH, "--topology", "v6e-4")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert p["compiled"]["topology"] == "v6e:2x2" and p["compiled"]["mosaic_kernels"] > 0, p["compiled"]
+
+
+def test_a_config_too_large_for_one_chip_is_reported_as_not_fitting():
+  """The tiny config 8192 wide (billions of float32 parameters with AdamW and EMA) on one 16 GiB v5e chip: the TPU
+  compiler refuses the program, and the report carries its figures."""
+  r, p = plan("--config", TINY, "--config.model.width=8192", "--topology", "v5litepod-1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  c = p["compiled"]
+  assert c["chips"] == 1 and not c["fits"] and c["peak_bytes"] > c["hbm_bytes"] == 16 * 2 ** 30, c
+  assert "RESOURCE_EXHAUSTED" in c["compiler_message"] and c["headroom_bytes"] < 0
+  assert "does NOT fit" in r.stdout
+
+
+def test_two_slices_put_the_data_axis_across_them():
+  r, p = plan("--config", TINY, "--config.mesh.fsdp=-1", "--config.train.batch_size=8", "--topology", "v5e-4",
+              "--slices", "2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and p["devices"] == 8, p["mesh"]
+  assert (p["compiled"]["slices"], p["compiled"]["chips"], p["compiled"]["fits"]) == (2, 8, True)
+
+
+@pytest.mark.parametrize("message,required,available", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (157.87G) exceeds "
+     "available HBM (15.75G).", 157.87, 15.75),
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 20.50G of "
+     "15.75G hbm. Exceeded hbm capacity by 4.75G.", 20.5, 15.75)])
+def test_the_compilers_out_of_memory_message_gives_the_bytes(message, required, available):
+  oom = tpu_compile.out_of_memory(RuntimeError(message))
+  assert oom["peak_bytes"] == int(required * 2 ** 30) and oom["compiler_hbm_bytes"] == int(available * 2 ** 30)
+  assert tpu_compile.out_of_memory(RuntimeError("INVALID_ARGUMENT: something else")) is None
+
+
+def test_a_bad_topology_name_is_one_message():
+  r, _ = plan("--config", TINY, "--topology", "v9-8")
+  assert r.returncode == 2, r.stderr[-3000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "'v9-8'" in errors[0] and "v5p-128" in errors[0] and "v5p:4x4x4" in errors[0], r.stderr
+  assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name,topology,chips", [
+    ("v4-128", "v4:4x4x4", 64), ("v5p-128", "v5p:4x4x4", 64), ("v5p-8", "v5p:2x2x1", 4),
+    ("v5litepod-256", "v5e:16x16", 256), ("v5e-256", "v5e:16x16", 256), ("v5e-1", "v5e:1x1", 1),
+    ("v6e-8", "v6e:2x4", 8), ("v6e-256", "v6e:16x16", 256), ("v5p:4x4x8", "v5p:4x4x8", 128),
+    ("v5:4x4x4", "v5p:4x4x4", 64), ("v5e:2x2x1", "v5e:2x2", 4)])
+def test_slice_names_gcloud_counts_cores_on_v4_v5p_and_chips_on_v5e_v6e(name, topology, chips):
+  t = tpu_compile.parse(name)
+  assert (t.name, t.chips) == (topology, chips)
+  assert tpu_compile.parse(name, slices=2).chips == 2 * chips
+
+
+@pytest.mark.parametrize("name", ["v9-8", "v5p-7", "v5e-2", "v6e-512", "v4:2x2", "v5p", "tpu"])
+def test_bad_slice_names_are_refused_naming_the_value(name):
+  with pytest.raises(cli.UserError, match=f"--topology '{name}'"):
+    tpu_compile.parse(name)
+
+
+def test_collectives_are_read_from_tpu_hlo_with_async_starts_and_tiled_layouts():
+  hlo = "\n".join([
+      "  %all-gather-start = (bf16[8,128]{1,0:T(8,128)(2,1)}, bf16[32,128]{1,0:T(8,128)(2,1)}) "
+      "all-gather-start(bf16[8,128]{1,0:T(8,128)(2,1)} %p), dimensions={0}",
+      "  %all-gather-done = bf16[32,128]{1,0} all-gather-done(%all-gather-start)",
+      "  %ar = f32[1024]{0} all-reduce(f32[1024]{0} %x), to_apply=%add",
+      "  ROOT %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %y), dimensions={0}"])
+  assert tpu_compile.collectives(hlo) == {"all-gather": {"count": 1, "bytes": 32 * 128 * 2},
+                                          "all-reduce": {"count": 1, "bytes": 4096},
+                                          "reduce-scatter": {"count": 1, "bytes": 1024}}
