@@ -15,10 +15,10 @@ import jax
 from jax.experimental import topologies
 
 from lidit_jax import cli, sharding
-from lidit_jax import plan as plan_lib
-from lidit_jax import train
+from lidit_jax import chips
+from lidit_jax import train_step
 
-GiB = plan_lib.GiB
+GiB = chips.GiB
 # Per chip (vendor figures, Cloud TPU system architecture pages): HBM capacity in GiB and bandwidth in GB/s.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 HBM_GBPS = {"v4": 1228, "v5e": 819, "v5p": 2765, "v6e": 1640}
@@ -180,7 +180,7 @@ def cost(compiled, chip: str) -> dict:
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis or {}
   flops, accessed = float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
-  compute_s = flops / (plan_lib.CHIP_PEAK_TFLOPS[chip] * 1e12)
+  compute_s = flops / (chips.CHIP_PEAK_TFLOPS[chip] * 1e12)
   memory_s = accessed / (HBM_GBPS[chip] * 1e9)
   return {"flops_per_chip_estimate": flops, "bytes_accessed_per_chip_estimate": accessed,
           "step_seconds_estimate": max(compute_s, memory_s), "bound": "compute" if compute_s >= memory_s else "memory"}
@@ -190,7 +190,7 @@ def compile_train_step(config, topology: Topology) -> dict:
   """Compile the config's train step for the slice here; the report's bytes are the compiled program's own."""
   devs = devices(topology)
   start = time.perf_counter()
-  lowered = train.lower_train_step(config, devs)
+  lowered = train_step.lower_train_step(config, devs)
   hbm = HBM_GIB[topology.chip] * GiB
   out = {"topology": topology.name, "slices": topology.slices, "chip": topology.chip, "chips": len(devs),
          "hbm_bytes": hbm}
