@@ -175,7 +175,7 @@ def main(argv):
     jax.config.update("jax_platforms", "cpu")  # the host; the slice's devices exist for the compiler only
   elif f.slices != 1:
     raise cli.UserError(f"--slices {f.slices} without --topology. Fix: add --topology (e.g. v5p-128)")
-  config = configs.load_from_flags()
+  config = configs.load_from_flags(data=False)  # shapes only: the dataset need not exist here
   if not f.topology:
     devices = f.devices or math.prod(max(1, int(config.mesh[a])) for a in sharding.AXES)
     p = plan(config, devices, f.chip, f.mfu)
@@ -185,7 +185,8 @@ def main(argv):
   config = tpu_compile.configure(config, topology, f.chip, f.devices)
   p = plan(tpu_compile.planner_view(config, topology), topology.chips, topology.chip, f.mfu)
   print(format_plan(p), flush=True)  # the estimate first: the compile takes minutes for a large config
-  compiled = tpu_compile.compile_train_step(config, topology)
+  model_flops = (p["model_tflop_per_step"] + p["tower_tflop_per_step"] + p["autoencoder_tflop_per_step"]) * 1e12
+  compiled = tpu_compile.compile_train_step(config, topology, model_flops / topology.chips)
   print(tpu_compile.format_compiled(compiled, p["bytes_per_device"]["total"]))
   print(json.dumps({**p, "compiled": compiled}))
 

@@ -55,15 +55,19 @@ def rules(config):
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, config):
-  """NamedShardings for a tree of (possibly boxed) abstract values; unannotated leaves are replicated."""
+  """NamedShardings for a tree of (possibly boxed) abstract values, fitted to their shapes (`fit_spec`);
+  unannotated leaves are replicated."""
   # optax's MaskedNode (a frozen parameter's empty optimizer state, still in its box) holds no array: it gets
   # no sharding. It is an empty tuple, which flax's own mapping would take for a logical spec: map specs only.
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   tree = jax.tree.map(lambda x: x.value if is_box(x) and not jax.tree.leaves(x.value) else x, abstract_tree,
                       is_leaf=is_box)
   r = rules(config)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, r)),
-                      nn.get_partition_spec(tree), is_leaf=lambda x: isinstance(x, P))
+  specs, treedef = jax.tree.flatten(nn.get_partition_spec(tree), is_leaf=lambda x: isinstance(x, P))
+  values = jax.tree.leaves(tree, is_leaf=is_box)
+  shape = lambda v: (v.value if is_box(v) else v).shape
+  return treedef.unflatten([NamedSharding(mesh, fit_spec(shape(v), nn.logical_to_mesh_axes(spec, r), mesh))
+                            for spec, v in zip(specs, values, strict=True)])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -89,18 +93,32 @@ def active(mesh: Mesh, config):
     yield
 
 
+def fit_spec(shape, spec: P, mesh: Mesh) -> P:
+  """`spec` for an array of `shape` on `mesh` with every dimension evenly divided: a mesh axis that does not divide
+  its dimension (an attention kernel's 1152 over fsdp=256) moves to the largest unsharded dimension it divides,
+  else that dimension is replicated (a vocabulary of 50257 over 4 devices)."""
+  spec = list(tuple(spec) + (None,) * (len(shape) - len(spec)))
+  size = lambda names: math.prod(mesh.shape[a] for a in names)
+  homeless = []
+  for i, (dim, axes) in enumerate(zip(shape, spec)):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if names and dim % size(names):
+      spec[i] = None
+      homeless.extend(names)
+  for name in homeless:
+    free = [i for i, dim in enumerate(shape) if spec[i] is None and dim % mesh.shape[name] == 0 and dim > 1]
+    if free and mesh.shape[name] > 1:
+      spec[max(free, key=lambda i: shape[i])] = name
+  return P(*spec)
+
+
 def fit_to_shapes(abstract_tree, mesh: Mesh, rule_pairs) -> "pytree of NamedSharding":
-  """Shardings from logical axes, replicating any dimension its mesh axes do not divide (a vocabulary of
-  50257 over 4 devices, say), so that any checkpoint loads on any mesh."""
+  """Shardings from logical axes, fitted to the shapes (`fit_spec`), so that any checkpoint loads on any mesh."""
   specs = nn.get_partition_spec(abstract_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rule_pairs)
 
   def fit(value, sh):
     shape = value.value.shape if isinstance(value, nn.meta.AxisMetadata) else value.shape
-    spec = []
-    for dim, axes in zip(shape, tuple(sh.spec) + (None,) * (len(shape) - len(sh.spec))):
-      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      spec.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
-    return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, fit_spec(shape, sh.spec, mesh))
 
   return jax.tree.map(fit, abstract_tree, shardings, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

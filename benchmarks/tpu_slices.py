@@ -1,0 +1,124 @@
+"""Every shipped config's train step compiled for Cloud TPU slices on this machine (libtpu, no TPU), beside the
+planner's estimate: `python -m lidit_jax.plan --config C --topology T` for each pair, in a subprocess each.
+
+  python -m benchmarks.tpu_slices [--configs lidit_1b,sd15] [--topologies v5p-128] [--timeout 1800]
+  python -m benchmarks.tpu_slices --table   # no compiles: the table from the stored results, today's planner
+
+Results accumulate in benchmarks/tpu_slices.json (one entry per config and slice, written after each compile,
+kept across runs: a pair already compiled is not compiled again unless --redo; failed ones are). --table prints the markdown table
+and rewrites its section of benchmarks/RESULTS.md; the planner's column is recomputed (seconds), so a planner fix
+shows against the same compiled figures.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("lidit_1b", "lidit_10b", "sd15", "sdxl", "llm4gen_sd15", "diff_adapter")
+TOPOLOGIES = ("v5e-256", "v5p-128", "v5p-512", "v6e-256")
+RESULTS = os.path.join(ROOT, "benchmarks", "tpu_slices.json")
+SECTION = "## Shipped configs compiled for TPU slices, planner vs compiler (`python -m benchmarks.tpu_slices`)"
+GiB = 2 ** 30
+
+
+def load() -> dict:
+  return json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+
+
+def save(results: dict) -> None:
+  tmp = RESULTS + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  os.replace(tmp, RESULTS)
+
+
+def compile_one(config: str, topology: str, timeout: float, extra: list[str]) -> dict:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the compiler's own time
+  start = time.perf_counter()
+  try:
+    r = subprocess.run([sys.executable, "-m", "lidit_jax.plan", "--config", f"configs/{config}.py", "--topology",
+                        topology, *extra], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+  except subprocess.TimeoutExpired:
+    return {"error": f"no result within {timeout:.0f} s", "wall_seconds": round(time.perf_counter() - start)}
+  if r.returncode != 0:
+    return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:500],
+            "wall_seconds": round(time.perf_counter() - start)}
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  return {"compiled": out["compiled"], "flags": extra, "wall_seconds": round(time.perf_counter() - start),
+          "date": datetime.date.today().isoformat(), "jax": out["compiled"].get("jax"), "host": platform.node()}
+
+
+def planner_bytes(config: str, topology: str, extra: list[str]) -> float:
+  """Today's planner estimate per chip for the pair (no compile)."""
+  from lidit_jax import configs, plan, tpu_compile
+  c = configs.load_config_file(os.path.join(ROOT, "configs", f"{config}.py"))
+  c = configs.validate(configs.apply_overrides(c, dict(f.removeprefix("--config.").split("=", 1) for f in extra)))
+  t = tpu_compile.parse(topology)
+  c = tpu_compile.configure(c, t)
+  return plan.plan(tpu_compile.planner_view(c, t), t.chips, t.chip)["bytes_per_device"]["total"]
+
+
+def table(results: dict) -> str:
+  rows = ["| config | slice | fits | compiled GiB / chip (HBM) | planner GiB | planner / compiled | compile s |",
+          "|---|---|---|---|---|---|---|"]
+  for config in CONFIGS:
+    for topology in TOPOLOGIES:
+      r = results.get(f"{config}|{topology}")
+      if r is None:
+        continue
+      if "error" in r:
+        rows.append(f"| {config} | {topology} | error: {r['error'][:80]} | | | | {r['wall_seconds']} |")
+        continue
+      c = r["compiled"]
+      planned = planner_bytes(config, topology, r.get("flags", []))
+      peak = c["peak_bytes"]
+      fits = "yes" if c["fits"] else "**no**"
+      compiled = f"{peak / GiB:.2f} ({c['hbm_bytes'] / GiB:.0f})" + (" refused" if "compiler_message" in c else "")
+      rows.append(f"| {config} | {topology} | {fits} | {compiled} | {planned / GiB:.2f} | {planned / peak:.2f} | "
+                  f"{c['compile_seconds']:.0f} |")
+  return "\n".join(rows)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--configs", default=",".join(CONFIGS))
+  ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
+  ap.add_argument("--timeout", type=float, default=1800)
+  ap.add_argument("--redo", action="store_true", help="compile pairs already in the results again")
+  ap.add_argument("--table", action="store_true", help="no compiles: print the table, rewrite RESULTS.md")
+  ap.add_argument("extra", nargs="*", help="--config.X=Y overrides passed to every compile (after --)")
+  a = ap.parse_args()
+  results = load()
+  if not a.table:
+    for config in a.configs.split(","):
+      for topology in a.topologies.split(","):
+        key = f"{config}|{topology}"
+        if key in results and "error" not in results[key] and not a.redo:
+          continue
+        print(f"{key}: compiling ...", flush=True)
+        results = {**load(), key: compile_one(config, topology, a.timeout, a.extra)}
+        save(results)
+        r = results[key]
+        print(f"{key}: {r.get('error') or {k: r['compiled'].get(k) for k in ('fits', 'peak_bytes')}} "
+              f"({r['wall_seconds']} s)", flush=True)
+  text = table(results)
+  print(text)
+  if a.table:
+    from benchmarks.compile_time import replace_section
+    body = (f"Compiled on {platform.node()} (2 CPU cores, no TPU; libtpu's compiler), "
+            f"{datetime.date.today().isoformat()}; per chip: the compiled program's arguments + temporaries + "
+            "unaliased outputs + code against the chip's HBM; the planner's estimate from abstract shapes.\n\n"
+            + text)
+    replace_section(os.path.join(ROOT, "benchmarks", "RESULTS.md"), SECTION, body)
+
+
+if __name__ == "__main__":
+  main()
