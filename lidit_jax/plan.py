@@ -188,7 +188,13 @@ def main(argv):
   model_flops = (p["model_tflop_per_step"] + p["tower_tflop_per_step"] + p["autoencoder_tflop_per_step"]) * 1e12
   compiled = tpu_compile.compile_train_step(config, topology, model_flops / topology.chips)
   print(tpu_compile.format_compiled(compiled, p["bytes_per_device"]["total"]))
-  print(json.dumps({**p, "compiled": compiled}))
+  print(json.dumps({**p, "compiled": compiled}), flush=True)
+  if f.require_fit and not compiled["fits"]:
+    over = compiled["peak_bytes"] - compiled["hbm_bytes"]
+    raise cli.UserError(f"the train step does not fit {topology.name}: "
+                        f"{compiled['peak_bytes'] / GiB:.2f} GiB per chip, {over / GiB:.2f} GiB over its "
+                        f"{compiled['hbm_bytes'] // GiB} GiB HBM. Fix: add the overrides `--fit` prints "
+                        "(remat, train.grad_accum, text.cache), or a larger slice")
 
 
 if __name__ == "__main__":
@@ -204,6 +210,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("topology", None, "Also compile the train step for this Cloud TPU slice here, no TPU needed "
                       "(libtpu: the test extra or `jax[tpu]`): v5p-128, v5litepod-256 / v5e-256, v6e-8, v4-128, "
                       "or v5p:4x4x4; reports the compiled memory per chip against HBM.")
+  flags.DEFINE_boolean("require_fit", False, "With --topology: exit with status 2 when the compiled step does "
+                       "not fit the chips' HBM (launch/tpu_vm.sh runs this before it creates or uses a slice).")
   flags.DEFINE_integer("slices", 1, "With --topology: slices of it, joined over DCN (mesh.dcn_data unless the "
                        "config sets dcn axes).")
   cli.run(main)

@@ -13,11 +13,18 @@ def test_tpu_vm_commands():
   base = ["--name", "lidit", "--zone", "us-east5-a"]
   r = launch("tpu_vm.sh", "create", *base, "--type", "v5p-128", "--spot")
   assert r.returncode == 0, r.stderr
-  assert r.stdout.split() == ["gcloud", "compute", "tpus", "tpu-vm", "create", "lidit", "--zone", "us-east5-a",
-                              "--accelerator-type", "v5p-128", "--version", "v2-alpha-tpuv5", "--spot"]
-  r = launch("tpu_vm.sh", "train", *base, "--workdir", "gs://b/run", "--", "--config.mesh.fsdp=-1")
+  check, create = r.stdout.strip().splitlines()  # the fit check first: fail before paying for the slice
+  assert check.split() == ["python", "-m", "lidit_jax.plan", "--config", "configs/lidit_1b.py", "--topology",
+                           "v5p-128", "--require_fit"]
+  assert create.split() == ["gcloud", "compute", "tpus", "tpu-vm", "create", "lidit", "--zone", "us-east5-a",
+                            "--accelerator-type", "v5p-128", "--version", "v2-alpha-tpuv5", "--spot"]
+  r = launch("tpu_vm.sh", "create", *base, "--skip-check")
+  assert r.returncode == 0 and "lidit_jax.plan" not in r.stdout, r.stderr
+  r = launch("tpu_vm.sh", "train", *base, "--workdir", "gs://b/run", "--", "--config.mesh.fsdp=-1", "--debug")
   assert r.returncode == 0, r.stderr
-  assert "--worker=all" in r.stdout and "lidit_jax.train" in r.stdout and "fsdp=-1" in r.stdout
+  check, train = r.stdout.strip().splitlines()
+  assert check.split()[-2:] == ["--require_fit", "--config.mesh.fsdp=-1"]  # the config's overrides, not --debug
+  assert "--worker=all" in train and "lidit_jax.train" in train and "fsdp=-1" in train
   r = launch("tpu_vm.sh", "install", *base)
   assert "archive" in r.stdout and "--worker=all" in r.stdout and "lidit_jax\\[tpu\\]" in r.stdout
   assert "pkill -TERM" in launch("tpu_vm.sh", "stop", *base).stdout.replace("\\ ", " ")
