@@ -155,6 +155,29 @@ class Pipeline:
     return jax.jit(generate, out_shardings=sharding.replicated(b.mesh))
 
 
+def lower_sample(config, batch: int, devices=None):
+  """`Pipeline`'s jitted sampling function for `batch` prompts at the config's sample settings (steps, sampler,
+  guidance), lowered on abstract weights and inputs (nothing allocated): `.compile()` it to check that sampling
+  fits a mesh, as `train_step.lower_train_step` does for training. `devices` as there (a TPU slice's)."""
+  from lidit_jax import state as state_lib, train_step
+  s = state_lib.setup(config, abstract=True, devices=devices)
+  mesh = s.mesh
+  where = (sharding.batch_sharding(mesh) if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else
+           sharding.replicated(mesh))  # as Pipeline._place splits a batch
+  text = {"cond": train_step.abstract_text(s, batch, where)}
+  guided = config.sample.cfg > 1.0
+  if guided and config.conditioner.null == "empty_prompt":
+    text["uncond"] = text["cond"]
+    s.null_text = {}  # in shape only: the empty prompt's text is an input here
+  backend = Workdir.of(s, s.abstract_state.ema_params)
+  objective, sampler = backend.scheduler(None)
+  fn = Pipeline(backend)._compile(objective, sampler, config.sample.steps, float(config.sample.cfg))
+  noise = jax.ShapeDtypeStruct((batch, *backend.latent_shape(config.data.image_size, config.data.image_size)),
+                               jnp.float32, sharding=where)
+  with sharding.active(mesh, config):
+    return fn.lower(backend.params, text, noise, jax.random.key(0))
+
+
 def _twice(x):
   return jnp.concatenate([x, x])
 

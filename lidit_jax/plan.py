@@ -46,7 +46,8 @@ def per_device_bytes(boxed_tree, mesh_sizes: dict, rules, itemsize: int | None =
   total = 0
   for leaf, spec in zip(leaves, spec_leaves):
     value = leaf.value if isinstance(leaf, nn.meta.AxisMetadata) else leaf
-    mesh_spec = nn.logical_to_mesh_axes(spec, rules) if len(spec) else spec
+    mesh_spec = sharding.fit_spec(value.shape, nn.logical_to_mesh_axes(spec, rules) if len(spec) else spec,
+                                  mesh_sizes)  # as the trainer places it
     total += shard_elements(value.shape, tuple(mesh_spec), mesh_sizes) * (itemsize or value.dtype.itemsize)
   return total
 
@@ -118,18 +119,21 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
     tower_bytes += per_device_bytes(abstract, mesh_sizes, rules, itemsize)
   act_itemsize = jnp.dtype(model_lib.DTYPES[config.model.dtype]).itemsize
   batch_per_device = math.ceil(config.train.batch_size / (mesh_sizes["data"] * mesh_sizes["fsdp"]))
+  micro_batch = math.ceil(batch_per_device / config.train.grad_accum)  # what one forward / backward pass holds
   dims = model_lib.tower_dims(config, towers)
   acts = denoisers.family(config).activation_bytes(
-      config, batch_per_device, model_lib.latent_shape(config), model_lib.text_shapes(config, dims),
+      config, micro_batch, model_lib.latent_shape(config), model_lib.text_shapes(config, dims),
       mesh_sizes["tensor"], act_itemsize)
-  ae = autoencoder_plan(config, batch_per_device)
+  ae = autoencoder_plan(config, micro_batch)
   feature_bytes = text_feature_bytes(config, towers)
   flops = step_flops(config, towers, ae["encode_flops"])
   batch = config.train.batch_size
   train_flops, frozen_flops = flops["train"], flops["towers"] + flops["autoencoder"]
   per_device = {"params": p_bytes, "grads": p_bytes, "optimizer": 2 * p_bytes, "ema": p_bytes,
-                "frozen_towers": tower_bytes, "autoencoder": ae["params"], "activations_estimate": acts,
-                "text_features": batch_per_device * sum(feature_bytes.values()),
+                # with cached features the towers stay off the devices (text.cache=memory: loaded, run once per caption)
+                "frozen_towers": tower_bytes if config.text.cache in ("", "memory") else 0, "autoencoder": ae["params"], "activations_estimate": acts,
+                # cached features are the step's input for the whole batch; the towers make them per micro-batch
+                "text_features": (batch_per_device if config.text.cache else micro_batch) * sum(feature_bytes.values()),
                 "autoencoder_activations_estimate": ae["activations"]}
   per_device["total"] = sum(per_device.values())
   out = {"mesh": mesh_sizes, "devices": num_devices, "trainable_params": n_params, "tower_params": tower_params,
@@ -183,15 +187,36 @@ def main(argv):
     print(json.dumps(p))
     return
   config = tpu_compile.configure(config, topology, f.chip, f.devices)
+  if f.fit and f.sample:
+    raise cli.UserError("--fit searches the train step's settings; --sample compiles sampling. Fix: pass one")
   p = plan(tpu_compile.planner_view(config, topology), topology.chips, topology.chip, f.mfu)
-  print(format_plan(p), flush=True)  # the estimate first: the compile takes minutes for a large config
+  if not f.sample:
+    print(format_plan(p), flush=True)  # the estimate first: the compile takes minutes for a large config
   model_flops = (p["model_tflop_per_step"] + p["tower_tflop_per_step"] + p["autoencoder_tflop_per_step"]) * 1e12
-  compiled = tpu_compile.compile_train_step(config, topology, model_flops / topology.chips)
-  print(tpu_compile.format_compiled(compiled, p["bytes_per_device"]["total"]))
-  print(json.dumps({**p, "compiled": compiled}), flush=True)
+  if f.fit:
+    from lidit_jax import fit
+    found = fit.search(config, topology)
+    compiled = found["compiled"]
+    print(tpu_compile.format_compiled(compiled, found["planned_bytes"]))
+    print(f"--fit: add {' '.join(found['flags']) or 'nothing: the config fits as it is'}"
+          + (" (DIR from python -m lidit_jax.encode_prompts)" if "--config.text.cache=DIR" in found["flags"] else "")
+          + f"; confirmed by {found['compiles']} compile(s)")
+    print(json.dumps({**p, "compiled": compiled, "fit": {"flags": found["flags"], "compiles": found["compiles"],
+                                                         "planned_bytes": found["planned_bytes"]}}))
+    return
+  if f.sample:
+    batch = f.sample_batch or topology.chips
+    compiled = tpu_compile.compile_sample(config, topology, batch)
+    print(tpu_compile.format_compiled(compiled, None, f"sampling ({batch} prompts, {config.sample.steps} steps, "
+                                                      f"guidance {config.sample.cfg})"))
+    print(json.dumps({**p, "compiled": compiled}), flush=True)
+  else:
+    compiled = tpu_compile.compile_train_step(config, topology, model_flops / topology.chips)
+    print(tpu_compile.format_compiled(compiled, p["bytes_per_device"]["total"]))
+    print(json.dumps({**p, "compiled": compiled}), flush=True)
   if f.require_fit and not compiled["fits"]:
     over = compiled["peak_bytes"] - compiled["hbm_bytes"]
-    raise cli.UserError(f"the train step does not fit {topology.name}: "
+    raise cli.UserError(f"the {'sampling' if f.sample else 'train'} step does not fit {topology.name}: "
                         f"{compiled['peak_bytes'] / GiB:.2f} GiB per chip, {over / GiB:.2f} GiB over its "
                         f"{compiled['hbm_bytes'] // GiB} GiB HBM. Fix: add the overrides `--fit` prints "
                         "(remat, train.grad_accum, text.cache), or a larger slice")
@@ -212,6 +237,11 @@ if __name__ == "__main__":
                       "or v5p:4x4x4; reports the compiled memory per chip against HBM.")
   flags.DEFINE_boolean("require_fit", False, "With --topology: exit with status 2 when the compiled step does "
                        "not fit the chips' HBM (launch/tpu_vm.sh runs this before it creates or uses a slice).")
+  flags.DEFINE_boolean("sample", False, "With --topology: compile Pipeline's sampling function (config.sample: "
+                       "steps, sampler, guidance) instead of the train step.")
+  flags.DEFINE_integer("sample_batch", None, "With --sample: prompts per batch (default: one per chip).")
+  flags.DEFINE_boolean("fit", False, "With --topology: find the cheapest remat policy, train.grad_accum (and "
+                       "text.cache) that fit the slice (planner, confirmed by a compile) and print them as flags.")
   flags.DEFINE_integer("slices", 1, "With --topology: slices of it, joined over DCN (mesh.dcn_data unless the "
                        "config sets dcn axes).")
   cli.run(main)

@@ -66,7 +66,7 @@ def logical_shardings(abstract_tree, mesh: Mesh, config):
   specs, treedef = jax.tree.flatten(nn.get_partition_spec(tree), is_leaf=lambda x: isinstance(x, P))
   values = jax.tree.leaves(tree, is_leaf=is_box)
   shape = lambda v: (v.value if is_box(v) else v).shape
-  return treedef.unflatten([NamedSharding(mesh, fit_spec(shape(v), nn.logical_to_mesh_axes(spec, r), mesh))
+  return treedef.unflatten([NamedSharding(mesh, fit_spec(shape(v), nn.logical_to_mesh_axes(spec, r), mesh.shape))
                             for spec, v in zip(specs, values, strict=True)])
 
 
@@ -93,23 +93,24 @@ def active(mesh: Mesh, config):
     yield
 
 
-def fit_spec(shape, spec: P, mesh: Mesh) -> P:
-  """`spec` for an array of `shape` on `mesh` with every dimension evenly divided: a mesh axis that does not divide
-  its dimension (an attention kernel's 1152 over fsdp=256) moves to the largest unsharded dimension it divides,
-  else that dimension is replicated (a vocabulary of 50257 over 4 devices)."""
-  spec = list(tuple(spec) + (None,) * (len(shape) - len(spec)))
-  size = lambda names: math.prod(mesh.shape[a] for a in names)
+def fit_spec(shape, spec: P, mesh_shape) -> P:
+  """`spec` for an array of `shape` with every dimension evenly divided by its mesh axes (`mesh_shape`: {axis:
+  size}, e.g. `mesh.shape`): a mesh axis that does not divide its dimension (an attention kernel's 1152 over
+  fsdp=256) joins the largest other dimension it divides (with the axes there), else that dimension is replicated
+  (a vocabulary of 50257 over 4 devices)."""
+  spec = [(a,) if isinstance(a, str) else tuple(a or ()) for a in tuple(spec) + (None,) * (len(shape) - len(spec))]
+  size = lambda names: math.prod(mesh_shape[a] for a in names)
   homeless = []
-  for i, (dim, axes) in enumerate(zip(shape, spec)):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    if names and dim % size(names):
-      spec[i] = None
-      homeless.extend(names)
+  for i, dim in enumerate(shape):
+    if spec[i] and dim % size(spec[i]):
+      homeless.extend(a for a in spec[i] if mesh_shape[a] > 1)
+      spec[i] = tuple(a for a in spec[i] if mesh_shape[a] == 1)
   for name in homeless:
-    free = [i for i, dim in enumerate(shape) if spec[i] is None and dim % mesh.shape[name] == 0 and dim > 1]
-    if free and mesh.shape[name] > 1:
-      spec[max(free, key=lambda i: shape[i])] = name
-  return P(*spec)
+    fits = [i for i, dim in enumerate(shape) if dim > 1 and dim % (size(spec[i]) * mesh_shape[name]) == 0]
+    if fits:  # prefer a dimension no real axis splits yet, then the largest
+      i = max(fits, key=lambda i: (size(spec[i]) == 1, shape[i]))
+      spec[i] = spec[i] + (name,)
+  return P(*[None if not a else a[0] if len(a) == 1 else a for a in spec])
 
 
 def fit_to_shapes(abstract_tree, mesh: Mesh, rule_pairs) -> "pytree of NamedSharding":
@@ -119,6 +120,6 @@ def fit_to_shapes(abstract_tree, mesh: Mesh, rule_pairs) -> "pytree of NamedShar
 
   def fit(value, sh):
     shape = value.value.shape if isinstance(value, nn.meta.AxisMetadata) else value.shape
-    return NamedSharding(mesh, fit_spec(shape, sh.spec, mesh))
+    return NamedSharding(mesh, fit_spec(shape, sh.spec, mesh.shape))
 
   return jax.tree.map(fit, abstract_tree, shardings, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

@@ -181,9 +181,20 @@ def cost(compiled, hlo_text: str, chip: str, model_flops_per_chip: float | None 
 def compile_train_step(config, topology: Topology, model_flops_per_chip: float | None = None) -> dict:
   """Compile the config's train step for the slice here; the report's bytes are the compiled program's own.
   `model_flops_per_chip` (the planner's) gives the MFU the cost model implies."""
+  return compile_for(lambda devs: train_step.lower_train_step(config, devs), topology, model_flops_per_chip)
+
+
+def compile_sample(config, topology: Topology, batch: int) -> dict:
+  """The same for `Pipeline`'s sampling function at `batch` prompts (config.sample's steps, sampler, guidance)."""
+  from lidit_jax import pipeline
+  return {**compile_for(lambda devs: pipeline.lower_sample(config, batch, devs), topology), "batch": batch}
+
+
+def compile_for(lower, topology: Topology, model_flops_per_chip: float | None = None) -> dict:
+  """`lower(devices)` -> a jax Lowered, compiled for the slice's devices: the memory / collectives / cost report."""
   devs = devices(topology)
   start = time.perf_counter()
-  lowered = train_step.lower_train_step(config, devs)
+  lowered = lower(devs)
   hbm = HBM_GIB[topology.chip] * GiB
   out = {"topology": topology.name, "slices": topology.slices, "chip": topology.chip, "chips": len(devs),
          "hbm_bytes": hbm, "jax": jax.__version__}
@@ -232,21 +243,23 @@ def planner_view(config, topology: Topology):
   return c
 
 
-def format_compiled(c: dict, planned_bytes: int) -> str:
+def format_compiled(c: dict, planned_bytes: int | None, what: str = "the train step") -> str:
   g = lambda b: f"{b / GiB:.3f} GiB"
   slices = f" x {c['slices']} slices" if c["slices"] > 1 else ""
   where = f"{c['topology']}{slices} ({c['chips']} x {c['chip']}, {c['hbm_bytes'] // GiB} GiB HBM each)"
   if "compiler_message" in c:  # refused by the compiler: no program, no analysis
     over = f", {g(-c['headroom_bytes'])} over" if c["headroom_bytes"] is not None else ""
-    return (f"compiling for {where}: does NOT fit{over}; the compiler refused it after {c['compile_seconds']:.0f} s: "
-            f"{c['compiler_message']}\n  the planner's estimate: {g(planned_bytes)} per chip")
+    planned = f"\n  the planner's estimate: {g(planned_bytes)} per chip" if planned_bytes else ""
+    return (f"compiling {what} for {where}: does NOT fit{over}; the compiler refused it after "
+            f"{c['compile_seconds']:.0f} s: {c['compiler_message']}{planned}")
   verdict = (f"fits, {g(c['headroom_bytes'])} to spare" if c["fits"] else f"does NOT fit: {g(-c['headroom_bytes'])} "
              "over")
-  lines = [f"compiled for {where} in {c['compile_seconds']:.0f} s; per chip, the compiler's memory analysis:"]
+  lines = [f"compiled {what} for {where} in {c['compile_seconds']:.0f} s; per chip, the compiler's memory analysis:"]
   for k in ("argument_bytes", "temp_bytes", "output_not_aliased_bytes", "generated_code_bytes", "peak_bytes"):
     lines.append(f"  {k.removesuffix('_bytes'):>32}: {c[k] / GiB:10.3f} GiB")
-  lines.append(f"  peak vs HBM: {verdict}; the planner's estimate {g(planned_bytes)} is "
-               f"{planned_bytes / max(c['peak_bytes'], 1):.2f}x the compiled peak")
+  lines.append(f"  peak vs HBM: {verdict}" + (f"; the planner's estimate {g(planned_bytes)} is "
+                                                 f"{planned_bytes / max(c['peak_bytes'], 1):.2f}x the compiled peak"
+                                                 if planned_bytes else ""))
   if c["collectives"]:
     lines.append("collectives per chip and step (loops counted): " + ", ".join(
         f"{k} {v['count']}x ({v['bytes'] / 2 ** 20:.1f} MiB in all)" for k, v in sorted(c["collectives"].items())))

@@ -94,6 +94,21 @@ def make_train_step(s: state_lib.Setup):
   return run
 
 
+def abstract_text(s, b: int, where) -> dict:
+  """A batch of `b` prompts' text inputs in shape (placed by `where`): token ids, or cached features with
+  text.cache."""
+  config, text = s.config, {}
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+  for t in s.towers:
+    n = config.text.towers[t.name].max_length
+    text[t.name] = {k: sds((b, n), jnp.int32) for k in ("attention_mask", "prompt_mask")}
+    if config.text.cache:
+      text[t.name]["hidden"] = sds((b, 1 if t.pooled else n, t.hidden_size), t.dtype)
+    else:
+      text[t.name]["input_ids"] = sds((b, n), jnp.int32)
+  return text
+
+
 def lower_train_step(config, devices=None):
   """The train step lowered on abstract inputs (nothing allocated): `.compile()` it to check a config on a
   mesh, `.cost_analysis()` for FLOPs. Text inputs are token ids, or cached features with text.cache; images
@@ -102,14 +117,7 @@ def lower_train_step(config, devices=None):
   s = state_lib.setup(config, abstract=True, devices=devices)
   b, sh = config.train.batch_size, sharding.batch_sharding(s.mesh)
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  text = {}
-  for t in s.towers:
-    n = config.text.towers[t.name].max_length
-    text[t.name] = {k: sds((b, n), jnp.int32) for k in ("attention_mask", "prompt_mask")}
-    if config.text.cache:
-      text[t.name]["hidden"] = sds((b, 1 if t.pooled else n, t.hidden_size), t.dtype)
-    else:
-      text[t.name]["input_ids"] = sds((b, n), jnp.int32)
+  text = abstract_text(s, b, sh)
   if s.autoencoder is None or config.data.source == "features":
     h, w, c = model_lib.latent_shape(config)
     image = sds((b, h, w, s.autoencoder.stored_channels if s.autoencoder else c), jnp.float16)

@@ -139,14 +139,16 @@ def test_collectives_are_read_from_tpu_hlo_with_async_starts_and_tiled_layouts()
     ((1152, 16, 72), ("fsdp", "tensor", None), (None, "tensor", None)),  # 256 divides nothing: replicated
     ((1152, 4608), ("fsdp", None), (None, "fsdp")),  # moved to the dimension it divides
     ((4096, 1152), ("fsdp", None), ("fsdp", None)),  # divides: kept
-    ((50257, 512), ("tensor", "fsdp"), (None, "fsdp")),
-    ((50257, 32), ("tensor", "fsdp"), (None, "tensor"))])  # the only dimension tensor could take is taken
+    ((50257, 512), ("tensor", "fsdp"), (None, ("fsdp", "tensor"))),
+    ((50257, 32), ("tensor", "fsdp"), (None, "tensor")),
+    ((28, 1152, 4608), (None, "fsdp", "data"), (None, None, ("data", "fsdp"))),  # joins a size-1 axis' dimension
+    ((1152, 4608), ("fsdp", "tensor"), (None, ("tensor", "fsdp")))])  # and a real one's, where both divide  # the only dimension tensor could take is taken
 def test_shardings_fit_any_mesh_moving_an_axis_to_a_dimension_it_divides(shape, spec, fitted):
   """LI-DiT-1B's 1152-wide kernels on fsdp=256 (v5e-256) failed jit's even-division check before this."""
   from jax.sharding import AbstractMesh, PartitionSpec as P
   from lidit_jax import sharding
   mesh = AbstractMesh((1, 256, 2), ("data", "fsdp", "tensor"))
-  assert sharding.fit_spec(shape, P(*spec), mesh) == P(*fitted)
+  assert sharding.fit_spec(shape, P(*spec), mesh.shape) == P(*fitted)
 
 
 SCANNED_HLO = """
@@ -215,3 +217,25 @@ def test_a_scanned_models_cost_matches_the_same_model_unrolled():
   assert s["flops_per_chip_estimate"] == pytest.approx(u["flops_per_chip_estimate"], rel=0.05)
   assert s["bytes_accessed_per_chip_estimate"] == pytest.approx(u["bytes_accessed_per_chip_estimate"], rel=0.05)
   assert 0 < s["mfu_estimate"] and "MFU" in r1.stdout
+
+
+def test_fit_finds_settings_the_compiler_confirms_when_the_config_does_not_fit():
+  """2048 examples of a 256-wide tiny model on one 16 GiB v5e chip: the config as it is takes 18 GiB; --fit prints
+  the cheapest overrides that fit, confirmed by the compiler (the `compiled` report is the fitted config's)."""
+  wide = ["--config", TINY, "--config.train.batch_size=2048", "--config.model.width=256", "--config.model.num_heads=4"]
+  r, p = plan(*wide, "--topology", "v5e-1", "--fit")
+  assert r.returncode == 0, r.stderr[-3000:]
+  found = p["fit"]["flags"]
+  assert found and p["compiled"]["fits"] and p["fit"]["compiles"] >= 1, p["fit"]
+  assert f"--fit: add {' '.join(found)}" in r.stdout and p["compiled"]["peak_bytes"] <= p["compiled"]["hbm_bytes"]
+
+
+def test_the_sampling_function_compiles_for_a_slice():
+  """Pipeline's jitted sampler (config.sample: steps, guidance) for 8 prompts over a v5e 2x2: its loop over the
+  sampling steps counted, its bytes the compiled program's."""
+  r, p = plan("--config", TINY, "--config.mesh.fsdp=-1", "--config.sample.steps=5", "--topology", "v5e:2x2",
+              "--sample", "--sample_batch", "8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  c = p["compiled"]
+  assert c["batch"] == 8 and c["fits"] and c["temp_bytes"] > 0 and 5 in c["loop_trip_counts"], c
+  assert "compiled sampling (8 prompts, 5 steps" in r.stdout

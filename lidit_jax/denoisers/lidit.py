@@ -71,25 +71,38 @@ def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Seq
           "conditioner": conditioners.conditioner(config).flops_per_example(config, text_shapes, d)}
 
 
+# Per block and image token, in float32 vectors of the width, what the train step keeps for the backward pass under
+# each remat policy, besides the attention probabilities ("none", "dots": float32, heads x (image + text tokens))
+# and the cross-attention's keys and values of the text tokens (bf16, all but "full"). Calibrated against the TPU
+# compiler's memory analysis of LI-DiT-1B (bf16, 256 image + 512 text tokens; benchmarks/RESULTS.md, 2026-12-05):
+# layer norms, softmax and the residual stream are float32, so far more than the bf16 matmul outputs alone.
+KEPT_PER_TOKEN = {"none": 37.5, "dots": 10.0, "dots_no_batch": 10.0, "full": 1.0}
+REFINER_PER_TOKEN = 6.3  # per text token and refiner layer (token refiners + the collaborative one), unrematerialised
+
+
 def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]],
                      tensor: int, itemsize: int) -> int:
-  """Rough bytes the DiT blocks (the bulk) keep for the backward pass of `batch` examples on one device.
-
-  Per block and image token: remat "full" keeps the block input (1 x D); "dots_no_batch" the outputs of
-  weight matmuls (about (6 + 2 mlp_ratio) x D); "dots" those plus attention scores; "none" everything
-  (about (14 + 2 mlp_ratio) x D plus scores). Tensor parallelism (`tensor` devices) splits D and the heads.
-  """
-  m = config.model
+  """Bytes of the train step's temporaries for `batch` examples on one device, besides the gradients: what the
+  scanned DiT blocks keep for the backward pass (`KEPT_PER_TOKEN` at model.remat), the working set of one block
+  recomputed and differentiated (twice what an unrematerialised block keeps), and the refiners on the text tokens.
+  Tensor parallelism (`tensor` devices) splits the width and the heads. `itemsize` is unused: the calibrated
+  figures carry their dtypes."""
+  del itemsize
+  m, r = config.model, config.model.refiner
   h, w, _ = latent_hwc
   t = (h // m.patch_size) * (w // m.patch_size)
   s = sum(shape[0] for shape in text_shapes)
   d = m.width / tensor
-  scores = m.num_heads / tensor * t * (t + s)  # per example: self + cross attention probabilities
-  per_token = {"full": 1.0, "dots_no_batch": 6 + 2 * m.mlp_ratio, "dots": 6 + 2 * m.mlp_ratio,
-               "none": 14 + 2 * m.mlp_ratio}[m.remat]
-  keep_scores = m.remat in ("dots", "none")
-  per_block = batch * (t * per_token * d + (scores if keep_scores else 0))
-  return int(m.depth * per_block * itemsize)
+  scores = 4 * m.num_heads / tensor * t * (t + s)  # float32 probabilities of one example's self + cross attention
+  text_kv = 2 * 2 * s * d  # bf16 keys and values of the text tokens
+
+  def kept(policy):
+    return 4 * KEPT_PER_TOKEN[policy] * t * d + (scores if policy in ("none", "dots") else 0) + (
+        text_kv if policy != "full" else 0)
+
+  refiner_layers = r.depth + (r.fusion == "collaborative" and len(text_shapes) > 1)
+  refiners = 4 * REFINER_PER_TOKEN * refiner_layers * s * d
+  return int(batch * (m.depth * kept(m.remat) + 2 * kept("none") + refiners))
 
 
 def param_groups(params) -> dict:
