@@ -2,6 +2,7 @@
 planner's estimate: `python -m lidit_jax.plan --config C --topology T` for each pair, in a subprocess each.
 
   python -m benchmarks.tpu_slices [--configs lidit_1b,sd15] [--topologies v5p-128] [--timeout 1800]
+  python -m benchmarks.tpu_slices --fit     # for each pair that does not fit: `plan --fit`, its overrides compiled
   python -m benchmarks.tpu_slices --table   # no compiles: the table from the stored results, today's planner
 
 Results accumulate in benchmarks/tpu_slices.json (one entry per config and slice, written after each compile,
@@ -39,20 +40,20 @@ def save(results: dict) -> None:
   os.replace(tmp, RESULTS)
 
 
-def compile_one(config: str, topology: str, timeout: float, extra: list[str]) -> dict:
+def compile_one(config: str, topology: str, timeout: float, extra: list[str], fit: bool = False) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the compiler's own time
   start = time.perf_counter()
   try:
     r = subprocess.run([sys.executable, "-m", "lidit_jax.plan", "--config", f"configs/{config}.py", "--topology",
-                        topology, *extra], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+                        topology, *extra, *(["--fit"] if fit else [])], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
   except subprocess.TimeoutExpired:
     return {"error": f"no result within {timeout:.0f} s", "wall_seconds": round(time.perf_counter() - start)}
   if r.returncode != 0:
     return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:500],
             "wall_seconds": round(time.perf_counter() - start)}
   out = json.loads(r.stdout.strip().splitlines()[-1])
-  return {"compiled": out["compiled"], "flags": extra, "wall_seconds": round(time.perf_counter() - start),
+  return {"compiled": out["compiled"], "flags": extra + (out["fit"]["flags"] if fit else []), "wall_seconds": round(time.perf_counter() - start),
           "date": datetime.date.today().isoformat(), "jax": out["compiled"].get("jax"), "host": platform.node()}
 
 
@@ -67,8 +68,8 @@ def planner_bytes(config: str, topology: str, extra: list[str]) -> float:
 
 
 def table(results: dict) -> str:
-  rows = ["| config | slice | fits | compiled GiB / chip (HBM) | planner GiB | planner / compiled | compile s |",
-          "|---|---|---|---|---|---|---|"]
+  rows = ["| config | slice | fits | compiled GiB / chip (HBM) | planner GiB | planner / compiled | compile s | "
+          "`--fit` overrides: compiled GiB, planner / compiled |", "|---|---|---|---|---|---|---|---|"]
   for config in CONFIGS:
     for topology in TOPOLOGIES:
       r = results.get(f"{config}|{topology}")
@@ -82,8 +83,18 @@ def table(results: dict) -> str:
       peak = c["peak_bytes"]
       fits = "yes" if c["fits"] else "**no**"
       compiled = f"{peak / GiB:.2f} ({c['hbm_bytes'] / GiB:.0f})" + (" refused" if "compiler_message" in c else "")
-      rows.append(f"| {config} | {topology} | {fits} | {compiled} | {planned / GiB:.2f} | {planned / peak:.2f} | "
-                  f"{c['compile_seconds']:.0f} |")
+      # a refused program's bytes are the compiler's after its own rematerialisation: no like-for-like ratio
+      ratio = "-" if "compiler_message" in c else f"{planned / peak:.2f}"
+      fitted = results.get(f"{config}|{topology}|fit")
+      if fitted and "compiled" in fitted:
+        fc = fitted["compiled"]
+        ff = [f for f in fitted["flags"] if f not in r.get("flags", [])]
+        fit_cell = (f"`{' '.join(f.removeprefix('--config.') for f in ff)}`: {fc['peak_bytes'] / GiB:.2f}, "
+                    f"{planner_bytes(config, topology, fitted['flags']) / fc['peak_bytes']:.2f}")
+      else:
+        fit_cell = fitted["error"][:80] if fitted else ""
+      rows.append(f"| {config} | {topology} | {fits} | {compiled} | {planned / GiB:.2f} | {ratio} | "
+                  f"{c['compile_seconds']:.0f} | {fit_cell} |")
   return "\n".join(rows)
 
 
@@ -93,6 +104,7 @@ def main():
   ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
   ap.add_argument("--timeout", type=float, default=1800)
   ap.add_argument("--redo", action="store_true", help="compile pairs already in the results again")
+  ap.add_argument("--fit", action="store_true", help="for each stored pair that does not fit: plan --fit")
   ap.add_argument("--table", action="store_true", help="no compiles: print the table, rewrite RESULTS.md")
   ap.add_argument("extra", nargs="*", help="--config.X=Y overrides passed to every compile (after --)")
   a = ap.parse_args()
@@ -101,10 +113,15 @@ def main():
     for config in a.configs.split(","):
       for topology in a.topologies.split(","):
         key = f"{config}|{topology}"
+        if a.fit:
+          base = results.get(key, {})
+          if "compiled" not in base or base["compiled"]["fits"]:
+            continue
+          key += "|fit"
         if key in results and "error" not in results[key] and not a.redo:
           continue
         print(f"{key}: compiling ...", flush=True)
-        results = {**load(), key: compile_one(config, topology, a.timeout, a.extra)}
+        results = {**load(), key: compile_one(config, topology, a.timeout, a.extra, a.fit)}
         save(results)
         r = results[key]
         print(f"{key}: {r.get('error') or {k: r['compiled'].get(k) for k in ('fits', 'peak_bytes')}} "

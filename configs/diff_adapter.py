@@ -32,8 +32,10 @@ def get_config(root: str = DEFAULT):
   c.text.use = "llm"
   c.text.instruction = ""
   c.text.use_chat_template = False
+  # planned (before the LLM exists) as a Llama-3-8B: the paper names no base model
   c.text.towers = {"llm": configs.tower(init=llm, tokenizer=llm, output="scores", alone="diagonal", max_length=128,
-                                        dtype="bfloat16")}
+                                        dtype="bfloat16", vocab_size=128256, hidden_size=4096, num_layers=32,
+                                        num_heads=32, num_kv_heads=8, intermediate_size=14336, rope_theta=500000.0)}
   c.conditioner.update(kind="diff_adapter", null="empty_prompt")
   c.conditioner.diff.llm = "llm"
   c.unet.second_attention = "per_layer"

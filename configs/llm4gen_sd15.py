@@ -23,6 +23,11 @@ from lidit_jax import configs
 DEFAULT = "checkpoints/llm4gen"
 
 
+# RankGen's T5-XL encoder (t5-v1_1-xl sizes), for `plan` before the checkpoint is converted
+T5_XL = dict(model_type="t5", vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+             feed_forward_proj="gated-gelu")
+
+
 def get_config(root: str = DEFAULT):
   here = os.path.dirname(os.path.abspath(__file__))
   c = configs.load_config_file(f"{os.path.join(here, 'sd15.py')}:{os.path.join(root, 'sd15')}")
@@ -32,6 +37,6 @@ def get_config(root: str = DEFAULT):
   c.text.use = "clip,t5"
   t5 = os.path.join(root, "t5")
   c.text.towers.t5 = configs.tower(init=t5, tokenizer=t5, layer=-1, max_length=256, instruction="pre",
-                                   dtype="bfloat16")
+                                   dtype="bfloat16", plan_arch=T5_XL)
   c.train.freeze = ("denoiser/",)  # the CAM trains; --config.train.freeze="()" trains the U-Net as well
   return c

@@ -22,6 +22,9 @@ import os
 from lidit_jax import configs
 
 DEFAULT = "checkpoints/sd15"
+# CLIP ViT-L/14's text side (SD 1.x's text_encoder/): what `plan` assumes before the pipeline is converted
+CLIP_L = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=768, intermediate_size=3072,
+              num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
 def get_config(path: str = DEFAULT):
@@ -31,7 +34,7 @@ def get_config(path: str = DEFAULT):
   c.text.update(use="clip", instruction="", use_chat_template=False)
   c.text.towers = {"clip": configs.tower(init=os.path.join(path, "text_encoder"),
                                          tokenizer=os.path.join(path, "tokenizer"), layer=-1, final_norm=True,
-                                         mask_padding=False, max_length=77, dtype="bfloat16")}
+                                         mask_padding=False, max_length=77, dtype="bfloat16", plan_arch=CLIP_L)}
   c.autoencoder.update(kind="vae", factor=8, channels=4, dtype="float32")
   c.objective.kind = "ddpm"
   c.ddpm.update(snr_gamma=5.0)  # min-SNR-gamma weights; the rest: SD 1.x's scheduler (the defaults)

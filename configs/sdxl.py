@@ -20,6 +20,10 @@ import os
 from lidit_jax import configs
 
 DEFAULT = "checkpoints/sdxl"
+# OpenCLIP ViT-bigG/14's text side with projection (SDXL's text_encoder_2/), for `plan` before converting
+CLIP_BIGG = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                 num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                 projection_dim=1280)
 
 
 def get_config(path: str = DEFAULT):
@@ -36,11 +40,11 @@ def get_config(path: str = DEFAULT):
   sd_clip = dict(layer=-2, mask_padding=False, max_length=77, dtype="bfloat16")
   c.text.towers = {
       "clip": configs.tower(init=os.path.join(path, "text_encoder"), tokenizer=os.path.join(path, "tokenizer"),
-                            **sd_clip),
+                            plan_arch=c.text.towers.clip.plan_arch, **sd_clip),
       "clip_2": configs.tower(init=os.path.join(path, "text_encoder_2"), tokenizer=os.path.join(path, "tokenizer_2"),
-                              **sd_clip),
+                              plan_arch=CLIP_BIGG, **sd_clip),
       "pooled": configs.tower(init=os.path.join(path, "text_encoder_2"), tokenizer=os.path.join(path, "tokenizer_2"),
-                              output="pooled", **sd_clip)}
+                              output="pooled", plan_arch=CLIP_BIGG, **sd_clip)}
   c.data.image_size = 1024
   c.train.update(num_steps=10_000, batch_size=128)
   c.sample.update(sampler="euler", cfg=5.0)

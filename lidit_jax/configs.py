@@ -65,6 +65,9 @@ def tower(**overrides) -> ml_collections.ConfigDict:
       alone="diagonal",
       instruction=None,  # this tower's own text before the prompt (LLM4GEN's T5: "pre"); None: text.instruction
       mask_padding=True,  # False: no padding mask in the tower or the context (SD's CLIP)
+      # config.json fields (model_type, sizes) the planner assumes while `init` does not exist yet, for a tower
+      # the Llama fields above cannot describe (SD's CLIP, LLM4GEN's T5): `plan` before converting anything
+      plan_arch={},
       max_length=64, dtype="bfloat16"))
   t.update(overrides)
   return t

@@ -246,10 +246,17 @@ def count_params(tree) -> int:
 def planned_towers(config) -> dict:
   """{name: (family, model config)} of the configured towers, from their checkpoints when these exist and
   from the config's architecture fields otherwise (planning a run before converting anything)."""
+  from lidit_jax.convert import hf_text
   out = {}
   for name in tower_names(config):
     tc = config.text.towers[name]
-    if tc.init != "random" and not os.path.isdir(os.path.expanduser(tc.init)):
+    missing = tc.init != "random" and not os.path.isdir(os.path.expanduser(tc.init))
+    if missing and tc.get("plan_arch"):
+      arch = tc.plan_arch.to_dict()
+      fam = hf_text.family_for(arch, f"text.towers.{name}.plan_arch")
+      out[name] = fam, fam.config_from_hf(arch)
+      continue
+    if missing:
       missing = tc.tokenizer not in ("", "words") and not os.path.isdir(os.path.expanduser(tc.tokenizer))
       tc = ml_collections.ConfigDict({**tc.to_dict(), "init": "random", **({"tokenizer": ""} if missing else {})})
     out[name] = tower_spec(tc, f"text.towers.{name}", config.text.words)

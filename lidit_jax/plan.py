@@ -112,7 +112,12 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   p_bytes = per_device_bytes(params, mesh_sizes, rules, itemsize=4)  # float32 master weights
   tower_bytes, tower_params = 0, 0
   from lidit_jax.convert import hf_text
+  seen = set()
   for name, (fam, cfg) in towers.items():
+    tc = config.text.towers[name]
+    if tc.init != "random" and (tc.init, tc.dtype) in seen:  # SDXL's pooled output: text_encoder_2's weights again
+      continue
+    seen.add((tc.init, tc.dtype))
     abstract = hf_text.abstract_params(fam.make_module(cfg, jnp.float32))
     tower_params += model_lib.count_params(hf_text.strip_boxes(abstract))
     itemsize = jnp.dtype(model_lib.DTYPES[config.text.towers[name].dtype]).itemsize

@@ -117,3 +117,21 @@ def test_plan_for_lidit_10b_on_256_devices_shards_state_evenly():
   assert r.returncode == 0, r.stderr[-2000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["devices"] == 64 and out["mesh"]["fsdp"] == 64 and "per device" in r.stdout
+
+
+@pytest.mark.parametrize("name,unet,frozen", [
+    ("sd15", 859_520_964, 123.06e6),  # SD 1.5's U-Net (diffusers' count); CLIP ViT-L/14's text side
+    ("sdxl", 2_567_463_684, 123.06e6 + 694.66e6),  # SDXL's; CLIP-L + OpenCLIP bigG with projection, counted once
+    ("llm4gen_sd15", 859_520_964, 123.06e6 + 1223.5e6)])  # + RankGen's T5-XL encoder
+def test_sd_configs_plan_before_any_weights_are_converted(name, unet, frozen):
+  """No pipeline folder here: the planner takes the towers' architectures from text.towers.*.plan_arch (before, a
+  64-wide placeholder tower made the SD configs unplannable) and the U-Net's from the config's SD defaults."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from lidit_jax import model as model_lib, plan
+  c = configs.validate(configs.load_config_file(str(ROOT / "configs" / f"{name}.py")), data=False)
+  p = plan.plan(c, 8)
+  assert p["tower_params"] == pytest.approx(frozen, rel=1e-2)
+  denoiser = nn.unbox(model_lib.abstract_params(c))["denoiser"]
+  assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(denoiser)) == unet
