@@ -187,14 +187,29 @@ def runs(calls: dict, entry: str, with_trips: bool) -> collections.Counter:
   return count
 
 
+def source(attrs: str) -> str:
+  """Where an instruction comes from, from its metadata's op_name: the pass (forward, backward, or the update
+  around them) and the first two module names, e.g. "backward LIDiT/denoiser/blocks"."""
+  m = re.search(r'op_name="([^"]*)"', attrs)
+  parts = m.group(1).split("/")[1:] if m else []
+  head = parts[0] if parts else ""
+  phase = "backward" if head.startswith("transpose(") else "forward" if head.startswith("jvp(") else "update"
+  model = re.sub(r"^(transpose\()?(jvp\()?|\)+$", "", head) if phase != "update" else ""
+  names = [p for p in parts[1:] if re.fullmatch(r"[A-Za-z_][\w.]*", p) and p not in ("while", "body", "closed_call",
+                                                                                      "cond", "remat", "checkpoint")]
+  return f"{phase} {'/'.join(([model] if model else []) + names[:2])}".strip()
+
+
 def costs(hlo_text: str, collective_ops: tuple = ()) -> dict:
   """Matmul FLOPs and HBM bytes of the program once (every computation once, as XLA's cost analysis) and with the
   loops' trip counts; the loops found ({body: trips}, None where the count could not be read); and per step, for
-  each of `collective_ops` present, its instructions' executions and bytes (each its largest result array)."""
+  each of `collective_ops` present, its instructions' executions and bytes (each its largest result array), also
+  by kind and `source`."""
   comps, entry = parse(hlo_text)
   calls, fused, loops = call_graph(comps)
   once, every = runs(calls, entry, False), runs(calls, entry, True)
-  out = {"flops_once": 0, "flops": 0, "bytes_once": 0, "bytes": 0, "loops": loops, "collectives": {}}
+  out = {"flops_once": 0, "flops": 0, "bytes_once": 0, "bytes": 0, "loops": loops, "collectives": {},
+         "collectives_by_source": {}}
   for c, instrs in comps.items():
     types = {name: t for name, t, *_ in instrs}
     for _, t, op, operands, attrs, _ in instrs:
@@ -209,7 +224,9 @@ def costs(hlo_text: str, collective_ops: tuple = ()) -> dict:
       out["bytes"] += bytes_ * every[c]
       kind = op.removesuffix("-start")
       if kind in collective_ops and every[c]:
-        tally = out["collectives"].setdefault(kind, {"count": 0, "bytes": 0})
-        tally["count"] += every[c]
-        tally["bytes"] += every[c] * max((DTYPE_BYTES[dt] * math.prod(d) for dt, d in arrays(t)), default=0)
+        moved = every[c] * max((DTYPE_BYTES[dt] * math.prod(d) for dt, d in arrays(t)), default=0)
+        for tally in (out["collectives"].setdefault(kind, {"count": 0, "bytes": 0}),
+                      out["collectives_by_source"].setdefault(f"{kind} {source(attrs)}", {"count": 0, "bytes": 0})):
+          tally["count"] += every[c]
+          tally["bytes"] += moved
   return out

@@ -171,7 +171,7 @@ def cost(compiled, hlo_text: str, chip: str, model_flops_per_chip: float | None 
   out = {"flops_per_chip_estimate": flops, "bytes_accessed_per_chip_estimate": accessed,
          "compiler_flops_loop_bodies_once": once,
          "loop_trip_counts": sorted(t for t in loops["loops"].values() if t), "collectives": loops["collectives"],
-         "step_seconds_estimate": step,
+         "collectives_by_source": loops["collectives_by_source"], "step_seconds_estimate": step,
          "bound": "compute" if compute_s >= memory_s else "memory"}
   if model_flops_per_chip and step > 0:
     out["mfu_estimate"] = model_flops_per_chip / (step * chips.CHIP_PEAK_TFLOPS[chip] * 1e12)
@@ -263,6 +263,9 @@ def format_compiled(c: dict, planned_bytes: int | None, what: str = "the train s
   if c["collectives"]:
     lines.append("collectives per chip and step (loops counted): " + ", ".join(
         f"{k} {v['count']}x ({v['bytes'] / 2 ** 20:.1f} MiB in all)" for k, v in sorted(c["collectives"].items())))
+    top = sorted(c["collectives_by_source"].items(), key=lambda kv: -kv[1]["bytes"])[:6]
+    lines.append("  the most bytes: " + "; ".join(f"{k} {v['bytes'] / 2 ** 20:.0f} MiB ({v['count']}x)"
+                                                 for k, v in top))
   else:
     lines.append("collectives: none")
   if c["mosaic_kernels"]:

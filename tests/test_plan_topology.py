@@ -47,7 +47,7 @@ def test_tiny_train_step_compiled_for_a_v5e_2x2_slice_reports_the_compiled_bytes
   assert c["collectives"] and sum(v["count"] for v in c["collectives"].values()) > 0, c["collectives"]
   assert c["mosaic_kernels"] == 0  # XLA attention: the splash test's arm that must differ
   assert c["flops_per_chip_estimate"] > 0 and c["step_seconds_estimate"] > 0
-  assert "compiled for v5e:2x2" in r.stdout and "peak vs HBM: fits" in r.stdout
+  assert "compiled the train step for v5e:2x2" in r.stdout and "peak vs HBM: fits" in r.stdout
   d = subprocess.run([sys.executable, "-c", DIRECT, TINY, json.dumps({"mesh.fsdp": -1}), "v5e:2x2"],
                      capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
   assert d.returncode == 0, d.stderr[-3000:]
@@ -124,15 +124,20 @@ def test_bad_slice_names_are_refused_naming_the_value(name):
 
 
 def test_collectives_are_read_from_tpu_hlo_with_async_starts_and_tiled_layouts():
+  from lidit_jax import hlo_cost
   hlo = "\n".join([
+      "ENTRY %main (p: bf16[8,128], x: f32[1024], y: f32[1024]) -> f32[256] {",
       "  %all-gather-start = (bf16[8,128]{1,0:T(8,128)(2,1)}, bf16[32,128]{1,0:T(8,128)(2,1)}) "
-      "all-gather-start(bf16[8,128]{1,0:T(8,128)(2,1)} %p), dimensions={0}",
+      "all-gather-start(bf16[8,128]{1,0:T(8,128)(2,1)} %p), dimensions={0}, "
+      'metadata={op_name="jit(train_step)/jvp(LIDiT)/denoiser/while/body/closed_call/blocks/block/mlp/dot_general"}',
       "  %all-gather-done = bf16[32,128]{1,0} all-gather-done(%all-gather-start)",
       "  %ar = f32[1024]{0} all-reduce(f32[1024]{0} %x), to_apply=%add",
-      "  ROOT %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %y), dimensions={0}"])
-  assert tpu_compile.collectives(hlo) == {"all-gather": {"count": 1, "bytes": 32 * 128 * 2},
-                                          "all-reduce": {"count": 1, "bytes": 4096},
-                                          "reduce-scatter": {"count": 1, "bytes": 1024}}
+      "  ROOT %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %y), dimensions={0}",
+      "}"])
+  c = hlo_cost.costs(hlo, tpu_compile.COLLECTIVES)
+  assert c["collectives"] == {"all-gather": {"count": 1, "bytes": 32 * 128 * 2},
+                              "all-reduce": {"count": 1, "bytes": 4096}, "reduce-scatter": {"count": 1, "bytes": 1024}}
+  assert c["collectives_by_source"]["all-gather forward LIDiT/denoiser/blocks"] == {"count": 1, "bytes": 8192}
 
 
 @pytest.mark.parametrize("shape,spec,fitted", [
