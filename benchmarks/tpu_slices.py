@@ -3,6 +3,7 @@ planner's estimate: `python -m lidit_jax.plan --config C --topology T` for each 
 
   python -m benchmarks.tpu_slices [--configs lidit_1b,sd15] [--topologies v5p-128] [--timeout 1800]
   python -m benchmarks.tpu_slices --fit     # for each pair that does not fit: `plan --fit`, its overrides compiled
+  python -m benchmarks.tpu_slices --calibration   # the off-default points the planner was calibrated / checked on
   python -m benchmarks.tpu_slices --table   # no compiles: the table from the stored results, today's planner
 
 Results accumulate in benchmarks/tpu_slices.json (one entry per config and slice, written after each compile,
@@ -25,6 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("lidit_1b", "lidit_10b", "sd15", "sdxl", "llm4gen_sd15", "diff_adapter")
 TOPOLOGIES = ("v5e-256", "v5p-128", "v5p-512", "v6e-256")
 RESULTS = os.path.join(ROOT, "benchmarks", "tpu_slices.json")
+# Off-default points the planner's LI-DiT activation model was calibrated on (32 examples per chip, the text
+# features as inputs so that the DiT and the refiners are all there is, each remat policy), and checked on:
+# --calibration compiles them; the table lists them under their flags.
+CALIBRATION = [("lidit_1b", "v5p-8", ["--config.train.batch_size=128", "--config.text.cache=abstract",
+                                      f"--config.model.remat={remat}"]) for remat in ("dots_no_batch", "full", "none")]
+CALIBRATION += [("lidit_10b", "v5p-512", ["--config.train.grad_accum=4"])]
 SECTION = "## Shipped configs compiled for TPU slices, planner vs compiler (`python -m benchmarks.tpu_slices`)"
 GiB = 2 ** 30
 
@@ -67,6 +74,13 @@ def planner_bytes(config: str, topology: str, extra: list[str]) -> float:
   return plan.plan(tpu_compile.planner_view(c, t), t.chips, t.chip)["bytes_per_device"]["total"]
 
 
+def squeezed(c: dict, planned: float) -> str:
+  """A mark where the compiler may have rematerialised on its own to fit (lidit_jax/tpu_compile.SQUEEZED)."""
+  from lidit_jax import tpu_compile
+  near = c["peak_bytes"] > tpu_compile.SQUEEZED * c["hbm_bytes"] and planned > tpu_compile.SQUEEZED * c["hbm_bytes"]
+  return " (squeezed)" if near else ""
+
+
 def table(results: dict) -> str:
   rows = ["| config | slice | fits | compiled GiB / chip (HBM) | planner GiB | planner / compiled | compile s | "
           "`--fit` overrides: compiled GiB, planner / compiled |", "|---|---|---|---|---|---|---|---|"]
@@ -84,7 +98,7 @@ def table(results: dict) -> str:
       fits = "yes" if c["fits"] else "**no**"
       compiled = f"{peak / GiB:.2f} ({c['hbm_bytes'] / GiB:.0f})" + (" refused" if "compiler_message" in c else "")
       # a refused program's bytes are the compiler's after its own rematerialisation: no like-for-like ratio
-      ratio = "-" if "compiler_message" in c else f"{planned / peak:.2f}"
+      ratio = "-" if "compiler_message" in c else f"{planned / peak:.2f}" + squeezed(c, planned)
       fitted = results.get(f"{config}|{topology}|fit")
       if fitted and "compiled" in fitted:
         fc = fitted["compiled"]
@@ -95,6 +109,15 @@ def table(results: dict) -> str:
         fit_cell = fitted["error"][:80] if fitted else ""
       rows.append(f"| {config} | {topology} | {fits} | {compiled} | {planned / GiB:.2f} | {ratio} | "
                   f"{c['compile_seconds']:.0f} | {fit_cell} |")
+  for config, topology, flags in CALIBRATION:
+    r = results.get(f"{config}|{topology}|{' '.join(flags)}")
+    if r is None or "compiled" not in r:
+      continue
+    c, planned = r["compiled"], planner_bytes(config, topology, flags)
+    rows.append(f"| {config} `{' '.join(f.removeprefix('--config.') for f in flags)}` | {topology} | "
+                f"{'yes' if c['fits'] else '**no**'} | {c['peak_bytes'] / GiB:.2f} ({c['hbm_bytes'] / GiB:.0f}) | "
+                f"{planned / GiB:.2f} | {planned / c['peak_bytes']:.2f}{squeezed(c, planned)} | "
+                f"{c['compile_seconds']:.0f} | |")
   return "\n".join(rows)
 
 
@@ -105,11 +128,20 @@ def main():
   ap.add_argument("--timeout", type=float, default=1800)
   ap.add_argument("--redo", action="store_true", help="compile pairs already in the results again")
   ap.add_argument("--fit", action="store_true", help="for each stored pair that does not fit: plan --fit")
+  ap.add_argument("--calibration", action="store_true", help="compile the CALIBRATION points")
   ap.add_argument("--table", action="store_true", help="no compiles: print the table, rewrite RESULTS.md")
   ap.add_argument("extra", nargs="*", help="--config.X=Y overrides passed to every compile (after --)")
   a = ap.parse_args()
   results = load()
-  if not a.table:
+  if a.calibration:
+    for config, topology, flags in CALIBRATION:
+      key = f"{config}|{topology}|{' '.join(flags)}"
+      if key in results and "error" not in results[key] and not a.redo:
+        continue
+      print(f"{key}: compiling ...", flush=True)
+      results = {**load(), key: compile_one(config, topology, a.timeout, flags)}
+      save(results)
+  elif not a.table:
     for config in a.configs.split(","):
       for topology in a.topologies.split(","):
         key = f"{config}|{topology}"

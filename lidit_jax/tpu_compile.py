@@ -27,6 +27,7 @@ HBM_GBPS = {"v4": 1228, "v5e": 819, "v5p": 2765, "v6e": 1640}
 CHIP_NAMES = {"v4": "v4", "v5p": "v5p", "v5": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
 TORUS_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
 MEGACORE = {"v4", "v5p"}  # two TensorCores per chip, one JAX device; gcloud's v4-N / v5p-N count the cores
+SQUEEZED = 0.9  # a compiled peak above this share of HBM may be the compiler's own squeeze (its rematerialisation)
 MAX_CHIPS = {"v4": 4096, "v5p": 8960, "v5e": 256, "v6e": 256}
 VALID_FORMS = ("a gcloud accelerator type, v4-N / v5p-N counting TensorCores (2 per chip: v4-8, v4-128, v5p-8, "
                "v5p-128, ...) or v5litepod-N / v5e-N / v6e-N counting chips (1, 4, 8, ..., 256: v5litepod-256, "
@@ -260,6 +261,9 @@ def format_compiled(c: dict, planned_bytes: int | None, what: str = "the train s
   lines.append(f"  peak vs HBM: {verdict}" + (f"; the planner's estimate {g(planned_bytes)} is "
                                                  f"{planned_bytes / max(c['peak_bytes'], 1):.2f}x the compiled peak"
                                                  if planned_bytes else ""))
+  if planned_bytes and planned_bytes > c["hbm_bytes"] * SQUEEZED and c["peak_bytes"] > c["hbm_bytes"] * SQUEEZED:
+    lines.append("  the compiler rematerialised on its own to squeeze the step into HBM (recompute: slower); the "
+                 "planner's figure is what the step holds unsqueezed")
   if c["collectives"]:
     lines.append("collectives per chip and step (loops counted): " + ", ".join(
         f"{k} {v['count']}x ({v['bytes'] / 2 ** 20:.1f} MiB in all)" for k, v in sorted(c["collectives"].items())))
