@@ -68,7 +68,9 @@ def planner_bytes(config: str, topology: str, extra: list[str]) -> float:
   """Today's planner estimate per chip for the pair (no compile)."""
   from lidit_jax import configs, plan, tpu_compile
   c = configs.load_config_file(os.path.join(ROOT, "configs", f"{config}.py"))
-  c = configs.validate(configs.apply_overrides(c, dict(f.removeprefix("--config.").split("=", 1) for f in extra)))
+  typed = lambda v: int(v) if v.lstrip("-").isdigit() else v  # as the command line parses them
+  overrides = {k: typed(v) for k, v in (f.removeprefix("--config.").split("=", 1) for f in extra)}
+  c = configs.validate(configs.apply_overrides(c, overrides), data=False)
   t = tpu_compile.parse(topology)
   c = tpu_compile.configure(c, t)
   return plan.plan(tpu_compile.planner_view(c, t), t.chips, t.chip)["bytes_per_device"]["total"]
@@ -139,7 +141,8 @@ def main():
       if key in results and "error" not in results[key] and not a.redo:
         continue
       print(f"{key}: compiling ...", flush=True)
-      results = {**load(), key: compile_one(config, topology, a.timeout, flags)}
+      result = compile_one(config, topology, a.timeout, flags)
+      results = {**load(), key: result}
       save(results)
   elif not a.table:
     for config in a.configs.split(","):
@@ -153,7 +156,8 @@ def main():
         if key in results and "error" not in results[key] and not a.redo:
           continue
         print(f"{key}: compiling ...", flush=True)
-        results = {**load(), key: compile_one(config, topology, a.timeout, a.extra, a.fit)}
+        result = compile_one(config, topology, a.timeout, a.extra, a.fit)
+        results = {**load(), key: result}  # read again after the compile: another run may have saved meanwhile
         save(results)
         r = results[key]
         print(f"{key}: {r.get('error') or {k: r['compiled'].get(k) for k in ('fits', 'peak_bytes')}} "

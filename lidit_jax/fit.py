@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from lidit_jax import cli, plan as plan_lib, sharding, tpu_compile
+from lidit_jax import cli, sharding, tpu_compile
 
 REMAT = ("none", "dots", "dots_no_batch", "full")  # keeps the most first: least recomputed in the backward pass
 # Step compute relative to no remat (the backward pass recomputes what was not kept: "full" the whole forward,
@@ -59,29 +59,29 @@ def flags(config, candidate: dict) -> list[str]:
   return out
 
 
-def search(config, topology, log=print) -> dict:
+def search(config, topology, estimate, log=print) -> dict:
   """{"flags", "planned_bytes", "compiled"}: the cheapest candidate the compiler confirms; a UserError naming the
-  smallest estimate when none fits."""
+  smallest estimate when none fits. `estimate(config)`: the planner's bytes per chip (plan.py passes it)."""
   hbm = tpu_compile.HBM_GIB[topology.chip] * tpu_compile.GiB
   scale, compiles, smallest = 1.0, 0, None
   for cand in candidates(config, topology):
     c = apply(config, cand)
-    planned = plan_lib.plan(tpu_compile.planner_view(c, topology), topology.chips, topology.chip)
-    estimate = planned["bytes_per_device"]["total"] * scale
-    smallest = estimate if smallest is None else min(smallest, estimate)
-    if estimate > MARGIN * hbm:
+    planned = estimate(c)
+    scaled = planned * scale
+    smallest = scaled if smallest is None else min(smallest, scaled)
+    if scaled > MARGIN * hbm:
       continue
     if compiles == MAX_COMPILES:
       break
     log(f"--fit: trying {' '.join(flags(config, cand)) or 'the config as it is'} (planner x {scale:.2f}: "
-        f"{estimate / tpu_compile.GiB:.2f} GiB per chip); compiling ...")
+        f"{scaled / tpu_compile.GiB:.2f} GiB per chip); compiling ...")
     compiled = tpu_compile.compile_train_step(c, topology)
     compiles += 1
     if compiled["fits"]:
-      return {"flags": flags(config, cand), "planned_bytes": planned["bytes_per_device"]["total"],
+      return {"flags": flags(config, cand), "planned_bytes": planned,
               "compiled": compiled, "compiles": compiles}
     # the planner was short here: hold every later estimate to what the compiler showed
-    scale = max(scale, compiled["peak_bytes"] / planned["bytes_per_device"]["total"])
+    scale = max(scale, compiled["peak_bytes"] / planned)
     log(f"--fit: the compiled step takes {compiled['peak_bytes'] / tpu_compile.GiB:.2f} GiB per chip: does not fit")
   raise cli.UserError(f"--fit: no remat policy, grad_accum or text cache fits the train step into {topology.name}'s "
                       f"{hbm // tpu_compile.GiB} GiB per chip (smallest estimate {smallest / tpu_compile.GiB:.2f} "

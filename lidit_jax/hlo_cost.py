@@ -189,7 +189,7 @@ def runs(calls: dict, entry: str, with_trips: bool) -> collections.Counter:
 
 def source(attrs: str) -> str:
   """Where an instruction comes from, from its metadata's op_name: the pass (forward, backward, or the update
-  around them) and the first two module names, e.g. "backward LIDiT/denoiser/blocks"."""
+  around them), the model and its first two module names, e.g. "backward MODEL/denoiser/blocks"."""
   m = re.search(r'op_name="([^"]*)"', attrs)
   parts = m.group(1).split("/")[1:] if m else []
   head = parts[0] if parts else ""

@@ -25,6 +25,7 @@ import numpy as np
 from lidit_jax import denoisers
 from lidit_jax import model as model_lib
 from lidit_jax import sharding
+from lidit_jax import state as state_lib
 from lidit_jax.chips import CHIP_PEAK_TFLOPS, DEVICE_KINDS, GiB, chip_of  # noqa: F401  (plan.*, for callers)
 
 
@@ -38,13 +39,17 @@ def shard_elements(shape, spec, mesh_sizes: dict) -> int:
   return n
 
 
-def per_device_bytes(boxed_tree, mesh_sizes: dict, rules, itemsize: int | None = None) -> int:
-  """Bytes of one device's shards of a tree of (boxed) abstract arrays under logical `rules`."""
+def per_device_bytes(boxed_tree, mesh_sizes: dict, rules, itemsize: int | None = None, keep=None) -> int:
+  """Bytes of one device's shards of a tree of (boxed) abstract arrays under logical `rules` (`keep`: a tree of
+  bools of the same structure unboxed, the leaves to count; default all)."""
   specs = nn.get_partition_spec(boxed_tree)
   leaves = jax.tree.leaves(boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  kept = jax.tree.leaves(keep) if keep is not None else [True] * len(leaves)
   total = 0
-  for leaf, spec in zip(leaves, spec_leaves):
+  for leaf, spec, counted in zip(leaves, spec_leaves, kept, strict=True):
+    if not counted:
+      continue
     value = leaf.value if isinstance(leaf, nn.meta.AxisMetadata) else leaf
     mesh_spec = sharding.fit_spec(value.shape, nn.logical_to_mesh_axes(spec, rules) if len(spec) else spec,
                                   mesh_sizes)  # as the trainer places it
@@ -110,6 +115,9 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   params = model_lib.abstract_params(config, towers)
   n_params = model_lib.count_params(nn.unbox(params))
   p_bytes = per_device_bytes(params, mesh_sizes, rules, itemsize=4)  # float32 master weights
+  # train.freeze: frozen parameters get no optimizer state, and XLA drops their unused gradients; EMA keeps them
+  trainable = jax.tree.map(lambda f: not f, state_lib.matching(nn.unbox(params), config.train.freeze))
+  t_bytes = per_device_bytes(params, mesh_sizes, rules, itemsize=4, keep=trainable)
   tower_bytes, tower_params = 0, 0
   from lidit_jax.convert import hf_text
   seen = set()
@@ -134,7 +142,7 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   flops = step_flops(config, towers, ae["encode_flops"])
   batch = config.train.batch_size
   train_flops, frozen_flops = flops["train"], flops["towers"] + flops["autoencoder"]
-  per_device = {"params": p_bytes, "grads": p_bytes, "optimizer": 2 * p_bytes, "ema": p_bytes,
+  per_device = {"params": p_bytes, "grads": t_bytes, "optimizer": 2 * t_bytes, "ema": p_bytes,
                 # with cached features the towers stay off the devices (text.cache=memory: loaded, run once per caption)
                 "frozen_towers": tower_bytes if config.text.cache in ("", "memory") else 0, "autoencoder": ae["params"], "activations_estimate": acts,
                 # cached features are the step's input for the whole batch; the towers make them per micro-batch
@@ -200,7 +208,8 @@ def main(argv):
   model_flops = (p["model_tflop_per_step"] + p["tower_tflop_per_step"] + p["autoencoder_tflop_per_step"]) * 1e12
   if f.fit:
     from lidit_jax import fit
-    found = fit.search(config, topology)
+    found = fit.search(config, topology, lambda c: plan(tpu_compile.planner_view(c, topology), topology.chips,
+                                                        topology.chip)["bytes_per_device"]["total"])
     compiled = found["compiled"]
     print(tpu_compile.format_compiled(compiled, found["planned_bytes"]))
     print(f"--fit: add {' '.join(found['flags']) or 'nothing: the config fits as it is'}"
