@@ -28,7 +28,10 @@ def candidates(config, topology) -> list[dict]:
   then the same with the text features precomputed (a workflow change: last)."""
   data, fsdp, _ = sharding.mesh_shape(config.mesh, math.prod(topology.shape))
   b, dcn = config.train.batch_size, int(config.mesh.dcn_data) * int(config.mesh.dcn_fsdp)
-  meshes = [(data * 2 ** k, fsdp // 2 ** k) for k in range(5) if fsdp % 2 ** k == 0]
+  # the config's split first, then data-parallel devices moved to fsdp (shards a replicated tower or model)
+  # or back (a width fsdp does not divide), up to 16x either way
+  meshes = [(data, fsdp)] + [(data // 2 ** k, fsdp * 2 ** k) for k in range(1, 5) if data % 2 ** k == 0] + [
+      (data * 2 ** k, fsdp // 2 ** k) for k in range(1, 5) if fsdp % 2 ** k == 0]
   caches = [config.text.cache] if config.text.cache else ["", "abstract"]
   out = []
   for cache, remat, k, (d, f) in itertools.product(caches, REMAT, (1, 2, 4, 8, 16, 32, 64), meshes):

@@ -365,3 +365,18 @@ def test_plain_tokens_conditioner_is_one_projection_per_tower():
   flops = plan.model_flops_per_example(config, model_lib.planned_towers(config))
   lens = [config.text.towers[n].max_length for n in model_lib.tower_names(config)]
   assert flops["conditioner"] == sum(2 * l * d * w for l, d in zip(lens, dims))
+
+
+def test_splash_attention_falls_back_to_xla_where_a_length_does_not_tile():
+  """A U-Net's deepest level holds 8 x 8 = 64 tokens, which splash's 128-token blocks cannot tile: the TPU
+  compile of configs/diff_adapter.py failed there ("bkv_compute=64 must be a multiple of 128"). Such a call
+  takes XLA's kernel; one that tiles keeps splash."""
+  from lidit_jax.models import layers
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 64, 2, 16)) for i in range(3))
+  want = layers.attend(q, k, v)
+  np.testing.assert_allclose(layers.attend(q, k, v, implementation="splash_interpret"), want, rtol=1e-6, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(lambda a, b, c: layers.attend(a, b, c, implementation="splash_interpret"))(q, k, v))
+  assert "pallas_call" not in jaxpr
+  q2, k2, v2 = (jax.random.normal(jax.random.key(i), (1, 128, 2, 16)) for i in range(3))
+  tiled = str(jax.make_jaxpr(lambda a, b, c: layers.attend(a, b, c, implementation="splash_interpret"))(q2, k2, v2))
+  assert "pallas_call" in tiled

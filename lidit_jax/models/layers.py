@@ -175,19 +175,20 @@ def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool 
 def attend(q_BLHK, k_BSGK, v_BSGK, mask=None, scale: float | None = None, implementation: str | None = None,
            softcap: float | None = None):
   """The attention kernel switch every model uses: XLA (`jax.nn.dot_product_attention`) by default, cuDNN on
-  GPU ("cudnn"), Pallas splash on TPU ("splash"; "splash_interpret" runs it anywhere, for tests), or the
-  soft-capped form. `mask`: boolean [B, 1, L, S]; a query row with no key to attend returns zeros, never NaN."""
+  GPU ("cudnn"), Pallas splash on TPU ("splash"; "splash_interpret" runs it anywhere, for tests; XLA's where a
+  length is not a multiple of the kernel's 128-token block: a U-Net's 8 x 8 level on TPU), or the soft-capped form. `mask`: boolean [B, 1, L, S]; a query row with no key to attend returns zeros, never NaN."""
   if softcap:
     out = softcapped_attention(q_BLHK, k_BSGK, v_BSGK, mask, scale if scale is not None else q_BLHK.shape[-1] ** -0.5,
                                softcap)
-  elif implementation in ("splash", "splash_interpret"):
+  elif implementation in ("splash", "splash_interpret") and not (q_BLHK.shape[1] % 128 or k_BSGK.shape[1] % 128):
     assert scale is None and k_BSGK.shape[2] == q_BLHK.shape[2], "splash attention: default scale, equal q / kv heads"
     if mask is not None and mask.shape[2] != 1:
       raise ValueError("splash attention takes key-padding masks only (not causal or per-query masks)")
     key_valid = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (q_BLHK.shape[0], k_BSGK.shape[1]))
     out = splash_attention(q_BLHK, k_BSGK, v_BSGK, key_valid, interpret=implementation == "splash_interpret")
   else:
-    out = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, scale=scale, implementation=implementation)
+    xla_or = None if implementation in ("splash", "splash_interpret") else implementation  # splash: untileable
+    out = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, scale=scale, implementation=xla_or)
   if mask is not None:
     has_key = jnp.any(mask, axis=-1)  # [B, 1, L]
     has_key = jnp.broadcast_to(has_key, (out.shape[0], 1, out.shape[1]))[:, 0, :, None, None]
