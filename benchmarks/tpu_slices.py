@@ -57,7 +57,9 @@ def compile_one(config: str, topology: str, timeout: float, extra: list[str], fi
   except subprocess.TimeoutExpired:
     return {"error": f"no result within {timeout:.0f} s", "wall_seconds": round(time.perf_counter() - start)}
   if r.returncode != 0:
-    return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:500],
+    why = (f"killed by signal {-r.returncode} (on this machine: out of host memory, the compile's own)"
+           if r.returncode < 0 else (r.stderr.strip().splitlines() or ["?"])[-1][:500])
+    return {"error": why,
             "wall_seconds": round(time.perf_counter() - start)}
   out = json.loads(r.stdout.strip().splitlines()[-1])
   return {"compiled": out["compiled"], "flags": extra + (out["fit"]["flags"] if fit else []), "wall_seconds": round(time.perf_counter() - start),

@@ -102,8 +102,8 @@ def test_sharded_placement_on_a_mesh(tiny):
   for line in lines:  # embed width 32 split over fsdp=4; up_proj [3, 64, 32] ([out, in]): mlp over tensor, embed over fsdp
     got = json.loads(line)
     (vocab, width), shard = got["embed"]
-    # vocab goes over tensor=2 when it divides, else it is replicated (fit_to_shapes)
-    assert width == 32 and shard == [vocab // 2 if vocab % 2 == 0 else vocab, 8] and got["devices"] == 8
+    # vocab goes over tensor=2 when it divides, else tensor joins fsdp on the width (sharding.fit_spec)
+    assert width == 32 and shard == ([vocab // 2, 8] if vocab % 2 == 0 else [vocab, 4]) and got["devices"] == 8
     assert got["up_proj"] == [[3, 64, 32], [3, 32, 8]]
 
 
