@@ -94,7 +94,8 @@ def table(results: dict) -> str:
       if r is None:
         continue
       if "error" in r:
-        rows.append(f"| {config} | {topology} | error: {r['error'][:80]} | | | | {r['wall_seconds']} |")
+        rows.append(f"| {config} | {topology} | error: {r['error'].removeprefix('error: ')[:90]} | | | | "
+                    f"{r['wall_seconds']} | |")
         continue
       c = r["compiled"]
       planned = planner_bytes(config, topology, r.get("flags", []))
