@@ -84,8 +84,9 @@ def search(config, topology, estimate, log=print) -> dict:
       return {"flags": flags(config, cand), "planned_bytes": planned,
               "compiled": compiled, "compiles": compiles}
     # the planner was short here: hold every later estimate to what the compiler showed
-    scale = max(scale, compiled["peak_bytes"] / planned)
-    log(f"--fit: the compiled step takes {compiled['peak_bytes'] / tpu_compile.GiB:.2f} GiB per chip: does not fit")
+    scale = max(scale, (compiled["peak_bytes"] or MARGIN * hbm) / planned)  # None: an unparsed OOM message
+    log(f"--fit: the compiled step takes {(compiled['peak_bytes'] or 0) / tpu_compile.GiB:.2f} GiB per chip: does "
+        "not fit")
   raise cli.UserError(f"--fit: no remat policy, grad_accum or text cache fits the train step into {topology.name}'s "
                       f"{hbm // tpu_compile.GiB} GiB per chip (smallest estimate {smallest / tpu_compile.GiB:.2f} "
                       f"GiB; {compiles} compile(s)). Fix: a larger slice, or a larger mesh.fsdp / mesh.tensor")
