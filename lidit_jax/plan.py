@@ -155,6 +155,10 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
          "model_tflop_per_step": train_flops / 1e12, "tower_tflop_per_step": flops["towers"] / 1e12,
          "autoencoder_tflop_per_step": flops["autoencoder"] / 1e12, "autoencoder_planned": ae["planned"],
          "batch_size": batch, "remat": config.model.remat, "text_feature_bytes_per_prompt": feature_bytes}
+  if config.train.freeze and t_bytes < p_bytes / 2:  # most of the model frozen (LLM4GEN, the Diff Adapter)
+    out["notes"] = ["most of the model is frozen (train.freeze): the activation estimate is an upper bound, XLA "
+                    "keeps only what the trained parts' gradients need (compiled: 0.85x of it for LLM4GEN's CAM, "
+                    "0.2x for the Diff Adapter's new attentions)"]
   if chip:
     peak = CHIP_PEAK_TFLOPS[chip]
     out.update(chip=chip, peak_tflops_per_chip=peak, assumed_mfu=mfu,
@@ -176,6 +180,7 @@ def format_plan(p: dict) -> str:
   if not p["autoencoder_planned"]:
     lines.append("autoencoder: not planned (no VAE at autoencoder.path yet): its parameters, activations and "
                  "FLOPs are left out")
+  lines += [f"note: {n}" for n in p.get("notes", [])]
   if "chip" in p:
     lines.append(f"on {p['devices']} x {p['chip']} ({p['peak_tflops_per_chip']:.0f} TFLOP/s peak) at MFU "
                  f"{p['assumed_mfu']:.2f}: {p['step_seconds_at_mfu']:.2f} s/step")
