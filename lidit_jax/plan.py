@@ -142,11 +142,13 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   flops = step_flops(config, towers, ae["encode_flops"])
   batch = config.train.batch_size
   train_flops, frozen_flops = flops["train"], flops["towers"] + flops["autoencoder"]
+  # With cached features the towers stay off the devices (text.cache=memory: loaded, run once per caption), and
+  # the features are the step's input for the whole batch; the towers make them per micro-batch.
+  towers_on_device = config.text.cache in ("", "memory")
+  features_held = batch_per_device if config.text.cache else micro_batch
   per_device = {"params": p_bytes, "grads": t_bytes, "optimizer": 2 * t_bytes, "ema": p_bytes,
-                # with cached features the towers stay off the devices (text.cache=memory: loaded, run once per caption)
-                "frozen_towers": tower_bytes if config.text.cache in ("", "memory") else 0, "autoencoder": ae["params"], "activations_estimate": acts,
-                # cached features are the step's input for the whole batch; the towers make them per micro-batch
-                "text_features": (batch_per_device if config.text.cache else micro_batch) * sum(feature_bytes.values()),
+                "frozen_towers": tower_bytes if towers_on_device else 0, "autoencoder": ae["params"],
+                "activations_estimate": acts, "text_features": features_held * sum(feature_bytes.values()),
                 "autoencoder_activations_estimate": ae["activations"]}
   per_device["total"] = sum(per_device.values())
   out = {"mesh": mesh_sizes, "devices": num_devices, "trainable_params": n_params, "tower_params": tower_params,
@@ -210,7 +212,6 @@ def main(argv):
   p = plan(tpu_compile.planner_view(config, topology), topology.chips, topology.chip, f.mfu)
   if not f.sample:
     print(format_plan(p), flush=True)  # the estimate first: the compile takes minutes for a large config
-  model_flops = (p["model_tflop_per_step"] + p["tower_tflop_per_step"] + p["autoencoder_tflop_per_step"]) * 1e12
   if f.fit:
     from lidit_jax import fit
     found = fit.search(config, topology, lambda c: plan(tpu_compile.planner_view(c, topology), topology.chips,
@@ -230,6 +231,7 @@ def main(argv):
                                                       f"guidance {config.sample.cfg})"))
     print(json.dumps({**p, "compiled": compiled}), flush=True)
   else:
+    model_flops = (p["model_tflop_per_step"] + p["tower_tflop_per_step"] + p["autoencoder_tflop_per_step"]) * 1e12
     compiled = tpu_compile.compile_train_step(config, topology, model_flops / topology.chips)
     print(tpu_compile.format_compiled(compiled, p["bytes_per_device"]["total"]))
     print(json.dumps({**p, "compiled": compiled}), flush=True)
