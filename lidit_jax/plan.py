@@ -42,19 +42,57 @@ def shard_elements(shape, spec, mesh_sizes: dict) -> int:
 def per_device_bytes(boxed_tree, mesh_sizes: dict, rules, itemsize: int | None = None, keep=None) -> int:
   """Bytes of one device's shards of a tree of (boxed) abstract arrays under logical `rules` (`keep`: a tree of
   bools of the same structure unboxed, the leaves to count; default all)."""
+  pairs = _leaves_and_mesh_specs(boxed_tree, mesh_sizes, rules)
+  kept = jax.tree.leaves(keep) if keep is not None else [True] * len(pairs)
+  return sum(shard_elements(v.shape, spec, mesh_sizes) * (itemsize or v.dtype.itemsize)
+             for (v, spec), counted in zip(pairs, kept, strict=True) if counted)
+
+
+# Compiled temporaries per byte of replicated trainable parameters (f32) beyond their gradient: their bf16 copy
+# for the forward pass, hoisted out of the layer scan, and the scan's stacked gradient buffers (LI-DiT-1B, width
+# 1152 over fsdp=256: 3.32 and 3.15 GiB of extra temporaries for 2.57 GiB replicated on v5p-512 and v6e-256).
+REPLICATED_UPDATE = 1.25
+
+
+def _leaves_and_mesh_specs(boxed_tree, mesh_sizes: dict, rules):
+  """[(abstract array, mesh PartitionSpec as the trainer places it)] for a tree of (boxed) abstract arrays."""
   specs = nn.get_partition_spec(boxed_tree)
   leaves = jax.tree.leaves(boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  kept = jax.tree.leaves(keep) if keep is not None else [True] * len(leaves)
-  total = 0
-  for leaf, spec, counted in zip(leaves, spec_leaves, kept, strict=True):
-    if not counted:
-      continue
+  out = []
+  for leaf, spec in zip(leaves, spec_leaves, strict=True):
     value = leaf.value if isinstance(leaf, nn.meta.AxisMetadata) else leaf
-    mesh_spec = sharding.fit_spec(value.shape, nn.logical_to_mesh_axes(spec, rules) if len(spec) else spec,
-                                  mesh_sizes)  # as the trainer places it
-    total += shard_elements(value.shape, tuple(mesh_spec), mesh_sizes) * (itemsize or value.dtype.itemsize)
-  return total
+    mesh_spec = nn.logical_to_mesh_axes(spec, rules) if len(spec) else spec
+    out.append((value, tuple(sharding.fit_spec(value.shape, mesh_spec, mesh_sizes))))
+  return out
+
+
+def replicated_bytes(boxed_tree, mesh_sizes: dict, rules, keep) -> int:
+  """f32 bytes per device of the kept leaves beyond an even split over fsdp x tensor: what fit_spec had to
+  replicate because no dimension divides the axis."""
+  split = mesh_sizes["fsdp"] * mesh_sizes["tensor"]
+  return int(sum(4 * (shard_elements(v.shape, spec, mesh_sizes) - v.size / split)
+                 for (v, spec), k in zip(_leaves_and_mesh_specs(boxed_tree, mesh_sizes, rules), jax.tree.leaves(keep))
+                 if k))
+
+
+def largest_replicated(boxed_tree, mesh_sizes: dict, rules) -> tuple:
+  """The shape of the largest leaf that fsdp leaves unsplit (for the note)."""
+  unsplit = [v for v, spec in _leaves_and_mesh_specs(boxed_tree, mesh_sizes, rules)
+             if not any("fsdp" in ((a,) if isinstance(a, str) else a or ()) for a in spec)]
+  return max(unsplit, key=lambda v: v.size).shape if unsplit else ()
+
+
+def sharded_mesh_hint(config, num_devices: int, params, rules, keep, replicated: int) -> str:
+  """The first mesh (moving a factor of fsdp to data) that shards what `replicated` counts, as override flags."""
+  sizes = sharding.mesh_shape(config.mesh, num_devices)
+  data, fsdp, tensor = (dict(zip(sharding.AXES, sizes))[a] for a in ("data", "fsdp", "tensor"))
+  for f in range(2, fsdp + 1):
+    if fsdp % f == 0:
+      trial = {"data": data * f, "fsdp": fsdp // f, "tensor": tensor}
+      if replicated_bytes(params, trial, rules, keep) < replicated / 10:
+        return f"--config.mesh.data={data * f} --config.mesh.fsdp={fsdp // f} shards them (or see plan --fit)"
+  return "a smaller fsdp axis would shard them"
 
 
 def model_flops_per_example(config, tower_cfgs: dict) -> dict:
@@ -118,6 +156,7 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   # train.freeze: frozen parameters get no optimizer state, and XLA drops their unused gradients; EMA keeps them
   trainable = jax.tree.map(lambda f: not f, state_lib.matching(nn.unbox(params), config.train.freeze))
   t_bytes = per_device_bytes(params, mesh_sizes, rules, itemsize=4, keep=trainable)
+  replicated = replicated_bytes(params, mesh_sizes, rules, trainable)
   tower_bytes, tower_params = 0, 0
   from lidit_jax.convert import hf_text
   seen = set()
@@ -149,7 +188,8 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   per_device = {"params": p_bytes, "grads": t_bytes, "optimizer": 2 * t_bytes, "ema": p_bytes,
                 "frozen_towers": tower_bytes if towers_on_device else 0, "autoencoder": ae["params"],
                 "activations_estimate": acts, "text_features": features_held * sum(feature_bytes.values()),
-                "autoencoder_activations_estimate": ae["activations"]}
+                "autoencoder_activations_estimate": ae["activations"],
+                "replicated_update_estimate": int(REPLICATED_UPDATE * replicated)}
   per_device["total"] = sum(per_device.values())
   out = {"mesh": mesh_sizes, "devices": num_devices, "trainable_params": n_params, "tower_params": tower_params,
          "bytes_per_device": per_device,
@@ -157,10 +197,17 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
          "model_tflop_per_step": train_flops / 1e12, "tower_tflop_per_step": flops["towers"] / 1e12,
          "autoencoder_tflop_per_step": flops["autoencoder"] / 1e12, "autoencoder_planned": ae["planned"],
          "batch_size": batch, "remat": config.model.remat, "text_feature_bytes_per_prompt": feature_bytes}
+  notes = []
+  if replicated > max(2 ** 26, 0.1 * t_bytes):
+    notes.append(f"{replicated / GiB:.2f} GiB per device of trainable parameters are replicated: no dimension of "
+                 f"theirs divides fsdp={mesh_sizes['fsdp']} (the largest: {largest_replicated(params, mesh_sizes, rules)}); "
+                 + sharded_mesh_hint(config, num_devices, params, rules, trainable, replicated))
   if config.train.freeze and t_bytes < p_bytes / 2:  # most of the model frozen (LLM4GEN, the Diff Adapter)
-    out["notes"] = ["most of the model is frozen (train.freeze): the activation estimate is an upper bound, XLA "
-                    "keeps only what the trained parts' gradients need (compiled: 0.85x of it for LLM4GEN's CAM, "
-                    "0.2x for the Diff Adapter's new attentions)"]
+    notes.append("most of the model is frozen (train.freeze): the activation estimate is an upper bound, XLA "
+                 "keeps only what the trained parts' gradients need (compiled: 0.85x of it for LLM4GEN's CAM, "
+                 "0.2x for the Diff Adapter's new attentions)")
+  if notes:
+    out["notes"] = notes
   if chip:
     peak = CHIP_PEAK_TFLOPS[chip]
     out.update(chip=chip, peak_tflops_per_chip=peak, assumed_mfu=mfu,

@@ -119,6 +119,22 @@ def test_plan_for_lidit_10b_on_256_devices_shards_state_evenly():
   assert out["devices"] == 64 and out["mesh"]["fsdp"] == 64 and "per device" in r.stdout
 
 
+def test_plan_counts_and_names_parameters_fsdp_cannot_split():
+  """LI-DiT-1B's width 1152 (and its 10368-wide modulation) is not divisible by fsdp=256: fit_spec replicates those
+  kernels, the planner counts them (params, grads, Adam, EMA and their update's temporaries, as the TPU compiler did:
+  20.7 GiB per chip on v5p-512 against 17.1 on v5p-128) and names the mesh that shards them."""
+  from lidit_jax import plan
+  c = configs.load_config_file(str(ROOT / "configs" / "lidit_1b.py"))
+  wide = plan.plan(configs.validate(c, data=False), 256)
+  c.mesh.update(data=2, fsdp=128)
+  split = plan.plan(configs.validate(c, data=False), 256)
+  assert wide["bytes_per_device"]["params"] > 2 * 2 ** 30 > 20 * split["bytes_per_device"]["params"]
+  assert wide["bytes_per_device"]["replicated_update_estimate"] > 2 ** 30
+  assert split["bytes_per_device"]["replicated_update_estimate"] < 2 ** 24 and "notes" not in split
+  note, = wide["notes"]
+  assert "fsdp=256" in note and "(28, 1152, 10368)" in note and "--config.mesh.data=2 --config.mesh.fsdp=128" in note
+
+
 @pytest.mark.parametrize("name,unet,frozen", [
     ("sd15", 859_520_964, 123.06e6),  # SD 1.5's U-Net (diffusers' count); CLIP ViT-L/14's text side
     ("sdxl", 2_567_463_684, 123.06e6 + 694.66e6),  # SDXL's; CLIP-L + OpenCLIP bigG with projection, counted once
