@@ -8,7 +8,7 @@
 Two random frozen tiny Llama towers with the demo's word tokenizer, both refiners, a DiT 4 x 128 on 4 px patches.
 `python -m lidit_jax` runs this config end to end (train, samples, held-out evaluation). Expected on a 2-core CPU
 (2026-12-03): 17-22 minutes (2.0-1.5 steps/s, the shared machine's day); held-out colour 0.94, shape 0.53-0.54,
-relation 0.45-0.52, count 0.50, whole prompt 0.03-0.04; relation probe +8-10 px (the README's "Demo results";
+relation 0.45-0.52, count 0.50, whole prompt 0.03-0.04; relation probe +8-10 px (docs/results.md;
 the issue-13 goals are not met yet).
 `configs/shapes.py:tiny` is the same config shrunk for tests (seconds, not minutes).
 `configs/shapes.py:hf` reads two tiny Hugging Face LLMs (a Llama-3 and a Qwen2, random weights) converted
