@@ -199,6 +199,30 @@ def test_loop_bodies_are_counted_their_trip_count_times():
   assert c["bytes"] > c["bytes_once"] > 0
 
 
+SPLASH_HLO = """
+ENTRY %main (q: f32[4,256,64], k: f32[4,128,64], w: f32[64,64]) -> f32[256,64] {
+  %q = f32[4,256,64]{2,1,0} parameter(0)
+  %k = f32[4,128,64]{2,1,0} parameter(1)
+  %w = f32[64,64]{1,0} parameter(2)
+  %splash_mha_fwd.1 = (f32[4,256,64]{2,1,0}, f32[4,256,128]{2,1,0}) custom-call(%q, %k, %k), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "kernel text
+}}, metadata={op_name="splash_mha_fwd"}
+  %o = f32[4,256,64]{2,1,0} get-tuple-element(%splash_mha_fwd.1), index=0
+  %x = f32[256,64]{1,0} reshape(%o)
+  ROOT %y = f32[256,64]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+
+
+def test_splash_kernels_are_counted_and_do_not_hide_what_follows_them():
+  """A Mosaic kernel's attributes span lines, one starting with "}}": that is not the computation's end (it hid
+  every instruction after the first splash call, so LI-DiT's FLOPs, bytes and collectives were under-counted), and
+  the kernel's own matmuls (QK^T and PV), opaque to the compiler, are counted from q and k."""
+  from lidit_jax import hlo_cost
+  c = hlo_cost.costs(SPLASH_HLO)
+  kernel = 2 * 2 * 4 * 256 * 128 * 64
+  assert c["kernel_flops_once"] == kernel and c["flops"] == kernel + 2 * 256 * 64 * 64
+
+
 def test_a_batched_matmul_as_a_padded_convolution_counts_only_real_taps():
   """TPU lowers `...d,hkd->...hk` (2 heads) to a convolution over a padded 'spatial' head axis: one real tap each."""
   from lidit_jax import hlo_cost
