@@ -17,32 +17,24 @@ Caption dropout trains on the empty prompt, which sampling guides with (or a neg
 pipelines do, so `export diffusers` gives a pipeline that diffusers samples to the same images (tested on a tiny
 pipeline: tests/test_sd_finetune.py). Expected: no numbers measured here (no SD 1.5 weights or data on this CPU).
 """
-import os
-
-from lidit_jax import configs
+from lidit_jax.denoisers import unet
 
 DEFAULT = "checkpoints/sd15"
-# CLIP ViT-L/14's text side (SD 1.x's text_encoder/): what `plan` assumes before the pipeline is converted
-CLIP_L = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=768, intermediate_size=3072,
-              num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def recipe(c):
+  """SD fine-tuning on top of a pipeline's config (also configs/sdxl.py's): min-SNR 5, caption dropout to the
+  unconditional context, lr 1e-5, EMA."""
+  c.ddpm.update(snr_gamma=5.0)  # min-SNR-gamma weights; the rest: the folder's scheduler
+  c.data.update(source="tfds", caption_dropout=0.1)
+  c.optim.update(lr=1e-5, warmup_steps=500, min_lr_ratio=1.0, weight_decay=1e-2, grad_clip=1.0, ema_decay=0.9999)
+  c.train.update(num_steps=15_000, batch_size=256, log_every=50, checkpoint_every=1000, sample_every=1000)
+  c.sample.update(num_images=4, prompts=("a photograph of an astronaut riding a horse", "a red apple on a wooden table",
+                                         "a watercolor painting of a lighthouse at dusk", "a corgi wearing sunglasses"))
+  return c
 
 
 def get_config(path: str = DEFAULT):
-  c = configs.base_config()
-  c.model.update(family="unet", dtype="bfloat16")
-  c.conditioner.update(kind="identity", null="empty_prompt")
-  c.text.update(use="clip", instruction="", use_chat_template=False)
-  c.text.towers = {"clip": configs.tower(init=os.path.join(path, "text_encoder"),
-                                         tokenizer=os.path.join(path, "tokenizer"), layer=-1, final_norm=True,
-                                         mask_padding=False, max_length=77, dtype="bfloat16", plan_arch=CLIP_L)}
-  c.autoencoder.update(kind="vae", factor=8, channels=4, dtype="float32")
-  c.objective.kind = "ddpm"
-  c.ddpm.update(snr_gamma=5.0)  # min-SNR-gamma weights; the rest: SD 1.x's scheduler (the defaults)
-  c.data.update(source="tfds", image_size=512, caption_dropout=0.1)
-  c.optim.update(lr=1e-5, warmup_steps=500, min_lr_ratio=1.0, weight_decay=1e-2, grad_clip=1.0, ema_decay=0.9999)
-  c.train.update(num_steps=15_000, batch_size=256, log_every=50, checkpoint_every=1000, sample_every=1000)
-  c.sample.update(steps=50, sampler="pndm", cfg=7.5, num_images=4,
-                  prompts=("a photograph of an astronaut riding a horse", "a red apple on a wooden table",
-                           "a watercolor painting of a lighthouse at dusk", "a corgi wearing sunglasses"))
-  c.mesh.data = -1  # data parallel over every device (SD 1.5's 860 M parameters fit each)
-  return configs.from_sd_pipeline(c, path)  # its U-Net layout, VAE, image size and scheduler
+  # the model: the folder's U-Net layout, text side, VAE, image size and scheduler (lidit_jax/denoisers/unet.py);
+  # data parallel over every device (SD 1.5's 860 M parameters fit each)
+  return recipe(unet.pipeline_config(path, xl=False))

@@ -15,37 +15,20 @@ context is zeros (the pipeline's force_zeros_for_empty_prompt) or a negative pro
 zeros. Tested end to end on a tiny SDXL-style pipeline (tests/test_sd_finetune.py); no SDXL-size numbers here.
 For memory on large slices: --config.mesh.fsdp=-1 --config.mesh.data=1 (parameters sharded), --config.model.remat=full.
 """
+import importlib.util
 import os
 
-from lidit_jax import configs
+from lidit_jax.denoisers import unet
 
 DEFAULT = "checkpoints/sdxl"
-# OpenCLIP ViT-bigG/14's text side with projection (SDXL's text_encoder_2/), for `plan` before converting
-CLIP_BIGG = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=1280, intermediate_size=5120,
-                 num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
-                 projection_dim=1280)
 
 
 def get_config(path: str = DEFAULT):
-  # SD 1.x's fine-tuning recipe (configs/sd15.py), with SDXL's text side, layout and sizes
-  c = configs.load_config_file(f"{os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sd15.py')}:{path}")
-  # SDXL base's layout and scheduler, replaced by the folder's own when it exists
-  c.unet = dict(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-                up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), layers_per_block=2, num_heads=(5, 10, 20),
-                transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, norm_num_groups=32,
-                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816)
-  c.conditioner.null = "zeros"
-  c.text.use = "clip,clip_2,pooled"
-  sd_clip = dict(layer=-2, mask_padding=False, max_length=77, dtype="bfloat16")
-  c.text.towers = {
-      "clip": configs.tower(init=os.path.join(path, "text_encoder"), tokenizer=os.path.join(path, "tokenizer"),
-                            plan_arch=c.text.towers.clip.plan_arch, **sd_clip),
-      "clip_2": configs.tower(init=os.path.join(path, "text_encoder_2"), tokenizer=os.path.join(path, "tokenizer_2"),
-                              plan_arch=CLIP_BIGG, **sd_clip),
-      "pooled": configs.tower(init=os.path.join(path, "text_encoder_2"), tokenizer=os.path.join(path, "tokenizer_2"),
-                              output="pooled", plan_arch=CLIP_BIGG, **sd_clip)}
-  c.data.image_size = 1024
+  # SD 1.x's fine-tuning recipe (configs/sd15.py) on SDXL's model (lidit_jax/denoisers/unet.py: the folder's layout,
+  # both encoders and the pooled one, zeros as the unconditional context, SDXL base's values without the folder)
+  spec = importlib.util.spec_from_file_location("sd15", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15.py"))
+  sd15 = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sd15)
+  c = sd15.recipe(unet.pipeline_config(path, xl=True))
   c.train.update(num_steps=10_000, batch_size=128)
-  c.sample.update(sampler="euler", cfg=5.0)
-  return configs.from_sd_pipeline(c, path)
+  return c

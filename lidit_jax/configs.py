@@ -149,7 +149,10 @@ def base_config() -> ml_collections.ConfigDict:
                 clip_sample_range=1.0, rescale_betas_zero_snr=False, use_karras_sigmas=False,
                 eta=0.0,  # DDIM's noise at each step (0: deterministic)
                 snr_gamma=0.0,  # > 0: min-SNR-gamma loss weights (5.0 is the paper's)
-                offset_noise=0.0)  # > 0: per-channel offset added to the training noise (e.g. 0.05)
+                offset_noise=0.0,  # > 0: per-channel offset added to the training noise (e.g. 0.05)
+                # the keys a pipeline folder's scheduler set (the rest: its class's defaults); another sampler
+                # keeps these and takes its own class's defaults for the rest. Empty: every key is kept
+                scheduler_keys=())
   c.optim = dict(lr=1e-4,
                  warmup_steps=1000,  # clipped to a tenth of the run (with a warning) when not below num_steps
                  min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
@@ -174,31 +177,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=1, fsdp=1, tensor=1,  # within one slice (or all devices); -1 = the rest
                 dcn_data=1, dcn_fsdp=1)  # multi-slice pods: slices along data / fsdp
   c.sharding_rules = DEFAULT_RULES
-  return c
-
-
-def from_sd_pipeline(c: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
-  """Point `c` at a Stable Diffusion pipeline folder (diffusers' or converted; configs/sd15.py, sdxl.py): the
-  U-Net starts from its unet/ (model.init), the VAE is its vae/; the `unet` section, the VAE's factor and
-  channels, the image size (unet sample_size x the factor), the `ddpm` section and sampler (its scheduler) and the
-  unconditional context (zeros with force_zeros_for_empty_prompt, else the empty prompt) are read from its JSON
-  files (no weights). Without the folder, `c` keeps the values it has."""
-  c.model.init, c.autoencoder.path = path, path
-  if not os.path.isdir(path):
-    return c
-  from lidit_jax.convert import registry
-  from lidit_jax.objectives import ddpm
-  unet = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel")
-  vae = registry.component_config("diffusers_vae", path, "vae", "AutoencoderKL")
-  c.unet = {**c.unet.to_dict(), **{k: getattr(unet, k) or type(v)() for k, v in c.unet.items()
-                                   if hasattr(unet, k)}}  # None -> "" / 0; our own fields (second_attention) kept
-  c.autoencoder.factor, c.autoencoder.channels = vae.downsample_factor, vae.latent_channels
-  c.data.image_size = unet.sample_size * vae.downsample_factor
-  with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-    values, sampler = ddpm.from_scheduler_config(json.load(f))
-  c.ddpm, c.sample.sampler = ddpm.scheduler_section(values, sampler, c.ddpm), sampler
-  with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
-    c.conditioner.null = "zeros" if json.load(f).get("force_zeros_for_empty_prompt") else "empty_prompt"
   return c
 
 

@@ -27,13 +27,12 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lidit_jax import cli, lock, outputs
+from lidit_jax import cli, denoisers, lock, outputs
 from lidit_jax.convert import safetensors_io
 
-# model_index.json entries of the components written here; any other (a safety checker) is left out
-_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
 # What marks a previous output of each command, so that running it again may replace it: a pipeline folder holds
 # EXPORT_MARKER (model_index.json alone would also match a user's downloaded pipeline); a file's metadata names it.
 EXPORT_MARKER = "lidit_exported.json"
@@ -86,117 +85,51 @@ def _save(directory: str, config: dict, state: dict, weights: str, dtype) -> Non
   save_file(_cast(state, dtype), os.path.join(directory, weights), metadata={"format": "pt"})
 
 
-def export_diffusers(sd, out: str, dtype=np.float32, overwrite: bool = False) -> str:
-  """Write `sd` (a `pipeline.StableDiffusion`: a loaded pipeline folder) to `out` as a diffusers pipeline folder
-  (atomically; see the module docstring for what may be replaced)."""
-  with _staged("diffusers", out, overwrite, _nbytes(sd.params, dtype)) as tmp:
-    _write_folder(sd, tmp, dtype)
+def _family(config, what: str):
+  """The denoiser family's module, which knows its pipeline layout, or a clear error for one that has none."""
+  family = denoisers.family(config)
+  if not hasattr(family, what):
+    raise cli.UserError(f"model.family={config.model.family!r} has no released pipeline layout to export to. "
+                        "Fix: `python -m lidit_jax.export safetensors` writes any model")
+  return family
+
+
+def export_diffusers(backend, out: str, dtype=np.float32, overwrite: bool = False) -> str:
+  """Write a pipeline's model (`Pipeline.backend`: a pipeline folder or a workdir fine-tuning one) to `out` as a
+  diffusers pipeline folder, in the family's layout (atomically; see the module docstring for what may be
+  replaced)."""
+  family = _family(backend.setup.config, "export_pipeline")
+  save = lambda directory, config, state, weights: _save(directory, config, state, weights, dtype)
+  with _staged("diffusers", out, overwrite, _nbytes(backend.params, dtype)) as tmp:
+    family.export_pipeline(backend, tmp, save)
+    with open(os.path.join(tmp, EXPORT_MARKER), "w", encoding="utf-8") as f:
+      json.dump({"command": "python -m lidit_jax.export diffusers", "dtype": np.dtype(dtype).name}, f, indent=2)
   return out
 
 
-def _write_folder(sd, out: str, dtype) -> None:
-  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip
-  params = sd.params
-  _save(os.path.join(out, "unet"), *diffusers_unet.to_diffusers(sd.unet.cfg, params["unet"]),
-        "diffusion_pytorch_model.safetensors", dtype)
-  _save(os.path.join(out, "vae"), *diffusers_vae.to_diffusers(sd.vae.module.cfg, params["vae"]),
-        "diffusion_pytorch_model.safetensors", dtype)
-  index = {"_class_name": sd.index.get("_class_name", "StableDiffusionPipeline"),
-           "_diffusers_version": sd.index.get("_diffusers_version", "0.30.0")}
-  index.update({k: list(v) for k, v in _CLASSES.items()})
-  for enc in sd.encoders:
-    config, state = hf_clip.to_hf(enc.module.cfg, params[enc.name])
-    _save(os.path.join(out, enc.name), config, state, "model.safetensors", dtype)
-    tok = enc.name.replace("text_encoder", "tokenizer")
-    enc.tokenizer.save_pretrained(os.path.join(out, tok))
-    index[enc.name] = ["transformers", config["architectures"][0]]
-    index[tok] = ["transformers", type(enc.tokenizer).__name__]
-  os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-  with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-    json.dump(sd.scheduler_config, f, indent=2)
-  index["scheduler"] = ["diffusers", sd.scheduler_config.get("_class_name", "PNDMScheduler")]
-  for key, value in sd.index.items():  # pipeline options (force_zeros_for_empty_prompt, ...), absent parts as null
-    if key not in index and not key.startswith("_"):
-      index[key] = [None, None] if isinstance(value, list) else value
-  with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
-    json.dump(index, f, indent=2)
-  with open(os.path.join(out, EXPORT_MARKER), "w", encoding="utf-8") as f:
-    json.dump({"command": "python -m lidit_jax.export diffusers", "dtype": np.dtype(dtype).name}, f, indent=2)
-
-
-def export_single_file(sd, out: str, dtype=np.float32, overwrite: bool = False) -> str:
-  """Write `sd` (a `pipeline.StableDiffusion`) to the file `out` in the original single-file layout that A1111,
-  ComfyUI and diffusers' `from_single_file` read: `model.diffusion_model.*` (the U-Net), `first_stage_model.*`
-  (the VAE) and the text encoders under their SD 1.x / 2.x / XL keys (`convert.sd_single_file`)."""
+def export_single_file(backend, out: str, dtype=np.float32, overwrite: bool = False) -> str:
+  """Write a pipeline's model to the file `out` in its family's original single-file layout (Stable Diffusion:
+  what A1111, ComfyUI and diffusers' `from_single_file` read)."""
   from safetensors.numpy import save_file
-  from lidit_jax.convert import diffusers_unet, diffusers_vae, sd_single_file
   check_out("single-file", out, overwrite)
-  state = {**diffusers_unet.to_ldm(sd.unet.cfg, sd.params["unet"]),
-           **diffusers_vae.to_ldm(sd.vae.module.cfg, sd.params["vae"])}
-  encoders = {enc.name: enc for enc in sd.encoders}
-  for name, prefix, layout in sd_single_file.TEXT_ENCODERS[sd_single_file.kind_of(sd)]:
-    state.update(sd_single_file.text_state(encoders[name].module.cfg, sd.params[name], prefix, layout))
-  state = _cast(state, dtype)
+  state = _cast(_family(backend.setup.config, "single_file_state").single_file_state(backend, out), dtype)
   with _staged("single-file", out, overwrite, _nbytes(state, dtype)) as tmp:
     save_file(state, tmp, metadata={"format": "pt", METADATA_KEY: "single-file"})
   return out
 
 
-def source_pipeline(config, where: str) -> str:
-  """The diffusers pipeline folder a U-Net run started from: its model.init (the folder, its unet/, or another
-  such run's workdir, followed back)."""
-  import ml_collections
-  path, seen = config.model.init, set()
-  while path and path not in seen:
-    seen.add(path)
-    for folder in (path, os.path.dirname(os.path.normpath(path))):
-      if os.path.isfile(os.path.join(folder, "model_index.json")):
-        return folder
-    if not os.path.isfile(os.path.join(path, "config.json")):
-      break
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-      path = ml_collections.ConfigDict(json.load(f)).model.get("init", "")
-  raise cli.UserError(f"{where}: no diffusers pipeline folder behind its model.init={config.model.init!r}, so there "
-                      "are no text encoders, VAE or scheduler to export with its U-Net. Fix: export a run that "
-                      "fine-tunes a pipeline (configs/sd15.py), or `export safetensors` for the model alone")
-
-
-def stable_diffusion_of(workdir: str):
-  """A U-Net run fine-tuned from an SD pipeline (configs/sd15.py) as a `pipeline.StableDiffusion`: the pipeline
-  folder's text encoders, tokenizers, VAE and scheduler with the EMA U-Net of the workdir's latest checkpoint.
-  Only runs whose text side is the folder's (conditioner identity on its text encoders, the unconditional context
-  the pipeline's: the empty prompt, or zeros with force_zeros_for_empty_prompt) export: anything else is not a
-  model diffusers' pipelines run."""
-  import jax.numpy as jnp
+def workdir_backend(workdir: str):
+  """A training workdir's model (EMA weights of its latest checkpoint) as a `Pipeline` backend; a model its family
+  cannot export (`exportable`) is refused by name before anything is loaded."""
   from lidit_jax import checkpoint as ckpt_lib, configs
-  from lidit_jax.pipeline import StableDiffusion
+  from lidit_jax.pipeline import Pipeline
   if not os.path.isfile(os.path.join(workdir, "config.json")):
     ckpt_lib.require(workdir).close()  # its clear error: no run here
   config = configs.read_saved(workdir)
-  have = (config.model.family, config.conditioner.kind, config.conditioner.null)
-  if have[:2] != ("unet", "identity") or have[2] == "learned":
-    raise cli.UserError(f"{workdir}: model.family / conditioner.kind / conditioner.null = {have}; a diffusers pipeline "
-                        "is a U-Net reading its text encoders' features, guided by the empty prompt or zeros ('unet', "
-                        "'identity', 'empty_prompt' or 'zeros'). Fix: `export safetensors` for this run's model")
-  source = source_pipeline(config, workdir)
-  with open(os.path.join(source, "model_index.json"), encoding="utf-8") as f:
-    want = "zeros" if json.load(f).get("force_zeros_for_empty_prompt") else "empty_prompt"
-  if config.conditioner.null != want:
-    raise cli.UserError(f"{workdir}: conditioner.null={config.conditioner.null!r}, but {source}'s pipeline guides with "
-                        f"{want!r} (its force_zeros_for_empty_prompt), so diffusers would not draw this model's images. "
-                        f"Fix: train with --config.conditioner.null={want}")
-  ckpt_lib.require(workdir).close()  # a clear error before anything is loaded
-  towers = [os.path.abspath(config.text.towers[n].init) for n in configs.tower_names(config)]
-  if any(os.path.commonpath([t, os.path.abspath(source)]) != os.path.abspath(source) for t in towers):
-    raise cli.UserError(f"{workdir}: its text towers {towers} are not the text encoders of {source}, the pipeline "
-                        "it started from. Fix: train with the pipeline's own text_encoder(s) (configs/sd15.py)")
-  sd = StableDiffusion.load(source, jnp.float32)
-  abstract = {"denoiser": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                       sd.params["unet"])}
-  trained = ckpt_lib.restore_weights(workdir, abstract)
-  sd.params["unet"] = jax.tree_util.tree_map_with_path(
-      lambda p, a: trained["denoiser/" + ckpt_lib.param_name(p)].astype(jnp.float32), sd.params["unet"])
-  return sd
+  _family(config, "export_pipeline").exportable(config, workdir)
+  ckpt_lib.require(workdir).close()
+  return Pipeline.from_pretrained(workdir, dtype=jnp.float32).backend
+
 
 # ------------------------------------------------------------------ a workdir's model as PyTorch-layout safetensors
 
@@ -296,11 +229,11 @@ def main(argv=None) -> int:
     from lidit_jax.pipeline import Pipeline
     check_out(args.format, args.out, args.overwrite, [args.src])  # before the model is loaded
     if os.path.isfile(os.path.join(args.src, "model_index.json")):
-      sd = Pipeline.from_pretrained(args.src).backend
+      backend = Pipeline.from_pretrained(args.src).backend
     else:
-      sd = stable_diffusion_of(args.src)
+      backend = workdir_backend(args.src)
     write = export_diffusers if args.format == "diffusers" else export_single_file
-    write(sd, args.out, np.dtype(args.dtype), args.overwrite)
+    write(backend, args.out, np.dtype(args.dtype), args.overwrite)
   print(json.dumps({"out": args.out, "format": args.format}))
   return 0
 

@@ -20,9 +20,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from lidit_jax import objectives, sharding
+from lidit_jax import configs, denoisers, model as model_lib, objectives, sharding, train_step
+from lidit_jax import state as state_lib
 from lidit_jax.cli import NotFound
 from lidit_jax.objectives import guidance as guidance_lib
 
@@ -44,7 +46,7 @@ def _at_least_1(name: str, value, what: str) -> int:
 
 
 class Pipeline:
-  """Prompts -> images for one model (`backend`: the model's text side, denoiser and decoder)."""
+  """Prompts -> images for one model (`backend`: a `Workdir`, the model's text side, denoiser and decoder)."""
 
   def __init__(self, backend):
     self.backend = backend
@@ -57,15 +59,21 @@ class Pipeline:
     a file `configs/x.py[:arg]`) whose model is sampled as a run of it starts: the weights `model.init` and the
     conditioner's released weights give it (configs/llm4gen_sd15.py), nothing trained.
     `dtype=None`: a pipeline folder in float32, a workdir or config in its model.dtype."""
-    import ml_collections
     if isinstance(path, ml_collections.ConfigDict) or str(path).partition(":")[0].endswith(".py"):
-      from lidit_jax import configs
       config = configs.validate(path if isinstance(path, ml_collections.ConfigDict) else
                                 configs.load_config_file(path), data=False)  # sampling reads no training data
       return cls(Workdir.from_config(config, dtype))
     path = os.path.expanduser(os.fspath(path))
     if os.path.isfile(os.path.join(path, "model_index.json")):
-      return cls(StableDiffusion.load(path, dtype or jnp.float32))
+      config = denoisers.pipeline_config(path)
+      if config is None:
+        raise NotFound(f"{path}/model_index.json: no model family here reads this pipeline "
+                       "(Stable Diffusion 1.x / 2.x / XL folders are read). Fix: point at one of those")
+      dtype = jnp.dtype(dtype or jnp.float32).name  # a pipeline folder: every part in one dtype, float32 by default
+      for tower in config.text.towers.values():
+        tower.dtype = dtype
+      config.autoencoder.dtype = dtype
+      return cls(Workdir.from_config(configs.validate(config, data=False), dtype))
     if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
       return cls(Workdir.load(path, dtype))
     raise NotFound(f"{path!r} is neither a diffusers pipeline folder (model_index.json) nor a training workdir "
@@ -122,7 +130,7 @@ class Pipeline:
       text = b.text([prompts[i] for i in pad], None if negatives is None else [negatives[i] for i in pad],
                     scale > 1.0, (height, width))
       rng = jax.random.fold_in(jax.random.key(seed), 1_000_003 + start)  # ancestral samplers' fresh noise
-      with sharding.active(b.mesh, b.rules_config):
+      with sharding.active(b.mesh, b.setup.config):
         images = run(b.params, *self._place(text, noise), rng)
       out.append(np.asarray(images, np.float32)[:len(idx)])
     return np.concatenate(out)
@@ -159,7 +167,6 @@ def lower_sample(config, batch: int, devices=None):
   """`Pipeline`'s jitted sampling function for `batch` prompts at the config's sample settings (steps, sampler,
   guidance), lowered on abstract weights and inputs (nothing allocated): `.compile()` it to check that sampling
   fits a mesh, as `train_step.lower_train_step` does for training. `devices` as there (a TPU slice's)."""
-  from lidit_jax import state as state_lib, train_step
   s = state_lib.setup(config, abstract=True, devices=devices)
   mesh = s.mesh
   where = (sharding.batch_sharding(mesh) if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else
@@ -182,158 +189,12 @@ def _twice(x):
   return jnp.concatenate([x, x])
 
 
-# ---- Stable Diffusion: a diffusers pipeline folder ----
-
-@dataclasses.dataclass
-class _Encoder:
-  tokenizer: Any
-  module: Any
-  name: str  # the params key
-
-
-@dataclasses.dataclass
-class StableDiffusion:
-  """SD 1.x / 2.x (one CLIP encoder, its normed last state) or SDXL (two encoders' penultimate states side by
-  side, the second's projected pooled output and time ids), with diffusers' prompt handling: CLIP tokens padded
-  to their maximum length, no padding mask, the empty negative prompt by default (zeros instead with SDXL's
-  force_zeros_for_empty_prompt)."""
-  path: str
-  unet: Any
-  vae: Any  # autoencoder.VAE
-  encoders: list
-  params: dict
-  index: dict  # model_index.json
-  scheduler_config: dict  # scheduler/scheduler_config.json as diffusers wrote it
-  scheduler_values: dict
-  default_sampler: str
-  force_zeros: bool
-  defaults: dict
-  mesh: Any = None  # every device on the data axis: the batch is split, the weights replicated
-  rules_config: Any = None  # the default logical axis rules
-
-  def __post_init__(self):
-    from lidit_jax import configs
-    self.rules_config = configs.base_config()
-    self.rules_config.mesh.data = -1
-    self.mesh = sharding.make_mesh(self.rules_config)
-    repl = sharding.replicated(self.mesh)  # host values: the same on every process
-    self.params = jax.tree.map(lambda x: jax.make_array_from_process_local_data(repl, np.asarray(x)), self.params)
-
-  @classmethod
-  def load(cls, path: str, dtype) -> "StableDiffusion":
-    from lidit_jax import autoencoder, prompt
-    from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text
-    from lidit_jax.objectives import ddpm
-    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
-      index = json.load(f)
-    unet, unet_params = diffusers_unet.load_unet(os.path.join(path, "unet"), dtype)
-    vae_module, vae_params = diffusers_vae.load_vae(os.path.join(path, "vae"), dtype)
-    params = {"unet": unet_params, "vae": vae_params}
-    encoders = []
-    for suffix in ("", "_2"):
-      entry = index.get("text_encoder" + suffix)
-      if not entry or entry[0] is None:
-        continue
-      module, p = hf_text.load_hf_text_model(os.path.join(path, "text_encoder" + suffix), dtype,
-                                             adapt=hf_clip.sd_head(entry[1]))
-      params["text_encoder" + suffix] = p
-      encoders.append(_Encoder(prompt.load_tokenizer(os.path.join(path, "tokenizer" + suffix)), module,
-                               "text_encoder" + suffix))
-    if not encoders:
-      raise NotFound(f"{path}/model_index.json names no text_encoder. Fix: use a full text-to-image pipeline folder")
-    with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-      scheduler_config = json.load(f)
-    values, sampler = ddpm.from_scheduler_config(scheduler_config)
-    factor = 2 ** (len(vae_module.cfg.block_out_channels) - 1)
-    size = unet.cfg.sample_size * factor
-    default_steps = 50
-    return cls(path, unet, autoencoder.VAE(vae_module), encoders, params, index, scheduler_config, values, sampler,
-               bool(index.get("force_zeros_for_empty_prompt", False)),
-               dict(num_steps=default_steps, guidance=7.5 if len(encoders) == 1 else 5.0, height=size, width=size,
-                    sampler=sampler))
-
-  @property
-  def xl(self) -> bool:
-    return self.unet.cfg.addition_embed_type == "text_time"
-
-  def scheduler(self, scheduler):
-    """(objective, sampler): the folder's scheduler, another sampler name on its config (as diffusers'
-    `OtherScheduler.from_config(pipe.scheduler.config)`), or a diffusers scheduler config dict."""
-    from lidit_jax import configs
-    from lidit_jax.objectives import ddpm
-    values, sampler = dict(self.scheduler_values), self.default_sampler
-    if isinstance(scheduler, dict):
-      values, sampler = ddpm.from_scheduler_config(scheduler)
-    elif scheduler is not None:
-      if scheduler not in ddpm.SAMPLERS:
-        raise ValueError(f"scheduler={scheduler!r} is not a sampler here. Fix: use one of {ddpm.SAMPLERS} or a "
-                         "diffusers scheduler config dict")
-      sampler = scheduler
-    section = ddpm.scheduler_section(values, sampler, configs.base_config().ddpm)
-    return ddpm.DDPM(section), sampler
-
-  def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-    f = self.vae.factor
-    if height % (8 * f) or width % (8 * f):  # diffusers' pipelines ask for multiples of 8 latent pixels
-      raise ValueError(f"height x width {height} x {width} must be multiples of {8 * f}. Fix: round them")
-    return (height // f, width // f, self.unet.cfg.in_channels)
-
-  def _tokens(self, enc: _Encoder, prompts: list[str]) -> np.ndarray:
-    tok = enc.tokenizer
-    return np.asarray(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="np")["input_ids"], np.int32)
-
-  def text(self, prompts, negatives, guided: bool, size) -> dict:
-    n = len(prompts)
-    out = {"cond": [self._tokens(e, prompts) for e in self.encoders]}
-    zeros = self.xl and negatives is None and self.force_zeros
-    if guided and not zeros:
-      out["uncond"] = [self._tokens(e, negatives or [""] * n) for e in self.encoders]
-    if self.xl:  # original size, crop top-left, target size: the generated size, uncropped
-      h, w = size
-      out["time_ids"] = np.tile(np.asarray([[h, w, 0, 0, h, w]], np.float32), (n, 1))
-    return out
-
-  def _encode(self, params, ids_list):
-    """(prompt embeds [B, 77, D], pooled or None) as the diffusers pipeline of this kind computes them."""
-    states, pooled = [], None
-    for enc, ids in zip(self.encoders, ids_list):
-      hidden, last, pool = enc.module.apply({"params": params[enc.name]}, ids, jnp.ones_like(ids))
-      states.append(hidden[-2] if self.xl else last)
-      pooled = pool
-    return jnp.concatenate(states, axis=-1), pooled
-
-  def predictor(self, params, text, b: int, guided: bool, rng=None):
-    """(x, t in [0, 1]) -> (cond, uncond) U-Net outputs (uncond None unguided), one batched evaluation."""
-    ctx, pooled = self._encode(params, text["cond"])
-    extra = {}
-    if guided:
-      if "uncond" in text:
-        nctx, npooled = self._encode(params, text["uncond"])
-      else:  # SDXL's force_zeros_for_empty_prompt
-        nctx, npooled = jnp.zeros_like(ctx), jnp.zeros_like(pooled)
-      ctx = jnp.concatenate([ctx, nctx])
-      if self.xl:
-        pooled = jnp.concatenate([pooled, npooled])
-    if self.xl:
-      extra = dict(text_embeds=pooled, time_ids=_twice(text["time_ids"]) if guided else text["time_ids"])
-    steps = self.scheduler_values.get("num_train_timesteps", 1000)
-
-    def predict(x, t):
-      xs, ts = (_twice(x), _twice(t)) if guided else (x, t)
-      out = self.unet.apply({"params": params["unet"]}, xs, ts * steps, ctx, **extra)
-      return (out[:b], out[b:]) if guided else (out, None)
-    return predict
-
-  def decode(self, params, latents):
-    return self.vae.decode(params["vae"], latents)
-
-
-# ---- a training workdir of any family ----
+# ---- the one backend: a model of any family (a workdir, a config, a pipeline folder made a config) ----
 
 @dataclasses.dataclass
 class Workdir:
-  """The EMA weights of a workdir's latest checkpoint, through its family's contract (`state.text_inputs`):
+  """A model's weights (a workdir's latest checkpoint's EMA, or the initial weights of a config or of a pipeline
+  folder made one: `from_config`), through its family's contract (`state.text_inputs`):
   guidance mixes the conditional prediction with that of the null context (conditioner.null: learned, zeros, or the
   empty prompt's text) or of a negative prompt (zeros and empty_prompt models, as diffusers' pipelines do)."""
   setup: Any
@@ -345,16 +206,12 @@ class Workdir:
   def mesh(self):
     return self.setup.mesh
 
-  @property
-  def rules_config(self):
-    return self.setup.config
-
   @classmethod
   def load(cls, path: str, dtype, config=None) -> "Workdir":
-    from lidit_jax import configs, state as state_lib
     if config is None:
       config = configs.read_saved(path)
-    if dtype is not None:
+    if dtype is not None:  # on a copy: the caller's config is not changed
+      config = config.copy_and_resolve_references()
       config.model.dtype = jnp.dtype(dtype).name
     return cls.of(*state_lib.restore_for_inference(config, path))
 
@@ -362,12 +219,11 @@ class Workdir:
   def from_config(cls, config, dtype=None) -> "Workdir":
     """The model a run of `config` starts from (its initial weights: `model.init`, the conditioner's released
     ones, the rest freshly initialised), with no checkpoint."""
-    from lidit_jax import state as state_lib
     config = config.copy_and_resolve_references()
     if dtype is not None:
       config.model.dtype = jnp.dtype(dtype).name
-    s = state_lib.setup(config, use_text_cache=False)
-    return cls.of(s, s.init_state(jax.random.key(config.seed)).params)
+    s = state_lib.setup(config, use_text_cache=False, training=False)
+    return cls.of(s, s.init_params(jax.random.key(config.seed)))
 
   @classmethod
   def of(cls, setup, params=None, step: int = 0) -> "Workdir":
@@ -379,21 +235,19 @@ class Workdir:
                dict(num_steps=c.sample.steps, guidance=c.sample.cfg, height=size, width=size, sampler=c.sample.sampler))
 
   def scheduler(self, scheduler):
-    config = self.setup.config
-    sampler = scheduler or config.sample.sampler
-    names = objectives.objective(config).SAMPLERS
-    if sampler not in names:
-      raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
-                       f"Fix: use one of {names}")
-    return objectives.build(config), sampler
+    """(objective, sampler): the config's, another sampler name, or (DDPM) a diffusers scheduler config dict."""
+    return objectives.with_scheduler(self.setup.config, scheduler)
 
   def latent_shape(self, height: int, width: int):
-    from lidit_jax import model as model_lib
-    size = self.setup.config.data.image_size
+    config = self.setup.config
+    family = denoisers.family(config)
+    if hasattr(family, "sample_latent_shape"):
+      return family.sample_latent_shape(config, height, width)
+    size = config.data.image_size
     if (height, width) != (size, size):
       raise ValueError(f"height x width {height} x {width}: this model was trained at {size} x {size} px. "
                        "Fix: leave them unset")
-    return model_lib.latent_shape(self.setup.config)
+    return model_lib.latent_shape(config)
 
   def text(self, prompts, negatives, guided: bool, size):
     s = self.setup
@@ -412,7 +266,6 @@ class Workdir:
     """The unconditional half reads the text of "" or a negative prompt ("uncond" in `text`), else the model's
     null context (conditioner.null: learned or zeros) by its drop flags. `rng`: the model's "sample_noise"
     stream (one draw per image, the same at every step: the Diff Adapter's code with noise="always")."""
-    from lidit_jax import state as state_lib
     s = self.setup
     inputs = lambda t: state_lib.text_inputs(s.towers, params["frozen"]["towers"], t)
     apply = functools.partial(s.model.apply, {"params": params["model"]},

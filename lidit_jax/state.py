@@ -105,18 +105,30 @@ class Setup:
     init = jax.jit(lambda r: nn.unbox(_init_state(self, r)), out_shardings=self.state_shardings)
     with sharding.active(self.mesh, self.config):
       state = init(rng)
+    params = self._with_pretrained(state.params)
+    if params is state.params:
+      return state
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))  # two buffers: both donated
+
+  def init_params(self, rng):
+    """The model's initial parameters alone, as `init_state` gives them (no optimizer state or EMA): a model
+    sampled as a run of its config would start (a pipeline folder, a config)."""
+    init = jax.jit(lambda r: nn.unbox(_init_params(self, r)), out_shardings=self.state_shardings.params)
+    with sharding.active(self.mesh, self.config):
+      return self._with_pretrained(init(rng))
+
+  def _with_pretrained(self, params):
+    """`params` with what `model.init` names and the conditioner's released weights (LLM4GEN's projector)."""
     from lidit_jax import conditioners
-    m = self.config.model
-    loaded = pretrained_weights(self.config, self.abstract_state.params) if m.init else {}
+    loaded = pretrained_weights(self.config, self.abstract_state.params) if self.config.model.init else {}
     cond = conditioners.conditioner(self.config)
-    if hasattr(cond, "pretrained_weights"):  # released weights of the conditioner (LLM4GEN's projector)
+    if hasattr(cond, "pretrained_weights"):
       loaded.update(cond.pretrained_weights(self.config))
     if not loaded:
-      return state
-    params = jax.tree_util.tree_map_with_path(
+      return params
+    return jax.tree_util.tree_map_with_path(
         lambda p, x: jax.device_put(loaded[ckpt_lib.param_name(p)], x.sharding).astype(x.dtype)
-        if ckpt_lib.param_name(p) in loaded else x, state.params)
-    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))  # two buffers: both donated
+        if ckpt_lib.param_name(p) in loaded else x, params)
 
 
 def pretrained_weights(config, abstract_params) -> dict:
@@ -136,21 +148,26 @@ def pretrained_weights(config, abstract_params) -> dict:
   return ckpt_lib.restore_weights(m.init, abstract_params, m.init_skip)
 
 
-def _init_state(s: Setup, rng) -> TrainState:
+def _init_params(s: Setup, rng):
   inputs = model_lib.abstract_inputs(s.config, 1, [(t.hidden_size, t.num_layers) for t in s.towers])
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), inputs)
-  params = s.model.init(rng, **zeros)["params"]
+  return s.model.init(rng, **zeros)["params"]
+
+
+def _init_state(s: Setup, rng) -> TrainState:
+  params = _init_params(s, rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=s.tx.init(params))
 
 
-def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=None) -> Setup:
+def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=None, training: bool = True) -> Setup:
   """`use_text_cache=False` loads the towers even when text.cache is set (sampling new prompts).
+  `training=False`: for sampling, the training batch need not divide over the devices here.
   `abstract=True` builds everything from shapes only (no tokenizers, checkpoints or parameters; towers from
   their checkpoints' configs or the config's fields): for compiling and planning a run before it exists.
   `devices` (default `jax.devices()`) may be a TPU slice's compile-only devices, with `abstract=True`."""
   mesh = sharding.make_mesh(config, devices)
   shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum
-  if config.train.batch_size % shards:
+  if training and config.train.batch_size % shards:
     raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by data x fsdp devices x "
                      f"train.grad_accum ({mesh.shape['data']} x {mesh.shape['fsdp']} x {config.train.grad_accum})."
                      " Fix: change the batch size, the mesh or grad_accum.")
@@ -195,7 +212,7 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
 def restore_for_inference(config, workdir: str):
   """(Setup, EMA params, step) from the latest checkpoint in workdir, or a clear error."""
   ckpt = ckpt_lib.require(workdir)  # fail before building anything
-  s = setup(config, use_text_cache=False)  # new prompts need the towers
+  s = setup(config, use_text_cache=False, training=False)  # new prompts need the towers
   state, _ = ckpt.restore(s.abstract_state)
   ckpt.close()
   return s, state.ema_params, int(state.step)

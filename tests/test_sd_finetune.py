@@ -114,7 +114,7 @@ def test_export_diffusers_refuses_a_run_diffusers_cannot_run(tmp_path, capsys):
   (tmp_path / "run" / "config.json").write_text(tiny_config().to_json_best_effort())
   with pytest.raises(SystemExit) as e:
     export.main(["diffusers", str(tmp_path / "run"), str(tmp_path / "out")])
-  assert e.value.code == 2 and "('lidit', 'refiners', 'learned')" in capsys.readouterr().err
+  assert e.value.code == 2 and "model.family='lidit' has no released pipeline layout" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:  # no run at all
     export.main(["diffusers", str(tmp_path), str(tmp_path / "out")])
   assert e.value.code == 2 and "no checkpoint in" in capsys.readouterr().err

@@ -39,9 +39,10 @@ _QKV = re.compile(r"self_attn\.([qkv])_proj\.")
 _IGNORED = re.compile(r"(logit_scale|position_ids|attn_mask|text_projection)$")
 
 
-def kind_of(sd) -> str:
-  """sd15 / sd2 / sdxl of a loaded `pipeline.StableDiffusion` (SD 2.x is the one with linear projections)."""
-  return "sdxl" if sd.xl else "sd2" if sd.unet.cfg.use_linear_projection else "sd15"
+def kind_of(unet_cfg) -> str:
+  """sd15 / sd2 / sdxl of a U-Net config (SDXL adds text and time embeddings; SD 2.x has linear projections)."""
+  return ("sdxl" if unet_cfg.addition_embed_type == "text_time" else
+          "sd2" if unet_cfg.use_linear_projection else "sd15")
 
 
 def openclip_key(key: str) -> str:

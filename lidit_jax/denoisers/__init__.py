@@ -15,6 +15,14 @@ The trainer, sampler, evaluator, planner and parameter report see a family throu
   validate(config, towers)   its own config checks (configs.validate calls it; ConfigError by name)
   pretrained_weights(config, path) -> {"denoiser/...": array}   optional: what `model.init` reads besides another
       run's workdir (the U-Net family: a converted diffusers U-Net)
+  sample_latent_shape(config, height, width) -> latent hwc   optional: sampling at sizes other than the trained
+      one (the U-Net family: any multiple of its unit); without it only data.image_size is sampled
+  pipeline_config(path) -> config | None   optional: a released pipeline folder of the family (the U-Net family:
+      diffusers' Stable Diffusion folders) as the config that samples and fine-tunes it (`Pipeline.from_pretrained`)
+  exportable(config, where) -> source folder; export_pipeline(backend, out, save); single_file_state(backend,
+      where) -> {key: array}   optional: whether a model of the family is one its released pipelines run (else a
+      UserError by name), and the model back in its pipeline folder's layout or in one original single file
+      (`python -m lidit_jax.export diffusers`)
 A new family is one file here plus its name below and a config.
 """
 from __future__ import annotations
@@ -33,3 +41,13 @@ def family(config) -> ModuleType:
     raise ConfigError(f"config model.family={name!r} is not a denoiser family. Fix: set "
                       f"--config.model.family to one of {sorted(FAMILIES)}")
   return importlib.import_module(FAMILIES[name])
+
+
+def pipeline_config(path: str):
+  """The config of a pipeline folder of any family that reads one (None when none does)."""
+  for name in FAMILIES:
+    module = importlib.import_module(FAMILIES[name])
+    config = module.pipeline_config(path) if hasattr(module, "pipeline_config") else None
+    if config is not None:
+      return config
+  return None

@@ -8,16 +8,23 @@ compiled): its convolutions are not worth a hand count.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import conditioners
+from lidit_jax import conditioners, configs
+from lidit_jax.cli import UserError
 from lidit_jax.config_checks import fail, one_of
+from lidit_jax import prompt
+from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text, registry, sd_single_file
 from lidit_jax.models import layers
 from lidit_jax.models import unet as unet_lib
+from lidit_jax.objectives import ddpm
 
 Dtype = Any
 
@@ -144,10 +151,6 @@ def pretrained_weights(config, path: str) -> dict:
   """{"denoiser/...": array} of a converted diffusers U-Net (`python -m lidit_jax.convert diffusers` or
   `single-file`: OUT or OUT/unet) for `model.init`: the U-Net starts from it, the conditioner and the null context
   from their initialisation. Its layout must be the config's `unet` section (a mismatch is refused by field)."""
-  import dataclasses
-  import os
-  from lidit_jax.cli import UserError
-  from lidit_jax.convert import diffusers_unet
   if os.path.isfile(os.path.join(path, "model_index.json")):
     path = os.path.join(path, "unet")
   module, params = diffusers_unet.load_unet(path, jnp.dtype(config.model.dtype))
@@ -184,3 +187,208 @@ def validate(config, towers: Sequence[str]) -> None:
   if config.data.image_size % unit:
     fail("data.image_size", config.data.image_size, f"the U-Net halves it {len(cfg.block_out_channels) - 1} times "
          f"(x autoencoder factor {config.autoencoder.factor})", f"use a multiple of {unit}")
+
+
+# ---- a diffusers Stable Diffusion pipeline folder as a config: Pipeline.from_pretrained(folder), configs/sd15.py ----
+
+# The text towers' architectures for planning before the folder exists (text.towers.*.plan_arch)
+CLIP_L = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=768, intermediate_size=3072,
+              num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_BIGG = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                 num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                 projection_dim=1280)
+# SDXL base's layout, replaced by the folder's own when it exists (SD 1.5's is the `unet` section's default)
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                 up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), layers_per_block=2, num_heads=(5, 10, 20),
+                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, norm_num_groups=32,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+
+
+def is_pipeline_folder(path: str) -> bool:
+  """A Stable Diffusion pipeline folder (diffusers' or converted): model_index.json naming a UNet2DConditionModel."""
+  index = os.path.join(path, "model_index.json")
+  if not os.path.isfile(index):
+    return False
+  with open(index, encoding="utf-8") as f:
+    return (json.load(f).get("unet") or [None, None])[1] == "UNet2DConditionModel"
+
+
+def pipeline_config(path: str, xl: bool | None = None):
+  """The config that samples a Stable Diffusion 1.x / 2.x / XL pipeline folder (diffusers' or converted) as
+  diffusers' pipeline does, and that configs/sd15.py and sdxl.py fine-tune: the U-Net from its unet/ (model.init),
+  the text side the pipeline's (conditioner identity over its CLIP encoders: 77 tokens, no padding mask; SD 1.x /
+  2.x the normed last state, SDXL both encoders' penultimate states side by side and the second's projected pooled
+  output), its VAE, image size and scheduler (`from_pipeline_folder`), its guidance default (7.5; SDXL 5.0).
+  `xl` None: read from the folder (None when `path` is no pipeline folder); given, a folder that does not exist yet
+  keeps SD 1.5's or SDXL base's layout (planning before converting)."""
+  if xl is None:
+    if not is_pipeline_folder(path):
+      return None
+    xl = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel").addition_embed_type == "text_time"
+  c = configs.base_config()
+  c.model.update(family="unet", dtype="bfloat16")
+  c.conditioner.update(kind="identity", null="empty_prompt")
+  sd_clip = dict(mask_padding=False, max_length=77, dtype="bfloat16")
+  encoder = lambda n, **kw: configs.tower(init=os.path.join(path, "text_encoder" + n),
+                                          tokenizer=os.path.join(path, "tokenizer" + n), **sd_clip, **kw)
+  if xl:
+    c.unet = SDXL_UNET
+    c.conditioner.null = "zeros"
+    c.text.use = "clip,clip_2,pooled"
+    c.text.towers = {"clip": encoder("", layer=-2, plan_arch=CLIP_L), "clip_2": encoder("_2", layer=-2, plan_arch=CLIP_BIGG),
+                     "pooled": encoder("_2", layer=-2, output="pooled", plan_arch=CLIP_BIGG)}
+  else:
+    c.text.use = "clip"
+    c.text.towers = {"clip": encoder("", layer=-1, final_norm=True, plan_arch=CLIP_L)}
+  c.text.update(instruction="", use_chat_template=False)
+  c.autoencoder.update(kind="vae", factor=8, channels=4, dtype="float32")
+  c.objective.kind = "ddpm"
+  c.data.image_size = 1024 if xl else 512
+  c.sample.update(steps=50, sampler="euler" if xl else "pndm", cfg=5.0 if xl else 7.5)
+  c.mesh.data = -1  # data parallel over every device
+  return from_pipeline_folder(c, path)
+
+
+def from_pipeline_folder(c, path: str):
+  """Point `c` at a Stable Diffusion pipeline folder: the U-Net starts from its unet/ (model.init), the VAE is its
+  vae/; the `unet` section, the VAE's factor and channels, the image size (unet sample_size x the factor), the
+  `ddpm` section and sampler (its scheduler; `ddpm.scheduler_keys` the keys it sets, so that another sampler takes
+  its own class's defaults for the rest, as diffusers' `OtherScheduler.from_config` does) and the unconditional
+  context (zeros with force_zeros_for_empty_prompt, else the empty prompt) are read from its JSON files (no
+  weights). Without the folder, `c` keeps the values it has."""
+  c.model.init, c.autoencoder.path = path, path
+  if not os.path.isdir(path):
+    return c
+  unet = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel")
+  vae = registry.component_config("diffusers_vae", path, "vae", "AutoencoderKL")
+  c.unet = {**c.unet.to_dict(), **{k: getattr(unet, k) or type(v)() for k, v in c.unet.items()
+                                   if hasattr(unet, k)}}  # None -> "" / 0; our own fields (second_attention) kept
+  c.autoencoder.factor, c.autoencoder.channels = vae.downsample_factor, vae.latent_channels
+  c.data.image_size = unet.sample_size * vae.downsample_factor
+  with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+    values, sampler = ddpm.from_scheduler_config(json.load(f))
+  c.ddpm, c.sample.sampler = ddpm.scheduler_section(values, sampler, c.ddpm), sampler
+  c.ddpm.scheduler_keys = tuple(sorted(values))
+  with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+    c.conditioner.null = "zeros" if json.load(f).get("force_zeros_for_empty_prompt") else "empty_prompt"
+  return c
+
+
+def sample_latent_shape(config, height: int, width: int) -> tuple[int, int, int]:
+  """Latents for an image of height x width: any size whose latents the U-Net halves evenly and that diffusers'
+  pipelines take (multiples of 8 latent pixels); SDXL's time ids follow the size."""
+  f = config.autoencoder.factor
+  unit = max(8, 2 ** (len(config.unet.block_out_channels) - 1)) * f
+  if height % unit or width % unit:
+    raise ValueError(f"height x width {height} x {width} must be multiples of {unit}. Fix: round them")
+  return (height // f, width // f, config.autoencoder.channels)
+
+
+# ---- back to a diffusers pipeline folder or an original single file (python -m lidit_jax.export diffusers) ----
+
+_INDEX = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def source_pipeline(config, where: str) -> str:
+  """The pipeline folder a model started from: its model.init (the folder, its unet/, or another such run's
+  workdir, followed back)."""
+  path, seen = config.model.init, set()
+  while path and path not in seen:
+    seen.add(path)
+    for folder in (path, os.path.dirname(os.path.normpath(path))):
+      if is_pipeline_folder(folder):
+        return folder
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      break
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      path = (json.load(f).get("model") or {}).get("init", "")
+  raise UserError(f"{where}: no diffusers pipeline folder behind its model.init={config.model.init!r}, so there "
+                  "are no text encoders, VAE or scheduler to export with its U-Net. Fix: export a run that "
+                  "fine-tunes a pipeline (configs/sd15.py), or `export safetensors` for the model alone")
+
+
+def exportable(config, where: str) -> str:
+  """The source pipeline folder of a model diffusers' pipelines run: a U-Net reading the folder's own text encoders'
+  features (conditioner identity), guided as that pipeline guides (the empty prompt, or zeros with
+  force_zeros_for_empty_prompt). Anything else is refused by name."""
+  have = (config.conditioner.kind, config.conditioner.null)
+  if have[0] != "identity" or have[1] == "learned":
+    raise UserError(f"{where}: conditioner.kind / conditioner.null = {have}; a diffusers pipeline is a U-Net reading "
+                    "its text encoders' features, guided by the empty prompt or zeros ('identity', 'empty_prompt' or "
+                    "'zeros'). Fix: `export safetensors` for this model")
+  source = source_pipeline(config, where)
+  with open(os.path.join(source, "model_index.json"), encoding="utf-8") as f:
+    want = "zeros" if json.load(f).get("force_zeros_for_empty_prompt") else "empty_prompt"
+  if config.conditioner.null != want:
+    raise UserError(f"{where}: conditioner.null={config.conditioner.null!r}, but {source}'s pipeline guides with "
+                    f"{want!r} (its force_zeros_for_empty_prompt), so diffusers would not draw this model's images. "
+                    f"Fix: train with --config.conditioner.null={want}")
+  towers = [os.path.abspath(config.text.towers[n].init) for n in configs.tower_names(config)]
+  if any(os.path.commonpath([t, os.path.abspath(source)]) != os.path.abspath(source) for t in towers):
+    raise UserError(f"{where}: its text towers {towers} are not the text encoders of {source}, the pipeline it "
+                    "started from. Fix: train with the pipeline's own text_encoder(s) (configs/sd15.py)")
+  return source
+
+
+def _parts(backend, where: str):
+  """(source folder, its model_index, U-Net config, U-Net params, VAE config, VAE params, [(name, CLIP config,
+  params)]): the backend's U-Net and VAE weights with the source's layouts, its text encoders as the pipeline
+  holds them (with their heads; frozen, so read again from the folder)."""
+  config = backend.setup.config
+  source = exportable(config, where)
+  with open(os.path.join(source, "model_index.json"), encoding="utf-8") as f:
+    index = json.load(f)
+  unet_cfg = registry.component_config("diffusers_unet", source, "unet", "UNet2DConditionModel")
+  to_f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+  encoders = []
+  for name in ("text_encoder", "text_encoder_2"):
+    entry = index.get(name)
+    if entry and entry[0] is not None:
+      module, params = hf_text.load_hf_text_model(os.path.join(source, name), jnp.float32,
+                                                  adapt=hf_clip.sd_head(entry[1]))
+      encoders.append((name, module.cfg, params))
+  return (source, index, unet_cfg, to_f32(backend.params["model"]["denoiser"]), backend.setup.autoencoder.module.cfg,
+          to_f32(backend.params["frozen"]["autoencoder"]), encoders)
+
+
+def export_pipeline(backend, out: str, save) -> None:
+  """Write the model into the (new) folder `out` as a diffusers pipeline folder: its U-Net and VAE, the source
+  pipeline's text encoders, tokenizers, scheduler config and options (`save(directory, config, state, weights
+  file)` writes one component)."""
+  source, index, unet_cfg, unet_params, vae_cfg, vae_params, encoders = _parts(backend, out)
+  save(os.path.join(out, "unet"), *diffusers_unet.to_diffusers(unet_cfg, unet_params), "diffusion_pytorch_model.safetensors")
+  save(os.path.join(out, "vae"), *diffusers_vae.to_diffusers(vae_cfg, vae_params), "diffusion_pytorch_model.safetensors")
+  new = {"_class_name": index.get("_class_name", "StableDiffusionPipeline"),
+         "_diffusers_version": index.get("_diffusers_version", "0.30.0"), **_INDEX}
+  for name, cfg, params in encoders:
+    config, state = hf_clip.to_hf(cfg, params)
+    save(os.path.join(out, name), config, state, "model.safetensors")
+    tok_name = name.replace("text_encoder", "tokenizer")
+    tokenizer = prompt.load_tokenizer(os.path.join(source, tok_name))
+    tokenizer.save_pretrained(os.path.join(out, tok_name))
+    new[name] = ["transformers", config["architectures"][0]]
+    new[tok_name] = ["transformers", type(tokenizer).__name__]
+  os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+  with open(os.path.join(source, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+    scheduler = json.load(f)
+  with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+    json.dump(scheduler, f, indent=2)
+  new["scheduler"] = ["diffusers", scheduler.get("_class_name", "PNDMScheduler")]
+  for key, value in index.items():  # pipeline options (force_zeros_for_empty_prompt, ...), absent parts as null
+    if key not in new and not key.startswith("_"):
+      new[key] = [None, None] if isinstance(value, list) else value
+  with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
+    json.dump(new, f, indent=2)
+
+
+def single_file_state(backend, where: str) -> dict:
+  """The model in the original single-file layout that A1111, ComfyUI and diffusers' `from_single_file` read:
+  `model.diffusion_model.*` (the U-Net), `first_stage_model.*` (the VAE) and the text encoders under their SD 1.x /
+  2.x / XL keys (`convert.sd_single_file`)."""
+  _, _, unet_cfg, unet_params, vae_cfg, vae_params, encoders = _parts(backend, where)
+  state = {**diffusers_unet.to_ldm(unet_cfg, unet_params), **diffusers_vae.to_ldm(vae_cfg, vae_params)}
+  by_name = {name: (cfg, params) for name, cfg, params in encoders}
+  for name, prefix, layout in sd_single_file.TEXT_ENCODERS[sd_single_file.kind_of(unet_cfg)]:
+    state.update(sd_single_file.text_state(*by_name[name], prefix, layout))
+  return state

@@ -8,6 +8,8 @@ sampler call it through this contract and nothing else:
   objective.loss(net, x0, draws) -> loss [B]    net(x_t, t) -> the network's output
   objective.sample(net, noise, steps, sampler, rng=None) -> x0    net: the (guided) network; noise: unit
       Gaussian (scaled to the start time here); rng: for samplers that draw noise at every step
+  with_scheduler(config, scheduler) -> (objective, sampler)   optional: sampling with another scheduler than
+      the config's (a sampler name; objectives that know diffusers' schedulers also take their config dicts)
   validate(config)   its own sections and sampler names (configs.validate calls it; ConfigError by name)
   SAMPLERS           the sampler names it takes (sample.sampler, `sample --sampler`)
 Classifier-free guidance (`guidance.guided`) is shared by all. A new objective is one file here plus its name.
@@ -33,3 +35,15 @@ def objective(config) -> ModuleType:
 
 def build(config):
   return objective(config).build(config)
+
+
+def with_scheduler(config, scheduler):
+  """(objective, sampler name) that sample with `scheduler` (None: the config's sample.sampler)."""
+  module = objective(config)
+  if hasattr(module, "with_scheduler"):
+    return module.with_scheduler(config, scheduler)
+  sampler = scheduler or config.sample.sampler
+  if not isinstance(sampler, str) or sampler not in module.SAMPLERS:
+    raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
+                     f"Fix: use one of {module.SAMPLERS}")
+  return module.build(config), sampler

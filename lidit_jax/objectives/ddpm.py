@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lidit_jax import configs
 from lidit_jax.config_checks import fail, one_of
 
 SAMPLERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
@@ -356,3 +357,23 @@ def validate(config) -> None:
 
 def build(config) -> DDPM:
   return DDPM(config.ddpm)
+
+
+def with_scheduler(config, scheduler) -> tuple[DDPM, str]:
+  """(objective, sampler) for `scheduler`: None (the config's), another sampler name on the config's scheduler
+  (as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`: the keys it set, `ddpm.scheduler_keys`,
+  kept, the new class's defaults for the rest), or a diffusers scheduler config dict."""
+  d = config.ddpm
+  # what no scheduler config sets comes from the defaults (a scheduler key) or stays the config's (eta, training)
+  base = configs.base_config().ddpm
+  base.update({k: v for k, v in d.items() if k not in _SCHEDULER_KEYS})
+  if isinstance(scheduler, dict):
+    values, sampler = from_scheduler_config(scheduler)
+    return DDPM(scheduler_section(values, sampler, base)), sampler
+  sampler = scheduler or config.sample.sampler
+  if sampler not in SAMPLERS:
+    raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind='ddpm'. Fix: use one of {SAMPLERS} "
+                     "or a diffusers scheduler config dict")
+  if d.get("scheduler_keys") and sampler != config.sample.sampler:
+    d = scheduler_section({k: d[k] for k in d.scheduler_keys}, sampler, base)
+  return DDPM(d), sampler
