@@ -17,10 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import conditioners, configs
+from lidit_jax import conditioners, configs, prompt
 from lidit_jax.cli import UserError
 from lidit_jax.config_checks import fail, one_of
-from lidit_jax import prompt
 from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text, registry, sd_single_file
 from lidit_jax.models import layers
 from lidit_jax.models import unet as unet_lib
@@ -205,13 +204,23 @@ SDXL_UNET = dict(block_out_channels=(320, 640, 1280), down_block_types=("DownBlo
                  projection_class_embeddings_input_dim=2816)
 
 
-def is_pipeline_folder(path: str) -> bool:
-  """A Stable Diffusion pipeline folder (diffusers' or converted): model_index.json naming a UNet2DConditionModel."""
+def _index(path: str) -> dict:
+  """A pipeline folder's model_index.json ({} where there is none)."""
   index = os.path.join(path, "model_index.json")
   if not os.path.isfile(index):
-    return False
+    return {}
   with open(index, encoding="utf-8") as f:
-    return (json.load(f).get("unet") or [None, None])[1] == "UNet2DConditionModel"
+    return json.load(f)
+
+
+def _null(index: dict) -> str:
+  """The unconditional context the pipeline guides with: zeros (force_zeros_for_empty_prompt) or the empty prompt."""
+  return "zeros" if index.get("force_zeros_for_empty_prompt") else "empty_prompt"
+
+
+def is_pipeline_folder(path: str) -> bool:
+  """A Stable Diffusion pipeline folder (diffusers' or converted): model_index.json naming a UNet2DConditionModel."""
+  return (_index(path).get("unet") or [None, None])[1] == "UNet2DConditionModel"
 
 
 def pipeline_config(path: str, xl: bool | None = None):
@@ -270,8 +279,7 @@ def from_pipeline_folder(c, path: str):
     values, sampler = ddpm.from_scheduler_config(json.load(f))
   c.ddpm, c.sample.sampler = ddpm.scheduler_section(values, sampler, c.ddpm), sampler
   c.ddpm.scheduler_keys = tuple(sorted(values))
-  with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
-    c.conditioner.null = "zeros" if json.load(f).get("force_zeros_for_empty_prompt") else "empty_prompt"
+  c.conditioner.null = _null(_index(path))
   return c
 
 
@@ -318,8 +326,7 @@ def exportable(config, where: str) -> str:
                     "its text encoders' features, guided by the empty prompt or zeros ('identity', 'empty_prompt' or "
                     "'zeros'). Fix: `export safetensors` for this model")
   source = source_pipeline(config, where)
-  with open(os.path.join(source, "model_index.json"), encoding="utf-8") as f:
-    want = "zeros" if json.load(f).get("force_zeros_for_empty_prompt") else "empty_prompt"
+  want = _null(_index(source))
   if config.conditioner.null != want:
     raise UserError(f"{where}: conditioner.null={config.conditioner.null!r}, but {source}'s pipeline guides with "
                     f"{want!r} (its force_zeros_for_empty_prompt), so diffusers would not draw this model's images. "
@@ -337,8 +344,7 @@ def _parts(backend, where: str):
   holds them (with their heads; frozen, so read again from the folder)."""
   config = backend.setup.config
   source = exportable(config, where)
-  with open(os.path.join(source, "model_index.json"), encoding="utf-8") as f:
-    index = json.load(f)
+  index = _index(source)
   unet_cfg = registry.component_config("diffusers_unet", source, "unet", "UNet2DConditionModel")
   to_f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
   encoders = []
