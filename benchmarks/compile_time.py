@@ -28,7 +28,7 @@ def compile_seconds(depth: int, scan: bool) -> float:
   c.mesh.update(data=1, fsdp=jax.device_count(), tensor=1)
   c.train.batch_size = jax.device_count()
   c.text.cache = "abstract"  # features as inputs: the LLM towers are not part of this step
-  configs.validate(c)
+  c = configs.validate(c)
   t = time.perf_counter()
   train.lower_train_step(c).compile()
   return time.perf_counter() - t

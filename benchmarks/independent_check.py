@@ -9,7 +9,7 @@ scene code: the captions are read back from their words, pixels take the nearest
 triangle over its bounding box with the highest IoU, objects of one colour take distinct blobs of it (the
 assignment with most shapes right, then most area), and a relation holds when the centres are in the asked order
 along the asked axis (the order alone: chance 0.5; the evaluator also asks for 2 px and the asked axis to
-dominate). On the renderer's own images both score 1.0 (tests/test_evaluate.py). The same tiles are also scored by the evaluator (`lidit_jax.data.shapes`), so the two can be compared image for image.
+dominate). On the renderer's own images both score 1.0. The same tiles are also scored by the evaluator (`lidit_jax.data.shapes`), so the two can be compared image for image.
 """
 from __future__ import annotations
 

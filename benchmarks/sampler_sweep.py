@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -31,11 +32,11 @@ def sweep(config_path: str, workdir: str, settings: list[tuple[str, dict]], num_
   s, params, step = state_lib.restore_for_inference(config, workdir)
   rows = []
   for name, overrides in settings:
-    s.config = configs.validate(configs.apply_overrides(copy.deepcopy(config), overrides))
-    e = s.config.eval
+    setting = dataclasses.replace(s, config=configs.validate(configs.apply_overrides(copy.deepcopy(config), overrides)))
+    e = setting.config.eval
     t0 = time.perf_counter()
-    r = evaluate.evaluate(Pipeline(Workdir.of(s, params)), num_prompts, e.steps, e.cfg, batch_size=e.batch_size,
-                          num_probe_pairs=probe_pairs, scene_seed=s.config.seed)
+    r = evaluate.evaluate(Pipeline(Workdir.of(setting, params)), num_prompts, e.steps, e.cfg, batch_size=e.batch_size,
+                          num_probe_pairs=probe_pairs, scene_seed=setting.config.seed)
     row = {"setting": name, "overrides": overrides, "step": step, "seconds": time.perf_counter() - t0,
            **{k: r[k] for k in METRICS}, "relation_offsets": r["relation_offsets"]}
     print(json.dumps(row), flush=True)

@@ -17,6 +17,7 @@ Caption dropout trains on the empty prompt, which sampling guides with (or a neg
 pipelines do, so `export diffusers` gives a pipeline that diffusers samples to the same images (tested on a tiny
 pipeline: tests/test_sd_finetune.py). Expected: no numbers measured here (no SD 1.5 weights or data on this CPU).
 """
+from lidit_jax import configs
 from lidit_jax.denoisers import unet
 
 DEFAULT = "checkpoints/sd15"
@@ -37,4 +38,4 @@ def recipe(c):
 def get_config(path: str = DEFAULT):
   # the model: the folder's U-Net layout, text side, VAE, image size and scheduler (lidit_jax/denoisers/unet.py);
   # data parallel over every device (SD 1.5's 860 M parameters fit each)
-  return recipe(unet.pipeline_config(path, xl=False))
+  return recipe(unet.pipeline_config(configs.base_config(), path, xl=False))

@@ -18,6 +18,7 @@ For memory on large slices: --config.mesh.fsdp=-1 --config.mesh.data=1 (paramete
 import importlib.util
 import os
 
+from lidit_jax import configs
 from lidit_jax.denoisers import unet
 
 DEFAULT = "checkpoints/sdxl"
@@ -29,6 +30,6 @@ def get_config(path: str = DEFAULT):
   spec = importlib.util.spec_from_file_location("sd15", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15.py"))
   sd15 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(sd15)
-  c = sd15.recipe(unet.pipeline_config(path, xl=True))
+  c = sd15.recipe(unet.pipeline_config(configs.base_config(), path, xl=True))
   c.train.update(num_steps=10_000, batch_size=128)
   return c

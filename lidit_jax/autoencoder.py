@@ -22,7 +22,25 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from lidit_jax.config_checks import ConfigError, fail, one_of
 from lidit_jax.models import vae as vae_lib
+
+
+# identity (pixels), patches (pixels as factor x factor patches, 3 factor^2 channels) or vae: path = a diffusers
+# VAE / pipeline folder, an original single file or a converted directory; frozen
+CONFIG_DEFAULTS = {"autoencoder": dict(kind="identity", factor=1, channels=3, path="", dtype="float32")}
+
+
+def validate(ae) -> None:
+  """Its section's checks (configs.validate calls it), each a ConfigError naming value and fix."""
+  one_of("autoencoder.kind", ae.kind, {"identity", "patches", "vae"})
+  one_of("autoencoder.dtype", ae.dtype, {"float32", "bfloat16"})
+  if ae.kind == "identity" and (ae.factor != 1 or ae.channels != 3):
+    fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
+         "set --config.autoencoder.factor=1 --config.autoencoder.channels=3")
+  if ae.kind == "patches" and (ae.factor < 1 or ae.channels != 3 * ae.factor ** 2):
+    fail("autoencoder.factor/channels", (ae.factor, ae.channels), "patches of factor f hold 3 f^2 channels",
+         f"set --config.autoencoder.channels={3 * max(1, ae.factor) ** 2} (factor {max(1, ae.factor)})")
 
 
 def from_uint8(images_BHWC):
@@ -152,7 +170,6 @@ def build(ae_cfg, abstract: bool = False):
   denoiser before anything is loaded). `abstract=True` gives ShapeDtypeStructs instead (planning), or
   (None, None) when the VAE does not exist yet: a planned run then trains on precomputed latents."""
   import os
-  from lidit_jax import configs
   if ae_cfg.kind in ("identity", "patches"):
     return Pixels(ae_cfg.factor), None
   from lidit_jax.convert import diffusers_vae, registry
@@ -168,13 +185,13 @@ def build(ae_cfg, abstract: bool = False):
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
                           registry.strip_boxes(diffusers_vae.abstract_params(module)))
   elif not path:
-    raise configs.ConfigError("config autoencoder.kind='vae' needs autoencoder.path. Fix: "
+    raise ConfigError("config autoencoder.kind='vae' needs autoencoder.path. Fix: "
                               "--config.autoencoder.path=DIR (a diffusers VAE or pipeline folder, or a converted one)")
   else:
     module, params = diffusers_vae.load_vae(path, dtype)
   ae = VAE(module)
   if (ae.factor, ae.channels) != (ae_cfg.factor, ae_cfg.channels):
-    raise configs.ConfigError(
+    raise ConfigError(
         f"config autoencoder.factor/channels=({ae_cfg.factor}, {ae_cfg.channels}), but the VAE at {path} has "
         f"({ae.factor}, {ae.channels}). Fix: --config.autoencoder.factor={ae.factor} "
         f"--config.autoencoder.channels={ae.channels}")

@@ -5,6 +5,7 @@ validated before any compute: a bad value is refused with a message naming it an
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -14,9 +15,9 @@ import re
 import ml_collections
 from etils import epath
 
-from lidit_jax import cli
+from lidit_jax import autoencoder, cli, conditioners, denoisers, objectives
 from lidit_jax.cli import UserError, warn
-from lidit_jax.config_checks import ConfigError, fail, one_of  # noqa: F401  (configs.ConfigError, for callers)
+from lidit_jax.config_checks import ConfigError, fail, one_of, tower, tower_names  # noqa: F401  (for callers)
 from lidit_jax.prompt import LIDIT_INSTRUCTION
 
 # Logical axis -> mesh axis. Parameters are sharded over fsdp (their `embed` dim) and tensor (heads / mlp).
@@ -38,82 +39,20 @@ DEFAULT_RULES = (
 )
 
 
-def tower(**overrides) -> ml_collections.ConfigDict:
-  """One frozen text tower. `init`: "random" (a random Llama-style tower built from the fields below, the
-  demo's) or a local directory: a Hugging Face model (config.json + safetensors) or the output of
-  `python -m lidit_jax.convert hf-text`; its architecture then comes from that directory and the fields
-  kind .. rope_theta are ignored. `tokenizer`: "" (the demo's word tokenizer for random towers, else the
-  one in `init`), "words", or a local tokenizer directory. `layer`: which hidden state LI-DiT reads;
-  `all_layers`: every hidden state instead, [B, L, num_layers + 1, D] (for conditioners that read them all).
-  Stable Diffusion's text side: `final_norm` applies a CLIP tower's final LayerNorm to the chosen layer (SD 1.x /
-  2.x read layer -1 so normed: last_hidden_state; diffusers' clip_skip normed earlier layers); `mask_padding=False`
-  runs the tower and gives the context every position, padding included, as SD's pipelines run CLIP;
-  `output="pooled"`: the end-of-text token's normed, projected state instead (CLIPTextModelWithProjection's
-  text_embeds, SDXL's pooled vector), features [B, 1, P], which conditioner identity hands to the U-Net.
-  `output="scores"` (decoder-only LLM towers): the LLM Diff Adapter's per-block scores, [B, L, num_layers + 1, D]
-  (entry 0 the embedding output, entry t block t's update with context minus its update of the token alone;
-  `alone`: "diagonal", the same block with attention to the token itself, or "trajectory", a context-free run;
-  models/llm.DecoderLM). The tower then runs about twice its FLOPs."""
-  t = ml_collections.ConfigDict(dict(
-      kind="llama", init="random", tokenizer="", vocab_size=0,
-      hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192, rope_theta=10000.0,
-      layer=-3,  # LI-DiT reads the third-to-last block's output
-      all_layers=False,  # give every hidden state (the embeddings, then each block's output) instead
-      final_norm=False,  # CLIP only: its final LayerNorm on the chosen layer
-      output="hidden",  # or "pooled": a CLIP with projection's pooled output [B, 1, P] (SDXL's text_embeds)
-                        # or "scores": an LLM's per-block scores (the Diff Adapter's), read as `alone` says
-      alone="diagonal",
-      instruction=None,  # this tower's own text before the prompt (LLM4GEN's T5: "pre"); None: text.instruction
-      mask_padding=True,  # False: no padding mask in the tower or the context (SD's CLIP)
-      # config.json fields (model_type, sizes) the planner assumes while `init` does not exist yet, for a tower
-      # the Llama fields above cannot describe (SD's CLIP, LLM4GEN's T5): `plan` before converting anything
-      plan_arch={},
-      max_length=64, dtype="bfloat16"))
-  t.update(overrides)
-  return t
-
-
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = dict(family="lidit",  # the denoiser family (lidit_jax/denoisers: one file each)
+  c.model = dict(family=denoisers.DEFAULT,  # the denoiser family (lidit_jax/denoisers: one file each, owning its fields)
                  init="",  # a training workdir: start from its latest EMA weights (fine-tuning)
                  init_skip=(),  # regexes of parameter names ("denoiser/...") that model.init leaves fresh
-                 width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True,
-                 pos_embed="resblock", remat="none", scan=True, dtype="float32",
-                 modulation="block",  # adaLN-Zero per block (LI-DiT), or "single" (PixArt-alpha's adaLN-single)
-                 attention="auto",  # DiT attention: auto (cuDNN on GPU in bf16, splash on TPU, else XLA), xla,
-                                    # cudnn, splash
-                 refiner=dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True, fusion="collaborative",
-                              rope=False, feature_norm=False))
-  # rope: rotary word positions in the token refiners; feature_norm: the LLM features RMS-normalised (no weights)
-  # before the refiner reads them, so a tower's scale cannot swamp the timestep in c. Neither is in the paper.
-  # model.family=unet: the SD U-Net (diffusers' UNet2DConditionModel fields; per-block ones as tuples or one value)
-  c.unet = dict(block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
-                num_heads=8, transformer_layers_per_block=1, cross_attention_dim=768, norm_num_groups=32,
-                use_linear_projection=False,
-                addition_embed_type="",  # "text_time": SDXL's pooled text + size / crop ids (a tower with output
-                addition_time_embed_dim=0,  # "pooled" gives the text; the ids are the image size, uncropped)
-                projection_class_embeddings_input_dim=0,
-                # a conditioner's second context (the Diff Adapter's code): a new cross-attention beside each
-                # original one, mixed a1 exp(b1) orig + a2 exp(b2) new, a = (1, 0), b = 0 at init (the U-Net
-                # unchanged): "per_layer" mixes, or one "global" mix
-                second_attention="per_layer")
-  # tower features -> the denoiser's context (lidit_jax/conditioners): LI-DiT's "refiners" (options in
-  # model.refiner), plain "tokens" (each tower projected to the width) or "identity" (the features themselves,
-  # towers side by side: SD's CLIP). null: classifier-free guidance's unconditional context, "learned" (a
-  # parameter) or "empty_prompt" (the towers' features of "": caption dropout trains on them, sampling guides with
-  # them or a negative prompt; what diffusers' SD pipelines do, so such a model exports to them) or "zeros" (zero
-  # context and pooled vector, a negative prompt's features when one is given: SDXL's force_zeros_for_empty_prompt)
-  c.conditioner = dict(kind="refiners", null="learned",
-                       # kind=llm4gen: LLM4GEN's Cross-Adapter Module (conditioners/llm4gen.py; released values)
-                       cam=dict(clip="clip", llm="t5", num_blocks=1, num_heads=8, lam=1.0, llm_first=False,
-                                mask_llm=False, init="", allow_pickle=False),
-                       # kind=diff_adapter: the LLM Diff Adapter (conditioners/diff_adapter.py: the open readings)
-                       diff=dict(llm="llm", start="embedding", learn_g=True, g_init=1.0, noise="train",
-                                 noise_init=1e-4))
+                 remat="none", dtype="float32",
+                 attention="auto")  # auto (cuDNN on GPU in bf16, splash on TPU, else XLA), xla, cudnn, splash
+  # tower features -> the denoiser's context (lidit_jax/conditioners). null: classifier-free guidance's
+  # unconditional context, "learned" (a parameter) or "empty_prompt" (the towers' features of "": caption dropout
+  # trains on them, sampling guides with them or a negative prompt; what diffusers' SD pipelines do, so such a
+  # model exports to them) or "zeros" (zero context and pooled vector, a negative prompt's features when one is
+  # given: SDXL's force_zeros_for_empty_prompt)
+  c.conditioner = dict(kind=conditioners.DEFAULT, null="learned")
   c.text = dict(use="llama_a,llama_b", instruction=LIDIT_INSTRUCTION, use_chat_template=True,
                 padding_side="right", drop_instruction=True,
                 words=(),  # the "words" tokenizer's vocabulary besides its fixed words (configs/shapes.py: the demo's)
@@ -132,27 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
                 workers=0,  # grain worker processes, each building whole batches (0: in the training process)
                 threads=16,  # decoding threads per batch
                 prefetch=2)  # batches read ahead (per worker process)
-  # vae: path = a diffusers VAE / pipeline folder, an original single file or a converted directory; frozen
-  # identity (pixels), patches (pixels as factor x factor patches, 3 factor^2 channels) or vae (autoencoder.py)
-  c.autoencoder = dict(kind="identity", factor=1, channels=3, path="", dtype="float32")
-  c.objective = dict(kind="rectified_flow")  # lidit_jax/objectives: rectified_flow reads `flow`, ddpm `ddpm`
-  c.flow = dict(prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; flow.as_velocity)
-                x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
-                loss="velocity",  # the MSE of the velocity, or of the clean image it implies ("x0": weight t^2)
-                timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                shift=1.0, resolution_shift=False,
-                unshifted=0.0)  # fraction of training times drawn without the shift (both ends trained)
-  # DDPM (objective.kind=ddpm): diffusers' scheduler_config.json names, SD 1.x's values by default
-  c.ddpm = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon",  # or v_prediction (SD 2.x 768 px) or sample
-                timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-                clip_sample_range=1.0, rescale_betas_zero_snr=False, use_karras_sigmas=False,
-                eta=0.0,  # DDIM's noise at each step (0: deterministic)
-                snr_gamma=0.0,  # > 0: min-SNR-gamma loss weights (5.0 is the paper's)
-                offset_noise=0.0,  # > 0: per-channel offset added to the training noise (e.g. 0.05)
-                # the keys a pipeline folder's scheduler set (the rest: its class's defaults); another sampler
-                # keeps these and takes its own class's defaults for the rest. Empty: every key is kept
-                scheduler_keys=())
+  c.objective = dict(kind=objectives.DEFAULT)  # lidit_jax/objectives: each reads its own section
   c.optim = dict(lr=1e-4,
                  warmup_steps=1000,  # clipped to a tenth of the run (with a warning) when not below num_steps
                  min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
@@ -177,13 +96,41 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=1, fsdp=1, tensor=1,  # within one slice (or all devices); -1 = the rest
                 dcn_data=1, dcn_fsdp=1)  # multi-slice pods: slices along data / fsdp
   c.sharding_rules = DEFAULT_RULES
+  # Every registered plugin's own section (its defaults, in its file), whichever a config picks: `--config.unet.*`
+  # works before a file sets model.family, and every run's config.json has one layout.
+  for plugin in plugins():
+    _add(c, getattr(plugin, "CONFIG_DEFAULTS", {}))
   return c
+
+
+def plugins() -> list:
+  """Every registered denoiser family, conditioner and objective module, and the autoencoder's."""
+  return [*(importlib.import_module(m) for registry in (denoisers.FAMILIES, conditioners.CONDITIONERS,
+                                                         objectives.OBJECTIVES) for m in registry.values()), autoencoder]
+
+
+def _add(node: ml_collections.ConfigDict, section: dict) -> None:
+  for key, value in section.items():
+    if isinstance(value, dict) and key in node:
+      _add(node[key], value)
+    else:
+      node[key] = value
 
 
 def read_saved(workdir: str) -> ml_collections.ConfigDict:
   """A run's saved config.json, validated, with the fields the code gained since it was written at their
   defaults (so a run of an older version still samples and exports)."""
   return validate(ml_collections.ConfigDict(saved_fields(workdir)))
+
+
+def migrate(saved: dict) -> dict:
+  """A saved config of an earlier layout in today's, in place: each plugin moves the fields it took into its own
+  section since (`migrate` in its file), keeping the values the run was trained with; a field missing altogether
+  gets its default afterwards (saved_fields)."""
+  for plugin in plugins():
+    if hasattr(plugin, "migrate"):
+      plugin.migrate(saved)
+  return saved
 
 
 def saved_fields(workdir: str) -> dict:
@@ -197,22 +144,20 @@ def saved_fields(workdir: str) -> dict:
         fill(d[k], v)
   saved = json.loads((epath.Path(workdir) / "config.json").read_text(encoding="utf-8"))
   saved.pop("history", None)
+  migrate(saved)
   fill(saved, base_config().to_dict())
   for t in saved["text"]["towers"].values():
     fill(t, tower().to_dict())
   return saved
 
 
-def tower_names(config) -> list[str]:
-  """The towers `text.use` names, in order."""
-  return [n.strip() for n in config.text.use.split(",") if n.strip()]
-
-
 def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.ConfigDict:
-  """Checks everything that can be checked without compute; raises ValueError naming value and fix. `data=False`
-  leaves out that the training data exist (sampling a config's model reads none)."""
+  """`c` checked for everything that can be checked without compute, as a new config (`c` is not changed; a
+  warmup longer than the run comes back shortened); raises ValueError naming value and fix. `data=False` leaves
+  out that the training data exist (sampling a config's model reads none)."""
+  c = c.copy_and_resolve_references()
   m = c.model
-  for key, value in (("model.patch_size", m.patch_size), ("train.num_steps", c.train.num_steps),
+  for key, value in (("train.num_steps", c.train.num_steps),
                      ("train.batch_size", c.train.batch_size), ("train.log_every", c.train.log_every),
                      ("train.grad_accum", c.train.grad_accum),
                      ("train.checkpoint_every", c.train.checkpoint_every), ("sample.steps", c.sample.steps),
@@ -257,21 +202,13 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
     one_of(f"text.towers.{n}.output", t.output, {"hidden", "pooled", "scores"})
     one_of(f"text.towers.{n}.alone", t.alone, {"diagonal", "trajectory"})
   one_of("text.padding_side", c.text.padding_side, {"left", "right"})
-  denoisers.family(c).validate(c, names)  # the family's own sections (LI-DiT: model.*)
+  autoencoder.validate(c.autoencoder)  # its own section, before the family reads its factor
+  denoisers.family(c).validate(c, names)  # the family's own sections
   from lidit_jax import conditioners
   one_of("conditioner.kind", c.conditioner.kind, set(conditioners.CONDITIONERS))
   one_of("conditioner.null", c.conditioner.null, {"learned", "empty_prompt", "zeros"})
-  conditioners.conditioner(c).validate(c, names)  # its own (the refiners: model.refiner.*)
+  conditioners.conditioner(c).validate(c, names, denoisers.geometry(c))  # its own section(s)
 
-  ae = c.autoencoder
-  one_of("autoencoder.kind", ae.kind, {"identity", "patches", "vae"})
-  one_of("autoencoder.dtype", ae.dtype, {"float32", "bfloat16"})
-  if ae.kind == "identity" and (ae.factor != 1 or ae.channels != 3):
-    fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
-          "set --config.autoencoder.factor=1 --config.autoencoder.channels=3")
-  if ae.kind == "patches" and (ae.factor < 1 or ae.channels != 3 * ae.factor ** 2):
-    fail("autoencoder.factor/channels", (ae.factor, ae.channels), "patches of factor f hold 3 f^2 channels",
-          f"set --config.autoencoder.channels={3 * max(1, ae.factor) ** 2} (factor {max(1, ae.factor)})")
   one_of("data.source", c.data.source, {"shapes", "tfds", "features"})
   if data and c.data.source in ("tfds", "features") and not (c.data.name and c.data.data_dir):
     fail("data.name/data_dir", (c.data.name, c.data.data_dir), f"data.source={c.data.source!r} needs both",
@@ -288,7 +225,7 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
   if not 0.0 <= c.data.caption_dropout < 1.0:
     fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
 
-  objectives.objective(c).validate(c)  # its own section and samplers (rectified flow: flow.*, sample.*)
+  objectives.objective(c).validate(c)  # its own section and sampler names
   o = c.optim
   if o.lr <= 0 or not math.isfinite(o.lr):
     fail("optim.lr", o.lr, "must be a positive number", "use e.g. 1e-4")

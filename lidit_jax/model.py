@@ -186,7 +186,7 @@ def attention_implementation(config, platform: str | None = None) -> str:
   XLA elsewhere. An explicit kernel the platform cannot run is refused rather than silently replaced."""
   platform = platform or jax.devices()[0].platform
   want, half = config.model.attention, config.model.dtype in ("bfloat16", "float16")
-  image_tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
+  image_tokens = denoisers.geometry(config).image_tokens
   text_tokens = sum(config.text.towers[n].max_length for n in tower_names(config))
   blocks_fit = image_tokens % 128 == 0 and text_tokens % 128 == 0
   if want == "auto":
@@ -209,8 +209,7 @@ def build_model(config, platform: str | None = None) -> nn.Module:
 
 
 def latent_shape(config) -> tuple[int, int, int]:
-  s = config.data.image_size // config.autoencoder.factor
-  return (s, s, config.autoencoder.channels)
+  return denoisers.geometry(config).latent_hwc
 
 
 def text_shapes(config, tower_dims: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, ...]]:

@@ -52,6 +52,14 @@ class Pipeline:
     self.backend = backend
     self._compiled: dict = {}
 
+  def with_weights(self, params, step: int | None = None) -> "Pipeline":
+    """The same model with other weights (the trainer's EMA at a sampling step): the compiled samplers, which take
+    the weights as an argument, are shared."""
+    b = self.backend
+    pipe = Pipeline(dataclasses.replace(b, params={**b.params, "model": params}, step=b.step if step is None else step))
+    pipe._compiled = self._compiled
+    return pipe
+
   @classmethod
   def from_pretrained(cls, path, dtype=jnp.float32) -> "Pipeline":
     """A diffusers pipeline folder (model_index.json; its components diffusers' or converted by `python -m
@@ -65,7 +73,7 @@ class Pipeline:
       return cls(Workdir.from_config(config, dtype))
     path = os.path.expanduser(os.fspath(path))
     if os.path.isfile(os.path.join(path, "model_index.json")):
-      config = denoisers.pipeline_config(path)
+      config = denoisers.pipeline_config(configs.base_config(), path)
       if config is None:
         raise NotFound(f"{path}/model_index.json: no model family here reads this pipeline "
                        "(Stable Diffusion 1.x / 2.x / XL folders are read). Fix: point at one of those")
@@ -175,7 +183,7 @@ def lower_sample(config, batch: int, devices=None):
   guided = config.sample.cfg > 1.0
   if guided and config.conditioner.null == "empty_prompt":
     text["uncond"] = text["cond"]
-    s.null_text = {}  # in shape only: the empty prompt's text is an input here
+    s = dataclasses.replace(s, null_text={})  # in shape only: the empty prompt's text is an input here
   backend = Workdir.of(s, s.abstract_state.ema_params)
   objective, sampler = backend.scheduler(None)
   fn = Pipeline(backend)._compile(objective, sampler, config.sample.steps, float(config.sample.cfg))
@@ -227,8 +235,8 @@ class Workdir:
 
   @classmethod
   def of(cls, setup, params=None, step: int = 0) -> "Workdir":
-    """In memory: a `state.Setup` and its model's parameters (EMA weights; the trainer swaps in new ones by
-    setting `params["model"]`, which compiles nothing again)."""
+    """In memory: a `state.Setup` and its model's parameters (EMA weights; the trainer samples new ones through
+    `Pipeline.with_weights`, which compiles nothing again)."""
     c = setup.config
     size = c.data.image_size
     return cls(setup, {"model": params, "frozen": setup.frozen}, step,
@@ -236,7 +244,8 @@ class Workdir:
 
   def scheduler(self, scheduler):
     """(objective, sampler): the config's, another sampler name, or (DDPM) a diffusers scheduler config dict."""
-    return objectives.with_scheduler(self.setup.config, scheduler)
+    config = self.setup.config
+    return objectives.with_scheduler(config, scheduler, denoisers.geometry(config))
 
   def latent_shape(self, height: int, width: int):
     config = self.setup.config

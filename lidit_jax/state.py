@@ -83,7 +83,7 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Setup:
   """Everything a run needs besides data: model, towers, autoencoder, mesh, shardings, initial values."""
   config: Any
@@ -102,7 +102,8 @@ class Setup:
   def init_state(self, rng) -> TrainState:
     """A fresh state; with `model.init` its weights (but those `model.init_skip` names) come from the EMA of
     another run's latest checkpoint (fine-tuning, or a backbone under new modules)."""
-    init = jax.jit(lambda r: nn.unbox(_init_state(self, r)), out_shardings=self.state_shardings)
+    init = jax.jit(lambda r: nn.unbox(_init_state(self.config, self.model, self.towers, self.tx, r)),
+                   out_shardings=self.state_shardings)
     with sharding.active(self.mesh, self.config):
       state = init(rng)
     params = self._with_pretrained(state.params)
@@ -113,7 +114,8 @@ class Setup:
   def init_params(self, rng):
     """The model's initial parameters alone, as `init_state` gives them (no optimizer state or EMA): a model
     sampled as a run of its config would start (a pipeline folder, a config)."""
-    init = jax.jit(lambda r: nn.unbox(_init_params(self, r)), out_shardings=self.state_shardings.params)
+    init = jax.jit(lambda r: nn.unbox(_init_params(self.config, self.model, self.towers, r)),
+                   out_shardings=self.state_shardings.params)
     with sharding.active(self.mesh, self.config):
       return self._with_pretrained(init(rng))
 
@@ -148,15 +150,15 @@ def pretrained_weights(config, abstract_params) -> dict:
   return ckpt_lib.restore_weights(m.init, abstract_params, m.init_skip)
 
 
-def _init_params(s: Setup, rng):
-  inputs = model_lib.abstract_inputs(s.config, 1, [(t.hidden_size, t.num_layers) for t in s.towers])
+def _init_params(config, model, towers, rng):
+  inputs = model_lib.abstract_inputs(config, 1, [(t.hidden_size, t.num_layers) for t in towers])
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), inputs)
-  return s.model.init(rng, **zeros)["params"]
+  return model.init(rng, **zeros)["params"]
 
 
-def _init_state(s: Setup, rng) -> TrainState:
-  params = _init_params(s, rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=s.tx.init(params))
+def _init_state(config, model, towers, tx, rng) -> TrainState:
+  params = _init_params(config, model, towers, rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
 
 
 def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=None, training: bool = True) -> Setup:
@@ -179,9 +181,8 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
                  if abstract else jax.device_put(jax.device_get(ae_params), repl))  # host values: every process
   towers = model_lib.abstract_towers(config) if abstract else model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)
-  s = Setup(config, model, towers, ae, {"autoencoder": ae_params}, None, mesh, tx, schedule, None, None)
   with sharding.active(mesh, config):
-    boxed = jax.eval_shape(lambda r: _init_state(s, r), jax.random.key(0))
+    boxed = jax.eval_shape(lambda r: _init_state(config, model, towers, tx, r), jax.random.key(0))
   names = [ckpt_lib.param_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed.params))]
   for key, patterns in (("model.init_skip", config.model.init_skip), ("train.freeze", config.train.freeze)):
     unused = [rx for rx in patterns if not any(re.search(rx, n) for n in names)]
@@ -189,24 +190,25 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
       from lidit_jax import configs
       raise configs.ConfigError(f"config {key} pattern {unused[0]!r} matches no parameter. Fix: use a regex "
                                 f"over parameter names such as {names[0]!r} or 'denoiser/'")
-  s.state_shardings = sharding.logical_shardings(boxed, mesh, config)
-  s.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                  nn.unbox(boxed), s.state_shardings)
+  state_shardings = sharding.logical_shardings(boxed, mesh, config)
+  abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                nn.unbox(boxed), state_shardings)
+  text_for = None  # abstract: shapes only
   if abstract:
-    s.frozen["towers"] = model_lib.abstract_tower_params(towers, mesh, sharding.rules(config))
+    tower_params = model_lib.abstract_tower_params(towers, mesh, sharding.rules(config))
   elif config.text.cache == "memory" and use_text_cache:  # the towers run once per caption, not once per step
     with sharding.active(mesh, config):
       params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
-    s.text_for, s.frozen["towers"] = text_cache.MemoryCache(towers, params), {}
+    text_for, tower_params = text_cache.MemoryCache(towers, params), {}
   elif config.text.cache and use_text_cache:  # features come from disk; the LLMs are never loaded
-    s.text_for, s.frozen["towers"] = text_cache.TextCache(config.text.cache, config, towers), {}
+    text_for, tower_params = text_cache.TextCache(config.text.cache, config, towers), {}
   else:
-    s.text_for = functools.partial(pipeline.tokenize, towers)
+    text_for = functools.partial(pipeline.tokenize, towers)
     with sharding.active(mesh, config):
-      s.frozen["towers"] = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
-  if config.conditioner.null == "empty_prompt" and not abstract:
-    s.null_text = s.text_for([""])
-  return s
+      tower_params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+  null_text = text_for([""]) if config.conditioner.null == "empty_prompt" and not abstract else None
+  return Setup(config, model, towers, ae, {"towers": tower_params, "autoencoder": ae_params}, text_for, mesh, tx,
+               schedule, state_shardings, abstract_state, null_text)
 
 
 def restore_for_inference(config, workdir: str):

@@ -84,8 +84,7 @@ def save_samples(pipe, params, workdir: str, step: int):
   """The config's prompts drawn with `params` through `pipe` (a Pipeline on the run's Setup: compiled once)."""
   config = pipe.backend.setup.config
   prompts = list(config.sample.prompts)
-  pipe.backend.params["model"] = params
-  imgs = sample_lib.generate_images(pipe, prompts, config.sample.num_images, seed=config.seed)
+  imgs = sample_lib.generate_images(pipe.with_weights(params, step), prompts, config.sample.num_images, seed=config.seed)
   if jax.process_index() == 0:
     path = str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png")
     sample_lib.save_grid(imgs.reshape(-1, *imgs.shape[2:]), path, cols=config.sample.num_images)

@@ -3,13 +3,15 @@
 the trainer (train.py: the loop, checkpoints, logging), so that the planner's compile path imports no trainer."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from lidit_jax import autoencoder as autoencoder_lib
-from lidit_jax import objectives, sharding
+from lidit_jax import denoisers, objectives, sharding
 from lidit_jax import model as model_lib
 from lidit_jax import state as state_lib
 
@@ -32,7 +34,7 @@ def clean_latents(autoencoder, params, image, rng):
 
 def make_train_step(s: state_lib.Setup):
   config = s.config
-  objective = objectives.build(config)
+  objective = objectives.build(config, denoisers.geometry(config))
   # Frozen groups (train.freeze) enter the loss behind stop_gradient: XLA computes no gradient for them, and
   # the logged gradient norm is that of what trains.
   held = state_lib.matching(s.abstract_state.params, config.train.freeze) if config.train.freeze else None
@@ -124,7 +126,7 @@ def lower_train_step(config, devices=None):
   else:
     image = sds((b, config.data.image_size, config.data.image_size, 3), jnp.uint8)
   if config.conditioner.null == "empty_prompt":  # the empty prompt's text inputs, in shape
-    s.null_text = jax.tree.map(lambda a: np.zeros((1, *a.shape[1:]), a.dtype), text)
+    s = dataclasses.replace(s, null_text=jax.tree.map(lambda a: np.zeros((1, *a.shape[1:]), a.dtype), text))
   step = make_train_step(s)
   with sharding.active(s.mesh, config):
     return step.jitted.lower(s.abstract_state, s.frozen, {"image": image, "text": text}, jax.random.key(0))

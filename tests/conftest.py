@@ -1,3 +1,4 @@
+import os
 import pathlib
 
 import pytest
@@ -5,9 +6,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def train_preempted(config, workdir, monkeypatch, batches_cls, at_batch: int):
+def train_preempted(config, workdir, monkeypatch, batches_cls, at_batch: int) -> list[int]:
   """Train, preempted (KeyboardInterrupt) while fetching batch `at_batch`, then restart the same call: a
-  resumed run, whose metrics a test compares with an uninterrupted one."""
+  resumed run, whose metrics a test compares with an uninterrupted one. Returns the checkpoint steps the
+  interrupted run left (what the restart resumed from)."""
   from lidit_jax import train
   real_next, calls = batches_cls.__next__, {"n": 0}
 
@@ -20,8 +22,10 @@ def train_preempted(config, workdir, monkeypatch, batches_cls, at_batch: int):
   monkeypatch.setattr(batches_cls, "__next__", flaky_next)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, workdir)
+  left = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   monkeypatch.setattr(batches_cls, "__next__", real_next)
-  return train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir)
+  return left
 
 
 def one_and_eight_device_losses(config_arg: str, flags, mesh, workdir) -> dict:
@@ -48,14 +52,14 @@ def images_by_hand(s, params, prompts, noise, steps: int, cfg: float, sampler: s
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from lidit_jax import objectives, state as state_lib
+  from lidit_jax import denoisers, objectives, state as state_lib
   from lidit_jax.objectives import guidance
   feats, valids, keep = state_lib.text_inputs(s.towers, s.frozen["towers"], jax.tree.map(jnp.asarray,
                                                                                           s.text_for(prompts)))
   b = len(prompts)
   run = lambda x, t, drop: s.model.apply({"params": params}, x, t, feats, valids, keep, jnp.full((b,), drop))
   net = guidance.guided(lambda x, t: (run(x, t, False), run(x, t, True)), cfg)
-  final = objectives.build(s.config).sample(net, jnp.asarray(noise), steps, sampler, jax.random.key(0))
+  final = objectives.build(s.config, denoisers.geometry(s.config)).sample(net, jnp.asarray(noise), steps, sampler, jax.random.key(0))
   return np.clip(np.asarray(s.autoencoder.decode(s.frozen["autoencoder"], final), np.float32) / 2 + 0.5, 0, 1)
 
 

@@ -151,3 +151,19 @@ def test_sd_configs_plan_before_any_weights_are_converted(name, unet, frozen):
   assert p["tower_params"] == pytest.approx(frozen, rel=1e-2)
   denoiser = nn.unbox(model_lib.abstract_params(c))["denoiser"]
   assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(denoiser)) == unet
+
+
+def test_a_saved_config_of_the_earlier_layout_reads_with_its_values(tmp_path):
+  """tests/data/config_2026-12-05.json: a U-Net run on the refiners saved before the refiners' qk-norm and the
+  U-Net's time scale moved into their own sections (model.qk_norm False, a 500-step DDPM): read back, the run's
+  model is the one it trained, and the file's layout is today's."""
+  saved = json.loads((ROOT / "tests" / "data" / "config_2026-12-05.json").read_text())
+  assert "qk_norm" not in saved["model"]["refiner"] and "time_scale" not in saved["unet"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = configs.read_saved(str(tmp_path))
+  assert config.model.refiner.qk_norm is False and config.unet.time_scale == 500.0
+  assert set(configs.saved_fields(str(tmp_path))) == set(configs.base_config())
+  module = model_lib.build_model(config)
+  assert module.time_scale == 500.0 and module.conditioner.qk_norm is False
+  fresh = configs.base_config()
+  assert fresh.unet.time_scale == 1000.0 and fresh.model.refiner.qk_norm is True  # new runs: the defaults

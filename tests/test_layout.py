@@ -65,3 +65,38 @@ def test_only_the_family_names_its_class():
   named = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
            if re.search(r"\bLIDiT\b", p.read_text(encoding="utf-8"))]
   assert named == ["denoisers/lidit.py"]
+
+
+SHARED = ("train", "sample", "pipeline", "evaluate", "plan", "state", "model", "export", "configs", "checkpoint")
+
+
+def plugin_mentions(source: str) -> list[str]:
+  """Where `source` names a plugin: a denoiser family, conditioner, objective or autoencoder kind as a string, one
+  of their own config sections (`config.unet`, `config.model.refiner`, ...) or an import of a member module."""
+  from lidit_jax import conditioners, denoisers, objectives
+  registries = (denoisers.FAMILIES, conditioners.CONDITIONERS, objectives.OBJECTIVES)
+  names = {n for r in registries for n in r} | {"patches", "vae"}
+  members = {m.rsplit(".", 1)[1] for r in registries for m in r.values()}
+  own = {"unet", "flow", "ddpm"}  # top-level plugin sections
+  nested = {"refiner", "cam", "diff", "patch_size", "width", "depth"}  # plugin fields inside model / conditioner
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+      found.append(f"line {node.lineno}: {node.value!r}")
+    elif isinstance(node, ast.Attribute) and (node.attr in own or node.attr in nested and isinstance(
+        node.value, ast.Attribute) and node.value.attr in ("model", "conditioner")):
+      found.append(f"line {node.lineno}: .{node.attr}")
+    elif isinstance(node, ast.ImportFrom) and re.match(r"lidit_jax\.(denoisers|conditioners|objectives)\b",
+                                                       node.module or ""):
+      if {node.module.rsplit(".", 1)[1], *(a.name for a in node.names)} & members:
+        found.append(f"line {node.lineno}: imports {node.module}")
+  return found
+
+
+def test_shared_code_names_no_plugin():
+  """The seam: the trainer, sampler, Pipeline, evaluator, planner, state, model, exporter, configs and checkpoints
+  see plugins through their registries only (defaults, checks and migrations live in each plugin's file)."""
+  assert {f: plugin_mentions((PACKAGE / f"{f}.py").read_text(encoding="utf-8")) for f in SHARED} == {f: [] for f in SHARED}
+  caught = plugin_mentions('from lidit_jax.denoisers import unet\nx = c.model.patch_size + c.ddpm.eta\nk = "vae"\n')
+  assert sorted(caught) == ["line 1: imports lidit_jax.denoisers", "line 2: .ddpm", "line 2: .patch_size",
+                            "line 3: 'vae'"]  # and would be caught

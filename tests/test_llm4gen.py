@@ -175,15 +175,14 @@ def test_llm4gen_config_samples_the_released_pipeline(tmp_path):
   assert np.abs(got - sample.to_uint8(seed0)[0].astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("variant", ["tiny,cam", "tiny,unet,cam"])
-def test_cam_trains_samples_and_evaluates_on_the_demo(tmp_path, variant):
-  """configs/shapes.py:cam on the DiT and on the U-Net: train -> checkpoint -> sample -> evaluate; the CAM's
-  parameters train (the context changes with them)."""
+def test_cam_trains_samples_and_evaluates_on_the_demo(tmp_path):
+  """configs/shapes.py:cam: train -> checkpoint -> sample -> evaluate; the CAM's parameters train (the context
+  changes with them) and export under their names (the U-Net with the CAM: tests/test_contract_runs.py)."""
   import jax
   from conftest import ROOT
   from lidit_jax import configs, evaluate, state, train
   from lidit_jax.pipeline import Pipeline
-  config = configs.validate(configs.load_config_file(f"{ROOT / 'configs' / 'shapes.py'}:{variant}"))
+  config = configs.validate(configs.load_config_file(f"{ROOT / 'configs' / 'shapes.py'}:tiny,cam"))
   train.train_and_evaluate(config, str(tmp_path))
   s, params, step = state.restore_for_inference(config, str(tmp_path))
   assert step == config.train.num_steps and "block_0" in params["conditioner"]["cam"]
@@ -211,23 +210,3 @@ def test_cam_on_eight_devices_logs_the_one_device_losses(tmp_path):
       ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path)
   assert len(losses["one"]) == 3
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
-
-
-def test_cam_run_resumes_on_the_same_loss_curve(tmp_path, monkeypatch):
-  """configs/shapes.py:tiny,cam preempted after its step-4 checkpoint and restarted logs an uninterrupted run's
-  losses (the CAM's parameters and optimizer state come back with the rest)."""
-  import json
-  import os
-  from conftest import ROOT, train_preempted
-  from lidit_jax import configs, train
-  from lidit_jax.data import pipeline
-  config = configs.validate(configs.apply_overrides(configs.load_config_file(
-      f"{ROOT / 'configs' / 'shapes.py'}:tiny,cam"), {"train.checkpoint_every": 2, "train.sample_every": 100}))
-  train.train_and_evaluate(config, str(tmp_path / "reference"))
-  train_preempted(config, str(tmp_path / "resumed"), monkeypatch, pipeline.ShapesBatches, at_batch=6)
-  assert os.path.isdir(tmp_path / "resumed" / "checkpoints" / "4")
-  read = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
-  got, want = read("resumed"), read("reference")
-  assert [r["step"] for r in got] == [r["step"] for r in want] and len(got) >= 3
-  for g, w in zip(got, want):
-    assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6), (g, w)

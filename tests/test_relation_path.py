@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lidit_jax import evaluate, sample as sample_lib, state as state_lib, train
+from lidit_jax import sample as sample_lib, state as state_lib, train
 from lidit_jax.pipeline import Pipeline, Workdir
-from lidit_jax.data import shapes
+from lidit_jax.data import shapes, shapes_eval
 
 from conftest import tiny_config
 from test_models import perturb
@@ -122,7 +122,7 @@ def test_relation_probe_measures_offsets_of_rendered_layouts():
   a, b = ("red", "circle"), ("blue", "square")
   rng = np.random.default_rng(0)
   obey = {r: shapes.render(shapes.Scene((a, b), ((0, r, 1),)), rng) for r in shapes.RELATIONS}
-  offsets = {r: evaluate._offset(img, a, b) for r, img in obey.items()}
+  offsets = {r: shapes_eval.offset(img, a, b) for r, img in obey.items()}
   assert offsets["to the left of"][0] > 5 and offsets["to the right of"][0] < -5
   assert offsets["above"][1] > 5 and offsets["below"][1] < -5
 
@@ -145,7 +145,7 @@ def test_a_small_model_fits_four_layouts_that_differ_only_by_the_relation_word()
   state, step = s.init_state(jax.random.key(0)), train.make_train_step(s)
   for _ in range(c.train.num_steps):
     state, metrics = step(state, s.frozen, batch, jax.random.key(1))
-  probe = evaluate.relation_probe(Pipeline(Workdir.of(s, state.ema_params)), 1, steps=10, cfg_scale=2.0,
+  probe = shapes_eval.relation_probe(Pipeline(Workdir.of(s, state.ema_params)), 1, steps=10, cfg_scale=2.0,
                                   pairs=[(a, b)])
   off = probe["relation_offsets"]
   assert off["to the left of"] > 4 and off["to the right of"] < -4, off

@@ -14,7 +14,7 @@ from lidit_jax import evaluate, sample, state as state_lib, train
 from lidit_jax.pipeline import Pipeline, Workdir
 from lidit_jax.data import pipeline, shapes
 
-from conftest import ROOT, tiny_config, train_preempted
+from conftest import ROOT, tiny_config
 
 TINY = str(ROOT / "configs/shapes.py:tiny")
 
@@ -42,19 +42,6 @@ def test_training_writes_metrics_checkpoints_and_samples(trained):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "6"
   assert os.path.exists(os.path.join(workdir, "samples", "step_0000006.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
-
-
-def test_resume_continues_the_same_loss_curve(trained, tmp_path, monkeypatch):
-  config, reference = trained
-  workdir = str(tmp_path)
-  # Interrupt the run while it fetches the 6th batch (after the step-4 checkpoint) and restart it: it resumes
-  # from step 4 (model and data iterator) and ends where the reference ends.
-  train_preempted(config, workdir, monkeypatch, pipeline.ShapesBatches, at_batch=6)
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
-  got, want = read_metrics(workdir), read_metrics(reference)
-  assert [r["step"] for r in got] == [r["step"] for r in want]
-  for g, w in zip(got, want):
-    assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6), (g, w)
 
 
 def test_sample_and_evaluate_from_the_checkpoint(trained):
@@ -109,26 +96,6 @@ def test_pipeline_from_the_workdir(trained):
     pipe(prompts, negative_prompt="blue")
   with pytest.raises(ValueError, match="trained at 32 x 32"):
     pipe(prompts, height=64, width=64)
-
-
-def test_sampler_sweep_on_the_checkpoint(trained, tmp_path):
-  from benchmarks import sampler_sweep
-  config, workdir = trained
-  from lidit_jax import configs
-  with pytest.raises(configs.ConfigError, match="model.depth"):  # refused before anything is restored
-    sampler_sweep.sweep(TINY, workdir, [("deeper", {"model.depth": 3})], 4, 2)
-  rows = sampler_sweep.sweep(TINY, workdir, [("base", {}), ("cfg1", {"eval.cfg": 1.0})], 4, 2)
-  assert [(r["setting"], r["step"]) for r in rows] == [("base", 6), ("cfg1", 6)]
-  s, params, _ = state_lib.restore_for_inference(config, workdir)  # each row is that setting's own evaluation
-  for row, cfg in zip(rows, (config.eval.cfg, 1.0)):
-    want = evaluate.evaluate(Pipeline(Workdir.of(s, params)), 4, config.eval.steps, cfg,
-                             batch_size=config.eval.batch_size, num_probe_pairs=2, scene_seed=config.seed)
-    for k in sampler_sweep.METRICS:
-      assert row[k] == pytest.approx(want[k], abs=1e-6, nan_ok=True), (row["setting"], k)  # NaN: no probe pair found
-  results = tmp_path / "RESULTS.md"
-  sampler_sweep.add_table(rows, TINY, workdir, str(results))
-  text = results.read_text()
-  assert "## Demo sampler sweep" in text and "| cfg1 | eval.cfg=1.0 |" in text and "| base | (config) |" in text
 
 
 def test_init_from_a_run_with_fresh_and_frozen_groups(trained, tmp_path):

@@ -9,7 +9,8 @@ The contract a denoiser family calls (and nothing else does):
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction)
       masks; t_emb_BD: the denoiser's timestep embedding (refiners conditioned on time read it, others not)
   flops_per_example(config, text_shapes, width) -> forward FLOPs of one example   (plan, MFU)
-  validate(config, towers)   its own config checks (configs.validate calls it)
+  validate(config, towers, geometry)   its own config checks (configs.validate calls it; geometry: the
+      family's `denoisers.Geometry`, e.g. the context width it wants)
   pretrained_weights(config) -> {"conditioner/...": array}   optional: released weights a run starts from
       (LLM4GEN's projector, `conditioner.cam.init`)
 A new conditioner is one file here plus its name below.
@@ -30,6 +31,7 @@ from lidit_jax.models import layers
 CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens",
                 "identity": "lidit_jax.conditioners.identity", "llm4gen": "lidit_jax.conditioners.llm4gen",
                 "diff_adapter": "lidit_jax.conditioners.diff_adapter"}
+DEFAULT = "refiners"  # base_config's choice
 
 
 class Conditioning(NamedTuple):

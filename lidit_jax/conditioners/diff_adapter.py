@@ -27,10 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from lidit_jax.conditioners import Conditioning, context_valid
-from lidit_jax.config_checks import fail, one_of
+from lidit_jax.config_checks import fail, one_of, tower_names
 from lidit_jax.models import layers
 
 Dtype = Any
+
+# conditioner.kind=diff_adapter: the open readings (module docstring)
+CONFIG_DEFAULTS = {"conditioner": {"diff": dict(llm="llm", start="embedding", learn_g=True, g_init=1.0,
+                                                noise="train", noise_init=1e-4)}}
 
 
 class DiffAdapter(nn.Module):
@@ -72,7 +76,6 @@ class DiffAdapter(nn.Module):
 
 
 def _index(config, name: str) -> int:
-  from lidit_jax.configs import tower_names
   return tower_names(config).index(name)
 
 
@@ -88,7 +91,7 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, ...]], width: int
   return int(2 * length * blocks * d + 2 * length * d * width)
 
 
-def validate(config, towers: Sequence[str]) -> None:
+def validate(config, towers: Sequence[str], geometry) -> None:
   d = config.conditioner.diff
   if d.llm not in towers:
     fail("conditioner.diff.llm", d.llm, f"is not a tower in text.use={','.join(towers)!r}",

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lidit_jax.config_checks import fail, tower_names
+
 Dtype = Any
 
 
@@ -40,7 +42,6 @@ class Identity(nn.Module):
 
 
 def build(config, width: int) -> Identity:
-  from lidit_jax.configs import tower_names
   pooled = tuple(config.text.towers[n].output == "pooled" for n in tower_names(config))
   return Identity(width, pooled, jnp.dtype(config.model.dtype))
 
@@ -49,9 +50,8 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int
   return 0
 
 
-def validate(config, towers: Sequence[str]) -> None:
+def validate(config, towers: Sequence[str], geometry) -> None:
   """The lengths must agree (the widths are known once the towers are read: checked at the first call)."""
-  from lidit_jax.config_checks import fail
   lengths = {config.text.towers[n].max_length for n in towers if config.text.towers[n].output != "pooled"}
   if len(lengths) > 1:
     fail("text.towers.*.max_length", sorted(lengths), "conditioner.kind='identity' sets the towers side by side",

@@ -15,6 +15,11 @@ from lidit_jax.models import refiner
 
 Dtype = Any
 
+# rope: rotary word positions in the token refiners; feature_norm: the LLM features RMS-normalised (no weights)
+# before the refiner reads them, so a tower's scale cannot swamp the timestep in c. Neither is in the paper.
+CONFIG_DEFAULTS = {"model": {"refiner": dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True,
+                                             fusion="collaborative", rope=False, feature_norm=False, qk_norm=True)}}
+
 
 class Refiners(nn.Module):
   width: int
@@ -47,10 +52,18 @@ class Refiners(nn.Module):
     return jnp.concatenate(xs, axis=1), context_valid(valids, prompts, self.drop_instruction)
 
 
+def migrate(saved: dict) -> None:
+  """Until 2026-12-06 the refiners used the DiT's model.qk_norm: a run saved then keeps it."""
+  model = saved.get("model", {})
+  refiner = model.get("refiner")
+  if isinstance(refiner, dict) and "qk_norm" not in refiner and "qk_norm" in model:
+    refiner["qk_norm"] = model["qk_norm"]
+
+
 def build(config, width: int) -> Refiners:
   r = config.model.refiner
   return Refiners(width, r.depth, r.num_heads, r.mlp_ratio, r.causal, r.gated, r.rope,
-                  feature_norm=r.feature_norm, qk_norm=config.model.qk_norm, fusion=r.fusion,
+                  feature_norm=r.feature_norm, qk_norm=r.qk_norm, fusion=r.fusion,
                   drop_instruction=config.text.drop_instruction, dtype=jnp.dtype(config.model.dtype))
 
 
@@ -65,16 +78,16 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int
   return out
 
 
-def validate(config, towers: Sequence[str]) -> None:
+def validate(config, towers: Sequence[str], geometry) -> None:
   m = config.model
   for n in towers:
     if config.text.towers[n].all_layers:
       fail(f"text.towers.{n}.all_layers", True, "the refiners read one hidden state per tower",
            f"set --config.text.towers.{n}.all_layers=False and pick text.towers.{n}.layer, or use a conditioner "
            "that reads every layer (conditioner.kind=tokens)")
-  if m.width % m.refiner.num_heads:
-    fail("model.refiner.num_heads", m.refiner.num_heads, f"does not divide model.width={m.width}",
-         "pick a divisor of the width")
+  if geometry.context_width % m.refiner.num_heads:
+    fail("model.refiner.num_heads", m.refiner.num_heads, f"does not divide the denoiser's context width "
+         f"{geometry.context_width}", "pick a divisor of the width")
   if m.refiner.depth < 0:
     fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
   one_of("model.refiner.fusion", m.refiner.fusion, {"collaborative", "concat"})

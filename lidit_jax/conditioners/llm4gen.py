@@ -16,10 +16,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax.config_checks import fail
+from lidit_jax.config_checks import fail, tower_names
 from lidit_jax.models import adapters, layers
 
 Dtype = Any
+
+# conditioner.kind=llm4gen: the towers standing for CLIP and the LLM, and the released module's values
+CONFIG_DEFAULTS = {"conditioner": {"cam": dict(clip="clip", llm="t5", num_blocks=1, num_heads=8, lam=1.0,
+                                               llm_first=False, mask_llm=False, init="", allow_pickle=False)}}
 
 
 class CAM(nn.Module):
@@ -50,7 +54,6 @@ class CAM(nn.Module):
 
 
 def _index(config, name: str) -> int:
-  from lidit_jax.configs import tower_names
   return tower_names(config).index(name)
 
 
@@ -71,7 +74,7 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, ...]], width: int
   return int(2 * m * dl * d + c.num_blocks * per_block + out)
 
 
-def validate(config, towers: Sequence[str]) -> None:
+def validate(config, towers: Sequence[str], geometry) -> None:
   c = config.conditioner.cam
   for key in ("clip", "llm"):
     if c[key] not in towers:

@@ -46,5 +46,5 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int
              for shape in text_shapes)
 
 
-def validate(config, towers: Sequence[str]) -> None:
+def validate(config, towers: Sequence[str], geometry) -> None:
   """Nothing of its own: any tower width projects to any context width."""

@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from lidit_jax import denoisers
 from lidit_jax.cli import UserError
 from lidit_jax.data import images, prepare, shapes
 
@@ -38,7 +39,7 @@ def make_batches(config, text_for):
 def image_shapes(config) -> list[tuple[int, int]]:
   """The (height, width) in pixels that training uses: the buckets' shapes, or one square of data.image_size."""
   d = config.data
-  unit = config.model.patch_size * config.autoencoder.factor
+  unit = denoisers.geometry(config).unit * config.autoencoder.factor
   return images.bucket_shapes(d.image_size, d.aspect_ratios if d.buckets else (1.0,), unit)
 
 

@@ -37,7 +37,7 @@ BACKGROUND: tuple[int, int, int] = (16, 16, 24)
 
 # Relation -> (axis, sign): axis 0 is x (right), 1 is y (down); "a left of b" means
 # sign * (centre_b - centre_a) > 0 along the axis.
-_REL_GEOMETRY = {
+REL_GEOMETRY = {
     "to the left of": (0, 1.0),
     "to the right of": (0, -1.0),
     "above": (1, 1.0),
@@ -282,7 +282,7 @@ def _layout_valid(scene: Scene, boxes: np.ndarray, size: int) -> bool:
                 return False
     centres = np.stack([x0 + s / 2, y0 + s / 2], axis=1)
     for i, rel, j in scene.relations:
-        axis, sign = _REL_GEOMETRY[rel]
+        axis, sign = REL_GEOMETRY[rel]
         main = sign * (centres[j, axis] - centres[i, axis])
         cross = abs(centres[j, 1 - axis] - centres[i, 1 - axis])
         # A clear margin: far apart along the axis, and the other axis at most half as far,
@@ -298,7 +298,7 @@ def _propose(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray | 
     n = len(scene.objects)
     if n > 3 and not scene.relations:
         return _propose_grid(n, rng, size, smin, gap)
-    axes = {_REL_GEOMETRY[r][0] for _, r, _ in scene.relations}
+    axes = {REL_GEOMETRY[r][0] for _, r, _ in scene.relations}
     if len(axes) == 1:
         # A row or column must fit n objects and their gaps: cap the side so that most
         # proposals fit (3 objects at 32 px: 7-8 px).
@@ -312,7 +312,7 @@ def _propose(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray | 
             # Objects ordered along this axis: spread the free space randomly between them.
             edges = []
             for i, rel, j in scene.relations:
-                edges.append((i, j) if _REL_GEOMETRY[rel][1] > 0 else (j, i))
+                edges.append((i, j) if REL_GEOMETRY[rel][1] > 0 else (j, i))
             order = _axis_order(n, edges)
             if order is None:
                 raise ValueError(f"contradictory relations in {scene}")
@@ -526,7 +526,7 @@ def detect(image, min_area: int = MIN_AREA) -> list[Detection]:
 def relation_holds(rel: str, a: Detection, b: Detection, min_sep: float = 2.0) -> bool:
     """`a <rel> b` for detected centres: at least `min_sep` px apart along the relation's axis and
     further apart along it than across it (more lenient than the renderer's margin)."""
-    axis, sign = _REL_GEOMETRY[rel]
+    axis, sign = REL_GEOMETRY[rel]
     pa, pb = (a.cx, a.cy), (b.cx, b.cy)
     main = sign * (pb[axis] - pa[axis])
     cross = abs(pb[1 - axis] - pa[1 - axis])

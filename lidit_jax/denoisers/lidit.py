@@ -12,12 +12,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import conditioners
+from lidit_jax import conditioners, denoisers
 from lidit_jax.config_checks import fail, one_of
 from lidit_jax.models import dit as dit_lib
 from lidit_jax.models import layers
 
 Dtype = Any
+
+# Its fields in the shared `model` section (configs.base_config adds them).
+CONFIG_DEFAULTS = {"model": dict(
+    width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True, pos_embed="resblock", scan=True,
+    modulation="block")}  # adaLN-Zero per block (LI-DiT), or "single" (PixArt-alpha's adaLN-single)
 
 
 class LIDiT(nn.Module):
@@ -45,6 +50,12 @@ def build(config, attention: str) -> LIDiT:
                            attention=attention)
   return LIDiT(dcfg, conditioners.conditioner(config).build(config, m.width), dtype=jnp.dtype(m.dtype),
                null=config.conditioner.null)
+
+
+def geometry(config, latent_hwc: tuple[int, int, int]):
+  m = config.model
+  return denoisers.Geometry(latent_hwc, m.patch_size, (latent_hwc[0] // m.patch_size) * (latent_hwc[1] // m.patch_size),
+                            m.width)
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
@@ -114,8 +125,9 @@ def param_groups(params) -> dict:
 def validate(config, towers: Sequence[str]) -> None:
   """The DiT's own config checks, each a ConfigError naming value and fix."""
   m = config.model
-  if m.depth < 1:
-    fail("model.depth", m.depth, "must be at least 1", "set a positive value")
+  for key in ("depth", "patch_size"):
+    if m[key] < 1:
+      fail(f"model.{key}", m[key], "must be at least 1", "set a positive value")
   if m.width % m.num_heads:
     fail("model.width", m.width, f"not divisible by model.num_heads={m.num_heads}",
          f"use a width that is a multiple of {m.num_heads}, e.g. {m.num_heads * max(1, round(m.width / m.num_heads))}")

@@ -3,7 +3,7 @@ style, by default in its configs; LI-DiT's refiners work too) read by cross-atte
 (`models/unet.py`). The denoiser family contract is in `denoisers/__init__`.
 
 The contract's time is in [0, 1]; the U-Net's embedder takes diffusers' timesteps, so it is scaled by
-`ddpm.num_train_timesteps` (1000: SD's). FLOPs come from XLA's count of the lowered U-Net (one example, nothing
+`unet.time_scale` (1000: SD's; a pipeline folder's scheduler's num_train_timesteps). FLOPs come from XLA's count of the lowered U-Net (one example, nothing
 compiled): its convolutions are not worth a hand count.
 """
 from __future__ import annotations
@@ -17,15 +17,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import conditioners, configs, prompt
+from lidit_jax import conditioners, denoisers, prompt
 from lidit_jax.cli import UserError
-from lidit_jax.config_checks import fail, one_of
+from lidit_jax.config_checks import fail, one_of, tower, tower_names
 from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text, registry, sd_single_file
 from lidit_jax.models import layers
 from lidit_jax.models import unet as unet_lib
 from lidit_jax.objectives import ddpm
 
 Dtype = Any
+
+# model.family=unet: diffusers' UNet2DConditionModel fields (per-block ones as tuples or one value), SD 1.x's
+CONFIG_DEFAULTS = {"unet": dict(
+    block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, num_heads=8,
+    transformer_layers_per_block=1, cross_attention_dim=768, norm_num_groups=32, use_linear_projection=False,
+    addition_embed_type="",  # "text_time": SDXL's pooled text + size / crop ids (a tower with output "pooled"
+    addition_time_embed_dim=0,  # gives the text; the ids are the image size, uncropped)
+    projection_class_embeddings_input_dim=0,
+    # a conditioner's second context (the Diff Adapter's code): a new cross-attention beside each original one,
+    # mixed a1 exp(b1) orig + a2 exp(b2) new, a = (1, 0), b = 0 at init (the U-Net unchanged): "per_layer" mixes,
+    # or one "global" mix
+    second_attention="per_layer",
+    time_scale=1000.0)}  # the embedder's timesteps for the contract's t in [0, 1] (diffusers': 0 .. 1000)
 
 
 class SDUNet(nn.Module):
@@ -83,12 +97,28 @@ def unet_config(config) -> unet_lib.UNetConfig:
       projection_class_embeddings_input_dim=u.get("projection_class_embeddings_input_dim") or None)
 
 
+def migrate(saved: dict) -> None:
+  """Until 2026-12-06 the U-Net scaled its time by the DDPM section's num_train_timesteps: a run saved then keeps
+  that scale (the only place this file reads that section)."""
+  unet, ddpm_section = saved.get("unet"), saved.get("ddpm", {})
+  if isinstance(unet, dict) and "time_scale" not in unet and "num_train_timesteps" in ddpm_section:
+    unet["time_scale"] = float(ddpm_section["num_train_timesteps"])
+
+
 def build(config, attention: str) -> SDUNet:
   cfg = unet_config(config)
   cond = conditioners.conditioner(config).build(config, cfg.cross_attention_dim)
-  return SDUNet(cfg, cond, float(config.ddpm.num_train_timesteps), jnp.dtype(config.model.dtype), attention,
+  return SDUNet(cfg, cond, float(config.unet.time_scale), jnp.dtype(config.model.dtype), attention,
                 config.model.remat, config.conditioner.null, config.autoencoder.factor,
                 config.unet.get("second_attention", "per_layer"))
+
+
+def geometry(config, latent_hwc: tuple[int, int, int]):
+  """Its unit: the down blocks halve the latents len(block_out_channels) - 1 times; its tokens: the latent
+  positions of the first attention blocks."""
+  u = config.unet
+  return denoisers.Geometry(latent_hwc, 2 ** (len(u.block_out_channels) - 1), latent_hwc[0] * latent_hwc[1],
+                            u.cross_attention_dim)
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
@@ -223,26 +253,26 @@ def is_pipeline_folder(path: str) -> bool:
   return (_index(path).get("unet") or [None, None])[1] == "UNet2DConditionModel"
 
 
-def pipeline_config(path: str, xl: bool | None = None):
+def pipeline_config(c, path: str, xl: bool | None = None):
   """The config that samples a Stable Diffusion 1.x / 2.x / XL pipeline folder (diffusers' or converted) as
   diffusers' pipeline does, and that configs/sd15.py and sdxl.py fine-tune: the U-Net from its unet/ (model.init),
   the text side the pipeline's (conditioner identity over its CLIP encoders: 77 tokens, no padding mask; SD 1.x /
   2.x the normed last state, SDXL both encoders' penultimate states side by side and the second's projected pooled
   output), its VAE, image size and scheduler (`from_pipeline_folder`), its guidance default (7.5; SDXL 5.0).
-  `xl` None: read from the folder (None when `path` is no pipeline folder); given, a folder that does not exist yet
-  keeps SD 1.5's or SDXL base's layout (planning before converting)."""
+  `c`: a base config (configs.base_config()), filled in and returned. `xl` None: read from the folder (None when
+  `path` is no pipeline folder); given, a folder that does not exist yet keeps SD 1.5's or SDXL base's layout
+  (planning before converting)."""
   if xl is None:
     if not is_pipeline_folder(path):
       return None
     xl = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel").addition_embed_type == "text_time"
-  c = configs.base_config()
   c.model.update(family="unet", dtype="bfloat16")
   c.conditioner.update(kind="identity", null="empty_prompt")
   sd_clip = dict(mask_padding=False, max_length=77, dtype="bfloat16")
-  encoder = lambda n, **kw: configs.tower(init=os.path.join(path, "text_encoder" + n),
+  encoder = lambda n, **kw: tower(init=os.path.join(path, "text_encoder" + n),
                                           tokenizer=os.path.join(path, "tokenizer" + n), **sd_clip, **kw)
   if xl:
-    c.unet = SDXL_UNET
+    c.unet = {**c.unet.to_dict(), **SDXL_UNET}  # our own fields (second_attention, time_scale) stay
     c.conditioner.null = "zeros"
     c.text.use = "clip,clip_2,pooled"
     c.text.towers = {"clip": encoder("", layer=-2, plan_arch=CLIP_L), "clip_2": encoder("_2", layer=-2, plan_arch=CLIP_BIGG),
@@ -279,6 +309,7 @@ def from_pipeline_folder(c, path: str):
     values, sampler = ddpm.from_scheduler_config(json.load(f))
   c.ddpm, c.sample.sampler = ddpm.scheduler_section(values, sampler, c.ddpm), sampler
   c.ddpm.scheduler_keys = tuple(sorted(values))
+  c.unet.time_scale = float(c.ddpm.num_train_timesteps)  # the U-Net was trained on its scheduler's timesteps
   c.conditioner.null = _null(_index(path))
   return c
 
@@ -331,7 +362,7 @@ def exportable(config, where: str) -> str:
     raise UserError(f"{where}: conditioner.null={config.conditioner.null!r}, but {source}'s pipeline guides with "
                     f"{want!r} (its force_zeros_for_empty_prompt), so diffusers would not draw this model's images. "
                     f"Fix: train with --config.conditioner.null={want}")
-  towers = [os.path.abspath(config.text.towers[n].init) for n in configs.tower_names(config)]
+  towers = [os.path.abspath(config.text.towers[n].init) for n in tower_names(config)]
   if any(os.path.commonpath([t, os.path.abspath(source)]) != os.path.abspath(source) for t in towers):
     raise UserError(f"{where}: its text towers {towers} are not the text encoders of {source}, the pipeline it "
                     "started from. Fix: train with the pipeline's own text_encoder(s) (configs/sd15.py)")

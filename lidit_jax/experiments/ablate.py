@@ -219,7 +219,7 @@ def versus(a: tuple, b: tuple) -> str:
 
 
 def table(agg: dict, group: str, steps: int, num_prompts: int) -> str:
-  from lidit_jax.evaluate import POSITION_BINS
+  from lidit_jax.data.shapes_eval import POSITION_BINS
   names = [n for n in agg if group in VARIANTS[n].groups]
   cell = lambda mean, std: f"{mean:.3f} ± {std:.3f}"
   ref = lambda n: reference(n, group)
@@ -264,7 +264,7 @@ def plot(agg: dict, path: str):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from lidit_jax.evaluate import POSITION_BINS
+  from lidit_jax.data.shapes_eval import POSITION_BINS
   groups = [g for g in GROUPS if any(g in VARIANTS[n].groups for n in agg)]
   fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
   for ax, g in zip(axes[0], groups):

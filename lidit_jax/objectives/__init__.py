@@ -2,13 +2,13 @@
 
 An objective owns its time convention, training targets, loss weighting and samplers; the trainer and the
 sampler call it through this contract and nothing else:
-  build(config) -> objective
+  build(config, geometry) -> objective   geometry: the family's (`denoisers.Geometry`: its image token count)
   objective.draw(rng_t, rng_noise, x0) -> {"t": [B], "eps": like x0}   a batch's times and noise, drawn once
       for the whole batch (so that micro-batching changes nothing but memory)
   objective.loss(net, x0, draws) -> loss [B]    net(x_t, t) -> the network's output
   objective.sample(net, noise, steps, sampler, rng=None) -> x0    net: the (guided) network; noise: unit
       Gaussian (scaled to the start time here); rng: for samplers that draw noise at every step
-  with_scheduler(config, scheduler) -> (objective, sampler)   optional: sampling with another scheduler than
+  with_scheduler(config, scheduler, geometry) -> (objective, sampler)   optional: sampling with another scheduler than
       the config's (a sampler name; objectives that know diffusers' schedulers also take their config dicts)
   validate(config)   its own sections and sampler names (configs.validate calls it; ConfigError by name)
   SAMPLERS           the sampler names it takes (sample.sampler, `sample --sampler`)
@@ -22,6 +22,7 @@ from types import ModuleType
 from lidit_jax.config_checks import ConfigError
 
 OBJECTIVES = {"rectified_flow": "lidit_jax.objectives.flow", "ddpm": "lidit_jax.objectives.ddpm"}
+DEFAULT = "rectified_flow"  # base_config's choice
 
 
 def objective(config) -> ModuleType:
@@ -33,17 +34,17 @@ def objective(config) -> ModuleType:
   return importlib.import_module(OBJECTIVES[kind])
 
 
-def build(config):
-  return objective(config).build(config)
+def build(config, geometry):
+  return objective(config).build(config, geometry)
 
 
-def with_scheduler(config, scheduler):
+def with_scheduler(config, scheduler, geometry):
   """(objective, sampler name) that sample with `scheduler` (None: the config's sample.sampler)."""
   module = objective(config)
   if hasattr(module, "with_scheduler"):
-    return module.with_scheduler(config, scheduler)
+    return module.with_scheduler(config, scheduler, geometry)
   sampler = scheduler or config.sample.sampler
   if not isinstance(sampler, str) or sampler not in module.SAMPLERS:
     raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
                      f"Fix: use one of {module.SAMPLERS}")
-  return module.build(config), sampler
+  return module.build(config, geometry), sampler

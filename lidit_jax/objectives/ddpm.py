@@ -19,12 +19,25 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from lidit_jax import configs
 from lidit_jax.config_checks import fail, one_of
 
 SAMPLERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
+
+# diffusers' scheduler_config.json names, SD 1.x's values by default
+CONFIG_DEFAULTS = {"ddpm": dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon",  # or v_prediction (SD 2.x 768 px) or sample
+    timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False, clip_sample_range=1.0,
+    rescale_betas_zero_snr=False, use_karras_sigmas=False,
+    eta=0.0,  # DDIM's noise at each step (0: deterministic)
+    snr_gamma=0.0,  # > 0: min-SNR-gamma loss weights (5.0 is the paper's)
+    offset_noise=0.0,  # > 0: per-channel offset added to the training noise (e.g. 0.05)
+    # the keys a pipeline folder's scheduler set (the rest: its class's defaults); another sampler keeps these and
+    # takes its own class's defaults for the rest. Empty: every key is kept
+    scheduler_keys=())}
 SCHEDULER_CLASSES = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler_ancestral",
                      "DPMSolverMultistepScheduler": "dpmpp_2m"}
@@ -355,17 +368,17 @@ def validate(config) -> None:
          "use fewer steps")
 
 
-def build(config) -> DDPM:
-  return DDPM(config.ddpm)
+def build(config, geometry=None) -> DDPM:
+  return DDPM(config.ddpm)  # its times do not depend on the image's size
 
 
-def with_scheduler(config, scheduler) -> tuple[DDPM, str]:
+def with_scheduler(config, scheduler, geometry=None) -> tuple[DDPM, str]:
   """(objective, sampler) for `scheduler`: None (the config's), another sampler name on the config's scheduler
   (as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`: the keys it set, `ddpm.scheduler_keys`,
   kept, the new class's defaults for the rest), or a diffusers scheduler config dict."""
   d = config.ddpm
   # what no scheduler config sets comes from the defaults (a scheduler key) or stays the config's (eta, training)
-  base = configs.base_config().ddpm
+  base = ml_collections.ConfigDict(CONFIG_DEFAULTS["ddpm"])
   base.update({k: v for k, v in d.items() if k not in _SCHEDULER_KEYS})
   if isinstance(scheduler, dict):
     values, sampler = from_scheduler_config(scheduler)

@@ -139,6 +139,13 @@ class RectifiedFlow:
 
 SAMPLERS = ("euler", "heun")
 
+CONFIG_DEFAULTS = {"flow": dict(
+    prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; as_velocity)
+    x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
+    loss="velocity",  # the MSE of the velocity, or of the clean image it implies ("x0": weight t^2)
+    timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0, resolution_shift=False,
+    unshifted=0.0)}  # fraction of training times drawn without the shift (both ends trained)
+
 
 def validate(config) -> None:
   """The `flow` section and its samplers, each a ConfigError naming value and fix."""
@@ -156,8 +163,7 @@ def validate(config) -> None:
   one_of("sample.sampler", config.sample.sampler, set(SAMPLERS))
 
 
-def build(config) -> RectifiedFlow:
-  """The shift needs the image token count: the latent side over the patch size (Flux's rule)."""
-  tokens = (config.data.image_size // config.autoencoder.factor // config.model.patch_size) ** 2
-  shift = effective_shift(config.flow, tokens)
+def build(config, geometry) -> RectifiedFlow:
+  """The shift needs the denoiser's image token count (Flux's rule; `denoisers.Geometry`)."""
+  shift = effective_shift(config.flow, geometry.image_tokens)
   return RectifiedFlow(config.flow, shift, config.sample.shift or shift)
