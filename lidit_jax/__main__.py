@@ -9,16 +9,16 @@ import os
 import shutil
 
 from absl import flags, logging
+from etils import epath
 
-from lidit_jax import cli, configs
+from lidit_jax import checkpoint, cli, configs, distributed, evaluate, state, train
+from lidit_jax.pipeline import Pipeline, Workdir
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.py")
 
 
 def trained_steps(workdir: str) -> int:
   """The step of the workdir's latest checkpoint (0 without one)."""
-  from etils import epath
-  from lidit_jax import checkpoint
   if not epath.Path(checkpoint.checkpoint_dir(workdir)).is_dir():
     return 0
   ckpt = checkpoint.Checkpoints(workdir)
@@ -29,10 +29,7 @@ def trained_steps(workdir: str) -> int:
 
 
 def main(argv):
-  from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
-  from lidit_jax import evaluate, state, train
-  from lidit_jax.pipeline import Pipeline, Workdir
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   config = configs.load_from_flags()

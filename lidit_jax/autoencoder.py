@@ -18,11 +18,13 @@ or (z - latents_mean) * scaling_factor / latents_std where the config has them.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 
 from lidit_jax.config_checks import ConfigError, fail, one_of
+from lidit_jax.convert import diffusers_vae, registry, safetensors_io
 from lidit_jax.models import vae as vae_lib
 
 
@@ -169,16 +171,13 @@ def build(ae_cfg, abstract: bool = False):
   `autoencoder.dtype`; the VAE's factor and channels must be the ones the section states (they shape the
   denoiser before anything is loaded). `abstract=True` gives ShapeDtypeStructs instead (planning), or
   (None, None) when the VAE does not exist yet: a planned run then trains on precomputed latents."""
-  import os
   if ae_cfg.kind in ("identity", "patches"):
     return Pixels(ae_cfg.factor), None
-  from lidit_jax.convert import diffusers_vae, registry
   path, dtype = ae_cfg.get("path", ""), jnp.dtype(ae_cfg.get("dtype", "float32"))
   if abstract:
     if not path or not os.path.exists(os.path.expanduser(path)):
       return None, None
     if os.path.isdir(os.path.expanduser(path)):  # a pipeline folder (ours too): its vae/
-      from lidit_jax.convert import safetensors_io
       path = safetensors_io.component_dir(path, "vae", "AutoencoderKL")
     module = (registry.from_description(registry.read_marker(path), dtype)[2] if registry.marker(path)
               else diffusers_vae.Conversion.prepare(path, dtype).module)

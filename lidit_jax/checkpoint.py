@@ -20,11 +20,12 @@ import sys
 
 import jax
 import orbax.checkpoint as ocp
-from flax import traverse_util
 from absl import logging as absl_logging
 from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
-from lidit_jax.cli import UserError, debug_requested, warn
+from lidit_jax.cli import debug_requested, UserError, warn
 
 ITEMS = ("state", "data", "config")
 
@@ -194,7 +195,6 @@ class Checkpoints:
         dst, n = dst_dir / f"{step}.{n}", n + 1
       src.rename(dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"lidit_jax checkpoint {step} set aside")
     self.manager.reload()
     return str(dst)

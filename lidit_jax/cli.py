@@ -12,6 +12,8 @@ import os
 import sys
 from typing import NoReturn
 
+from absl import app, flags
+
 
 class UserError(Exception):
   """A problem with what the user gave; the message names the value and the fix."""
@@ -72,7 +74,6 @@ def user_errors():
 
 def run(main) -> NoReturn:
   """`absl.app.run(main)` with flag and config errors, and user errors raised by `main`, as one message."""
-  from absl import app, flags
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool("debug", False, "Show the Python traceback of an error instead of one message "
                       "(also: LIDIT_DEBUG=1).")

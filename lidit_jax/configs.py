@@ -5,6 +5,8 @@ validated before any compute: a bad value is refused with a message naming it an
 """
 from __future__ import annotations
 
+import ast
+import difflib
 import importlib
 import importlib.util
 import json
@@ -13,11 +15,14 @@ import os
 import re
 
 import ml_collections
+from absl import flags, logging
 from etils import epath
+from ml_collections import config_flags
 
 from lidit_jax import autoencoder, cli, conditioners, denoisers, objectives
 from lidit_jax.cli import UserError, warn
 from lidit_jax.config_checks import ConfigError, fail, one_of, tower, tower_names  # noqa: F401  (for callers)
+from lidit_jax.models.layers import REMAT_POLICIES
 from lidit_jax.prompt import LIDIT_INSTRUCTION
 
 # Logical axis -> mesh axis. Parameters are sharded over fsdp (their `embed` dim) and tensor (heads / mlp).
@@ -175,10 +180,8 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
         re.compile(rx)
       except re.error as e:
         fail(key, rx, f"is not a regular expression ({e})", "fix the pattern, e.g. 'denoiser/'")
-  from lidit_jax import denoisers, objectives
   one_of("model.family", m.family, set(denoisers.FAMILIES))
   one_of("objective.kind", c.objective.kind, set(objectives.OBJECTIVES))
-  from lidit_jax.models.layers import REMAT_POLICIES
   one_of("model.remat", m.remat, set(REMAT_POLICIES))
   one_of("model.dtype", m.dtype, {"float32", "bfloat16"})
   one_of("model.attention", m.attention, {"auto", "xla", "cudnn", "splash"})
@@ -204,7 +207,6 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
   one_of("text.padding_side", c.text.padding_side, {"left", "right"})
   autoencoder.validate(c.autoencoder)  # its own section, before the family reads its factor
   denoisers.family(c).validate(c, names)  # the family's own sections
-  from lidit_jax import conditioners
   one_of("conditioner.kind", c.conditioner.kind, set(conditioners.CONDITIONERS))
   one_of("conditioner.null", c.conditioner.null, {"learned", "empty_prompt", "zeros"})
   conditioners.conditioner(c).validate(c, names, denoisers.geometry(c))  # its own section(s)
@@ -271,7 +273,6 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
 def parse_overrides(items) -> dict:
   """["model.depth=6", "text.instruction=Describe the objects:"] -> {key: value}: Python literals where they
   parse (numbers, True, tuples), else the text itself."""
-  import ast
   out = {}
   for item in items:
     key, sep, value = item.partition("=")
@@ -298,7 +299,6 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 def define_flags(default: str | None = None):
   """`--config path.py[:variant]` with `--config.key=value` overrides (unknown keys are refused)."""
-  from ml_collections import config_flags
   cli.explain_flag_error = explain_flag_error
   config_flags.DEFINE_config_file("config", default, "Experiment config file, e.g. configs/shapes.py (or "
                                   "configs/shapes.py:tiny). Override any field with --config.a.b=value, e.g. "
@@ -320,7 +320,6 @@ def _config_args(argv) -> tuple[str | None, list[str]]:
 def explain_flag_error(argv, error: Exception) -> str:
   """One message for a command line that did not parse: a missing config file, an unknown --config.* key,
   a value of the wrong type, or absl's own flag errors."""
-  import difflib
   spec, keys = _config_args(argv)
   if spec is not None:
     try:
@@ -346,8 +345,6 @@ def explain_flag_error(argv, error: Exception) -> str:
 
 def load_from_flags(data: bool = True) -> ml_collections.ConfigDict:
   """The --config of the command line, validated (`data=False`: a sampling command needs no training data)."""
-  from absl import flags, logging
-  from ml_collections import config_flags
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
   if flags.FLAGS["config"].value is None:
     raise ConfigError("--config is required. Fix: pass e.g. --config configs/shapes.py")

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 
+from absl import flags
+
+from lidit_jax import configs, distributed, sharding, text_cache, model as model_lib
+from lidit_jax.data import pipeline, shapes
+
 
 def run_captions(config, num_examples: int | None = None) -> list[str]:
   """The captions a training run of `config` reads, in order, plus its sample prompts. For a prepared
   dataset (data.source=tfds): every caption of every record (the run picks one per example at random)."""
   if config.data.source == "tfds":
-    from lidit_jax.data import pipeline
     source, _, _ = pipeline.open_dataset(config.data.data_dir, config.data.name, config.data.split)
     n = len(source) if num_examples is None else min(num_examples, len(source))
     captions = (c.decode("utf-8") for i in range(n) for c in source[i]["captions"])
@@ -24,7 +28,6 @@ def run_captions(config, num_examples: int | None = None) -> list[str]:
   if config.data.source != "shapes":
     raise ValueError(f"data.source={config.data.source!r}: enumerating its captions is not implemented; "
                      "pass --captions FILE instead.")
-  from lidit_jax.data import shapes
   src = shapes.ShapesSource(size=config.data.image_size, seed=config.seed, split="train",
                             max_objects=config.data.max_objects)
   n = config.train.num_steps * config.train.batch_size if num_examples is None else num_examples
@@ -32,10 +35,7 @@ def run_captions(config, num_examples: int | None = None) -> list[str]:
 
 
 def main(argv):
-  from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
-  from absl import flags
-  from lidit_jax import configs, model as model_lib, sharding, text_cache
   f = flags.FLAGS
   config = configs.load_from_flags()
   text_cache.check_out(f.out, f.overwrite)  # before loading the towers: a refused output costs no compute
@@ -54,8 +54,6 @@ def main(argv):
 
 
 def define_flags():
-  from absl import flags
-  from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")
   flags.DEFINE_string("out", None, "Output directory of the cache: new or empty, unless --overwrite.", required=True)

@@ -13,8 +13,10 @@ import json
 import os
 import re
 
+from absl import flags
 
-from lidit_jax import data, outputs, sample as sample_lib
+from lidit_jax import configs, data, distributed, outputs, sample as sample_lib
+from lidit_jax.pipeline import Pipeline, Workdir
 
 GRID, GRID_LIST = "eval_grid.png", "eval_grid.txt"
 
@@ -82,11 +84,7 @@ def write_text(path: str, text: str, overwrite: bool, ours, what: str):
 
 
 def main(argv):
-  from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
-  from absl import flags
-  from lidit_jax import configs
-  from lidit_jax.pipeline import Pipeline, Workdir
   f = flags.FLAGS
   check_outputs(f.out, f.overwrite)  # before generating: a refused output costs no compute
   out_dir = os.path.dirname(os.path.abspath(f.out))
@@ -108,8 +106,6 @@ def main(argv):
 
 
 def define_flags():
-  from absl import flags
-  from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ (its config.json is used unless "

@@ -26,12 +26,15 @@ import json
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
-from lidit_jax import cli, denoisers, lock, outputs
+from lidit_jax import cli, configs, denoisers, lock, outputs, checkpoint as ckpt_lib, model as model_lib
 from lidit_jax.convert import safetensors_io
+from lidit_jax.pipeline import Pipeline
 
 # What marks a previous output of each command, so that running it again may replace it: a pipeline folder holds
 # EXPORT_MARKER (model_index.json alone would also match a user's downloaded pipeline); a file's metadata names it.
@@ -78,7 +81,6 @@ def _cast(state: dict, dtype) -> dict:
 
 
 def _save(directory: str, config: dict, state: dict, weights: str, dtype) -> None:
-  from safetensors.numpy import save_file
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
@@ -110,7 +112,6 @@ def export_diffusers(backend, out: str, dtype=np.float32, overwrite: bool = Fals
 def export_single_file(backend, out: str, dtype=np.float32, overwrite: bool = False) -> str:
   """Write a pipeline's model to the file `out` in its family's original single-file layout (Stable Diffusion:
   what A1111, ComfyUI and diffusers' `from_single_file` read)."""
-  from safetensors.numpy import save_file
   check_out("single-file", out, overwrite)
   state = _cast(_family(backend.setup.config, "single_file_state").single_file_state(backend, out), dtype)
   with _staged("single-file", out, overwrite, _nbytes(state, dtype)) as tmp:
@@ -121,8 +122,6 @@ def export_single_file(backend, out: str, dtype=np.float32, overwrite: bool = Fa
 def workdir_backend(workdir: str):
   """A training workdir's model (EMA weights of its latest checkpoint) as a `Pipeline` backend; a model its family
   cannot export (`exportable`) is refused by name before anything is loaded."""
-  from lidit_jax import checkpoint as ckpt_lib, configs
-  from lidit_jax.pipeline import Pipeline
   if not os.path.isfile(os.path.join(workdir, "config.json")):
     ckpt_lib.require(workdir).close()  # its clear error: no run here
   config = configs.read_saved(workdir)
@@ -158,8 +157,6 @@ def torch_layout(names: tuple, value: np.ndarray, path: tuple[str, ...]) -> dict
 
 def model_axis_names(config) -> dict[tuple[str, ...], tuple]:
   """{parameter path: logical axis names} of the config's trainable model (nothing computed)."""
-  import flax.linen as nn
-  from lidit_jax import model as model_lib
   m = model_lib.build_model(config)
   boxed = jax.eval_shape(lambda kw: m.init(jax.random.key(0), **kw), model_lib.abstract_inputs(config, 1))["params"]
   leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
@@ -175,9 +172,6 @@ def export_safetensors(workdir: str, out: str, dtype=np.float32, overwrite: bool
   text towers and the autoencoder are not in it (they come from their own checkpoints). Metadata: `format`
   "pt", `lidit_jax.config` (the workdir's config JSON), `lidit_jax.step` and `lidit_jax.export` ("safetensors",
   so that a later export may replace the file; anything else there is refused unless `overwrite`)."""
-  from safetensors.numpy import save_file
-  from lidit_jax import checkpoint as ckpt_lib
-  from lidit_jax.pipeline import Pipeline
   check_out("safetensors", out, overwrite, [workdir])
   ckpt_lib.require(workdir).close()  # a clear error before anything is built
   pipe = Pipeline.from_pretrained(workdir)
@@ -226,7 +220,6 @@ def main(argv=None) -> int:
       export_safetensors(args.src, args.out, np.dtype(args.dtype), args.overwrite)
       print(json.dumps({"out": args.out, "format": "safetensors"}))
       return 0
-    from lidit_jax.pipeline import Pipeline
     check_out(args.format, args.out, args.overwrite, [args.src])  # before the model is loaded
     if os.path.isfile(os.path.join(args.src, "model_index.json")):
       backend = Pipeline.from_pretrained(args.src).backend

@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lidit_jax import denoisers
+from lidit_jax import denoisers, configs as configs_lib, prompt as prompt_lib, sharding as sharding_lib
 from lidit_jax.configs import tower_names  # noqa: F401  (model.tower_names, for callers)
-from lidit_jax import prompt as prompt_lib
-from lidit_jax import sharding as sharding_lib
-from lidit_jax.models import llm
+from lidit_jax.convert import hf_clip, hf_llm, hf_text
+from lidit_jax.models import clip, llm
 
 Dtype = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -63,7 +62,6 @@ class TextTower:
     elif getattr(self.module, "output_layer", None) is None:  # T5 / CLIP return every layer
       hidden = hidden[self.layer]
     if self.final_norm:
-      from lidit_jax.models import clip
       hidden = clip.final_norm(self.module.cfg, params, hidden)
     return jax.lax.stop_gradient(hidden)
 
@@ -72,7 +70,6 @@ def tower_spec(tc, where: str, words=()):
   """(converter family, model config) of a tower: from its fields for a random tower (`words`: the word
   tokenizer's vocabulary, `text.words`), else from the checkpoint directory's config (Hugging Face or
   converted). Reads JSON only, no weights."""
-  from lidit_jax.convert import hf_llm, hf_text
   if tc.init == "random":
     if tc.kind != "llama":
       raise ValueError(f"{where}.kind={tc.kind!r}: random towers are Llama-style; use kind='llama' or set "
@@ -106,7 +103,6 @@ def build_towers(config) -> list[TextTower]:
 def make_tower(name, tc, fam, cfg, encoder) -> TextTower:
   pooled = tc.output == "pooled"
   if tc.final_norm or pooled:
-    from lidit_jax.convert import hf_clip
     what = "final_norm=True" if tc.final_norm else "output='pooled'"
     if fam is not hf_clip:
       raise ValueError(f"text.towers.{name}.{what}: only CLIP towers have a final LayerNorm and a pooled output "
@@ -136,7 +132,6 @@ def abstract_towers(config) -> list[TextTower]:
 
 def abstract_tower_params(towers: list[TextTower], mesh, rules) -> dict:
   """ShapeDtypeStructs (with shardings) of the towers' parameters."""
-  from lidit_jax.convert import hf_text
   out = {}
   for t in towers:
     boxed = hf_text.abstract_params(t.module)
@@ -158,7 +153,6 @@ def random_llama_config(tc, words=()) -> llm.DecoderConfig:
 def load_tower_params(config, towers: list[TextTower], mesh=None, rules=()):
   """Frozen tower parameters in their dtype, sharded by their logical axes when a mesh is given.
   Random towers are recreated from the seed, so no checkpoint needs to store them."""
-  from lidit_jax.convert import hf_text
   out, loaded = {}, {}
   rng = jax.random.key(config.seed + 1)
   for i, t in enumerate(towers):
@@ -245,7 +239,6 @@ def count_params(tree) -> int:
 def planned_towers(config) -> dict:
   """{name: (family, model config)} of the configured towers, from their checkpoints when these exist and
   from the config's architecture fields otherwise (planning a run before converting anything)."""
-  from lidit_jax.convert import hf_text
   out = {}
   for name in tower_names(config):
     tc = config.text.towers[name]
@@ -280,7 +273,6 @@ def abstract_params(config, towers: dict | None = None):
 
 def param_report(config) -> dict:
   """Parameter counts by component, from abstract shapes only (nothing is allocated)."""
-  from lidit_jax.convert import hf_text
   towers = planned_towers(config)
   groups = denoisers.family(config).param_groups(nn.unbox(abstract_params(config, towers)))
   report = {k: count_params(v) for k, v in groups.items()}
@@ -292,7 +284,6 @@ def param_report(config) -> dict:
 
 
 def main(argv):
-  from lidit_jax import configs as configs_lib
   config = configs_lib.load_from_flags()
   for k, v in param_report(config).items():
     print(f"{k:>28}: {v:>15,d}  ({v / 1e9:.3f} B)")

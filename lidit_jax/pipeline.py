@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
-from lidit_jax import configs, denoisers, model as model_lib, objectives, sharding, train_step
-from lidit_jax import state as state_lib
+from lidit_jax import configs, denoisers, objectives, sharding, train_step, model as model_lib, state as state_lib
 from lidit_jax.cli import NotFound
 from lidit_jax.objectives import guidance as guidance_lib
 
@@ -128,7 +128,6 @@ class Pipeline:
     run, n = self._compiled[key], key[0]
     out, starts = [], range(0, len(prompts), n)
     if progress:
-      from tqdm import tqdm
       starts = tqdm(starts, desc=f"images (batches of {n})")
     for start in starts:
       idx = list(range(start, min(start + n, len(prompts))))

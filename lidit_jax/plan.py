@@ -21,12 +21,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from lidit_jax import cli
+from lidit_jax import configs
 from lidit_jax import denoisers
-from lidit_jax import model as model_lib
+from lidit_jax import fit
 from lidit_jax import sharding
+from lidit_jax import tpu_compile
+from lidit_jax import autoencoder as autoencoder_lib
+from lidit_jax import model as model_lib
 from lidit_jax import state as state_lib
 from lidit_jax.chips import CHIP_PEAK_TFLOPS, DEVICE_KINDS, GiB, chip_of  # noqa: F401  (plan.*, for callers)
+from lidit_jax.convert import hf_text
 
 
 def shard_elements(shape, spec, mesh_sizes: dict) -> int:
@@ -134,7 +141,6 @@ def autoencoder_plan(config, batch_per_device: int) -> dict:
   """The frozen autoencoder's share: its (replicated) parameter bytes, the estimated peak of encoding one
   device's batch and one image's encoder FLOPs; zeros for pixel space, for precomputed latents (no encoding
   in the step) and for a VAE whose checkpoint does not exist yet."""
-  from lidit_jax import autoencoder as autoencoder_lib
   ae, params = autoencoder_lib.build(config.autoencoder, abstract=True)
   if ae is None or params is None:
     return {"params": 0, "activations": 0, "encode_flops": 0.0, "planned": ae is not None}
@@ -158,7 +164,6 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   t_bytes = per_device_bytes(params, mesh_sizes, rules, itemsize=4, keep=trainable)
   replicated = replicated_bytes(params, mesh_sizes, rules, trainable)
   tower_bytes, tower_params = 0, 0
-  from lidit_jax.convert import hf_text
   seen = set()
   for name, (fam, cfg) in towers.items():
     tc = config.text.towers[name]
@@ -237,11 +242,8 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv):
-  from absl import flags
-  from lidit_jax import cli, configs
   f = flags.FLAGS
   if f.topology:
-    from lidit_jax import tpu_compile  # it imports the trainer, which imports this module
     topology = tpu_compile.parse(f.topology, f.slices)  # a bad name fails before the config loads
     jax.config.update("jax_platforms", "cpu")  # the host; the slice's devices exist for the compiler only
   elif f.slices != 1:
@@ -260,7 +262,6 @@ def main(argv):
   if not f.sample:
     print(format_plan(p), flush=True)  # the estimate first: the compile takes minutes for a large config
   if f.fit:
-    from lidit_jax import fit
     found = fit.search(config, topology, lambda c: plan(tpu_compile.planner_view(c, topology), topology.chips,
                                                         topology.chip)["bytes_per_device"]["total"])
     compiled = found["compiled"]
@@ -291,9 +292,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import flags
-  from lidit_jax import cli
-  from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")
   flags.DEFINE_integer("devices", None, "Number of devices (default: the product of the mesh axes; needed "

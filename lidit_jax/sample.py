@@ -19,15 +19,19 @@ running the same command again replaces its own images, while any other existing
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
 
 import jax
 import numpy as np
+from absl import flags
+from etils import epath
 from PIL import Image, PngImagePlugin
 
-from lidit_jax import objectives, outputs
+from lidit_jax import cli, configs, distributed, objectives, outputs
+from lidit_jax.pipeline import Pipeline, Workdir
 
 SOFTWARE = "lidit_jax"  # the PNG text chunk `Software` that marks an image as ours (replaceable)
 
@@ -79,8 +83,6 @@ def save_grid(images, path: str, cols: int | None = None, scale: int = 4, overwr
   info = PngImagePlugin.PngInfo()
   info.add_text("Software", SOFTWARE)
   if "://" in path:  # a bucket (the trainer's samples): one object, written whole by epath
-    import io
-    from etils import epath
     buf = io.BytesIO()
     pil.save(buf, format="PNG", pnginfo=info)
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -101,11 +103,7 @@ def output_paths(out: str, prompts: list[str]) -> list[str]:
 
 
 def main(argv):
-  from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
-  from absl import flags
-  from lidit_jax import cli, configs
-  from lidit_jax.pipeline import Pipeline, Workdir
   f = flags.FLAGS
   prompts = list(f.prompt or [])
   if f.prompts_file:
@@ -148,8 +146,6 @@ def main(argv):
 
 
 def define_flags():
-  from absl import flags
-  from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ (its config.json is used unless "
@@ -175,6 +171,5 @@ def define_flags():
 
 
 if __name__ == "__main__":
-  from lidit_jax import cli
   define_flags()
   cli.run(main)

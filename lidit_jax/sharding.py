@@ -11,6 +11,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -45,7 +46,6 @@ def make_mesh(config, devices=None) -> Mesh:
     raise ValueError(f"mesh.dcn_data x dcn_fsdp = {math.prod(dcn)} slices, but the devices come from "
                      f"{'no multi-slice set-up' if None in slices else f'{len(slices)} slice(s)'}. Fix: set them to "
                      "the number of slices of the pod (or 1).")
-  from jax.experimental import mesh_utils
   ici = mesh_shape(config.mesh, len(devices) // math.prod(dcn))  # the config's axes describe one slice
   return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), AXES)
 

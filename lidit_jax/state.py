@@ -18,10 +18,15 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
+from lidit_jax import conditioners
+from lidit_jax import configs
+from lidit_jax import denoisers
+from lidit_jax import sharding
+from lidit_jax import text_cache
 from lidit_jax import autoencoder as autoencoder_lib
 from lidit_jax import checkpoint as ckpt_lib
 from lidit_jax import model as model_lib
-from lidit_jax import sharding, text_cache
+from lidit_jax.cli import NotFound
 from lidit_jax.data import pipeline
 
 
@@ -121,7 +126,6 @@ class Setup:
 
   def _with_pretrained(self, params):
     """`params` with what `model.init` names and the conditioner's released weights (LLM4GEN's projector)."""
-    from lidit_jax import conditioners
     loaded = pretrained_weights(self.config, self.abstract_state.params) if self.config.model.init else {}
     cond = conditioners.conditioner(self.config)
     if hasattr(cond, "pretrained_weights"):
@@ -137,8 +141,6 @@ def pretrained_weights(config, abstract_params) -> dict:
   """{name: array} that `model.init` names: the EMA weights of another run's workdir, else what the family reads
   (`pretrained_weights` in its file: the U-Net family's, a converted diffusers U-Net); `model.init_skip` names
   stay fresh."""
-  from lidit_jax import denoisers
-  from lidit_jax.cli import NotFound
   m = config.model
   if not epath.Path(m.init).exists():
     raise NotFound(f"model.init={m.init!r} does not exist. Fix: point at a training workdir (or, for the U-Net "
@@ -187,7 +189,6 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
   for key, patterns in (("model.init_skip", config.model.init_skip), ("train.freeze", config.train.freeze)):
     unused = [rx for rx in patterns if not any(re.search(rx, n) for n in names)]
     if unused:  # a pattern naming no parameter is a typo: refuse it before any compute
-      from lidit_jax import configs
       raise configs.ConfigError(f"config {key} pattern {unused[0]!r} matches no parameter. Fix: use a regex "
                                 f"over parameter names such as {names[0]!r} or 'denoiser/'")
   state_shardings = sharding.logical_shardings(boxed, mesh, config)

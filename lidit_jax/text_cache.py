@@ -15,6 +15,7 @@ tokens per tower; larger sets belong in the `features` data source of the data p
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -22,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
 
 from lidit_jax import outputs
 from lidit_jax.cli import NotFound
+from lidit_jax.data import pipeline
 
 META = "meta.json"
 
@@ -58,8 +61,6 @@ def check_out(out: str, overwrite: bool = False):
 def write(out: str, config, towers, tower_params, captions, batch_size: int = 64, progress: bool = True,
           overwrite: bool = False) -> dict:
   """Encode the unique `captions` with every tower; returns the summary that is also printed by the CLI."""
-  from tqdm import tqdm
-  from lidit_jax.data import pipeline
   check_out(out, overwrite)
   unique = list(dict.fromkeys(captions))
   if not unique:
@@ -137,7 +138,6 @@ class MemoryCache:
   the batch's size, so the towers compile once."""
 
   def __init__(self, towers, tower_params, capacity: int = 1 << 17):
-    import collections
     if jax.process_count() > 1:
       raise ValueError("text.cache='memory' encodes each process's captions on its own; with several processes "
                        "precompute the features instead. Fix: python -m lidit_jax.encode_prompts, then "
@@ -148,7 +148,6 @@ class MemoryCache:
     self.hits = self.misses = 0
 
   def _encode(self, captions, batch: int):
-    from lidit_jax.data import pipeline
     for start in range(0, len(captions), batch):
       chunk = captions[start:start + batch]
       tokens = pipeline.tokenize(self.towers, chunk + [chunk[-1]] * (batch - len(chunk)))

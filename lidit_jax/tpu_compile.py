@@ -14,10 +14,7 @@ import time
 import jax
 from jax.experimental import topologies
 
-from lidit_jax import cli, sharding
-from lidit_jax import chips
-from lidit_jax import hlo_cost
-from lidit_jax import train_step
+from lidit_jax import chips, cli, hlo_cost, pipeline, sharding, train_step
 
 GiB = chips.GiB
 # Per chip (vendor figures, Cloud TPU system architecture pages): HBM capacity in GiB and bandwidth in GB/s.
@@ -188,7 +185,6 @@ def compile_train_step(config, topology: Topology, model_flops_per_chip: float |
 
 def compile_sample(config, topology: Topology, batch: int) -> dict:
   """The same for `Pipeline`'s sampling function at `batch` prompts (config.sample's steps, sampler, guidance)."""
-  from lidit_jax import pipeline
   return {**compile_for(lambda devs: pipeline.lower_sample(config, batch, devs), topology), "batch": batch}
 
 

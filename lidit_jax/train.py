@@ -17,14 +17,22 @@ import threading
 import time
 
 import jax
-from etils import epath
 import numpy as np
+from absl import flags
+from etils import epath
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from lidit_jax import checkpoint as ckpt_lib
-from lidit_jax import cli, lock, outputs, resume, sharding
-from lidit_jax import pipeline as pipeline_lib
 from lidit_jax import chips
+from lidit_jax import cli
+from lidit_jax import configs
+from lidit_jax import distributed
+from lidit_jax import lock
+from lidit_jax import outputs
+from lidit_jax import resume
+from lidit_jax import sharding
+from lidit_jax import checkpoint as ckpt_lib
+from lidit_jax import pipeline as pipeline_lib
 from lidit_jax import plan as plan_lib
 from lidit_jax import sample as sample_lib
 from lidit_jax import state as state_lib
@@ -58,7 +66,7 @@ class MetricsLog:
       tmp.write_text("".join(self.lines), encoding="utf-8")
       tmp.replace(self.path)
     if "://" not in workdir:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # local: the trainer's event files only
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, metrics: dict):
@@ -120,7 +128,6 @@ class StopRequest:
 
   def __call__(self, step: int) -> bool:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       try:
         return bool(multihost_utils.reached_preemption_sync_point(step))
       except RuntimeError:  # no preemption service in this cluster set-up: fall back to the signal
@@ -278,17 +285,12 @@ def _loop(config, workdir, s, state, data, ckpt, closing) -> dict:
 
 
 def main(argv):
-  from lidit_jax import distributed
   distributed.initialize()  # first: several processes (TPU VM workers, GPU nodes) become one runtime
-  from lidit_jax import configs
-  from absl import flags
   config = configs.load_from_flags()
   train_and_evaluate(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  from absl import flags
-  from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")  # list --config under --help
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/, samples/.", required=True)

@@ -100,3 +100,15 @@ def test_shared_code_names_no_plugin():
   caught = plugin_mentions('from lidit_jax.denoisers import unet\nx = c.model.patch_size + c.ddpm.eta\nk = "vae"\n')
   assert sorted(caught) == ["line 1: imports lidit_jax.denoisers", "line 2: .ddpm", "line 2: .patch_size",
                             "line 3: 'vae'"]  # and would be caught
+
+
+def test_imports_are_at_the_top_but_heavy_optional_ones():
+  """A function imports only what most runs never load (TensorFlow datasets, torch, matplotlib, TPU kernels, ...),
+  each marked `# local: why` or with its own comment; every lidit_jax import is at the top of its module."""
+  local = []
+  for path in PACKAGE.rglob("*.py"):
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for fn in ast.walk(ast.parse("\n".join(lines))):
+      if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        local += [(path.name, lines[n.lineno - 1].strip()) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+  assert local and all("#" in line and "lidit_jax" not in line for _, line in local), [x for x in local if "#" not in x[1]]

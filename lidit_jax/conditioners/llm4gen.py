@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax.config_checks import fail, tower_names
+from lidit_jax.config_checks import ConfigError, fail, tower_names
+from lidit_jax.convert import load_llm4gen_cam
 from lidit_jax.models import adapters, layers
 
 Dtype = Any
@@ -91,10 +92,8 @@ def pretrained_weights(config) -> dict:
   c = config.conditioner.cam
   if not c.init:
     return {}
-  from lidit_jax.convert import load_llm4gen_cam
   module, params = load_llm4gen_cam(c.init, allow_pickle=c.allow_pickle, num_heads=c.num_heads)
   if module.num_blocks != c.num_blocks:
-    from lidit_jax.config_checks import ConfigError
     raise ConfigError(f"conditioner.cam.init={c.init!r} holds {module.num_blocks} block(s), the config "
                       f"conditioner.cam.num_blocks={c.num_blocks}. Fix: --config.conditioner.cam.num_blocks="
                       f"{module.num_blocks}")

@@ -38,7 +38,13 @@ import jax
 import jax.numpy as jnp
 
 from lidit_jax import checkpoint, cli, lock, outputs
+from lidit_jax.convert import diffusers_unet
+from lidit_jax.convert import diffusers_vae
+from lidit_jax.convert import hf_clip
+from lidit_jax.convert import hf_text
+from lidit_jax.convert import orbax_io
 from lidit_jax.convert import registry
+from lidit_jax.convert import sd_single_file
 from lidit_jax.convert import safetensors_io as io
 
 
@@ -75,7 +81,6 @@ def stream(conv, fam, src: str, out: str, dtype, progress: bool = False):
   """(parameter count, unused keys) of a checked conversion (`conv`: expected, cfg, run, unused) written to OUT, a
   new directory. Each parameter stays a host numpy array and goes to the Orbax writer as soon as it is complete
   (written while the next ones convert, then let go; jax Arrays would cost Orbax a second copy)."""
-  from lidit_jax.convert import orbax_io
   shapes = {p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in conv.expected.items()}
   orbax_io.stream_converted(out, src, fam, conv.cfg, dtype, shapes,
                             lambda sink: conv.run(dtype, progress=progress, as_numpy=True, sink=sink))
@@ -85,7 +90,6 @@ def stream(conv, fam, src: str, out: str, dtype, progress: bool = False):
 def convert_and_save(src: str, out: str, dtype, allow_pickle: bool = False, progress: bool = False,
                      overwrite: bool = False):
   """(family, cfg, parameter count, unused keys) of a Hugging Face text model written to OUT."""
-  from lidit_jax.convert import hf_text
   check_out("hf-text", out, [src], overwrite)
   conv = hf_text.Conversion.prepare(src, dtype, allow_pickle)  # a mismatch fails here, before OUT is touched
   with _staged("hf-text", out, overwrite, [conv], dtype) as tmp:
@@ -93,7 +97,6 @@ def convert_and_save(src: str, out: str, dtype, allow_pickle: bool = False, prog
 
 
 def convert_vae(src: str, out: str, dtype, config: str | None = None, progress: bool = False, overwrite: bool = False):
-  from lidit_jax.convert import diffusers_vae
   check_out("vae", out, [src] + ([config] if config else []), overwrite)
   conv = diffusers_vae.Conversion.prepare(src, dtype, config)
   with _staged("vae", out, overwrite, [conv], dtype) as tmp:
@@ -115,7 +118,6 @@ def _text_encoders(index: dict):
 def convert_pipeline(src: str, out: str, dtype, progress: bool = False, overwrite: bool = False):
   """{component: (family, cfg, parameter count, unused keys)} of a diffusers SD pipeline folder converted to OUT.
   Every component is checked before OUT is touched."""
-  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text
   check_out("pipeline", out, [src], overwrite)
   index = _read_index(src)
   parts = {"unet": (diffusers_unet, diffusers_unet.Conversion.prepare(os.path.join(src, "unet"), dtype)),
@@ -131,7 +133,6 @@ def convert_single_file(src: str, out: str, dtype, config: str, kind: str | None
   """The same as `convert_pipeline` for an original SD 1.x / 2.x / XL checkpoint file (`model.diffusion_model.*`,
   `first_stage_model.*`, the text encoders of `sd_single_file`): the diffusers pipeline folder `config` gives
   the components' configs, the tokenizers, the scheduler and model_index.json (its weights are not read)."""
-  from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, sd_single_file
   if not os.path.isfile(src):
     raise cli.NotFound(f"{src} is not a file. Fix: point at the checkpoint's .safetensors file")
   io.require_safetensors(src)

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidit_jax.cli import NotFound
-from lidit_jax.convert import registry
-from lidit_jax.convert import safetensors_io as io
+from lidit_jax.convert import orbax_io, registry, safetensors_io as io
 from lidit_jax.models import unet
 
 Config = unet.UNetConfig
@@ -299,7 +298,6 @@ def load_unet(path: str, dtype=jnp.float32):
   (`python -m lidit_jax.convert diffusers`); parameters in `dtype`, which the module computes in."""
   path = os.path.expanduser(os.fspath(path))
   if os.path.isdir(path) and registry.marker(path):
-    from lidit_jax.convert import orbax_io
     kind = registry.read_marker(path)["family"]
     if kind != "diffusers_unet":
       raise NotFound(f"{path} holds a converted {kind} model, not a U-Net. Fix: point at a U-Net")

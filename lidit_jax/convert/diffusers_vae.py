@@ -16,10 +16,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from lidit_jax.cli import NotFound
-from lidit_jax.convert import registry
-from lidit_jax.convert import safetensors_io as io
+from lidit_jax.convert import orbax_io, registry, safetensors_io as io
 from lidit_jax.models import vae
 
 _SUPPORTED = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
@@ -192,7 +192,6 @@ def load_vae(path: str, dtype=jnp.float32, config: str | None = None):
   if os.path.isdir(path):  # a pipeline folder (ours too): its vae/
     path = io.component_dir(path, "vae", "AutoencoderKL")
   if os.path.isdir(path) and registry.marker(path):
-    from lidit_jax.convert import orbax_io
     desc = registry.read_marker(path)
     if desc["family"] != "diffusers_vae":
       raise NotFound(f"{path} holds a converted {desc['family']} model, not a VAE. Fix: point at a VAE")
@@ -233,7 +232,6 @@ def to_ldm(cfg: vae.VAEConfig, params) -> dict[str, np.ndarray]:
 
 def write_diffusers(out: str, cfg: vae.VAEConfig, params) -> str:
   """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) of `params`."""
-  from safetensors.numpy import save_file
   config, state = to_diffusers(cfg, params)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:

@@ -10,8 +10,9 @@ import dataclasses
 
 import flax.linen as nn
 
+from lidit_jax.convert import registry, safetensors_io as io
 from lidit_jax.convert.registry import token_abstract_params as abstract_params  # noqa: F401
-from lidit_jax.convert.safetensors_io import Source, heads_bias, heads_in, heads_out, linear
+from lidit_jax.convert.safetensors_io import heads_bias, heads_in, heads_out, linear, Source
 from lidit_jax.models import clip
 
 MODEL_TYPES = ("clip_text_model", "clip")
@@ -101,7 +102,6 @@ def to_hf(cfg: Config, params) -> tuple[dict, dict]:
   """(config.json dict, state dict) of the tower as transformers' CLIPTextModel, or CLIPTextModelWithProjection
   when it has a projection: the inverse of the plan (export). Keys as Stable Diffusion's hub folders hold them
   ("text_model."; transformers 4 and 5 both load them)."""
-  from lidit_jax.convert import registry, safetensors_io as io
   if not cfg.head:
     raise ValueError("a CLIP tower without its head (final LayerNorm) cannot be exported as a CLIPTextModel")
   projection = bool(cfg.projection_dim)

@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lidit_jax import sharding
 from lidit_jax.cli import NotFound
-from lidit_jax.convert import registry
-from lidit_jax.convert import safetensors_io as io
+from lidit_jax.convert import orbax_io, registry, safetensors_io as io
 from lidit_jax.convert.registry import describe, from_description, strip_boxes  # noqa: F401 (the text API)
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ def target_shardings(abstract, mesh, rules):
   """{path: NamedSharding} from the parameters' logical axes, or None without a mesh."""
   if mesh is None:
     return None
-  from lidit_jax import sharding
   return io.flatten_shapes(sharding.fit_to_shapes(abstract, mesh, rules))
 
 
@@ -150,7 +149,6 @@ def load_hf_text_model(path: str, dtype=jnp.float32, mesh=None, rules=(), allow_
     raise FileNotFoundError(f"text model path {path!r} is not a directory. Fix: point it at a local Hugging Face "
                             "model directory or at the output of `python -m lidit_jax.convert hf-text`.")
   if _converted_text(path):
-    from lidit_jax.convert import orbax_io
     return orbax_io.load_converted(path, dtype, mesh, rules)
   _, _, module, params, _ = convert_hf_dir(path, dtype, mesh, rules, allow_pickle, adapt=adapt)
   return module, params

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from lidit_jax import sharding
 from lidit_jax.convert import registry
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
@@ -211,7 +212,6 @@ def load_converted(path: str, dtype=jnp.float32, mesh=None, rules=()):
   fam, cfg, module = registry.from_description(registry.read_marker(path), dtype)
   abstract = fam.abstract_params(module)
   if mesh is not None:
-    from lidit_jax import sharding
     shardings = sharding.fit_to_shapes(abstract, mesh, rules)
   else:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)

@@ -18,6 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lidit_jax.cli import NotFound
+from lidit_jax.convert import safetensors_io as io
+
 FAMILIES = ("hf_llm", "hf_t5", "hf_clip", "diffusers_vae", "diffusers_unet")
 MARKER = "lidit_converted.json"
 LEGACY_MARKERS = ("lidit_text_model.json",)  # text models converted before the VAE joined
@@ -70,12 +73,10 @@ def token_abstract_params(module: nn.Module, max_length: int = 8):
 def component_config(name: str, path: str, subfolder: str, class_name: str):
   """The config of a diffusers component of family `name` (diffusers_unet, diffusers_vae) from JSON alone: its
   folder, a pipeline folder holding it as `subfolder`, or our converted one."""
-  from lidit_jax.convert import safetensors_io as io
   where = io.component_dir(path, subfolder, class_name)
   if marker(where):
     return from_description(read_marker(where), jnp.float32)[1]
   config = os.path.join(where, "config.json")
   if not os.path.exists(config):
-    from lidit_jax.cli import NotFound
     raise NotFound(f"{where} has no config.json. Fix: point at a diffusers {class_name} or pipeline folder")
   return family(name).config_from_diffusers(io.read_json(config), config)

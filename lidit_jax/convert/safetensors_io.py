@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
+from tqdm import tqdm
 
 from lidit_jax.cli import NotFound, UserError
 
@@ -390,7 +391,6 @@ def build_params(plan: Plan, files: CheckpointFiles, expected: Mapping[tuple[str
   params: dict = {}
   items = list(plan.items())
   if progress:
-    from tqdm import tqdm
     items = tqdm(items, desc="converting", unit="tensor")
   transform = _Transforms()
   for path, src in items:

@@ -15,12 +15,15 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import transformers
 from safetensors.numpy import save_file
 
-from lidit_jax import cli
-from lidit_jax import prompt as prompt_lib
+from lidit_jax import cli, prompt as prompt_lib
+from lidit_jax.convert import diffusers_vae, __main__ as convert_cli
+from lidit_jax.data import shapes
+from lidit_jax.models import vae
 
 ARCHS = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=32, intermediate_size=64,
@@ -36,7 +39,6 @@ ARCHS = {
 
 def write_tiny_model(out: str, arch: str, seed: int = 0) -> str:
   """A random `arch` model (see ARCHS) in the Hugging Face layout, tokenizer included."""
-  from lidit_jax.data import shapes
   os.makedirs(out, exist_ok=True)
   tok = prompt_lib.build_word_tokenizer(shapes.VOCABULARY, out_dir=out)
   spec = dict(ARCHS[arch])
@@ -76,9 +78,6 @@ TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=
 def write_tiny_vae(out: str, seed: int = 0, **overrides) -> str:
   """A random diffusers AutoencoderKL folder (TINY_VAE's layout: 2x down, 4 latent channels), from our own
   module's initialisation; diffusers' AutoencoderKL loads it (tests/test_vae_parity.py)."""
-  import jax
-  from lidit_jax.convert import diffusers_vae
-  from lidit_jax.models import vae
   cfg = vae.VAEConfig(**{**TINY_VAE, **overrides})
   module = vae.AutoencoderKL(cfg)
   size = 8 * cfg.downsample_factor
@@ -100,7 +99,6 @@ def main(argv=None) -> int:
     with cli.user_errors():
       written[arch] = write_tiny_model(os.path.join(args.out, arch), arch, seed=args.seed + i)
     if args.convert:
-      from lidit_jax.convert import __main__ as convert_cli
       out = os.path.join(args.out, f"{arch}-orbax")
       if convert_cli.main(["hf-text", written[arch], out, "--dtype", "float32"]):
         return 2

@@ -19,14 +19,19 @@ from __future__ import annotations
 import collections
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
+from absl import flags
+from tqdm import tqdm
 
+from lidit_jax import configs, autoencoder as autoencoder_lib
 from lidit_jax.data import images, pipeline, prepare
 
 
 def features():
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # local: heavy (TensorFlow): only the tfds data paths load it
   f = tfds.features
   return f.FeaturesDict({
       "latent": f.Tensor(shape=(), dtype=np.object_, doc="float16 latent, C order, shape in `shape`"),
@@ -38,10 +43,6 @@ def features():
 
 def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 2048, overwrite: bool = False,
            progress: bool = True) -> dict:
-  import jax
-  from concurrent.futures import ThreadPoolExecutor
-  from tqdm import tqdm
-  from lidit_jax import autoencoder as autoencoder_lib
   t0 = time.time()
   feats = features()
   writer = prepare.DatasetWriter(out, name, feats, shard_size, overwrite)  # refuses an existing one before work
@@ -91,8 +92,6 @@ def encode(config, out: str, name: str, batch_size: int = 64, shard_size: int = 
 
 
 def main(argv):
-  from absl import flags
-  from lidit_jax import configs
   f = flags.FLAGS
   config = configs.load_from_flags()
   summary = encode(config, f.out, f.name, f.batch_size, f.shard_size, f.overwrite)
@@ -100,9 +99,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import flags
   from lidit_jax import cli
-  from lidit_jax import configs
   configs.define_flags()
   flags.declare_key_flag("config")
   flags.DEFINE_string("out", None, "TFDS data_dir to write the latents dataset into.", required=True)

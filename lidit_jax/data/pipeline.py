@@ -12,11 +12,13 @@ state saved with each checkpoint is the number of batches consumed, and the pipe
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
+from absl import flags
 
-from lidit_jax import denoisers
+from lidit_jax import autoencoder, denoisers
 from lidit_jax.cli import UserError
 from lidit_jax.data import images, prepare, shapes
 
@@ -84,8 +86,8 @@ class ShapesBatches:
 def open_dataset(data_dir: str, name: str, split: str = "train"):
   """(data source, record sizes [N, 2] or None, version directory), or an error naming the path and the fix.
   Every shard file is opened once here, so a missing or corrupt one fails before any compute."""
-  import tensorflow_datasets as tfds
-  from array_record.python.array_record_module import ArrayRecordReader
+  import tensorflow_datasets as tfds  # local: heavy (TensorFlow): only the tfds data paths load it
+  from array_record.python.array_record_module import ArrayRecordReader  # local: tfds paths
   fix = (f"Fix: build it with `python -m lidit_jax.data.prepare --src YOUR_IMAGES --out {data_dir or 'DATA_DIR'} "
          f"--name {name or 'NAME'}`, or point --config.data.data_dir / --config.data.name at an existing one.")
   if not name or not data_dir:
@@ -189,7 +191,6 @@ class LoadBatch:
     jobs = [(int(i), int(s)) for i, s in zip(indices, seeds)]
     if self.threads > 1:
       if self._executor is None:
-        from concurrent.futures import ThreadPoolExecutor
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
       out = list(self._executor.map(lambda job: self._one(*job), jobs))
     else:
@@ -210,7 +211,7 @@ class TfdsBatches:
 
   def __init__(self, config, text_for, process_index: int | None = None, process_count: int | None = None,
                source=None, sizes=None):
-    import grain
+    import grain  # local: only the tfds data paths
     d = config.data
     self.text_for = text_for
     self.workers, self.threads, self.prefetch = d.workers, d.threads, d.prefetch
@@ -231,7 +232,6 @@ class TfdsBatches:
     wanted = image_shapes(config)
     latents = d.source == "features"
     if latents:  # records hold latents at bucket shapes: each must be one of this config's
-      from lidit_jax import autoencoder
       ae = config.autoencoder
       stored = autoencoder.stored_channels(ae)  # a VAE's posterior: [mean | std]
       have = int(np.asarray(source[0]["shape"])[2])
@@ -288,12 +288,11 @@ class TfdsBatches:
     return out
 
   def _start(self):
-    import grain
+    import grain  # local: only the tfds data paths
     # Elements are whole batches: read `prefetch` batches ahead, two at a time (each decodes in threads).
     ds = self.dataset[self.index:].to_iter_dataset(
         grain.ReadOptions(num_threads=min(2, self.prefetch), prefetch_buffer_size=self.prefetch))
     if self.workers > 0:
-      from absl import flags
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may not have parsed them
         flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.prefetch))

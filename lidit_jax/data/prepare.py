@@ -36,6 +36,8 @@ import tarfile
 import time
 
 import numpy as np
+from absl import flags
+from tqdm import tqdm
 
 from lidit_jax import outputs
 from lidit_jax.cli import UserError
@@ -72,7 +74,7 @@ def check_size(name: str, size: int, limit: int):
 
 
 def features():
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # local: heavy (TensorFlow): only the tfds data paths load it
   f = tfds.features
   return f.FeaturesDict({
       "image": f.Tensor(shape=(), dtype=np.object_, doc="encoded image bytes (JPEG / PNG / WebP), RGB"),
@@ -223,7 +225,7 @@ class ShardWriter:
     self.lengths, self.num_bytes, self.writer = [], 0, None
 
   def write(self, record: bytes):
-    from array_record.python.array_record_module import ArrayRecordWriter
+    from array_record.python.array_record_module import ArrayRecordWriter  # local: tfds paths
     if self.writer is None or self.lengths[-1] == self.shard_size:
       self._close()
       # group_size:1 keeps random access cheap (one record per chunk), what a global shuffle needs.
@@ -284,7 +286,7 @@ class DatasetWriter:
     self.sizes.append(tuple(size_hw))
 
   def finish(self, description: str, summary: dict) -> dict:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # local: heavy (TensorFlow): only the tfds data paths load it
     lengths = self.shards.finish()
     if not self.sizes:
       raise UserError(f"no examples written: {summary}. Fix: check the input (see the skip counts).")
@@ -319,7 +321,6 @@ def prepare(src: str, out: str, name: str | None = None, min_size: int = 64, max
             max_bytes: int = 0) -> dict:
   """Build the dataset; returns the summary that the CLI prints as JSON. `max_bytes`: the largest image file or
   tar member read (0: `byte_limit(max_pixels)`)."""
-  from tqdm import tqdm
   t0 = time.time()
   name = check_name(name or re.sub(r"[^a-z0-9_]", "_",
                                   os.path.basename(os.path.normpath(src.split("*")[0])).lower()).strip("_"))
@@ -353,7 +354,6 @@ def prepare(src: str, out: str, name: str | None = None, min_size: int = 64, max
 
 
 def main(argv):
-  from absl import flags
   f = flags.FLAGS
   summary = prepare(f.src, f.out, f.name, f.min_size, f.max_pixels, f.shard_size, f.workers, f.overwrite,
                     max_bytes=f.max_bytes)
@@ -362,7 +362,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import flags
   from lidit_jax import cli
   flags.DEFINE_string("src", None, "A folder of images + .txt/.json captions, or WebDataset .tar shards "
                       "(a .tar, a glob like 'shards/*.tar', or a folder holding them).", required=True)

@@ -21,8 +21,8 @@ from lidit_jax import conditioners, denoisers, prompt
 from lidit_jax.cli import UserError
 from lidit_jax.config_checks import fail, one_of, tower, tower_names
 from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text, registry, sd_single_file
-from lidit_jax.models import layers
-from lidit_jax.models import unet as unet_lib
+from lidit_jax.denoisers import lidit
+from lidit_jax.models import layers, unet as unet_lib
 from lidit_jax.objectives import ddpm
 
 Dtype = Any
@@ -122,7 +122,6 @@ def geometry(config, latent_hwc: tuple[int, int, int]):
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
-  from lidit_jax.denoisers import lidit
   return lidit.abstract_inputs(batch, latent_hwc, text_shapes)  # the same call signature
 
 

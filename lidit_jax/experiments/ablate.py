@@ -27,9 +27,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from typing import NamedTuple
 
 import numpy as np
+from absl import flags
+
+from lidit_jax import configs, evaluate, state, train
+from lidit_jax.cli import UserError
+from lidit_jax.data.shapes_eval import POSITION_BINS
+from lidit_jax.pipeline import Pipeline, Workdir
 
 
 class Variant(NamedTuple):
@@ -117,7 +125,6 @@ def variants_of(groups: list[str]) -> list[str]:
 
 def variant_config(base: str, name: str, seed: int, steps: int):
   """`base` is a config file with optional variants ("configs/shapes.py:tiny"); the variant's own are added."""
-  from lidit_jax import configs
   v = VARIANTS[name]
   path, _, base_variants = base.partition(":")
   joined = ",".join(x for x in (base_variants, v.config) if x)
@@ -147,20 +154,16 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 
 def run_one(config, workdir: str, num_prompts: int, prompts: str = "heldout", keep_checkpoints: bool = False) -> dict:
-  from lidit_jax import evaluate, state, train
-  from lidit_jax.pipeline import Pipeline, Workdir
   path = os.path.join(workdir, "eval.json")
   if os.path.exists(path):
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
       made_with = json.load(f)
     changed = config_differences(made_with, json.loads(config.to_json_best_effort()))
     if changed:
-      from lidit_jax.cli import UserError
       raise UserError(f"{workdir} holds a finished run of another config ({', '.join(changed[:4])} changed since). "
                       "Fix: give a new --out, or delete that directory to re-run it")
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  import time
   start = time.perf_counter()
   train.train_and_evaluate(config, workdir)
   pipe = Pipeline(Workdir.of(*state.restore_for_inference(config, workdir)))
@@ -174,7 +177,6 @@ def run_one(config, workdir: str, num_prompts: int, prompts: str = "heldout", ke
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   if not keep_checkpoints:
-    import shutil
     for sub in ("checkpoints", "tb"):
       shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
   return result
@@ -219,7 +221,6 @@ def versus(a: tuple, b: tuple) -> str:
 
 
 def table(agg: dict, group: str, steps: int, num_prompts: int) -> str:
-  from lidit_jax.data.shapes_eval import POSITION_BINS
   names = [n for n in agg if group in VARIANTS[n].groups]
   cell = lambda mean, std: f"{mean:.3f} ± {std:.3f}"
   ref = lambda n: reference(n, group)
@@ -261,10 +262,9 @@ def cost(runs: dict) -> str:
 
 
 def plot(agg: dict, path: str):
-  import matplotlib
+  import matplotlib  # local: plots only
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from lidit_jax.data.shapes_eval import POSITION_BINS
+  import matplotlib.pyplot as plt  # local: plots only
   groups = [g for g in GROUPS if any(g in VARIANTS[n].groups for n in agg)]
   fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
   for ax, g in zip(axes[0], groups):
@@ -307,9 +307,7 @@ def ablate(out: str, base: str, variants: list[str], seeds: list[int], steps: in
 
 
 def main(argv):
-  from absl import flags
   f = flags.FLAGS
-  from lidit_jax.cli import UserError
   groups = [g.strip() for g in f.groups.split(",") if g.strip()]
   if set(groups) - set(GROUPS):
     raise UserError(f"--groups: unknown group(s) {sorted(set(groups) - set(GROUPS))}. Fix: choose from "
@@ -329,7 +327,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import flags
   from lidit_jax import cli
   flags.DEFINE_string("out", "runs/ablate", "Output directory (finished runs in it are reused).")
   flags.DEFINE_string("config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "shapes.py"),

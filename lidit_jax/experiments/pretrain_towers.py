@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from lidit_jax import prompt
 from lidit_jax.experiments import corpus
 
 SIZES = {"full": dict(hidden=128, layers=4, heads=4, ff=384, steps=1500, batch=64, length=64),
@@ -42,7 +43,7 @@ def _batches(ids: list[list[int]], batch: int, length: int, pad: int, rng: np.ra
 
 
 def _train(model, step_loss, batches, steps: int, lr: float, log=print) -> None:
-  import torch
+  import torch  # local: optional: torch is a test / experiment dependency
   opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
   sched = torch.optim.lr_scheduler.LambdaLR(
       opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -60,7 +61,7 @@ def _train(model, step_loss, batches, steps: int, lr: float, log=print) -> None:
 
 
 def _mean_loss(step_loss, ids, batch: int, length: int, pad: int) -> float:
-  import torch
+  import torch  # local: optional: torch is a test / experiment dependency
   losses = []
   with torch.no_grad():
     for start in range(0, len(ids), batch):
@@ -74,9 +75,8 @@ def _mean_loss(step_loss, ids, batch: int, length: int, pad: int) -> float:
 
 def causal_lm(out: str, size: dict, train_texts, heldout_texts, seed: int, start=None, log=print) -> dict:
   """A Llama-style LM trained on `train_texts` (from `start`'s weights if given); saved with the word tokenizer."""
-  import torch
-  import transformers
-  from lidit_jax import prompt
+  import torch  # local: optional: torch is a test / experiment dependency
+  import transformers  # local: the experiment's PyTorch towers only
   tok = prompt.build_word_tokenizer(corpus.vocabulary())
   pad = tok.pad_token_id
   encode = lambda texts: [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
@@ -111,8 +111,8 @@ def causal_lm(out: str, size: dict, train_texts, heldout_texts, seed: int, start
 
 def t5_tokenizer(out: str | None = None):
   """Word-level, T5's conventions: <pad> 0, </s> 1 appended, <unk> 2, sentinels <extra_id_k>."""
-  import transformers
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+  import transformers  # local: the experiment's PyTorch towers only
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # local: experiment
   words = corpus.vocabulary()
   sentinels = [f"<extra_id_{k}>" for k in range(SENTINELS)]
   vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *words, *sentinels])}
@@ -156,8 +156,8 @@ def span_corrupt(ids: list[int], rng: np.random.Generator, first_sentinel: int, 
 
 def t5_encoder(out: str, size: dict, train_texts, heldout_texts, seed: int, log=print) -> dict:
   """A T5 (encoder + decoder) trained by span corruption; the encoder saved as T5EncoderModel."""
-  import torch
-  import transformers
+  import torch  # local: optional: torch is a test / experiment dependency
+  import transformers  # local: the experiment's PyTorch towers only
   tok = t5_tokenizer()
   first = tok.convert_tokens_to_ids("<extra_id_0>")
   torch.manual_seed(seed)
@@ -213,7 +213,6 @@ def t5_encoder(out: str, size: dict, train_texts, heldout_texts, seed: int, log=
 
 def instruction_texts(n: int, split: str, seed: int) -> list[str]:
   """Chat turns: system = an instruction, user = a description, assistant = another description of the scene."""
-  from lidit_jax import prompt
   tok = prompt.build_word_tokenizer(corpus.vocabulary())
   rng = np.random.default_rng([seed, 0x1D])
   out = []

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 Dtype = Any
 
@@ -139,7 +140,7 @@ def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool 
   """Pallas splash attention (TPU; `interpret=True` runs the same kernel on any backend, for tests).
   Key padding is expressed as segment ids (queries 1, valid keys 1, masked keys 0). Under a mesh the kernel
   runs per shard (shard_map over the batch and head axes the logical rules give)."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # local: TPU kernels, when used
   b, l, h, k = q_BLHK.shape
   s = k_BSHK.shape[1]
   valid = jnp.ones((b, s), jnp.int32) if key_valid_BS is None else key_valid_BS.astype(jnp.int32)
@@ -161,7 +162,6 @@ def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q_BLHK, k_BSHK, v_BSHK, valid)
-  from jax.sharding import PartitionSpec as P
   batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
   # an axis its mesh axes do not divide (the batch of 1 that initialisation traces) is not split
   split = lambda axes, n: axes if n % math.prod(mesh.shape[a] for a in
