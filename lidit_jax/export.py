@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors import numpy as safetensors_numpy  # save_file looked up per call (tests patch it)
 
 from lidit_jax import cli, configs, denoisers, lock, outputs, checkpoint as ckpt_lib, model as model_lib
 from lidit_jax.convert import safetensors_io
@@ -84,7 +84,7 @@ def _save(directory: str, config: dict, state: dict, weights: str, dtype) -> Non
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
-  save_file(_cast(state, dtype), os.path.join(directory, weights), metadata={"format": "pt"})
+  safetensors_numpy.save_file(_cast(state, dtype), os.path.join(directory, weights), metadata={"format": "pt"})
 
 
 def _family(config, what: str):
@@ -115,7 +115,7 @@ def export_single_file(backend, out: str, dtype=np.float32, overwrite: bool = Fa
   check_out("single-file", out, overwrite)
   state = _cast(_family(backend.setup.config, "single_file_state").single_file_state(backend, out), dtype)
   with _staged("single-file", out, overwrite, _nbytes(state, dtype)) as tmp:
-    save_file(state, tmp, metadata={"format": "pt", METADATA_KEY: "single-file"})
+    safetensors_numpy.save_file(state, tmp, metadata={"format": "pt", METADATA_KEY: "single-file"})
   return out
 
 
@@ -186,7 +186,7 @@ def export_safetensors(workdir: str, out: str, dtype=np.float32, overwrite: bool
   meta = {"format": "pt", "lidit_jax.config": backend.setup.config.to_json_best_effort(),
           "lidit_jax.step": str(backend.step), METADATA_KEY: "safetensors"}
   with _staged("safetensors", out, overwrite, _nbytes(state, dtype)) as tmp:
-    save_file(state, tmp, metadata=meta)
+    safetensors_numpy.save_file(state, tmp, metadata=meta)
   return out
 
 

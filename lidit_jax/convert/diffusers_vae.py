@@ -16,7 +16,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors import numpy as safetensors_numpy  # save_file looked up per call (tests patch it)
 
 from lidit_jax.cli import NotFound
 from lidit_jax.convert import orbax_io, registry, safetensors_io as io
@@ -236,5 +236,6 @@ def write_diffusers(out: str, cfg: vae.VAEConfig, params) -> str:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
-  save_file(state, os.path.join(out, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+  safetensors_numpy.save_file(state, os.path.join(out, "diffusion_pytorch_model.safetensors"),
+                              metadata={"format": "pt"})
   return out
