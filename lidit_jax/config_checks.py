@@ -61,4 +61,20 @@ def tower(**overrides) -> ml_collections.ConfigDict:
 
 def tower_names(config) -> list[str]:
   """The towers `text.use` names, in order."""
-  return [n.strip() for n in config.text.use.split(",") if n.strip()]
+  return used_towers(config.text)
+
+
+def used_towers(text) -> list[str]:
+  """The towers the `text` section's `use` names, in order."""
+  return [n.strip() for n in text.use.split(",") if n.strip()]
+
+
+def section_path(defaults: dict) -> str:
+  """The dotted path of the one section a plugin's CONFIG_DEFAULTS declares ({"model": {"refiner": {...}}}:
+  "model.refiner")."""
+  path = []
+  while len(defaults) == 1 and isinstance(next(iter(defaults.values())), dict):
+    key = next(iter(defaults))
+    path.append(key)
+    defaults = defaults[key]
+  return ".".join(path)

@@ -209,7 +209,7 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
   denoisers.family(c).validate(c, names)  # the family's own sections
   one_of("conditioner.kind", c.conditioner.kind, set(conditioners.CONDITIONERS))
   one_of("conditioner.null", c.conditioner.null, {"learned", "empty_prompt", "zeros"})
-  conditioners.conditioner(c).validate(c, names, denoisers.geometry(c))  # its own section(s)
+  conditioners.validate(c, denoisers.geometry(c))  # its own section
 
   one_of("data.source", c.data.source, {"shapes", "tfds", "features"})
   if data and c.data.source in ("tfds", "features") and not (c.data.name and c.data.data_dir):
@@ -227,7 +227,7 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
   if not 0.0 <= c.data.caption_dropout < 1.0:
     fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
 
-  objectives.objective(c).validate(c)  # its own section and sampler names
+  objectives.validate(c)  # its own section and sampler names
   o = c.optim
   if o.lr <= 0 or not math.isfinite(o.lr):
     fail("optim.lr", o.lr, "must be a positive number", "use e.g. 1e-4")

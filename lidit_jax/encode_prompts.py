@@ -46,9 +46,9 @@ def main(argv):
   if config.conditioner.null == "empty_prompt":
     captions.append("")  # the unconditional text: dropped captions train on it
   towers = model_lib.build_towers(config)
-  mesh = sharding.make_mesh(config)
-  with sharding.active(mesh, config):
-    params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.sharding_rules)
+  with sharding.active(mesh, rules):
+    params = model_lib.load_tower_params(config, towers, mesh, rules)
     summary = text_cache.write(f.out, config, towers, params, captions, f.batch_size, overwrite=f.overwrite)
   print(json.dumps(summary))
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from lidit_jax import denoisers, configs as configs_lib, prompt as prompt_lib, sharding as sharding_lib
 from lidit_jax.configs import tower_names  # noqa: F401  (model.tower_names, for callers)
-from lidit_jax.convert import hf_clip, hf_llm, hf_text
-from lidit_jax.models import clip, llm
+from lidit_jax.convert import hf_llm, hf_text
+from lidit_jax.models import llm
 
 Dtype = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -31,6 +31,7 @@ class TextTower:
   them (`all_layers`: features [B, L, num_layers + 1, D], token-major so that masks and shardings of [B, L]
   fit them as they fit one layer)."""
   name: str
+  kind: Any  # its text family (hf_llm, hf_t5, hf_clip): how its module is made and its output read
   module: nn.Module
   encoder: prompt_lib.PromptEncoder
   layer: int
@@ -39,9 +40,9 @@ class TextTower:
   source: str  # "random" or the checkpoint directory
   num_layers: int = 0
   all_layers: bool = False
-  final_norm: bool = False  # a CLIP tower's final LayerNorm on the chosen layer (SD 1.x / 2.x)
-  pooled: bool = False  # a CLIP with projection's pooled output instead, [B, 1, P] (hidden_size: P)
-  scores: str | None = None  # an LLM's per-block scores instead of its states (output="scores"): the `alone` reading
+  final_norm: bool = False  # the final LayerNorm on the chosen layer (CLIP: SD 1.x / 2.x)
+  pooled: bool = False  # the projected pooled output instead, [B, 1, P] (hidden_size: P; CLIP with projection)
+  scores: str | None = None  # per-block scores instead of states (output="scores", LLMs): the `alone` reading
 
   @property
   def feature_shape(self) -> tuple[int, ...]:
@@ -52,17 +53,10 @@ class TextTower:
     return (length, self.num_layers + 1, self.hidden_size) if self.all_layers else (length, self.hidden_size)
 
   def features(self, params, input_ids, attention_mask):
-    hidden = self.module.apply({"params": params}, input_ids, attention_mask)
-    if self.pooled:  # (every state, last, pooled) of a CLIP with its head and projection
-      return jax.lax.stop_gradient(hidden[2][:, None, :])
-    if isinstance(hidden, tuple):  # a CLIP with its head (an SD pipeline's encoder): (every state, last, pooled)
-      hidden = hidden[0]
+    out = self.module.apply({"params": params}, input_ids, attention_mask)
+    hidden = self.kind.tower_output(self.module, params, out, self)
     if self.all_layers:
       hidden = jnp.moveaxis(hidden, 0, 2)  # [N + 1, B, L, D] -> [B, L, N + 1, D]
-    elif getattr(self.module, "output_layer", None) is None:  # T5 / CLIP return every layer
-      hidden = hidden[self.layer]
-    if self.final_norm:
-      hidden = clip.final_norm(self.module.cfg, params, hidden)
     return jax.lax.stop_gradient(hidden)
 
 
@@ -101,27 +95,17 @@ def build_towers(config) -> list[TextTower]:
 
 
 def make_tower(name, tc, fam, cfg, encoder) -> TextTower:
-  pooled = tc.output == "pooled"
-  if tc.final_norm or pooled:
-    what = "final_norm=True" if tc.final_norm else "output='pooled'"
-    if fam is not hf_clip:
-      raise ValueError(f"text.towers.{name}.{what}: only CLIP towers have a final LayerNorm and a pooled output "
-                       f"({tc.init} is {fam.__name__.rsplit('.', 1)[-1]}). Fix: use a CLIP text encoder, or drop it")
-    if not cfg.head or (pooled and not cfg.projection_dim):  # a Hugging Face CLIP folder: read its head too
-      cfg = hf_clip.with_head(cfg, projection=pooled)
-  module = fam.make_module(cfg, DTYPES[tc.dtype])
-  scores = tc.output == "scores"
-  if scores:  # the Diff Adapter's per-block scores: shaped as every hidden state
-    if not hasattr(module, "alone"):
-      raise ValueError(f"text.towers.{name}.output='scores': only decoder-only LLM towers give per-block scores "
-                       f"({tc.init} is {fam.__name__.rsplit('.', 1)[-1]}). Fix: use an LLM tower")
-    return TextTower(name, module.clone(alone=tc.alone), encoder, tc.layer, DTYPES[tc.dtype], cfg.hidden_size,
-                     tc.init, cfg.num_layers, all_layers=True, scores=tc.alone)
-  if hasattr(module, "output_layer") and not tc.all_layers:  # decoders can keep just the wanted layer as they go
-    module = module.clone(output_layer=tc.layer)
-  width = cfg.projection_dim if pooled else cfg.hidden_size
-  return TextTower(name, module, encoder, tc.layer, DTYPES[tc.dtype], width, tc.init, cfg.num_layers,
-                   tc.all_layers, tc.final_norm, pooled)
+  """The tower of section `tc`, read as it asks (`output`, `final_norm`) if its text family gives that reading."""
+  for reading, wanted in ((tc.output, True), ("final_norm", tc.final_norm)):
+    if wanted and reading not in fam.READINGS:
+      givers = [f.__name__.rsplit(".", 1)[-1] for f in map(hf_text.family, hf_text.FAMILIES) if reading in f.READINGS]
+      what = "final_norm=True" if reading == "final_norm" else f"output={reading!r}"
+      raise ValueError(f"text.towers.{name}.{what}: {tc.init} is a {fam.__name__.rsplit('.', 1)[-1]} tower, which "
+                       f"does not give it. Fix: use a tower of {' / '.join(givers)}, or drop it")
+  module, width = fam.tower_module(cfg, DTYPES[tc.dtype], tc)
+  scores = tc.output == "scores"  # shaped as every hidden state
+  return TextTower(name, fam, module, encoder, tc.layer, DTYPES[tc.dtype], width, tc.init, cfg.num_layers,
+                   tc.all_layers or scores, tc.final_norm, tc.output == "pooled", tc.alone if scores else None)
 
 
 def abstract_towers(config) -> list[TextTower]:

@@ -137,7 +137,7 @@ class Pipeline:
       text = b.text([prompts[i] for i in pad], None if negatives is None else [negatives[i] for i in pad],
                     scale > 1.0, (height, width))
       rng = jax.random.fold_in(jax.random.key(seed), 1_000_003 + start)  # ancestral samplers' fresh noise
-      with sharding.active(b.mesh, b.setup.config):
+      with sharding.active(b.mesh, b.setup.rules):
         images = run(b.params, *self._place(text, noise), rng)
       out.append(np.asarray(images, np.float32)[:len(idx)])
     return np.concatenate(out)
@@ -188,7 +188,7 @@ def lower_sample(config, batch: int, devices=None):
   fn = Pipeline(backend)._compile(objective, sampler, config.sample.steps, float(config.sample.cfg))
   noise = jax.ShapeDtypeStruct((batch, *backend.latent_shape(config.data.image_size, config.data.image_size)),
                                jnp.float32, sharding=where)
-  with sharding.active(mesh, config):
+  with sharding.active(mesh, s.rules):
     return fn.lower(backend.params, text, noise, jax.random.key(0))
 
 

@@ -154,7 +154,7 @@ def autoencoder_plan(config, batch_per_device: int) -> dict:
 def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) -> dict:
   dims = sharding.mesh_shape(config.mesh, num_devices)
   mesh_sizes = dict(zip(sharding.AXES, dims))
-  rules = sharding.rules(config)
+  rules = sharding.rules(config.sharding_rules)
   towers = model_lib.planned_towers(config)
   params = model_lib.abstract_params(config, towers)
   n_params = model_lib.count_params(nn.unbox(params))

@@ -32,29 +32,30 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   return tuple(dims)
 
 
-def make_mesh(config, devices=None) -> Mesh:
-  """The config's mesh. With several slices (`mesh.dcn_data` / `mesh.dcn_fsdp` > 1, multi-slice TPU pods
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """The mesh of the config's `mesh` section. With several slices (`mesh.dcn_data` / `mesh.dcn_fsdp` > 1, multi-slice TPU pods
   joined over the data-center network), each axis is split into an in-slice (ICI) and a cross-slice
   (DCN) factor, so that only the gradient reduction of data / fsdp crosses slices."""
   devices = devices if devices is not None else jax.devices()
-  dcn = (int(config.mesh.get("dcn_data", 1)), int(config.mesh.get("dcn_fsdp", 1)), 1)
+  dcn = (int(mesh_cfg.get("dcn_data", 1)), int(mesh_cfg.get("dcn_fsdp", 1)), 1)
   if math.prod(dcn) == 1:
-    shape = mesh_shape(config.mesh, len(devices))
+    shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), AXES)
   slices = {getattr(d, "slice_index", None) for d in devices}
   if None in slices or len(slices) != math.prod(dcn):
     raise ValueError(f"mesh.dcn_data x dcn_fsdp = {math.prod(dcn)} slices, but the devices come from "
                      f"{'no multi-slice set-up' if None in slices else f'{len(slices)} slice(s)'}. Fix: set them to "
                      "the number of slices of the pod (or 1).")
-  ici = mesh_shape(config.mesh, len(devices) // math.prod(dcn))  # the config's axes describe one slice
+  ici = mesh_shape(mesh_cfg, len(devices) // math.prod(dcn))  # the config's axes describe one slice
   return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), AXES)
 
 
-def rules(config):
-  return tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in config.sharding_rules)
+def rules(pairs) -> tuple:
+  """`config.sharding_rules` ([logical name, mesh axes] pairs, lists after a JSON round trip) as flax wants them."""
+  return tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in pairs)
 
 
-def logical_shardings(abstract_tree, mesh: Mesh, config):
+def logical_shardings(abstract_tree, mesh: Mesh, rules: tuple):
   """NamedShardings for a tree of (possibly boxed) abstract values, fitted to their shapes (`fit_spec`);
   unannotated leaves are replicated."""
   # optax's MaskedNode (a frozen parameter's empty optimizer state, still in its box) holds no array: it gets
@@ -62,11 +63,10 @@ def logical_shardings(abstract_tree, mesh: Mesh, config):
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   tree = jax.tree.map(lambda x: x.value if is_box(x) and not jax.tree.leaves(x.value) else x, abstract_tree,
                       is_leaf=is_box)
-  r = rules(config)
   specs, treedef = jax.tree.flatten(nn.get_partition_spec(tree), is_leaf=lambda x: isinstance(x, P))
   values = jax.tree.leaves(tree, is_leaf=is_box)
   shape = lambda v: (v.value if is_box(v) else v).shape
-  return treedef.unflatten([NamedSharding(mesh, fit_spec(shape(v), nn.logical_to_mesh_axes(spec, r), mesh.shape))
+  return treedef.unflatten([NamedSharding(mesh, fit_spec(shape(v), nn.logical_to_mesh_axes(spec, rules), mesh.shape))
                             for spec, v in zip(specs, values, strict=True)])
 
 
@@ -85,11 +85,11 @@ def compile_only(mesh: Mesh) -> bool:
 
 
 @contextlib.contextmanager
-def active(mesh: Mesh, config):
-  """Mesh + logical rules in scope, for tracing and running sharded functions. A compile-only mesh is put in
+def active(mesh: Mesh, rules: tuple):
+  """Mesh + logical `rules` in scope, for tracing and running sharded functions. A compile-only mesh is put in
   scope abstractly: under `jax.set_mesh` eager values (`jax.random.key(0)`) would be placed on its devices."""
   scope = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if compile_only(mesh) else jax.set_mesh(mesh)
-  with scope, nn.logical_axis_rules(rules(config)):
+  with scope, nn.logical_axis_rules(rules):
     yield
 
 

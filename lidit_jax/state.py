@@ -98,6 +98,7 @@ class Setup:
   frozen: dict  # {"towers": ..., "autoencoder": ...}: parameters no optimizer touches
   text_for: Any  # captions -> per-tower text inputs: tokens, or features from text.cache
   mesh: Any
+  rules: tuple  # logical axis -> mesh axes (sharding.rules of config.sharding_rules)
   tx: Any
   schedule: Any
   state_shardings: Any
@@ -109,7 +110,7 @@ class Setup:
     another run's latest checkpoint (fine-tuning, or a backbone under new modules)."""
     init = jax.jit(lambda r: nn.unbox(_init_state(self.config, self.model, self.towers, self.tx, r)),
                    out_shardings=self.state_shardings)
-    with sharding.active(self.mesh, self.config):
+    with sharding.active(self.mesh, self.rules):
       state = init(rng)
     params = self._with_pretrained(state.params)
     if params is state.params:
@@ -121,15 +122,13 @@ class Setup:
     sampled as a run of its config would start (a pipeline folder, a config)."""
     init = jax.jit(lambda r: nn.unbox(_init_params(self.config, self.model, self.towers, r)),
                    out_shardings=self.state_shardings.params)
-    with sharding.active(self.mesh, self.config):
+    with sharding.active(self.mesh, self.rules):
       return self._with_pretrained(init(rng))
 
   def _with_pretrained(self, params):
     """`params` with what `model.init` names and the conditioner's released weights (LLM4GEN's projector)."""
     loaded = pretrained_weights(self.config, self.abstract_state.params) if self.config.model.init else {}
-    cond = conditioners.conditioner(self.config)
-    if hasattr(cond, "pretrained_weights"):
-      loaded.update(cond.pretrained_weights(self.config))
+    loaded.update(conditioners.pretrained_weights(self.config))
     if not loaded:
       return params
     return jax.tree_util.tree_map_with_path(
@@ -169,7 +168,7 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
   `abstract=True` builds everything from shapes only (no tokenizers, checkpoints or parameters; towers from
   their checkpoints' configs or the config's fields): for compiling and planning a run before it exists.
   `devices` (default `jax.devices()`) may be a TPU slice's compile-only devices, with `abstract=True`."""
-  mesh = sharding.make_mesh(config, devices)
+  mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules(config.sharding_rules)
   shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum
   if training and config.train.batch_size % shards:
     raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by data x fsdp devices x "
@@ -183,7 +182,7 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
                  if abstract else jax.device_put(jax.device_get(ae_params), repl))  # host values: every process
   towers = model_lib.abstract_towers(config) if abstract else model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)
-  with sharding.active(mesh, config):
+  with sharding.active(mesh, rules):
     boxed = jax.eval_shape(lambda r: _init_state(config, model, towers, tx, r), jax.random.key(0))
   names = [ckpt_lib.param_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed.params))]
   for key, patterns in (("model.init_skip", config.model.init_skip), ("train.freeze", config.train.freeze)):
@@ -191,24 +190,24 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
     if unused:  # a pattern naming no parameter is a typo: refuse it before any compute
       raise configs.ConfigError(f"config {key} pattern {unused[0]!r} matches no parameter. Fix: use a regex "
                                 f"over parameter names such as {names[0]!r} or 'denoiser/'")
-  state_shardings = sharding.logical_shardings(boxed, mesh, config)
+  state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                 nn.unbox(boxed), state_shardings)
   text_for = None  # abstract: shapes only
   if abstract:
-    tower_params = model_lib.abstract_tower_params(towers, mesh, sharding.rules(config))
+    tower_params = model_lib.abstract_tower_params(towers, mesh, rules)
   elif config.text.cache == "memory" and use_text_cache:  # the towers run once per caption, not once per step
-    with sharding.active(mesh, config):
-      params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+    with sharding.active(mesh, rules):
+      params = model_lib.load_tower_params(config, towers, mesh, rules)
     text_for, tower_params = text_cache.MemoryCache(towers, params), {}
   elif config.text.cache and use_text_cache:  # features come from disk; the LLMs are never loaded
     text_for, tower_params = text_cache.TextCache(config.text.cache, config, towers), {}
   else:
     text_for = functools.partial(pipeline.tokenize, towers)
-    with sharding.active(mesh, config):
-      tower_params = model_lib.load_tower_params(config, towers, mesh, sharding.rules(config))
+    with sharding.active(mesh, rules):
+      tower_params = model_lib.load_tower_params(config, towers, mesh, rules)
   null_text = text_for([""]) if config.conditioner.null == "empty_prompt" and not abstract else None
-  return Setup(config, model, towers, ae, {"towers": tower_params, "autoencoder": ae_params}, text_for, mesh, tx,
+  return Setup(config, model, towers, ae, {"towers": tower_params, "autoencoder": ae_params}, text_for, mesh, rules, tx,
                schedule, state_shardings, abstract_state, null_text)
 
 

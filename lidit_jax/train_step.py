@@ -90,7 +90,7 @@ def make_train_step(s: state_lib.Setup):
                    out_shardings=(s.state_shardings, repl), donate_argnums=(0,))
 
   def run(state, frozen, batch, rng):
-    with sharding.active(s.mesh, config):
+    with sharding.active(s.mesh, s.rules):
       return jitted(state, frozen, batch, rng)
   run.jitted = jitted  # for lowering / cost analysis in benchmarks
   return run
@@ -128,5 +128,5 @@ def lower_train_step(config, devices=None):
   if config.conditioner.null == "empty_prompt":  # the empty prompt's text inputs, in shape
     s = dataclasses.replace(s, null_text=jax.tree.map(lambda a: np.zeros((1, *a.shape[1:]), a.dtype), text))
   step = make_train_step(s)
-  with sharding.active(s.mesh, config):
+  with sharding.active(s.mesh, s.rules):
     return step.jitted.lower(s.abstract_state, s.frozen, {"image": image, "text": text}, jax.random.key(0))

@@ -20,6 +20,9 @@ EVERY = list(itertools.product(FAMILIES, CONDITIONERS, OBJECTIVES, AUTOENCODERS)
 RUNS = [("lidit", "refiners", "rectified_flow", "identity"), ("lidit", "llm4gen", "ddpm", "patches"),
         ("lidit", "identity", "ddpm", "vae"), ("unet", "tokens", "rectified_flow", "vae"),
         ("unet", "diff_adapter", "ddpm", "identity"), ("unet", "refiners", "rectified_flow", "patches")]
+# On eight devices: the U-Net (the SD family's sharding) with the Diff Adapter (training noise drawn per example),
+# the DiT with the CAM (a conditioner holding most of the parameters); LI-DiT's refiners: tests/test_scale.py.
+MESH_RUNS = [("unet", "diff_adapter", "ddpm", "identity"), ("lidit", "llm4gen", "rectified_flow", "patches")]
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +35,21 @@ def combo_id(combo) -> str:
   return "-".join(combo)
 
 
-def config_for(family, conditioner, objective, autoencoder, vae: str = "", **overrides):
-  """configs/shapes.py:tiny with the four plugins chosen. The identity conditioner reads one tower (its features
-  are the context: one tower's width is the denoiser's context width); both objectives sample with Euler."""
+def config_arg(family, conditioner, objective, autoencoder, vae: str = "") -> tuple[str, dict]:
+  """(`--config` argument, overrides) of a combination: configs/shapes.py:tiny with the four plugins chosen. The
+  identity conditioner reads one tower (its features are the context: one tower's width is the denoiser's context
+  width); both objectives sample with Euler."""
   variants = ["tiny", *FAMILIES[family], *CONDITIONERS[conditioner], *AUTOENCODERS[autoencoder]]
-  c = configs.load_config_file(f"{ROOT / 'configs' / 'shapes.py'}:{','.join(variants)}")
+  arg = f"{ROOT / 'configs' / 'shapes.py'}:{','.join(variants)}"
   settings = {"conditioner.kind": conditioner, "objective.kind": objective, "sample.sampler": "euler"}
   if conditioner == "identity":
-    settings["text.use"] = configs.tower_names(c)[0]
+    settings["text.use"] = configs.tower_names(configs.load_config_file(arg))[0]
   if autoencoder == "vae":
     settings.update({"autoencoder.kind": "vae", "autoencoder.path": vae, "autoencoder.factor": 2,
                      "autoencoder.channels": 4})
-  return configs.validate(configs.apply_overrides(c, {**settings, **overrides}))
+  return arg, settings
+
+
+def config_for(family, conditioner, objective, autoencoder, vae: str = "", **overrides):
+  arg, settings = config_arg(family, conditioner, objective, autoencoder, vae)
+  return configs.validate(configs.apply_overrides(configs.load_config_file(arg), {**settings, **overrides}))

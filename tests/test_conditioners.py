@@ -12,6 +12,14 @@ from conftest import tiny_config
 EVERY_LAYER = {"conditioner.kind": "tokens", "text.towers.llama_a.all_layers": True}
 
 
+@pytest.mark.parametrize("key, value", [("final_norm", True), ("output", "pooled")])
+def test_a_tower_refuses_a_reading_its_text_family_does_not_give(key, value):
+  """A reading is its text family's (hf_llm / hf_t5 / hf_clip READINGS): a Llama tower asked for CLIP's final norm
+  or pooled output is refused by name, with the family that gives it."""
+  with pytest.raises(ValueError, match=rf"text.towers.llama_a.{key}=.*hf_llm tower.*Fix: use a tower of hf_clip"):
+    model_lib.build_towers(tiny_config(**{f"text.towers.llama_a.{key}": value}))
+
+
 def test_every_layer_is_each_hidden_state_token_major():
   """all_layers: [B, L, num_layers + 1, D], whose `layer` slice is what the one-layer tower gives."""
   one, every = (model_lib.build_towers(tiny_config(**over))[0] for over in ({}, EVERY_LAYER))

@@ -92,12 +92,12 @@ def test_multi_slice_mesh_puts_slices_on_the_dcn_axis(monkeypatch):
   monkeypatch.setattr(sharding, "Mesh", lambda arr, axes: (np.vectorize(lambda d: d.slice_index)(arr), axes))
   c = configs.base_config()
   c.mesh.update(data=1, fsdp=4, tensor=1, dcn_data=2)
-  slices, axes = sharding.make_mesh(c, devices)
+  slices, axes = sharding.make_mesh(c.mesh, devices)
   assert axes == ("data", "fsdp", "tensor") and slices.shape == (2, 4, 1)
   assert (slices[0] == 0).all() and (slices[1] == 1).all()
   c.mesh.dcn_data = 4
   with pytest.raises(ValueError, match="4 slices"):
-    sharding.make_mesh(c, devices)
+    sharding.make_mesh(c.mesh, devices)
 
 
 def test_plan_for_lidit_10b_on_256_devices_shards_state_evenly():

@@ -177,19 +177,6 @@ def test_demo_diff_on_the_dit_trains_and_samples(tmp_path):
   assert images.shape == (2, 32, 32, 3) and images.std() > 0
 
 
-@pytest.mark.slow
-def test_diff_adapter_on_eight_devices_logs_the_one_device_losses(tmp_path):
-  """configs/shapes.py:tiny,unet,diff on 8 simulated devices (4 data x 2 fsdp) logs one device's losses: the
-  training noise is drawn the same however the batch is split."""
-  from conftest import one_and_eight_device_losses
-  losses = one_and_eight_device_losses(
-      "configs/shapes.py:tiny,unet,diff", ["--config.train.batch_size=8", "--config.train.num_steps=3",
-                                  "--config.train.log_every=1", "--config.train.sample_every=100"],
-      ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path)
-  assert len(losses["one"]) == 3
-  np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
-
-
 def test_plan_reports_the_scores_and_encode_prompts_caches_them(tmp_path):
   """The scores tower's features (every block's, per prompt) are in the plan, with the tower's second pass in its
   FLOPs; the text cache holds exactly those bytes and refuses a config reading the tower's plain states."""

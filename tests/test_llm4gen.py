@@ -197,16 +197,3 @@ def test_cam_trains_samples_and_evaluates_on_the_demo(tmp_path):
   exported = load_file(export.export_safetensors(str(tmp_path), str(tmp_path / "model.safetensors")))
   q = np.asarray(params["conditioner"]["cam"]["block_0"]["attn"]["query"]["kernel"])  # [D, H, K]
   np.testing.assert_array_equal(exported["conditioner.cam.block_0.attn.query.weight"], q.reshape(q.shape[0], -1).T)
-
-
-@pytest.mark.slow
-def test_cam_on_eight_devices_logs_the_one_device_losses(tmp_path):
-  """configs/shapes.py:tiny,cam trained on 8 simulated devices (4 data x 2 fsdp) logs the losses of one device (the
-  DiT: the cheaper backbone; the U-Net family on a mesh is tests/test_sd_finetune.py's)."""
-  from conftest import one_and_eight_device_losses
-  losses = one_and_eight_device_losses(
-      "configs/shapes.py:tiny,cam", ["--config.train.batch_size=8", "--config.train.num_steps=3",
-                                  "--config.train.log_every=1", "--config.train.sample_every=100"],
-      ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path)
-  assert len(losses["one"]) == 3
-  np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)

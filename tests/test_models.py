@@ -316,7 +316,7 @@ def test_splash_attention_kernel_matches_xla_in_the_dit():
   splash = dit_lib.DiT(dataclasses.replace(cfg, attention="splash_interpret"))
   loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, x, t_emb, pooled, ctx, valid) ** 2)
   c = configs.base_config()
-  with sharding.active(sharding.make_mesh(c), c):
+  with sharding.active(sharding.make_mesh(c.mesh), sharding.rules(c.sharding_rules)):
     want, g_want = jax.value_and_grad(loss(xla))(params)
     got, g_got = jax.value_and_grad(loss(splash))(params)
   np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -71,7 +71,7 @@ for mesh in sys.argv[2:]:
   sh = s.state_shardings.params
   p = jax.tree.map(lambda a, s_: jax.device_put(a, s_), params, sh)
   x = jax.tree.map(lambda a: jax.device_put(a, sharding.batch_sharding(s.mesh)), host)
-  with sharding.active(s.mesh, config):
+  with sharding.active(s.mesh, s.rules):
     got = jax.jit(jax.grad(loss), out_shardings=sh)(p, x)
   rel = jax.tree_util.tree_leaves_with_path(jax.tree.map(
       lambda g, w: float(np.linalg.norm(np.asarray(g) - np.asarray(w)) / (np.linalg.norm(np.asarray(w)) + 1e-30)),

@@ -5,14 +5,13 @@ the workdir, from the same latents."""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
 from lidit_jax import configs, state, train
 from lidit_jax.pipeline import Pipeline
 
-from conftest import ROOT, one_and_eight_device_losses
+from conftest import ROOT
 from test_pipeline import _reference, sd15, sdxl
 
 diffusers = pytest.importorskip("diffusers")
@@ -46,7 +45,6 @@ def test_configs_read_the_pipeline_folder(tmp_path):
 
 def _embeds(ref, s, prompts, negative):
   """(ours, diffusers') prompt embeds, negative embeds (and pooled ones, SDXL) for `prompts`."""
-  import jax.numpy as jnp
   import torch
   feats = lambda texts: [np.asarray(f) for f in state.text_inputs(s.towers, s.frozen["towers"], s.text_for(texts))[0]]
   ours = []
@@ -119,18 +117,3 @@ def test_export_diffusers_refuses_a_run_diffusers_cannot_run(tmp_path, capsys):
     export.main(["diffusers", str(tmp_path), str(tmp_path / "out")])
   assert e.value.code == 2 and "no checkpoint in" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "out")
-
-
-@pytest.mark.slow
-def test_sd15_finetune_on_eight_devices_logs_the_one_device_losses(tmp_path):
-  """`python -m lidit_jax.train --config configs/sd15.py:FOLDER` on 8 simulated devices (2 data x 4 fsdp: the U-Net
-  and its optimizer state sharded) logs the losses of the same run on one device."""
-  sd15(tmp_path / "pipe")
-  flags = ["--config.model.dtype=float32", "--config.text.towers.clip.dtype=float32", "--config.data.source=shapes",
-           "--config.data.max_objects=1", "--config.train.num_steps=3", "--config.train.batch_size=8",
-           "--config.train.log_every=1", "--config.train.sample_every=100", "--config.optim.warmup_steps=0",
-           "--config.optim.lr=1e-3"]
-  losses = one_and_eight_device_losses(f"configs/sd15.py:{tmp_path / 'pipe'}", flags,
-                                       ["--config.mesh.data=2", "--config.mesh.fsdp=4"], tmp_path)
-  assert len(losses["one"]) == 3 and losses["one"][0] != losses["one"][-1]
-  np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)

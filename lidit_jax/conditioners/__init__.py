@@ -1,17 +1,20 @@
 """Conditioners, chosen by `conditioner.kind`: tower features -> the context the denoiser cross-attends to.
 
-The contract a denoiser family calls (and nothing else does):
-  build(config, width) -> Linen module   `width`: the context width the backbone reads
+Each function of the contract receives the conditioner's own section (the one its CONFIG_DEFAULTS declares:
+`model.refiner`, `conditioner.cam`, `conditioner.diff`; None for those without one) and the shared `text` section,
+never the whole config; the functions below (`build`, `flops_per_example`, `validate`, `pretrained_weights`) hand
+them over. The contract:
+  build(section, text, width, dtype) -> Linen module   `width`: the context width the backbone reads
   module(feats, valids, prompts, t_emb_BD) -> (context [B, S, width], context validity [B, S][, pooled [B, P]])
       or a `Conditioning`: the pooled vector (SDXL's text_embeds) only where the conditioner gives one (identity,
       from towers with output="pooled"); a second context `code` [B, M, C] for a backbone with a second
       cross-attention (the Diff Adapter's text code; a U-Net reads it, a DiT does not); `outputs(...)` reads any form
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction)
       masks; t_emb_BD: the denoiser's timestep embedding (refiners conditioned on time read it, others not)
-  flops_per_example(config, text_shapes, width) -> forward FLOPs of one example   (plan, MFU)
-  validate(config, towers, geometry)   its own config checks (configs.validate calls it; geometry: the
+  flops_per_example(section, text, text_shapes, width) -> forward FLOPs of one example   (plan, MFU)
+  validate(section, text, geometry)   its own config checks (configs.validate calls it; geometry: the
       family's `denoisers.Geometry`, e.g. the context width it wants)
-  pretrained_weights(config) -> {"conditioner/...": array}   optional: released weights a run starts from
+  pretrained_weights(section) -> {"conditioner/...": array}   optional: released weights a run starts from
       (LLM4GEN's projector, `conditioner.cam.init`)
 A new conditioner is one file here plus its name below.
 """
@@ -25,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax.config_checks import ConfigError
+from lidit_jax.config_checks import ConfigError, section_path
 from lidit_jax.models import layers
 
 CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens",
@@ -48,6 +51,33 @@ def conditioner(config) -> ModuleType:
     raise ConfigError(f"config conditioner.kind={name!r} is not a conditioner. Fix: set "
                       f"--config.conditioner.kind to one of {sorted(CONDITIONERS)}")
   return importlib.import_module(CONDITIONERS[name])
+
+
+def _section(config, module: ModuleType):
+  path = section_path(getattr(module, "CONFIG_DEFAULTS", {}))
+  return config[path] if path else None
+
+
+def build(config, width: int) -> nn.Module:
+  """The chosen conditioner for a backbone whose context is `width` wide (a family's build calls it)."""
+  module = conditioner(config)
+  return module.build(_section(config, module), config.text, width, jnp.dtype(config.model.dtype))
+
+
+def flops_per_example(config, text_shapes, width: int) -> int:
+  module = conditioner(config)
+  return module.flops_per_example(_section(config, module), config.text, text_shapes, width)
+
+
+def validate(config, geometry) -> None:
+  module = conditioner(config)
+  module.validate(_section(config, module), config.text, geometry)
+
+
+def pretrained_weights(config) -> dict:
+  """Released weights the chosen conditioner starts from ({} for most)."""
+  module = conditioner(config)
+  return module.pretrained_weights(_section(config, module)) if hasattr(module, "pretrained_weights") else {}
 
 
 def context_valid(valids: Sequence[jax.Array], prompts: Sequence[jax.Array], drop_instruction: bool) -> jax.Array:

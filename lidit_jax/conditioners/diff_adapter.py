@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lidit_jax.conditioners import Conditioning, context_valid
-from lidit_jax.config_checks import fail, one_of, tower_names
+from lidit_jax.config_checks import fail, one_of, used_towers
 from lidit_jax.models import layers
 
 Dtype = Any
@@ -75,32 +75,31 @@ class DiffAdapter(nn.Module):
     return Conditioning(ctx, valid, code=code, code_valid=valid)
 
 
-def _index(config, name: str) -> int:
-  return tower_names(config).index(name)
+def _index(text, name: str) -> int:
+  return used_towers(text).index(name)
 
 
-def build(config, width: int) -> DiffAdapter:
-  d = config.conditioner.diff
-  return DiffAdapter(width, _index(config, d.llm), d.start, d.learn_g, d.g_init, d.noise, d.noise_init,
-                     config.text.drop_instruction, jnp.dtype(config.model.dtype))
+def build(d, text, width: int, dtype) -> DiffAdapter:
+  return DiffAdapter(width, _index(text, d.llm), d.start, d.learn_g, d.g_init, d.noise, d.noise_init,
+                     text.drop_instruction, dtype)
 
 
-def flops_per_example(config, text_shapes: Sequence[tuple[int, ...]], width: int) -> int:
+def flops_per_example(d, text, text_shapes: Sequence[tuple[int, ...]], width: int) -> int:
   """The weighted sum over blocks and phi (the towers' extra passes are the towers' count)."""
-  length, blocks, d = text_shapes[_index(config, config.conditioner.diff.llm)]
-  return int(2 * length * blocks * d + 2 * length * d * width)
+  length, blocks, dim = text_shapes[_index(text, d.llm)]
+  return int(2 * length * blocks * dim + 2 * length * dim * width)
 
 
-def validate(config, towers: Sequence[str], geometry) -> None:
-  d = config.conditioner.diff
+def validate(d, text, geometry) -> None:
+  towers = used_towers(text)
   if d.llm not in towers:
     fail("conditioner.diff.llm", d.llm, f"is not a tower in text.use={','.join(towers)!r}",
          f"name one of {list(towers)} (an LLM tower with output='scores')")
   if list(towers) != [d.llm]:
     fail("text.use", ",".join(towers), f"the Diff Adapter reads one tower, {d.llm!r}; the others would run for "
          "nothing", f"--config.text.use={d.llm}")
-  if config.text.towers[d.llm].output != "scores":
-    fail(f"text.towers.{d.llm}.output", config.text.towers[d.llm].output, "the Diff Adapter reads per-block scores",
+  if text.towers[d.llm].output != "scores":
+    fail(f"text.towers.{d.llm}.output", text.towers[d.llm].output, "the Diff Adapter reads per-block scores",
          "'scores'")
   one_of("conditioner.diff.start", d.start, ("embedding", "zero"))
   one_of("conditioner.diff.noise", d.noise, ("train", "always", "off"))

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax.config_checks import fail, tower_names
+from lidit_jax.config_checks import fail, used_towers
 
 Dtype = Any
 
@@ -41,18 +41,18 @@ class Identity(nn.Module):
     return context, valid, (jnp.concatenate(vectors, axis=-1) if vectors else None)
 
 
-def build(config, width: int) -> Identity:
-  pooled = tuple(config.text.towers[n].output == "pooled" for n in tower_names(config))
-  return Identity(width, pooled, jnp.dtype(config.model.dtype))
+def build(section, text, width: int, dtype) -> Identity:  # no section of its own
+  pooled = tuple(text.towers[n].output == "pooled" for n in used_towers(text))
+  return Identity(width, pooled, dtype)
 
 
-def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int) -> int:
+def flops_per_example(section, text, text_shapes: Sequence[tuple[int, int]], width: int) -> int:
   return 0
 
 
-def validate(config, towers: Sequence[str], geometry) -> None:
+def validate(section, text, geometry) -> None:
   """The lengths must agree (the widths are known once the towers are read: checked at the first call)."""
-  lengths = {config.text.towers[n].max_length for n in towers if config.text.towers[n].output != "pooled"}
+  lengths = {text.towers[n].max_length for n in used_towers(text) if text.towers[n].output != "pooled"}
   if len(lengths) > 1:
     fail("text.towers.*.max_length", sorted(lengths), "conditioner.kind='identity' sets the towers side by side",
          "give every tower the same max_length (SD: 77)")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lidit_jax.conditioners import context_valid
-from lidit_jax.config_checks import fail, one_of
+from lidit_jax.config_checks import fail, one_of, used_towers
 from lidit_jax.models import refiner
 
 Dtype = Any
@@ -60,16 +60,15 @@ def migrate(saved: dict) -> None:
     refiner["qk_norm"] = model["qk_norm"]
 
 
-def build(config, width: int) -> Refiners:
-  r = config.model.refiner
+def build(r, text, width: int, dtype) -> Refiners:
   return Refiners(width, r.depth, r.num_heads, r.mlp_ratio, r.causal, r.gated, r.rope,
                   feature_norm=r.feature_norm, qk_norm=r.qk_norm, fusion=r.fusion,
-                  drop_instruction=config.text.drop_instruction, dtype=jnp.dtype(config.model.dtype))
+                  drop_instruction=text.drop_instruction, dtype=dtype)
 
 
-def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int) -> int:
+def flops_per_example(r, text, text_shapes: Sequence[tuple[int, int]], width: int) -> int:
   """2 x (matmul weights x tokens they see) + attention scores and weighted sums."""
-  r, d = config.model.refiner, width
+  d = width
   fr = int(d * r.mlp_ratio)
   out = sum(r.depth * (2 * l * (4 * d * d + 2 * d * fr) + 4 * l * l * d) + 2 * l * dim * d for l, dim in text_shapes)
   if r.fusion == "collaborative" and len(text_shapes) > 1:
@@ -78,19 +77,19 @@ def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int
   return out
 
 
-def validate(config, towers: Sequence[str], geometry) -> None:
-  m = config.model
+def validate(r, text, geometry) -> None:
+  towers = used_towers(text)
   for n in towers:
-    if config.text.towers[n].all_layers:
+    if text.towers[n].all_layers:
       fail(f"text.towers.{n}.all_layers", True, "the refiners read one hidden state per tower",
            f"set --config.text.towers.{n}.all_layers=False and pick text.towers.{n}.layer, or use a conditioner "
            "that reads every layer (conditioner.kind=tokens)")
-  if geometry.context_width % m.refiner.num_heads:
-    fail("model.refiner.num_heads", m.refiner.num_heads, f"does not divide the denoiser's context width "
+  if geometry.context_width % r.num_heads:
+    fail("model.refiner.num_heads", r.num_heads, f"does not divide the denoiser's context width "
          f"{geometry.context_width}", "pick a divisor of the width")
-  if m.refiner.depth < 0:
-    fail("model.refiner.depth", m.refiner.depth, "must be >= 0", "use 0 to disable the token refiner")
-  one_of("model.refiner.fusion", m.refiner.fusion, {"collaborative", "concat"})
-  if m.refiner.fusion == "collaborative" and len(towers) < 2:
+  if r.depth < 0:
+    fail("model.refiner.depth", r.depth, "must be >= 0", "use 0 to disable the token refiner")
+  one_of("model.refiner.fusion", r.fusion, {"collaborative", "concat"})
+  if r.fusion == "collaborative" and len(towers) < 2:
     fail("model.refiner.fusion", "collaborative", f"needs two or more LLM towers, text.use has {len(towers)}",
          "set --config.model.refiner.fusion=concat, or name a second tower in text.use")

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax.config_checks import ConfigError, fail, tower_names
+from lidit_jax.config_checks import ConfigError, fail, used_towers
 from lidit_jax.convert import load_llm4gen_cam
 from lidit_jax.models import adapters, layers
 
@@ -54,29 +54,27 @@ class CAM(nn.Module):
     return ctx, jnp.concatenate(parts, axis=1)
 
 
-def _index(config, name: str) -> int:
-  return tower_names(config).index(name)
+def _index(text, name: str) -> int:
+  return used_towers(text).index(name)
 
 
-def build(config, width: int) -> CAM:
-  c = config.conditioner.cam
-  return CAM(width, _index(config, c.clip), _index(config, c.llm), c.num_blocks, c.num_heads, c.lam, c.llm_first,
-             c.mask_llm, jnp.dtype(config.model.dtype))
+def build(c, text, width: int, dtype) -> CAM:
+  return CAM(width, _index(text, c.clip), _index(text, c.llm), c.num_blocks, c.num_heads, c.lam, c.llm_first,
+             c.mask_llm, dtype)
 
 
-def flops_per_example(config, text_shapes: Sequence[tuple[int, ...]], width: int) -> int:
+def flops_per_example(c, text, text_shapes: Sequence[tuple[int, ...]], width: int) -> int:
   """llm_proj, per block q / k / v / out (4 D^2 on their tokens) + attention (2 M L D x 2) + FFN (2 x 4 D^2 x 2);
   the output projection when the width differs."""
-  c = config.conditioner.cam
-  clip, llm = text_shapes[_index(config, c.clip)], text_shapes[_index(config, c.llm)]
+  clip, llm = text_shapes[_index(text, c.clip)], text_shapes[_index(text, c.llm)]
   (l, d), (m, dl) = (clip[0], clip[-1]), (llm[0], llm[-1])
   per_block = 2 * (2 * m * d * d + 2 * l * d * d) + 4 * m * l * d + 2 * m * 8 * d * d
   out = 2 * (l + m) * d * width if d != width else 0
   return int(2 * m * dl * d + c.num_blocks * per_block + out)
 
 
-def validate(config, towers: Sequence[str], geometry) -> None:
-  c = config.conditioner.cam
+def validate(c, text, geometry) -> None:
+  towers = used_towers(text)
   for key in ("clip", "llm"):
     if c[key] not in towers:
       fail(f"conditioner.cam.{key}", c[key], f"is not a tower in text.use={','.join(towers)!r}",
@@ -87,9 +85,8 @@ def validate(config, towers: Sequence[str], geometry) -> None:
     fail("conditioner.cam.num_blocks/num_heads", (c.num_blocks, c.num_heads), "must be >= 1", "released: 1 and 8")
 
 
-def pretrained_weights(config) -> dict:
+def pretrained_weights(c) -> dict:
   """{"conditioner/cam/...": array} of `conditioner.cam.init` (LLM4GEN's released projector), or {}."""
-  c = config.conditioner.cam
   if not c.init:
     return {}
   module, params = load_llm4gen_cam(c.init, allow_pickle=c.allow_pickle, num_heads=c.num_heads)

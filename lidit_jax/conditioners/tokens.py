@@ -36,15 +36,15 @@ class Tokens(nn.Module):
     return jnp.concatenate(xs, axis=1), context_valid(valids, prompts, self.drop_instruction)
 
 
-def build(config, width: int) -> Tokens:
-  return Tokens(width, config.text.drop_instruction, jnp.dtype(config.model.dtype))
+def build(section, text, width: int, dtype) -> Tokens:  # no section of its own
+  return Tokens(width, text.drop_instruction, dtype)
 
 
-def flops_per_example(config, text_shapes: Sequence[tuple[int, int]], width: int) -> int:
+def flops_per_example(section, text, text_shapes: Sequence[tuple[int, int]], width: int) -> int:
   """The projections, and the layer mixes of towers giving every layer (shape (L, layers, D))."""
   return sum(2 * shape[0] * shape[-1] * width + (2 * shape[0] * shape[1] * shape[-1] if len(shape) == 3 else 0)
              for shape in text_shapes)
 
 
-def validate(config, towers: Sequence[str], geometry) -> None:
+def validate(section, text, geometry) -> None:
   """Nothing of its own: any tower width projects to any context width."""

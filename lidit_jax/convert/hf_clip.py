@@ -69,6 +69,27 @@ def make_module(cfg: Config, dtype) -> nn.Module:
   return clip.CLIPTextTower(cfg, dtype)
 
 
+# As a frozen text tower (`model.TextTower`): hidden states (optionally through the final LayerNorm: SD 1.x /
+# 2.x's last_hidden_state, diffusers' clip_skip), or the projected pooled output (SDXL's text_embeds).
+READINGS = ("hidden", "pooled", "final_norm")
+
+
+def tower_module(cfg: Config, dtype, tc) -> tuple[nn.Module, int]:
+  pooled = tc.output == "pooled"
+  if (tc.final_norm or pooled) and (not cfg.head or (pooled and not cfg.projection_dim)):
+    cfg = with_head(cfg, projection=pooled)  # a Hugging Face CLIP folder: read its head too
+  return make_module(cfg, dtype), cfg.projection_dim if pooled else cfg.hidden_size
+
+
+def tower_output(module, params, out, tower):
+  """`out`: every hidden state stacked, or with the head (every state, last, pooled)."""
+  if tower.pooled:
+    return out[2][:, None, :]
+  states = out[0] if isinstance(out, tuple) else out
+  hidden = states if tower.all_layers else states[tower.layer]
+  return clip.final_norm(module.cfg, params, hidden) if tower.final_norm else hidden
+
+
 def plan(cfg: Config) -> dict[tuple[str, ...], Source]:
   h = cfg.num_heads
 

@@ -78,6 +78,22 @@ def make_module(cfg: llm.DecoderConfig, dtype, output_layer: int | None = None) 
   return llm.DecoderLM(cfg, dtype, output_layer)
 
 
+# As a frozen text tower (`model.TextTower`): the hidden states, or the Diff Adapter's per-block scores.
+READINGS = ("hidden", "scores")
+
+
+def tower_module(cfg: llm.DecoderConfig, dtype, tc) -> tuple[llm.DecoderLM, int]:
+  """(module, feature width) for the tower section `tc`: a decoder keeps only the wanted layer as it goes."""
+  module = make_module(cfg, dtype)
+  if tc.output == "scores":  # every block's score, shaped as every hidden state
+    return module.clone(alone=tc.alone), cfg.hidden_size
+  return (module if tc.all_layers else module.clone(output_layer=tc.layer)), cfg.hidden_size
+
+
+def tower_output(module, params, out, tower):
+  return out  # already the kept layer, or every state / score stacked
+
+
 def plan(cfg: llm.DecoderConfig) -> dict:
   n, h, g = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads
 

@@ -59,6 +59,18 @@ def make_module(cfg: Config, dtype) -> nn.Module:
   return t5.T5Tower(cfg, dtype)
 
 
+READINGS = ("hidden",)  # as a frozen text tower (`model.TextTower`)
+
+
+def tower_module(cfg: Config, dtype, tc) -> tuple[nn.Module, int]:
+  return make_module(cfg, dtype), cfg.hidden_size
+
+
+def tower_output(module, params, out, tower):
+  """`out`: every hidden state stacked [N + 1, B, L, D]."""
+  return out if tower.all_layers else out[tower.layer]
+
+
 def plan(cfg: Config) -> dict[tuple[str, ...], Source]:
   h = cfg.num_heads
 

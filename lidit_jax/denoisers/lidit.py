@@ -48,7 +48,7 @@ def build(config, attention: str) -> LIDiT:
                            in_channels=config.autoencoder.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                            pos_embed=m.pos_embed, remat=m.remat, scan=m.scan, modulation=m.modulation,
                            attention=attention)
-  return LIDiT(dcfg, conditioners.conditioner(config).build(config, m.width), dtype=jnp.dtype(m.dtype),
+  return LIDiT(dcfg, conditioners.build(config, m.width), dtype=jnp.dtype(m.dtype),
                null=config.conditioner.null)
 
 
@@ -79,7 +79,7 @@ def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Seq
                + 2 * t * 2 * d * d + 2 * s * 2 * d * d  # cross-attn q,o on image tokens; k,v on text tokens
                + 4 * t * t * d + 4 * t * s * d)  # attention scores and weighted sums
   return {"dit": m.depth * per_block,
-          "conditioner": conditioners.conditioner(config).flops_per_example(config, text_shapes, d)}
+          "conditioner": conditioners.flops_per_example(config, text_shapes, d)}
 
 
 # Per block and image token, in float32 vectors of the width, what the train step keeps for the backward pass under

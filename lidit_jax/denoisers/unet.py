@@ -107,7 +107,7 @@ def migrate(saved: dict) -> None:
 
 def build(config, attention: str) -> SDUNet:
   cfg = unet_config(config)
-  cond = conditioners.conditioner(config).build(config, cfg.cross_attention_dim)
+  cond = conditioners.build(config, cfg.cross_attention_dim)
   return SDUNet(cfg, cond, float(config.unet.time_scale), jnp.dtype(config.model.dtype), attention,
                 config.model.remat, config.conditioner.null, config.autoencoder.factor,
                 config.unet.get("second_attention", "per_layer"))
@@ -132,7 +132,7 @@ def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Seq
   inputs = abstract_inputs(1, latent_hwc, text_shapes)
   params = jax.eval_shape(lambda kw: module.init(jax.random.key(0), **kw), inputs)["params"]
   lowered = jax.jit(lambda p, kw: module.apply({"params": p}, **kw)).lower(params, inputs)
-  cond = conditioners.conditioner(config).flops_per_example(config, text_shapes, module.unet.cross_attention_dim)
+  cond = conditioners.flops_per_example(config, text_shapes, module.unet.cross_attention_dim)
   return {"unet": float(lowered.cost_analysis()["flops"]) - cond, "conditioner": cond}
 
 

@@ -2,15 +2,16 @@
 
 An objective owns its time convention, training targets, loss weighting and samplers; the trainer and the
 sampler call it through this contract and nothing else:
-  build(config, geometry) -> objective   geometry: the family's (`denoisers.Geometry`: its image token count)
+  Each receives its own section (`CONFIG_DEFAULTS` names it: `flow`, `ddpm`) and the shared `sample` section.
+  build(section, sample, geometry) -> objective   geometry: the family's (`denoisers.Geometry`: its image token count)
   objective.draw(rng_t, rng_noise, x0) -> {"t": [B], "eps": like x0}   a batch's times and noise, drawn once
       for the whole batch (so that micro-batching changes nothing but memory)
   objective.loss(net, x0, draws) -> loss [B]    net(x_t, t) -> the network's output
   objective.sample(net, noise, steps, sampler, rng=None) -> x0    net: the (guided) network; noise: unit
       Gaussian (scaled to the start time here); rng: for samplers that draw noise at every step
-  with_scheduler(config, scheduler, geometry) -> (objective, sampler)   optional: sampling with another scheduler than
+  with_scheduler(section, sample, scheduler, geometry) -> (objective, sampler)   optional: sampling with another scheduler than
       the config's (a sampler name; objectives that know diffusers' schedulers also take their config dicts)
-  validate(config)   its own sections and sampler names (configs.validate calls it; ConfigError by name)
+  validate(section, sample)   its own section and sampler names (configs.validate calls it; ConfigError by name)
   SAMPLERS           the sampler names it takes (sample.sampler, `sample --sampler`)
 Classifier-free guidance (`guidance.guided`) is shared by all. A new objective is one file here plus its name.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from lidit_jax.config_checks import ConfigError
+from lidit_jax.config_checks import ConfigError, section_path
 
 OBJECTIVES = {"rectified_flow": "lidit_jax.objectives.flow", "ddpm": "lidit_jax.objectives.ddpm"}
 DEFAULT = "rectified_flow"  # base_config's choice
@@ -34,17 +35,27 @@ def objective(config) -> ModuleType:
   return importlib.import_module(OBJECTIVES[kind])
 
 
+def section(config, module: ModuleType | None = None):
+  """The objective's own config section (the one its CONFIG_DEFAULTS declares)."""
+  return config[section_path((module or objective(config)).CONFIG_DEFAULTS)]
+
+
+def validate(config) -> None:
+  objective(config).validate(section(config), config.sample)
+
+
 def build(config, geometry):
-  return objective(config).build(config, geometry)
+  module = objective(config)
+  return module.build(section(config, module), config.sample, geometry)
 
 
 def with_scheduler(config, scheduler, geometry):
   """(objective, sampler name) that sample with `scheduler` (None: the config's sample.sampler)."""
   module = objective(config)
   if hasattr(module, "with_scheduler"):
-    return module.with_scheduler(config, scheduler, geometry)
+    return module.with_scheduler(section(config, module), config.sample, scheduler, geometry)
   sampler = scheduler or config.sample.sampler
   if not isinstance(sampler, str) or sampler not in module.SAMPLERS:
     raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
                      f"Fix: use one of {module.SAMPLERS}")
-  return module.build(config, geometry), sampler
+  return module.build(section(config, module), config.sample, geometry), sampler

@@ -353,40 +353,39 @@ def scheduler_section(values: dict, sampler: str, base):
   return section
 
 
-def validate(config) -> None:
-  d = config.ddpm
+def validate(d, sample) -> None:
+  """The `ddpm` section (`d`) and its samplers."""
   one_of("ddpm.beta_schedule", d.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
   one_of("ddpm.prediction_type", d.prediction_type, {"epsilon", "v_prediction", "sample"})
   one_of("ddpm.timestep_spacing", d.timestep_spacing, {"leading", "trailing", "linspace"})
-  one_of("sample.sampler", config.sample.sampler, set(SAMPLERS))
+  one_of("sample.sampler", sample.sampler, set(SAMPLERS))
   if d.num_train_timesteps < 2:
     fail("ddpm.num_train_timesteps", d.num_train_timesteps, "must be at least 2", "use 1000 (SD)")
   if d.snr_gamma < 0 or d.offset_noise < 0 or d.eta < 0:
     fail("ddpm.snr_gamma/offset_noise/eta", (d.snr_gamma, d.offset_noise, d.eta), "must be >= 0", "use 0 to turn off")
-  if config.sample.steps > d.num_train_timesteps:
-    fail("sample.steps", config.sample.steps, f"more than ddpm.num_train_timesteps={d.num_train_timesteps}",
+  if sample.steps > d.num_train_timesteps:
+    fail("sample.steps", sample.steps, f"more than ddpm.num_train_timesteps={d.num_train_timesteps}",
          "use fewer steps")
 
 
-def build(config, geometry=None) -> DDPM:
-  return DDPM(config.ddpm)  # its times do not depend on the image's size
+def build(d, sample=None, geometry=None) -> DDPM:
+  return DDPM(d)  # its times do not depend on the image's size
 
 
-def with_scheduler(config, scheduler, geometry=None) -> tuple[DDPM, str]:
+def with_scheduler(d, sample, scheduler, geometry=None) -> tuple[DDPM, str]:
   """(objective, sampler) for `scheduler`: None (the config's), another sampler name on the config's scheduler
   (as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`: the keys it set, `ddpm.scheduler_keys`,
   kept, the new class's defaults for the rest), or a diffusers scheduler config dict."""
-  d = config.ddpm
   # what no scheduler config sets comes from the defaults (a scheduler key) or stays the config's (eta, training)
   base = ml_collections.ConfigDict(CONFIG_DEFAULTS["ddpm"])
   base.update({k: v for k, v in d.items() if k not in _SCHEDULER_KEYS})
   if isinstance(scheduler, dict):
     values, sampler = from_scheduler_config(scheduler)
     return DDPM(scheduler_section(values, sampler, base)), sampler
-  sampler = scheduler or config.sample.sampler
+  sampler = scheduler or sample.sampler
   if sampler not in SAMPLERS:
     raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind='ddpm'. Fix: use one of {SAMPLERS} "
                      "or a diffusers scheduler config dict")
-  if d.get("scheduler_keys") and sampler != config.sample.sampler:
+  if d.get("scheduler_keys") and sampler != sample.sampler:
     d = scheduler_section({k: d[k] for k in d.scheduler_keys}, sampler, base)
   return DDPM(d), sampler

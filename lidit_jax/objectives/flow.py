@@ -147,23 +147,23 @@ CONFIG_DEFAULTS = {"flow": dict(
     unshifted=0.0)}  # fraction of training times drawn without the shift (both ends trained)
 
 
-def validate(config) -> None:
+def validate(flow, sample) -> None:
   """The `flow` section and its samplers, each a ConfigError naming value and fix."""
-  one_of("flow.timestep", config.flow.timestep, {"uniform", "logit_normal", "mode"})
-  one_of("flow.prediction", config.flow.prediction, {"velocity", "x0"})
-  one_of("flow.loss", config.flow.loss, {"velocity", "x0"})
-  if not 0 < config.flow.x0_t_min < 1:
-    fail("flow.x0_t_min", config.flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
-  if config.flow.shift <= 0:
-    fail("flow.shift", config.flow.shift, "must be positive", "use 1.0 for no shift")
-  if not 0.0 <= config.flow.unshifted <= 1.0:
-    fail("flow.unshifted", config.flow.unshifted, "must be a fraction in [0, 1]", "use e.g. 0.5")
-  if config.sample.shift < 0:
-    fail("sample.shift", config.sample.shift, "must be >= 0", "use 0 for the training shift, 1.0 for none")
-  one_of("sample.sampler", config.sample.sampler, set(SAMPLERS))
+  one_of("flow.timestep", flow.timestep, {"uniform", "logit_normal", "mode"})
+  one_of("flow.prediction", flow.prediction, {"velocity", "x0"})
+  one_of("flow.loss", flow.loss, {"velocity", "x0"})
+  if not 0 < flow.x0_t_min < 1:
+    fail("flow.x0_t_min", flow.x0_t_min, "must be in (0, 1)", "use e.g. 0.05")
+  if flow.shift <= 0:
+    fail("flow.shift", flow.shift, "must be positive", "use 1.0 for no shift")
+  if not 0.0 <= flow.unshifted <= 1.0:
+    fail("flow.unshifted", flow.unshifted, "must be a fraction in [0, 1]", "use e.g. 0.5")
+  if sample.shift < 0:
+    fail("sample.shift", sample.shift, "must be >= 0", "use 0 for the training shift, 1.0 for none")
+  one_of("sample.sampler", sample.sampler, set(SAMPLERS))
 
 
-def build(config, geometry) -> RectifiedFlow:
+def build(flow, sample, geometry) -> RectifiedFlow:
   """The shift needs the denoiser's image token count (Flux's rule; `denoisers.Geometry`)."""
-  shift = effective_shift(config.flow, geometry.image_tokens)
-  return RectifiedFlow(config.flow, shift, config.sample.shift or shift)
+  shift = effective_shift(flow, geometry.image_tokens)
+  return RectifiedFlow(flow, shift, sample.shift or shift)
