@@ -206,7 +206,7 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
     one_of(f"text.towers.{n}.alone", t.alone, {"diagonal", "trajectory"})
   one_of("text.padding_side", c.text.padding_side, {"left", "right"})
   autoencoder.validate(c.autoencoder)  # its own section, before the family reads its factor
-  denoisers.family(c).validate(c, names)  # the family's own sections
+  denoisers.validate(c)  # the family's own section, and the image size against its unit
   one_of("conditioner.kind", c.conditioner.kind, set(conditioners.CONDITIONERS))
   one_of("conditioner.null", c.conditioner.null, {"learned", "empty_prompt", "zeros"})
   conditioners.validate(c, denoisers.geometry(c))  # its own section

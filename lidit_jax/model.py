@@ -183,7 +183,7 @@ def attention_implementation(config, platform: str | None = None) -> str:
 
 def build_model(config, platform: str | None = None) -> nn.Module:
   """The trainable denoiser of `model.family`, with the attention kernel of `platform` (default: this process')."""
-  return denoisers.family(config).build(config, attention_implementation(config, platform))
+  return denoisers.build(config, attention_implementation(config, platform))
 
 
 def latent_shape(config) -> tuple[int, int, int]:
@@ -251,7 +251,7 @@ def abstract_params(config, towers: dict | None = None):
   towers = towers or planned_towers(config)
   inputs = abstract_inputs(config, 1, tower_dims(config, towers))
   # the attention kernel changes no shape: XLA's, so that a splash config plans on any host
-  model = denoisers.family(config).build(config, "xla")
+  model = denoisers.build(config, "xla")
   return jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw), inputs)["params"]
 
 

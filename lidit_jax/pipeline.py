@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from lidit_jax import configs, denoisers, objectives, sharding, train_step, model as model_lib, state as state_lib
+from lidit_jax import configs, denoisers, objectives, sharding, train_step, state as state_lib
 from lidit_jax.cli import NotFound
 from lidit_jax.objectives import guidance as guidance_lib
 
@@ -247,15 +247,7 @@ class Workdir:
     return objectives.with_scheduler(config, scheduler, denoisers.geometry(config))
 
   def latent_shape(self, height: int, width: int):
-    config = self.setup.config
-    family = denoisers.family(config)
-    if hasattr(family, "sample_latent_shape"):
-      return family.sample_latent_shape(config, height, width)
-    size = config.data.image_size
-    if (height, width) != (size, size):
-      raise ValueError(f"height x width {height} x {width}: this model was trained at {size} x {size} px. "
-                       "Fix: leave them unset")
-    return model_lib.latent_shape(config)
+    return denoisers.sample_latent_shape(self.setup.config, height, width)
 
   def text(self, prompts, negatives, guided: bool, size):
     s = self.setup

@@ -107,7 +107,7 @@ def model_flops_per_example(config, tower_cfgs: dict) -> dict:
   attention, per tower)."""
   lens = [config.text.towers[n].max_length for n in tower_cfgs]
   shapes = model_lib.text_shapes(config, model_lib.tower_dims(config, tower_cfgs))
-  out = denoisers.family(config).flops_per_example(config, model_lib.latent_shape(config), shapes)
+  out = denoisers.flops_per_example(config, shapes)
   towers = 0
   for name, l, (_, cfg) in zip(tower_cfgs, lens, tower_cfgs.values()):
     hd = cfg.hidden_size
@@ -178,9 +178,8 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   batch_per_device = math.ceil(config.train.batch_size / (mesh_sizes["data"] * mesh_sizes["fsdp"]))
   micro_batch = math.ceil(batch_per_device / config.train.grad_accum)  # what one forward / backward pass holds
   dims = model_lib.tower_dims(config, towers)
-  acts = denoisers.family(config).activation_bytes(
-      config, micro_batch, model_lib.latent_shape(config), model_lib.text_shapes(config, dims),
-      mesh_sizes["tensor"], act_itemsize)
+  acts = denoisers.activation_bytes(config, micro_batch, model_lib.text_shapes(config, dims), mesh_sizes["tensor"],
+                                   act_itemsize)
   ae = autoencoder_plan(config, micro_batch)
   feature_bytes = text_feature_bytes(config, towers)
   flops = step_flops(config, towers, ae["encode_flops"])

@@ -144,9 +144,8 @@ def pretrained_weights(config, abstract_params) -> dict:
   if not epath.Path(m.init).exists():
     raise NotFound(f"model.init={m.init!r} does not exist. Fix: point at a training workdir (or, for the U-Net "
                    "family, a converted diffusers U-Net)")
-  fam = denoisers.family(config)
-  if hasattr(fam, "pretrained_weights") and not epath.Path(ckpt_lib.checkpoint_dir(m.init)).is_dir():
-    loaded = fam.pretrained_weights(config, m.init)
+  loaded = None if epath.Path(ckpt_lib.checkpoint_dir(m.init)).is_dir() else denoisers.pretrained_weights(config, m.init)
+  if loaded is not None:
     return {k: v for k, v in loaded.items() if not any(re.search(rx, k) for rx in m.init_skip)}
   return ckpt_lib.restore_weights(m.init, abstract_params, m.init_skip)
 

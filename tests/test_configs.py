@@ -12,7 +12,7 @@ from conftest import ROOT, tiny_config
 
 @pytest.mark.parametrize("overrides,message", [
     ({"model.width": 100, "model.num_heads": 16}, "model.width=100: not divisible by model.num_heads=16"),
-    ({"data.image_size": 30}, "data.image_size=30: not divisible by patch_size x autoencoder factor"),
+    ({"data.image_size": 30}, "data.image_size=30: not divisible by the denoiser's unit x autoencoder factor"),
     ({"model.refiner.fusion": "collaborative", "text.use": "llama_a"}, "needs two or more LLM towers"),
     ({"text.use": "llama_a,gpt"}, "tower 'gpt' is not defined"),
     ({"text.towers.llama_a.layer": -9}, "text.towers.llama_a.layer=-9"),

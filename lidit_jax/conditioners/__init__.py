@@ -12,6 +12,8 @@ them over. The contract:
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction)
       masks; t_emb_BD: the denoiser's timestep embedding (refiners conditioned on time read it, others not)
   flops_per_example(section, text, text_shapes, width) -> forward FLOPs of one example   (plan, MFU)
+  activation_bytes(section, text, text_shapes, width, tensor) -> bytes one example keeps for the backward pass
+      (optional; plan)
   validate(section, text, geometry)   its own config checks (configs.validate calls it; geometry: the
       family's `denoisers.Geometry`, e.g. the context width it wants)
   pretrained_weights(section) -> {"conditioner/...": array}   optional: released weights a run starts from
@@ -67,6 +69,14 @@ def build(config, width: int) -> nn.Module:
 def flops_per_example(config, text_shapes, width: int) -> int:
   module = conditioner(config)
   return module.flops_per_example(_section(config, module), config.text, text_shapes, width)
+
+
+def activation_bytes(config, batch: int, text_shapes, width: int, tensor: int) -> int:
+  """What `batch` examples keep for the backward pass in the conditioner (0 where it declares nothing: small)."""
+  module = conditioner(config)
+  if not hasattr(module, "activation_bytes"):
+    return 0
+  return int(batch * module.activation_bytes(_section(config, module), config.text, text_shapes, width, tensor))
 
 
 def validate(config, geometry) -> None:

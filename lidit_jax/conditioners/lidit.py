@@ -77,6 +77,17 @@ def flops_per_example(r, text, text_shapes: Sequence[tuple[int, int]], width: in
   return out
 
 
+# Per text token and refiner layer (token refiners + the collaborative one), unrematerialised, in float32 vectors of
+# the width: calibrated with the DiT's figures against the TPU compiler (LI-DiT-1B; benchmarks/RESULTS.md, 2026-12-05).
+PER_TOKEN = 6.3
+
+
+def activation_bytes(r, text, text_shapes: Sequence[tuple[int, int]], width: int, tensor: int) -> float:
+  """Bytes one example keeps for the backward pass in the refiners, `tensor`-way tensor parallel."""
+  layers = r.depth + (r.fusion == "collaborative" and len(text_shapes) > 1)
+  return 4 * PER_TOKEN * layers * sum(shape[0] for shape in text_shapes) * width / tensor
+
+
 def validate(r, text, geometry) -> None:
   towers = used_towers(text)
   for n in towers:

@@ -58,41 +58,41 @@ def _index(text, name: str) -> int:
   return used_towers(text).index(name)
 
 
-def build(c, text, width: int, dtype) -> CAM:
-  return CAM(width, _index(text, c.clip), _index(text, c.llm), c.num_blocks, c.num_heads, c.lam, c.llm_first,
-             c.mask_llm, dtype)
+def build(cam, text, width: int, dtype) -> CAM:
+  return CAM(width, _index(text, cam.clip), _index(text, cam.llm), cam.num_blocks, cam.num_heads, cam.lam, cam.llm_first,
+             cam.mask_llm, dtype)
 
 
-def flops_per_example(c, text, text_shapes: Sequence[tuple[int, ...]], width: int) -> int:
+def flops_per_example(cam, text, text_shapes: Sequence[tuple[int, ...]], width: int) -> int:
   """llm_proj, per block q / k / v / out (4 D^2 on their tokens) + attention (2 M L D x 2) + FFN (2 x 4 D^2 x 2);
   the output projection when the width differs."""
-  clip, llm = text_shapes[_index(text, c.clip)], text_shapes[_index(text, c.llm)]
+  clip, llm = text_shapes[_index(text, cam.clip)], text_shapes[_index(text, cam.llm)]
   (l, d), (m, dl) = (clip[0], clip[-1]), (llm[0], llm[-1])
   per_block = 2 * (2 * m * d * d + 2 * l * d * d) + 4 * m * l * d + 2 * m * 8 * d * d
   out = 2 * (l + m) * d * width if d != width else 0
-  return int(2 * m * dl * d + c.num_blocks * per_block + out)
+  return int(2 * m * dl * d + cam.num_blocks * per_block + out)
 
 
-def validate(c, text, geometry) -> None:
+def validate(cam, text, geometry) -> None:
   towers = used_towers(text)
   for key in ("clip", "llm"):
-    if c[key] not in towers:
-      fail(f"conditioner.cam.{key}", c[key], f"is not a tower in text.use={','.join(towers)!r}",
+    if cam[key] not in towers:
+      fail(f"conditioner.cam.{key}", cam[key], f"is not a tower in text.use={','.join(towers)!r}",
            f"name one of {towers} (the CAM reads a CLIP tower and an LLM tower)")
-  if c.clip == c.llm:
-    fail("conditioner.cam.llm", c.llm, "is the CLIP tower too", "name two different towers")
-  if c.num_blocks < 1 or c.num_heads < 1:
-    fail("conditioner.cam.num_blocks/num_heads", (c.num_blocks, c.num_heads), "must be >= 1", "released: 1 and 8")
+  if cam.clip == cam.llm:
+    fail("conditioner.cam.llm", cam.llm, "is the CLIP tower too", "name two different towers")
+  if cam.num_blocks < 1 or cam.num_heads < 1:
+    fail("conditioner.cam.num_blocks/num_heads", (cam.num_blocks, cam.num_heads), "must be >= 1", "released: 1 and 8")
 
 
-def pretrained_weights(c) -> dict:
+def pretrained_weights(cam) -> dict:
   """{"conditioner/cam/...": array} of `conditioner.cam.init` (LLM4GEN's released projector), or {}."""
-  if not c.init:
+  if not cam.init:
     return {}
-  module, params = load_llm4gen_cam(c.init, allow_pickle=c.allow_pickle, num_heads=c.num_heads)
-  if module.num_blocks != c.num_blocks:
-    raise ConfigError(f"conditioner.cam.init={c.init!r} holds {module.num_blocks} block(s), the config "
-                      f"conditioner.cam.num_blocks={c.num_blocks}. Fix: --config.conditioner.cam.num_blocks="
+  module, params = load_llm4gen_cam(cam.init, allow_pickle=cam.allow_pickle, num_heads=cam.num_heads)
+  if module.num_blocks != cam.num_blocks:
+    raise ConfigError(f"conditioner.cam.init={cam.init!r} holds {module.num_blocks} block(s), the config "
+                      f"conditioner.cam.num_blocks={cam.num_blocks}. Fix: --config.conditioner.cam.num_blocks="
                       f"{module.num_blocks}")
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   return {"conditioner/cam/" + "/".join(k.key for k in p): v for p, v in flat}

@@ -1,22 +1,27 @@
 """Denoiser families, chosen by `model.family`: the one place where a family's name meets its file.
 
-The trainer, sampler, evaluator, planner and parameter report see a family through this contract only:
-  build(config, attention) -> Linen module   the trainable denoiser (`attention`: the resolved kernel), holding
-                                             its conditioner (`conditioners`, chosen by conditioner.kind)
+The trainer, sampler, evaluator, planner and parameter report see a family through this contract only. Its
+functions receive the family's own section (`section`: the one its CONFIG_DEFAULTS declares, `model` for the DiT,
+`unet`) and a `Shared` record of what it reads elsewhere, never the whole config; the functions below hand them over.
+  build(section, shared, conditioner, attention) -> Linen module   the trainable denoiser (`attention`: the resolved
+      kernel) holding `conditioner` (the module `conditioners.build` made for its context width)
   module.apply({"params": p}, x_BHWC, t_B, feats, valids, prompts, drop_B) -> prediction [B, H, W, C]
       feats / valids / prompts: per text tower, features [B, L, D], validity and prompt (not instruction) masks;
       drop_B: examples whose text is replaced by the unconditional context (classifier-free guidance)
   abstract_inputs(batch, latent_hwc, text_shapes) -> those inputs as ShapeDtypeStructs (eval_shape, compile);
       text_shapes: each tower's feature shape without the batch, (length, ..., width)
-  flops_per_example(config, latent_hwc, text_shapes) -> {group: forward FLOPs}     (plan, MFU)
-  activation_bytes(config, batch, latent_hwc, text_shapes, tensor, itemsize) -> bytes kept for the backward
-      pass on one device holding `batch` examples, `tensor`-way tensor parallel   (plan)
+  flops_per_example(section, shared, text_shapes, conditioner, conditioner_flops) -> {group: forward FLOPs}
+      its own groups (the conditioner's are added here; a family that measures itself by lowering subtracts
+      `conditioner_flops`)   (plan, MFU)
+  activation_bytes(section, shared, batch, text_shapes, tensor, itemsize) -> bytes kept for the backward pass on
+      one device holding `batch` examples, `tensor`-way tensor parallel (the conditioner's are its own)   (plan)
   param_groups(params) -> {group: subtree}                             (parameter report)
-  geometry(config, latent_hwc) -> Geometry   what it derives for others: its unit, token count, context width
-  validate(config, towers)   its own config checks (configs.validate calls it; ConfigError by name)
-  pretrained_weights(config, path) -> {"denoiser/...": array}   optional: what `model.init` reads besides another
+  geometry(section, latent_hwc) -> Geometry   what it derives for others: its unit, token count, context width
+  validate(section, latent_hwc)   its own section's checks (configs.validate calls `validate` below; ConfigError
+      by name); `section`: the one its CONFIG_DEFAULTS declares (`model` for the DiT, `unet`)
+  pretrained_weights(section, shared, path) -> {"denoiser/...": array}   optional: what `model.init` reads besides another
       run's workdir (the U-Net family: a converted diffusers U-Net)
-  sample_latent_shape(config, height, width) -> latent hwc   optional: sampling at sizes other than the trained
+  sample_latent_shape(section, shared, height, width) -> latent hwc   optional: sampling at sizes other than the trained
       one (the U-Net family: any multiple of its unit); without it only data.image_size is sampled
   pipeline_config(base, path) -> config | None   optional: a released pipeline folder of the family (the U-Net
       family: diffusers' Stable Diffusion folders) as the config that samples and fine-tunes it, filled into `base`
@@ -33,7 +38,10 @@ import importlib
 from types import ModuleType
 from typing import NamedTuple
 
-from lidit_jax.config_checks import ConfigError
+import flax.linen as nn
+
+from lidit_jax import conditioners
+from lidit_jax.config_checks import ConfigError, fail, section_path
 
 FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet"}
 DEFAULT = "lidit"  # base_config's choice
@@ -47,10 +55,90 @@ class Geometry(NamedTuple):
   context_width: int  # the width of the context a conditioner gives it
 
 
-def geometry(config) -> Geometry:
+class Shared(NamedTuple):
+  """What a family reads of the shared sections."""
+  latent_hwc: tuple[int, int, int]  # its input at data.image_size (the autoencoder's latents)
+  pixel_factor: int  # pixels per latent position (autoencoder.factor)
+  dtype: str  # model.dtype
+  remat: str  # model.remat
+  null: str  # conditioner.null: the unconditional context
+
+
+def latent_hwc(config) -> tuple[int, int, int]:
+  """The denoiser's input at data.image_size: the autoencoder's latents."""
   f = config.autoencoder.factor
-  hwc = (config.data.image_size // f, config.data.image_size // f, config.autoencoder.channels)
-  return family(config).geometry(config, hwc)
+  return (config.data.image_size // f, config.data.image_size // f, config.autoencoder.channels)
+
+
+def _section(config, module: ModuleType):
+  return config[section_path(module.CONFIG_DEFAULTS)]
+
+
+def geometry(config) -> Geometry:
+  module = family(config)
+  return module.geometry(_section(config, module), latent_hwc(config))
+
+
+def shared(config) -> Shared:
+  return Shared(latent_hwc(config), config.autoencoder.factor, config.model.dtype, config.model.remat,
+                config.conditioner.null)
+
+
+def build(config, attention: str) -> nn.Module:
+  """The trainable denoiser of `model.family` with its conditioner, `attention` the resolved kernel."""
+  module = family(config)
+  cond = conditioners.build(config, geometry(config).context_width)
+  return module.build(_section(config, module), shared(config), cond, attention)
+
+
+def flops_per_example(config, text_shapes) -> dict:
+  """{group: forward FLOPs of one example}: the family's groups and the conditioner's."""
+  module, width = family(config), geometry(config).context_width
+  cond = conditioners.flops_per_example(config, text_shapes, width)
+  own = module.flops_per_example(_section(config, module), shared(config), text_shapes,
+                                 conditioners.build(config, width), cond)
+  return {**own, "conditioner": cond}
+
+
+def activation_bytes(config, batch: int, text_shapes, tensor: int, itemsize: int) -> int:
+  """Bytes the train step keeps for the backward pass on one device of `batch` examples: the family's and its
+  conditioner's."""
+  module = family(config)
+  own = module.activation_bytes(_section(config, module), shared(config), batch, text_shapes, tensor, itemsize)
+  return own + conditioners.activation_bytes(config, batch, text_shapes, geometry(config).context_width, tensor)
+
+
+def pretrained_weights(config, path: str) -> dict | None:
+  """What `model.init` = `path` gives the family when it is no training workdir (a converted diffusers U-Net), or
+  None when the family reads nothing else."""
+  module = family(config)
+  if not hasattr(module, "pretrained_weights"):
+    return None
+  return module.pretrained_weights(_section(config, module), shared(config), path)
+
+
+def sample_latent_shape(config, height: int, width: int) -> tuple[int, int, int]:
+  """Latents for sampling at height x width: any size the family takes, else only data.image_size."""
+  module = family(config)
+  if hasattr(module, "sample_latent_shape"):
+    return module.sample_latent_shape(_section(config, module), shared(config), height, width)
+  size = config.data.image_size
+  if (height, width) != (size, size):
+    raise ValueError(f"height x width {height} x {width}: this model was trained at {size} x {size} px. "
+                     "Fix: leave them unset")
+  return latent_hwc(config)
+
+
+def validate(config) -> None:
+  """The family's own checks, then the image size against its unit (times the autoencoder's factor)."""
+  module = family(config)
+  module.validate(_section(config, module), latent_hwc(config))
+  unit = geometry(config).unit * config.autoencoder.factor
+  size = config.data.image_size
+  if size % unit:
+    fail("data.image_size", size, f"not divisible by the denoiser's unit x autoencoder factor = {unit // config.autoencoder.factor} "
+         f"x {config.autoencoder.factor} = {unit} (model.family={config.model.get('family', DEFAULT)!r})",
+         f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(size / unit))}")
 
 
 def family(config) -> ModuleType:

@@ -42,18 +42,15 @@ class LIDiT(nn.Module):
     return dit_lib.DiT(self.dit, self.dtype, name="denoiser")(x_BHWC, t_emb, pooled, ctx, ctx_valid)
 
 
-def build(config, attention: str) -> LIDiT:
-  m = config.model
+def build(m, shared, conditioner: nn.Module, attention: str) -> LIDiT:
   dcfg = dit_lib.DiTConfig(width=m.width, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size,
-                           in_channels=config.autoencoder.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
+                           in_channels=shared.latent_hwc[2], mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                            pos_embed=m.pos_embed, remat=m.remat, scan=m.scan, modulation=m.modulation,
                            attention=attention)
-  return LIDiT(dcfg, conditioners.build(config, m.width), dtype=jnp.dtype(m.dtype),
-               null=config.conditioner.null)
+  return LIDiT(dcfg, conditioner, dtype=jnp.dtype(shared.dtype), null=shared.null)
 
 
-def geometry(config, latent_hwc: tuple[int, int, int]):
-  m = config.model
+def geometry(m, latent_hwc: tuple[int, int, int]):
   return denoisers.Geometry(latent_hwc, m.patch_size, (latent_hwc[0] // m.patch_size) * (latent_hwc[1] // m.patch_size),
                             m.width)
 
@@ -68,18 +65,16 @@ def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: S
       prompts=[sds((b, shape[0]), jnp.bool_) for shape in text_shapes], drop_B=sds((b,), jnp.bool_))
 
 
-def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
-  """Forward FLOPs of one example: 2 x (matmul weights x tokens they see) + attention (QK^T and PV)."""
-  m = config.model
-  h, w, _ = latent_hwc
+def flops_per_example(m, shared, text_shapes: Sequence[tuple[int, ...]], conditioner=None, conditioner_flops=0) -> dict:
+  """Forward FLOPs of one example in the DiT: 2 x (matmul weights x tokens they see) + attention (QK^T and PV)."""
+  h, w, _ = shared.latent_hwc
   t = (h // m.patch_size) * (w // m.patch_size)  # image tokens
   s = sum(shape[0] for shape in text_shapes)  # text tokens after concatenation
   d, f = m.width, int(m.width * m.mlp_ratio)
   per_block = (2 * t * (4 * d * d + 2 * d * f)  # self-attn q,k,v,o + MLP on image tokens
                + 2 * t * 2 * d * d + 2 * s * 2 * d * d  # cross-attn q,o on image tokens; k,v on text tokens
                + 4 * t * t * d + 4 * t * s * d)  # attention scores and weighted sums
-  return {"dit": m.depth * per_block,
-          "conditioner": conditioners.flops_per_example(config, text_shapes, d)}
+  return {"dit": m.depth * per_block}
 
 
 # Per block and image token, in float32 vectors of the width, what the train step keeps for the backward pass under
@@ -88,19 +83,16 @@ def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Seq
 # compiler's memory analysis of LI-DiT-1B (bf16, 256 image + 512 text tokens; benchmarks/RESULTS.md, 2026-12-05):
 # layer norms, softmax and the residual stream are float32, so far more than the bf16 matmul outputs alone.
 KEPT_PER_TOKEN = {"none": 37.5, "dots": 10.0, "dots_no_batch": 10.0, "full": 1.0}
-REFINER_PER_TOKEN = 6.3  # per text token and refiner layer (token refiners + the collaborative one), unrematerialised
 
 
-def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]],
-                     tensor: int, itemsize: int) -> int:
+def activation_bytes(m, shared, batch: int, text_shapes: Sequence[tuple[int, ...]], tensor: int, itemsize: int) -> int:
   """Bytes of the train step's temporaries for `batch` examples on one device, besides the gradients: what the
   scanned DiT blocks keep for the backward pass (`KEPT_PER_TOKEN` at model.remat), the working set of one block
-  recomputed and differentiated (twice what an unrematerialised block keeps), and the refiners on the text tokens.
+  recomputed and differentiated (twice what an unrematerialised block keeps); the conditioner's are its own.
   Tensor parallelism (`tensor` devices) splits the width and the heads. `itemsize` is unused: the calibrated
   figures carry their dtypes."""
   del itemsize
-  m, r = config.model, config.model.refiner
-  h, w, _ = latent_hwc
+  h, w, _ = shared.latent_hwc
   t = (h // m.patch_size) * (w // m.patch_size)
   s = sum(shape[0] for shape in text_shapes)
   d = m.width / tensor
@@ -111,9 +103,7 @@ def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_
     return 4 * KEPT_PER_TOKEN[policy] * t * d + (scores if policy in ("none", "dots") else 0) + (
         text_kv if policy != "full" else 0)
 
-  refiner_layers = r.depth + (r.fusion == "collaborative" and len(text_shapes) > 1)
-  refiners = 4 * REFINER_PER_TOKEN * refiner_layers * s * d
-  return int(batch * (m.depth * kept(m.remat) + 2 * kept("none") + refiners))
+  return int(batch * (m.depth * kept(shared.remat) + 2 * kept("none")))
 
 
 def param_groups(params) -> dict:
@@ -122,9 +112,9 @@ def param_groups(params) -> dict:
   return {"denoiser (DiT)": params["denoiser"], "conditioner": params["conditioner"], "embeddings": rest}
 
 
-def validate(config, towers: Sequence[str]) -> None:
-  """The DiT's own config checks, each a ConfigError naming value and fix."""
-  m = config.model
+def validate(m, latent_hwc: tuple[int, int, int]) -> None:
+  """The DiT's own config checks, each a ConfigError naming value and fix (the image size against its patch:
+  configs.validate, from the geometry)."""
   for key in ("depth", "patch_size"):
     if m[key] < 1:
       fail(f"model.{key}", m[key], "must be at least 1", "set a positive value")
@@ -133,10 +123,5 @@ def validate(config, towers: Sequence[str]) -> None:
          f"use a width that is a multiple of {m.num_heads}, e.g. {m.num_heads * max(1, round(m.width / m.num_heads))}")
   one_of("model.pos_embed", m.pos_embed, {"resblock", "sincos", "both"})
   one_of("model.modulation", m.modulation, {"block", "single"})
-  unit = m.patch_size * config.autoencoder.factor
-  if config.data.image_size % unit:
-    fail("data.image_size", config.data.image_size,
-         f"not divisible by patch_size x autoencoder factor = {m.patch_size} x {config.autoencoder.factor} = {unit}",
-         f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(config.data.image_size / unit))}")
   if m.pos_embed in ("sincos", "both") and m.width % 4:
     fail("model.width", m.width, "sin-cos positions need a width divisible by 4", "round the width to a multiple of 4")

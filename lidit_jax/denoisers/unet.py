@@ -81,17 +81,17 @@ class SDUNet(nn.Module):
     return net(x_BHWC, t_B * self.time_scale, ctx, ctx_valid, **extra)
 
 
-def unet_config(config) -> unet_lib.UNetConfig:
-  u = config.unet
+def unet_config(u, latent_hwc: tuple[int, int, int]) -> unet_lib.UNetConfig:
+  """The model's config from the `unet` section, for latents of `latent_hwc` at data.image_size."""
   n = len(u.block_out_channels)
   per_block = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
   return unet_lib.UNetConfig(
-      in_channels=config.autoencoder.channels, out_channels=config.autoencoder.channels,
+      in_channels=latent_hwc[2], out_channels=latent_hwc[2],
       block_out_channels=tuple(u.block_out_channels), down_block_types=tuple(u.down_block_types),
       up_block_types=tuple(u.up_block_types), layers_per_block=u.layers_per_block,
       num_heads=per_block(u.num_heads), transformer_layers_per_block=per_block(u.transformer_layers_per_block),
       cross_attention_dim=u.cross_attention_dim, norm_num_groups=u.norm_num_groups,
-      use_linear_projection=u.use_linear_projection, sample_size=config.data.image_size // config.autoencoder.factor,
+      use_linear_projection=u.use_linear_projection, sample_size=latent_hwc[0],
       addition_embed_type=u.get("addition_embed_type") or None,
       addition_time_embed_dim=u.get("addition_time_embed_dim") or None,
       projection_class_embeddings_input_dim=u.get("projection_class_embeddings_input_dim") or None)
@@ -105,18 +105,14 @@ def migrate(saved: dict) -> None:
     unet["time_scale"] = float(ddpm_section["num_train_timesteps"])
 
 
-def build(config, attention: str) -> SDUNet:
-  cfg = unet_config(config)
-  cond = conditioners.build(config, cfg.cross_attention_dim)
-  return SDUNet(cfg, cond, float(config.unet.time_scale), jnp.dtype(config.model.dtype), attention,
-                config.model.remat, config.conditioner.null, config.autoencoder.factor,
-                config.unet.get("second_attention", "per_layer"))
+def build(u, shared, conditioner: nn.Module, attention: str) -> SDUNet:
+  return SDUNet(unet_config(u, shared.latent_hwc), conditioner, float(u.time_scale), jnp.dtype(shared.dtype),
+                attention, shared.remat, shared.null, shared.pixel_factor, u.get("second_attention", "per_layer"))
 
 
-def geometry(config, latent_hwc: tuple[int, int, int]):
+def geometry(u, latent_hwc: tuple[int, int, int]):
   """Its unit: the down blocks halve the latents len(block_out_channels) - 1 times; its tokens: the latent
   positions of the first attention blocks."""
-  u = config.unet
   return denoisers.Geometry(latent_hwc, 2 ** (len(u.block_out_channels) - 1), latent_hwc[0] * latent_hwc[1],
                             u.cross_attention_dim)
 
@@ -125,30 +121,27 @@ def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: S
   return lidit.abstract_inputs(batch, latent_hwc, text_shapes)  # the same call signature
 
 
-def flops_per_example(config, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
-  """{"unet": XLA's forward FLOPs of one example (the whole family module lowered, less the conditioner's),
-  "conditioner": the conditioner's own count}."""
-  module = build(config, "xla")
-  inputs = abstract_inputs(1, latent_hwc, text_shapes)
+def flops_per_example(u, shared, text_shapes: Sequence[tuple[int, ...]], conditioner, conditioner_flops: int) -> dict:
+  """{"unet": XLA's forward FLOPs of one example: the whole family module lowered, less the conditioner's count}."""
+  module = build(u, shared, conditioner, "xla")
+  inputs = abstract_inputs(1, shared.latent_hwc, text_shapes)
   params = jax.eval_shape(lambda kw: module.init(jax.random.key(0), **kw), inputs)["params"]
   lowered = jax.jit(lambda p, kw: module.apply({"params": p}, **kw)).lower(params, inputs)
-  cond = conditioners.flops_per_example(config, text_shapes, module.unet.cross_attention_dim)
-  return {"unet": float(lowered.cost_analysis()["flops"]) - cond, "conditioner": cond}
+  return {"unet": float(lowered.cost_analysis()["flops"]) - conditioner_flops}
 
 
-def activation_bytes(config, batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]],
-                     tensor: int, itemsize: int) -> int:
+def activation_bytes(u, shared, batch: int, text_shapes: Sequence[tuple[int, ...]], tensor: int, itemsize: int) -> int:
   """Rough bytes kept for the backward pass, at each block's resolution. Without remat: per resnet about 6 feature
   maps, per transformer layer about 12 token maps plus the self- and cross-attention probabilities. Rematerialised,
   a resnet keeps its input (its convolutions are not dots: every policy recomputes them); a transformer keeps its
   input ("full"), or its dense layers' outputs (about 10 token maps: "dots_no_batch"), plus the probabilities
   ("dots")."""
-  cfg = unet_config(config)
-  remat = config.model.remat
+  cfg = unet_config(u, shared.latent_hwc)
+  remat = shared.remat
   resnet_maps = 6 if remat == "none" else 1
   attn_maps = {"none": 12, "dots": 10, "dots_no_batch": 10, "full": 1}[remat]
   scores = remat in ("none", "dots")
-  h, w, _ = latent_hwc
+  h, w, _ = shared.latent_hwc
   s = sum(shape[0] for shape in text_shapes)
   total = 0
   for i, width in enumerate(cfg.block_out_channels):
@@ -175,14 +168,14 @@ def param_groups(params) -> dict:
           "embeddings": rest}
 
 
-def pretrained_weights(config, path: str) -> dict:
+def pretrained_weights(u, shared, path: str) -> dict:
   """{"denoiser/...": array} of a converted diffusers U-Net (`python -m lidit_jax.convert diffusers` or
   `single-file`: OUT or OUT/unet) for `model.init`: the U-Net starts from it, the conditioner and the null context
   from their initialisation. Its layout must be the config's `unet` section (a mismatch is refused by field)."""
   if os.path.isfile(os.path.join(path, "model_index.json")):
     path = os.path.join(path, "unet")
-  module, params = diffusers_unet.load_unet(path, jnp.dtype(config.model.dtype))
-  want = unet_config(config)
+  module, params = diffusers_unet.load_unet(path, jnp.dtype(shared.dtype))
+  want = unet_config(u, shared.latent_hwc)
   ignore = {"sample_size", "upcast_attention"}  # not in the weights' layout: the image size is data.image_size
   diff = {k: (v, getattr(want, k)) for k, v in dataclasses.asdict(module.cfg).items()
           if k not in ignore and v != getattr(want, k)}
@@ -195,12 +188,13 @@ def pretrained_weights(config, path: str) -> dict:
   return {"denoiser/" + "/".join(k.key for k in p): v for p, v in flat}
 
 
-def validate(config, towers: Sequence[str]) -> None:
-  """The `unet` section's checks, each a ConfigError naming value and fix."""
+def validate(u, latent_hwc: tuple[int, int, int]) -> None:
+  """The `unet` section's checks, each a ConfigError naming value and fix (the image size against its unit:
+  configs.validate, from the geometry)."""
   try:
-    cfg = unet_config(config)
+    cfg = unet_config(u, latent_hwc)
   except ValueError as e:
-    fail("unet.block_out_channels", tuple(config.unet.block_out_channels), str(e).split(". Fix")[0],
+    fail("unet.block_out_channels", tuple(u.block_out_channels), str(e).split(". Fix")[0],
          "give every per-block field (block types, num_heads, transformer_layers_per_block) one entry per block")
   bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
   if bad:
@@ -210,11 +204,7 @@ def validate(config, towers: Sequence[str]) -> None:
     if width % heads:
       fail("unet.num_heads", cfg.num_heads, f"{heads} heads do not divide a block width of {width}",
            "pick head counts that divide each block's width")
-  one_of("unet.second_attention", config.unet.get("second_attention", "per_layer"), ("per_layer", "global"))
-  unit = 2 ** (len(cfg.block_out_channels) - 1) * config.autoencoder.factor
-  if config.data.image_size % unit:
-    fail("data.image_size", config.data.image_size, f"the U-Net halves it {len(cfg.block_out_channels) - 1} times "
-         f"(x autoencoder factor {config.autoencoder.factor})", f"use a multiple of {unit}")
+  one_of("unet.second_attention", u.get("second_attention", "per_layer"), ("per_layer", "global"))
 
 
 # ---- a diffusers Stable Diffusion pipeline folder as a config: Pipeline.from_pretrained(folder), configs/sd15.py ----
@@ -313,14 +303,14 @@ def from_pipeline_folder(c, path: str):
   return c
 
 
-def sample_latent_shape(config, height: int, width: int) -> tuple[int, int, int]:
+def sample_latent_shape(u, shared, height: int, width: int) -> tuple[int, int, int]:
   """Latents for an image of height x width: any size whose latents the U-Net halves evenly and that diffusers'
   pipelines take (multiples of 8 latent pixels); SDXL's time ids follow the size."""
-  f = config.autoencoder.factor
-  unit = max(8, 2 ** (len(config.unet.block_out_channels) - 1)) * f
+  f = shared.pixel_factor
+  unit = max(8, 2 ** (len(u.block_out_channels) - 1)) * f
   if height % unit or width % unit:
     raise ValueError(f"height x width {height} x {width} must be multiples of {unit}. Fix: round them")
-  return (height // f, width // f, config.autoencoder.channels)
+  return (height // f, width // f, shared.latent_hwc[2])
 
 
 # ---- back to a diffusers pipeline folder or an original single file (python -m lidit_jax.export diffusers) ----
