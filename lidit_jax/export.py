@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as safetensors_numpy  # save_file looked up per call (tests patch it)
 
-from lidit_jax import cli, configs, denoisers, lock, outputs, checkpoint as ckpt_lib, model as model_lib
+from lidit_jax import cli, configs, denoisers, lock, outputs, torch_view, checkpoint as ckpt_lib, model as model_lib
 from lidit_jax.convert import safetensors_io
 from lidit_jax.pipeline import Pipeline
 
@@ -145,11 +145,8 @@ def torch_layout(names: tuple, value: np.ndarray, path: tuple[str, ...]) -> dict
             for k, v in torch_layout(names[1:], value[i], path[:at] + (str(i),) + path[at:]).items()}
   *mods, leaf = path
   key = ".".join(mods + [_LEAF.get(leaf, leaf)])
-  if leaf == "kernel" and value.ndim == 4 and names[:2] == (None, None):  # conv HWIO -> OIHW
-    value = value.transpose(3, 2, 0, 1)
-  elif leaf == "kernel" and value.ndim >= 2:  # a Dense (heads split or not) -> torch Linear [out, in]
-    ins = 2 if names[0] == "heads" else 1  # an attention output [H, K, D] reads heads x head_dim
-    value = value.reshape(int(np.prod(value.shape[:ins])), -1).T
+  if leaf == "kernel" and value.ndim >= 2:  # a conv HWIO -> OIHW, a Dense (heads split or not) -> Linear [out, in]
+    value = torch_view.to_torch(names, value)
   elif leaf == "bias" and value.ndim > 1:  # per-head biases [H, K]
     value = value.reshape(-1)
   return {key: np.ascontiguousarray(value)}

@@ -44,3 +44,7 @@ def test_trains_resumes_samples_and_exports(combo, vae, tmp_path, monkeypatch):
   assert sum(a.size for a in exported.values()) == sum(a.size for a in params)
   squares = lambda arrays: sum(float(np.sum(np.square(np.asarray(a, np.float64)))) for a in arrays)
   assert squares(exported.values()) == pytest.approx(squares(params), rel=1e-6)
+  for path, kernel in jax.tree_util.tree_flatten_with_path(pipe.backend.params["model"])[0]:
+    keys = [k.key for k in path]
+    if keys[-1] == "kernel" and kernel.ndim == 2:  # a Linear's weight is [out, in], whatever its logical axes
+      assert exported[".".join(keys[:-1]) + ".weight"].shape == kernel.shape[::-1], keys

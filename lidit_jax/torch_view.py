@@ -1,0 +1,35 @@
+"""A parameter in PyTorch's layout and back, from its logical axis names: the view the exporter writes
+(`export.torch_layout`) and LoRA factors live in (`lora`).
+
+A Dense kernel [in..., out...] is a torch Linear weight [out, in]: its first axis is `in`, or all but the last when
+`heads` leads (an attention output projection [H, K, D]), the rest `out` (q / k / v [D, H, K] -> [H*K, D]). A conv
+kernel, HWIO with no logical names on its spatial axes, is OIHW.
+"""
+from __future__ import annotations
+
+import math
+
+
+def is_conv(names, ndim: int) -> bool:
+  return ndim == 4 and tuple(names[:2]) == (None, None)
+
+
+def in_axes(names) -> int:
+  """How many leading axes of a Dense kernel are its input: all but the last when `heads` leads (an attention output
+  [H, K, D], or [H*K, D] when the heads are already flat: the U-Net's), else the first."""
+  return len(names) - 1 if names and names[0] == "heads" else 1
+
+
+def to_torch(names, kernel):
+  """Our kernel (numpy or jax) -> torch's weight: [out, in], or OIHW for a conv."""
+  if is_conv(names, kernel.ndim):
+    return kernel.transpose(3, 2, 0, 1)
+  ins = in_axes(names)
+  return kernel.reshape(math.prod(kernel.shape[:ins]), -1).T
+
+
+def from_torch(names, weight, shape):
+  """Torch's weight -> our kernel of `shape` (the inverse of `to_torch`)."""
+  if is_conv(names, len(shape)):
+    return weight.transpose(2, 3, 1, 0)
+  return weight.T.reshape(shape)
