@@ -69,6 +69,12 @@ def used_towers(text) -> list[str]:
   return [n.strip() for n in text.use.split(",") if n.strip()]
 
 
+def plugin_section(config, module):
+  """The section a plugin module's CONFIG_DEFAULTS declares, read from `config`; None when it declares none."""
+  path = section_path(getattr(module, "CONFIG_DEFAULTS", {}))
+  return config[path] if path else None
+
+
 def section_path(defaults: dict) -> str:
   """The dotted path of the one section a plugin's CONFIG_DEFAULTS declares ({"model": {"refiner": {...}}}:
   "model.refiner")."""

@@ -79,15 +79,15 @@ def scale(alpha: float, rank: int) -> float:
   return alpha / rank
 
 
-def merge(params, factors: dict, kernels: dict, alpha: float, rank: int, conv_rank: int = 0):
-  """`params` with each factored kernel replaced by W + (alpha / r) B A, in the kernel's dtype (jit-able: the
-  trainer applies it on the fly, a sampler once)."""
+def merge(params, factors: dict, kernels: dict, alpha: float):
+  """`params` with each factored kernel replaced by W + (alpha / r) B A, r the pair's own rank, in the kernel's
+  dtype (jit-able: the trainer applies it on the fly, a sampler once)."""
   def one(path, w):
-    key = name(tuple(k.key for k in path))
-    if key not in factors:
+    path = tuple(k.key for k in path)
+    f = factors.get(name(path))
+    if f is None:
       return w
-    names = kernels[tuple(k.key for k in path)]
-    r = conv_rank if torch_view.is_conv(_layers(names)[1], w.ndim - _layers(names)[0]) else rank
-    f = factors[key]
+    names = kernels[path]
+    r = f["A"].shape[_layers(names)[0]]  # A: [(layers,) r, in, ...]
     return (w + delta(names, w.shape, f["A"], f["B"], scale(alpha, r))).astype(w.dtype)
   return jax.tree_util.tree_map_with_path(one, params)

@@ -187,7 +187,7 @@ def build_model(config, platform: str | None = None) -> nn.Module:
 
 
 def latent_shape(config) -> tuple[int, int, int]:
-  return denoisers.geometry(config).latent_hwc
+  return denoisers.latent_hwc(config)
 
 
 def text_shapes(config, tower_dims: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, ...]]:

@@ -33,12 +33,12 @@ def test_merged_kernels_are_the_base_plus_the_factors_product_in_torch_layout(va
   assert len(factors) == len(kernels)
 
   # B = 0: the base model, bit for bit
-  same = flat(lora.merge(params, factors, kernels, ALPHA, RANK, CONV_RANK))
+  same = flat(lora.merge(params, factors, kernels, ALPHA))
   assert all(np.array_equal(same[p], base[p]) for p in base)
 
   rng = np.random.default_rng(2)
   factors = {k: {"A": f["A"], "B": rng.normal(size=f["B"].shape).astype(np.float32)} for k, f in factors.items()}
-  merged = flat(jax.jit(lambda p, f: lora.merge(p, f, kernels, ALPHA, RANK, CONV_RANK))(params, factors))
+  merged = flat(jax.jit(lambda p, f: lora.merge(p, f, kernels, ALPHA))(params, factors))
   assert all(np.array_equal(merged[p], base[p]) for p in base if p not in kernels)  # the others untouched
   # torch's view is [out, in] (OIHW): an attention output's heads are its input, split ([H, K, D]: the DiT) or
   # already flat ([H*K, D]: the U-Net)

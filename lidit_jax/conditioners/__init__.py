@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax.config_checks import ConfigError, section_path
+from lidit_jax.config_checks import ConfigError, plugin_section
 from lidit_jax.models import layers
 
 CONDITIONERS = {"refiners": "lidit_jax.conditioners.lidit", "tokens": "lidit_jax.conditioners.tokens",
@@ -55,20 +55,15 @@ def conditioner(config) -> ModuleType:
   return importlib.import_module(CONDITIONERS[name])
 
 
-def _section(config, module: ModuleType):
-  path = section_path(getattr(module, "CONFIG_DEFAULTS", {}))
-  return config[path] if path else None
-
-
 def build(config, width: int) -> nn.Module:
   """The chosen conditioner for a backbone whose context is `width` wide (a family's build calls it)."""
   module = conditioner(config)
-  return module.build(_section(config, module), config.text, width, jnp.dtype(config.model.dtype))
+  return module.build(plugin_section(config, module), config.text, width, jnp.dtype(config.model.dtype))
 
 
 def flops_per_example(config, text_shapes, width: int) -> int:
   module = conditioner(config)
-  return module.flops_per_example(_section(config, module), config.text, text_shapes, width)
+  return module.flops_per_example(plugin_section(config, module), config.text, text_shapes, width)
 
 
 def activation_bytes(config, batch: int, text_shapes, width: int, tensor: int) -> int:
@@ -76,18 +71,18 @@ def activation_bytes(config, batch: int, text_shapes, width: int, tensor: int) -
   module = conditioner(config)
   if not hasattr(module, "activation_bytes"):
     return 0
-  return int(batch * module.activation_bytes(_section(config, module), config.text, text_shapes, width, tensor))
+  return int(batch * module.activation_bytes(plugin_section(config, module), config.text, text_shapes, width, tensor))
 
 
 def validate(config, geometry) -> None:
   module = conditioner(config)
-  module.validate(_section(config, module), config.text, geometry)
+  module.validate(plugin_section(config, module), config.text, geometry)
 
 
 def pretrained_weights(config) -> dict:
   """Released weights the chosen conditioner starts from ({} for most)."""
   module = conditioner(config)
-  return module.pretrained_weights(_section(config, module)) if hasattr(module, "pretrained_weights") else {}
+  return module.pretrained_weights(plugin_section(config, module)) if hasattr(module, "pretrained_weights") else {}
 
 
 def context_valid(valids: Sequence[jax.Array], prompts: Sequence[jax.Array], drop_instruction: bool) -> jax.Array:

@@ -19,8 +19,8 @@ functions receive the family's own section (`section`: the one its CONFIG_DEFAUL
   geometry(section, latent_hwc) -> Geometry   what it derives for others: its unit, token count, context width
   validate(section, latent_hwc)   its own section's checks (configs.validate calls `validate` below; ConfigError
       by name); `section`: the one its CONFIG_DEFAULTS declares (`model` for the DiT, `unet`)
-  pretrained_weights(section, shared, path) -> {"denoiser/...": array}   optional: what `model.init` reads besides another
-      run's workdir (the U-Net family: a converted diffusers U-Net)
+  pretrained_weights(section, shared, path) -> {"denoiser/...": array}   optional: what `model.init` reads besides
+      another run's workdir (the U-Net family: a converted diffusers U-Net)
   sample_latent_shape(section, shared, height, width) -> latent hwc   optional: sampling at sizes other than the trained
       one (the U-Net family: any multiple of its unit); without it only data.image_size is sampled
   pipeline_config(base, path) -> config | None   optional: a released pipeline folder of the family (the U-Net
@@ -41,7 +41,7 @@ from typing import NamedTuple
 import flax.linen as nn
 
 from lidit_jax import conditioners
-from lidit_jax.config_checks import ConfigError, fail, section_path
+from lidit_jax.config_checks import ConfigError, fail, plugin_section
 
 FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet"}
 DEFAULT = "lidit"  # base_config's choice
@@ -70,13 +70,9 @@ def latent_hwc(config) -> tuple[int, int, int]:
   return (config.data.image_size // f, config.data.image_size // f, config.autoencoder.channels)
 
 
-def _section(config, module: ModuleType):
-  return config[section_path(module.CONFIG_DEFAULTS)]
-
-
 def geometry(config) -> Geometry:
   module = family(config)
-  return module.geometry(_section(config, module), latent_hwc(config))
+  return module.geometry(plugin_section(config, module), latent_hwc(config))
 
 
 def shared(config) -> Shared:
@@ -88,14 +84,14 @@ def build(config, attention: str) -> nn.Module:
   """The trainable denoiser of `model.family` with its conditioner, `attention` the resolved kernel."""
   module = family(config)
   cond = conditioners.build(config, geometry(config).context_width)
-  return module.build(_section(config, module), shared(config), cond, attention)
+  return module.build(plugin_section(config, module), shared(config), cond, attention)
 
 
 def flops_per_example(config, text_shapes) -> dict:
   """{group: forward FLOPs of one example}: the family's groups and the conditioner's."""
   module, width = family(config), geometry(config).context_width
   cond = conditioners.flops_per_example(config, text_shapes, width)
-  own = module.flops_per_example(_section(config, module), shared(config), text_shapes,
+  own = module.flops_per_example(plugin_section(config, module), shared(config), text_shapes,
                                  conditioners.build(config, width), cond)
   return {**own, "conditioner": cond}
 
@@ -104,7 +100,7 @@ def activation_bytes(config, batch: int, text_shapes, tensor: int, itemsize: int
   """Bytes the train step keeps for the backward pass on one device of `batch` examples: the family's and its
   conditioner's."""
   module = family(config)
-  own = module.activation_bytes(_section(config, module), shared(config), batch, text_shapes, tensor, itemsize)
+  own = module.activation_bytes(plugin_section(config, module), shared(config), batch, text_shapes, tensor, itemsize)
   return own + conditioners.activation_bytes(config, batch, text_shapes, geometry(config).context_width, tensor)
 
 
@@ -114,14 +110,14 @@ def pretrained_weights(config, path: str) -> dict | None:
   module = family(config)
   if not hasattr(module, "pretrained_weights"):
     return None
-  return module.pretrained_weights(_section(config, module), shared(config), path)
+  return module.pretrained_weights(plugin_section(config, module), shared(config), path)
 
 
 def sample_latent_shape(config, height: int, width: int) -> tuple[int, int, int]:
   """Latents for sampling at height x width: any size the family takes, else only data.image_size."""
   module = family(config)
   if hasattr(module, "sample_latent_shape"):
-    return module.sample_latent_shape(_section(config, module), shared(config), height, width)
+    return module.sample_latent_shape(plugin_section(config, module), shared(config), height, width)
   size = config.data.image_size
   if (height, width) != (size, size):
     raise ValueError(f"height x width {height} x {width}: this model was trained at {size} x {size} px. "
@@ -132,12 +128,12 @@ def sample_latent_shape(config, height: int, width: int) -> tuple[int, int, int]
 def validate(config) -> None:
   """The family's own checks, then the image size against its unit (times the autoencoder's factor)."""
   module = family(config)
-  module.validate(_section(config, module), latent_hwc(config))
-  unit = geometry(config).unit * config.autoencoder.factor
-  size = config.data.image_size
+  module.validate(plugin_section(config, module), latent_hwc(config))
+  own, factor, size = geometry(config).unit, config.autoencoder.factor, config.data.image_size
+  unit = own * factor
   if size % unit:
-    fail("data.image_size", size, f"not divisible by the denoiser's unit x autoencoder factor = {unit // config.autoencoder.factor} "
-         f"x {config.autoencoder.factor} = {unit} (model.family={config.model.get('family', DEFAULT)!r})",
+    fail("data.image_size", size, f"not divisible by the denoiser's unit x autoencoder factor = {own} x {factor} = "
+         f"{unit} (model.family={config.model.get('family', DEFAULT)!r})",
          f"use an image size that is a multiple of {unit}, e.g. {unit * max(1, round(size / unit))}")
 
 

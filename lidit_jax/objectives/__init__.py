@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from lidit_jax.config_checks import ConfigError, section_path
+from lidit_jax.config_checks import ConfigError, plugin_section
 
 OBJECTIVES = {"rectified_flow": "lidit_jax.objectives.flow", "ddpm": "lidit_jax.objectives.ddpm"}
 DEFAULT = "rectified_flow"  # base_config's choice
@@ -35,27 +35,23 @@ def objective(config) -> ModuleType:
   return importlib.import_module(OBJECTIVES[kind])
 
 
-def section(config, module: ModuleType | None = None):
-  """The objective's own config section (the one its CONFIG_DEFAULTS declares)."""
-  return config[section_path((module or objective(config)).CONFIG_DEFAULTS)]
-
-
 def validate(config) -> None:
-  objective(config).validate(section(config), config.sample)
+  module = objective(config)
+  module.validate(plugin_section(config, module), config.sample)
 
 
 def build(config, geometry):
   module = objective(config)
-  return module.build(section(config, module), config.sample, geometry)
+  return module.build(plugin_section(config, module), config.sample, geometry)
 
 
 def with_scheduler(config, scheduler, geometry):
   """(objective, sampler name) that sample with `scheduler` (None: the config's sample.sampler)."""
   module = objective(config)
   if hasattr(module, "with_scheduler"):
-    return module.with_scheduler(section(config, module), config.sample, scheduler, geometry)
+    return module.with_scheduler(plugin_section(config, module), config.sample, scheduler, geometry)
   sampler = scheduler or config.sample.sampler
   if not isinstance(sampler, str) or sampler not in module.SAMPLERS:
     raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
                      f"Fix: use one of {module.SAMPLERS}")
-  return module.build(section(config, module), config.sample, geometry), sampler
+  return module.build(plugin_section(config, module), config.sample, geometry), sampler
