@@ -19,7 +19,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from lidit_jax import autoencoder, cli, conditioners, denoisers, objectives
+from lidit_jax import autoencoder, cli, conditioners, denoisers, lora, objectives
 from lidit_jax.cli import UserError, warn
 from lidit_jax.config_checks import ConfigError, fail, one_of, tower, tower_names  # noqa: F401  (for callers)
 from lidit_jax.models.layers import REMAT_POLICIES
@@ -90,6 +90,13 @@ def base_config() -> ml_collections.ConfigDict:
                  # resuming with a changed objective / prediction / schedule / tower / family / conditioner is
                  # refused unless True (then recorded in WORKDIR/config.json's history)
                  allow_config_change=False)
+  # LoRA (rank > 0): low-rank factors beside the `targets` kernels train, the model's own weights (model.init's,
+  # else the seed's initialisation) stay frozen outside the optimizer; checkpoints hold the factors only
+  c.lora = dict(rank=0,
+                alpha=0.0,  # the factors' scale is alpha / r (0: alpha = r, a scale of 1)
+                targets=(),  # regexes over kernel names; (): the family's and conditioner's defaults (attention)
+                conv_rank=0,  # > 0: convolutions the targets match get pairs of this rank too (LoCon)
+                dropout=0.0)  # of A's input features, one draw per kernel and step (lora.merge)
   c.sample = dict(steps=30, sampler="euler", cfg=4.0, num_images=4,
                   shift=0.0,  # time shift of the sampling steps (samples and eval); 0 = the training shift
                   prompts=("a red circle to the left of a blue square",
@@ -228,6 +235,10 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
     fail("data.caption_dropout", c.data.caption_dropout, "must be in [0, 1)", "use e.g. 0.1")
 
   objectives.validate(c)  # its own section and sampler names
+  lora.validate(c.lora)
+  if c.lora.rank and c.train.freeze:
+    warn(f"train.freeze={tuple(c.train.freeze)} has no effect with lora.rank={c.lora.rank}: only the LoRA factors "
+         "train, every model weight is frozen")
   o = c.optim
   if o.lr <= 0 or not math.isfinite(o.lr):
     fail("optim.lr", o.lr, "must be a positive number", "use e.g. 1e-4")

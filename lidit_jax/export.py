@@ -3,6 +3,7 @@
   python -m lidit_jax.export diffusers SRC OUT [--dtype float16]
   python -m lidit_jax.export diffusers SRC OUT.safetensors --format single-file
   python -m lidit_jax.export safetensors WORKDIR OUT.safetensors
+  python -m lidit_jax.export lora WORKDIR OUT.safetensors       # a LoRA run's factors (`pipe.load_lora` reads it)
 
 SRC is a Stable Diffusion model: a diffusers pipeline folder, our converted one (`python -m lidit_jax.convert
 diffusers`), or a training workdir that fine-tuned one (configs/sd15.py: its EMA U-Net with the folder's text
@@ -26,13 +27,14 @@ import json
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as safetensors_numpy  # save_file looked up per call (tests patch it)
 
-from lidit_jax import cli, configs, denoisers, lock, outputs, torch_view, checkpoint as ckpt_lib, model as model_lib
+from lidit_jax import cli, configs, denoisers, lock, lora, outputs, sharding, torch_view, checkpoint as ckpt_lib
+from lidit_jax import model as model_lib, state as state_lib
+from lidit_jax.cli import UserError
 from lidit_jax.convert import safetensors_io
 from lidit_jax.pipeline import Pipeline
 
@@ -53,7 +55,8 @@ def _exported_file(kind: str):
 # {format: (what marks a previous output, what that is)}
 OUTPUTS = {"diffusers": (_exported_folder, "a pipeline folder written by `export diffusers`"),
            "single-file": (_exported_file("single-file"), "a file written by `export diffusers --format single-file`"),
-           "safetensors": (_exported_file("safetensors"), "a file written by `export safetensors`")}
+           "safetensors": (_exported_file("safetensors"), "a file written by `export safetensors`"),
+           "lora": (_exported_file("lora"), "a file written by `export lora`")}
 
 
 def check_out(kind: str, out: str, overwrite: bool = False, sources=()) -> None:
@@ -135,16 +138,12 @@ def workdir_backend(workdir: str):
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
-def torch_layout(names: tuple, value: np.ndarray, path: tuple[str, ...]) -> dict[str, np.ndarray]:
+def torch_layout(names: tuple, value: np.ndarray, path: tuple[str, ...], layer: int | None = None) -> dict:
   """{key: tensor} of one parameter in the documented layout (see `export_safetensors`)."""
   if names and names[0] == "layers":  # a scanned stack: one tensor per layer, as the unrolled model names them
-    if "blocks" not in path:
-      raise ValueError(f"{'/'.join(path)}: a stacked parameter outside a `blocks` scan has no documented key")
-    at = path.index("blocks") + 1
-    return {k: v for i in range(value.shape[0])
-            for k, v in torch_layout(names[1:], value[i], path[:at] + (str(i),) + path[at:]).items()}
-  *mods, leaf = path
-  key = ".".join(mods + [_LEAF.get(leaf, leaf)])
+    return {k: v for i in range(value.shape[0]) for k, v in torch_layout(names[1:], value[i], path, i).items()}
+  leaf = path[-1]
+  key = f"{torch_view.module_key(path, layer)}.{_LEAF.get(leaf, leaf)}"
   if leaf == "kernel" and value.ndim >= 2:  # a conv HWIO -> OIHW, a Dense (heads split or not) -> Linear [out, in]
     value = torch_view.to_torch(names, value)
   elif leaf == "bias" and value.ndim > 1:  # per-head biases [H, K]
@@ -156,8 +155,7 @@ def model_axis_names(config) -> dict[tuple[str, ...], tuple]:
   """{parameter path: logical axis names} of the config's trainable model (nothing computed)."""
   m = model_lib.build_model(config)
   boxed = jax.eval_shape(lambda kw: m.init(jax.random.key(0), **kw), model_lib.abstract_inputs(config, 1))["params"]
-  leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
-  return {tuple(k.key for k in p): tuple(leaf.names) for p, leaf in leaves}
+  return sharding.axis_names(boxed)
 
 
 def export_safetensors(workdir: str, out: str, dtype=np.float32, overwrite: bool = False) -> str:
@@ -187,6 +185,32 @@ def export_safetensors(workdir: str, out: str, dtype=np.float32, overwrite: bool
   return out
 
 
+def export_lora(workdir: str, out: str, fmt: str = "diffusers", overwrite: bool = False) -> str:
+  """The EMA factors of a LoRA run's latest checkpoint (`lora.rank` > 0) as one safetensors file in the layout
+  `lora.to_file` documents: diffusers' / peft's ("{module}.lora_A.weight", "{module}.lora_B.weight", alpha in
+  `lora_adapter_metadata`), the U-Net family's modules under diffusers' names (`unet.down_blocks.0...`), the
+  others under `export safetensors`' (a stack's pairs one per layer). Nothing of the base is read or written."""
+  if fmt != "diffusers":
+    raise UserError(f"--format {fmt!r}: only 'diffusers' is written so far. Fix: pass --format diffusers")
+  check_out("lora", out, overwrite, [workdir])
+  ckpt = ckpt_lib.require(workdir)
+  config = configs.read_saved(workdir)
+  if not config.lora.rank:
+    ckpt.close()
+    raise UserError(f"{workdir} is not a LoRA run (lora.rank=0). Fix: export its whole model with `export "
+                    "safetensors` or `export diffusers`, or train one with --config.lora.rank=16")
+  s = state_lib.setup(config, abstract=True, training=False)  # the factors' shapes: no tower or base is loaded
+  state, _ = ckpt.restore(s.abstract_state)
+  step = int(state.step)
+  ckpt.close()
+  tensors, meta = lora.to_file(state.ema_params, s.lora.kernels, s.lora.alpha, denoisers.lora_module_key(config))
+  meta.update({"format": "pt", "lidit_jax.config": config.to_json_best_effort(), "lidit_jax.step": str(step),
+               METADATA_KEY: "lora"})
+  with _staged("lora", out, overwrite, _nbytes(tensors, np.float32)) as tmp:
+    safetensors_numpy.save_file(tensors, tmp, metadata=meta)
+  return out
+
+
 def _add_overwrite_flag(parser):
   parser.add_argument("--overwrite", action="store_true",
                       help="replace OUT whatever it holds (atomically: the old OUT goes once the new one is complete)")
@@ -211,11 +235,21 @@ def main(argv=None) -> int:
   t.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' storage dtype")
   _add_overwrite_flag(t)
   cli.add_debug_flag(t)
+  r = sub.add_parser("lora", help="a LoRA run's factors (EMA) -> one safetensors LoRA file")
+  r.add_argument("src", help="training workdir of a LoRA run (lora.rank > 0)")
+  r.add_argument("out", help="new .safetensors file")
+  r.add_argument("--format", default="diffusers", choices=("diffusers",),
+                 help="diffusers / peft keys (`load_lora_weights`, `Pipeline.load_lora`)")
+  _add_overwrite_flag(r)
+  cli.add_debug_flag(r)
   args = parser.parse_args(argv)
   with cli.user_errors():
-    if args.command == "safetensors":
-      export_safetensors(args.src, args.out, np.dtype(args.dtype), args.overwrite)
-      print(json.dumps({"out": args.out, "format": "safetensors"}))
+    if args.command in ("safetensors", "lora"):
+      if args.command == "safetensors":
+        export_safetensors(args.src, args.out, np.dtype(args.dtype), args.overwrite)
+      else:
+        export_lora(args.src, args.out, args.format, args.overwrite)
+      print(json.dumps({"out": args.out, "format": args.command}))
       return 0
     check_out(args.format, args.out, args.overwrite, [args.src])  # before the model is loaded
     if os.path.isfile(os.path.join(args.src, "model_index.json")):

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import safe_open
 from tqdm import tqdm
 
-from lidit_jax import configs, denoisers, objectives, sharding, train_step, state as state_lib
+from lidit_jax import configs, denoisers, lora, objectives, sharding, train_step, state as state_lib
 from lidit_jax.cli import NotFound
 from lidit_jax.objectives import guidance as guidance_lib
 
@@ -59,6 +60,35 @@ class Pipeline:
     pipe = Pipeline(dataclasses.replace(b, params={**b.params, "model": params}, step=b.step if step is None else step))
     pipe._compiled = self._compiled
     return pipe
+
+  def load_lora(self, path, scale: float = 1.0) -> "Pipeline":
+    """Merge a LoRA file (`lora.from_file`'s layout: what `export lora` and peft write for this model) into the
+    weights, times `scale`; several stack (each merged in turn: their deltas add). Merged once rather than applied
+    at every step: sampling then costs what it did, and the compiled samplers (the weights are their argument)
+    are reused. Returns the pipeline (changed in place)."""
+    path = os.fspath(path)
+    try:
+      scale = float(scale)
+    except (TypeError, ValueError):
+      scale = float("nan")
+    if not np.isfinite(scale):
+      raise ValueError(f"scale={scale!r}: must be a finite number. Fix: pass e.g. 1.0 (0.5: half the LoRA)")
+    if not os.path.isfile(path):
+      raise ValueError(f"path={path!r}: no such file. Fix: pass a LoRA .safetensors file")
+    try:
+      with safe_open(path, framework="numpy") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    except Exception as e:  # a damaged or foreign file: one clear error
+      raise ValueError(f"path={path!r}: not a readable safetensors file ({e}). Fix: pass a LoRA .safetensors file")
+    b, s = self.backend, self.backend.setup
+    flat = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(b.params["model"])}
+    kernels = {p: n for p, n in s.axis_names.items() if p[-1] == "kernel" and len(n) >= 2}
+    factors, paired = lora.from_file(tensors, metadata, kernels, {p: flat[p].shape for p in kernels}, scale,
+                                     denoisers.lora_module_key(s.config))
+    with sharding.active(s.mesh, s.rules):
+      params = jax.jit(lambda p, f: lora.merge(p, f, paired, 0.0))(b.params["model"], factors)
+    self.backend = dataclasses.replace(b, params={**b.params, "model": params})
+    return self
 
   @classmethod
   def from_pretrained(cls, path, dtype=jnp.float32) -> "Pipeline":
@@ -183,7 +213,7 @@ def lower_sample(config, batch: int, devices=None):
   if guided and config.conditioner.null == "empty_prompt":
     text["uncond"] = text["cond"]
     s = dataclasses.replace(s, null_text={})  # in shape only: the empty prompt's text is an input here
-  backend = Workdir.of(s, s.abstract_state.ema_params)
+  backend = Workdir.of(s, s.abstract_params)
   objective, sampler = backend.scheduler(None)
   fn = Pipeline(backend)._compile(objective, sampler, config.sample.steps, float(config.sample.cfg))
   noise = jax.ShapeDtypeStruct((batch, *backend.latent_shape(config.data.image_size, config.data.image_size)),
@@ -230,7 +260,8 @@ class Workdir:
     if dtype is not None:
       config.model.dtype = jnp.dtype(dtype).name
     s = state_lib.setup(config, use_text_cache=False, training=False)
-    return cls.of(s, s.init_params(jax.random.key(config.seed)))
+    params = s.frozen.get("base")  # a LoRA config's frozen base is the model its run starts from
+    return cls.of(s, s.init_params(jax.random.key(config.seed)) if params is None else params)
 
   @classmethod
   def of(cls, setup, params=None, step: int = 0) -> "Workdir":
@@ -238,7 +269,8 @@ class Workdir:
     `Pipeline.with_weights`, which compiles nothing again)."""
     c = setup.config
     size = c.data.image_size
-    return cls(setup, {"model": params, "frozen": setup.frozen}, step,
+    frozen = {k: v for k, v in setup.frozen.items() if k != "base"}  # LoRA's base: merged into `params` already
+    return cls(setup, {"model": params, "frozen": frozen}, step,
                dict(num_steps=c.sample.steps, guidance=c.sample.cfg, height=size, width=size, sampler=c.sample.sampler))
 
   def scheduler(self, scheduler):

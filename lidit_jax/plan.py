@@ -27,6 +27,7 @@ from lidit_jax import cli
 from lidit_jax import configs
 from lidit_jax import denoisers
 from lidit_jax import fit
+from lidit_jax import lora as lora_lib
 from lidit_jax import sharding
 from lidit_jax import tpu_compile
 from lidit_jax import autoencoder as autoencoder_lib
@@ -159,10 +160,17 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   params = model_lib.abstract_params(config, towers)
   n_params = model_lib.count_params(nn.unbox(params))
   p_bytes = per_device_bytes(params, mesh_sizes, rules, itemsize=4)  # float32 master weights
-  # train.freeze: frozen parameters get no optimizer state, and XLA drops their unused gradients; EMA keeps them
-  trainable = jax.tree.map(lambda f: not f, state_lib.matching(nn.unbox(params), config.train.freeze))
-  t_bytes = per_device_bytes(params, mesh_sizes, rules, itemsize=4, keep=trainable)
-  replicated = replicated_bytes(params, mesh_sizes, rules, trainable)
+  adapter = lora_lib.Adapter.of(config.lora, sharding.axis_names(params), denoisers.lora_targets(config))
+  if adapter is None:
+    # train.freeze: frozen parameters get no optimizer state, and XLA drops their unused gradients; EMA keeps them
+    trained = params
+    trainable = jax.tree.map(lambda f: not f, state_lib.matching(nn.unbox(params), config.train.freeze))
+  else:  # LoRA: the factors train (gradients, optimizer state, EMA); the whole model is frozen
+    shapes = {p: v.shape for p, v in _shapes(params).items()}
+    trained = jax.eval_shape(lambda r: adapter.init(r, shapes, boxed=True), jax.random.key(0))
+    trainable = jax.tree.map(lambda _: True, nn.unbox(trained))
+  t_bytes = per_device_bytes(trained, mesh_sizes, rules, itemsize=4, keep=trainable)
+  replicated = replicated_bytes(trained, mesh_sizes, rules, trainable)
   tower_bytes, tower_params = 0, 0
   seen = set()
   for name, (fam, cfg) in towers.items():
@@ -189,13 +197,19 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   # the features are the step's input for the whole batch; the towers make them per micro-batch.
   towers_on_device = config.text.cache in ("", "memory")
   features_held = batch_per_device if config.text.cache else micro_batch
-  per_device = {"params": p_bytes, "grads": t_bytes, "optimizer": 2 * t_bytes, "ema": p_bytes,
+  per_device = {"params": p_bytes, "grads": t_bytes, "optimizer": 2 * t_bytes,
+                "ema": p_bytes if adapter is None else t_bytes,
+                # LoRA: the factors, and the merged copy of each targeted kernel the step applies
+                **({} if adapter is None else {"lora_factors": t_bytes, "lora_merged_kernels": per_device_bytes(
+                    params, mesh_sizes, rules, itemsize=4, keep=_targeted(params, adapter))}),
                 "frozen_towers": tower_bytes if towers_on_device else 0, "autoencoder": ae["params"],
                 "activations_estimate": acts, "text_features": features_held * sum(feature_bytes.values()),
                 "autoencoder_activations_estimate": ae["activations"],
                 "replicated_update_estimate": int(REPLICATED_UPDATE * replicated)}
   per_device["total"] = sum(per_device.values())
-  out = {"mesh": mesh_sizes, "devices": num_devices, "trainable_params": n_params, "tower_params": tower_params,
+  trained_params = n_params if adapter is None else model_lib.count_params(nn.unbox(trained))
+  out = {"mesh": mesh_sizes, "devices": num_devices, "trainable_params": trained_params, "tower_params": tower_params,
+         **({} if adapter is None else {"lora_base_params": n_params}),
          "bytes_per_device": per_device,
          "params_plus_optimizer_vs_even_split": (p_bytes * 3) / (n_params * 4 * 3 / num_devices),
          "model_tflop_per_step": train_flops / 1e12, "tower_tflop_per_step": flops["towers"] / 1e12,
@@ -206,8 +220,8 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
     notes.append(f"{replicated / GiB:.2f} GiB per device of trainable parameters are replicated: no dimension of "
                  f"theirs divides fsdp={mesh_sizes['fsdp']} (the largest: {largest_replicated(params, mesh_sizes, rules)}); "
                  + sharded_mesh_hint(config, num_devices, params, rules, trainable, replicated))
-  if config.train.freeze and t_bytes < p_bytes / 2:  # most of the model frozen (LLM4GEN, the Diff Adapter)
-    notes.append("most of the model is frozen (train.freeze): the activation estimate is an upper bound, XLA "
+  if (config.train.freeze or adapter is not None) and t_bytes < p_bytes / 2:  # most of the model frozen (LLM4GEN, the Diff Adapter)
+    notes.append("most of the model is frozen (train.freeze or LoRA): the activation estimate is an upper bound, XLA "
                  "keeps only what the trained parts' gradients need (compiled: 0.85x of it for LLM4GEN's CAM, "
                  "0.2x for the Diff Adapter's new attentions)")
   if notes:
@@ -219,8 +233,18 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   return out
 
 
+def _shapes(boxed) -> dict:
+  return {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed))}
+
+
+def _targeted(boxed, adapter) -> dict:
+  """A tree of bools (unboxed): the kernels the LoRA adapter gives a pair."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: tuple(k.key for k in p) in adapter.kernels, nn.unbox(boxed))
+
+
 def format_plan(p: dict) -> str:
-  lines = [f"mesh {p['mesh']} on {p['devices']} devices; {p['trainable_params'] / 1e9:.3f} B trainable, "
+  base = f" (LoRA factors over a {p['lora_base_params'] / 1e9:.3f} B frozen model)" if "lora_base_params" in p else ""
+  lines = [f"mesh {p['mesh']} on {p['devices']} devices; {p['trainable_params'] / 1e9:.3f} B trainable{base}, "
            f"{p['tower_params'] / 1e9:.3f} B frozen; batch {p['batch_size']}, remat {p['remat']}",
            "per device:"]
   for k, v in p["bytes_per_device"].items():

@@ -5,6 +5,8 @@ sampler, classifier-free guidance and the autoencoder's decoder: every image her
       --prompt "a red circle to the left of a blue square" --out sample.png [--num_images 4 --cfg 3 --steps 25]
   python -m lidit_jax.sample --workdir path/to/stable-diffusion-v1-5 --prompt "..." --negative_prompt "..."
 
+  python -m lidit_jax.sample --workdir path/to/stable-diffusion-v1-5 --lora style.safetensors:0.8 --prompt "..."
+
   python -m lidit_jax.sample --config configs/llm4gen_sd15.py:ROOT --prompt "..."   # no --workdir: the config's
       model as a run of it starts (model.init, released conditioner weights), untrained
 
@@ -115,6 +117,7 @@ def main(argv):
   for path in paths:  # before sampling: a refused output costs no compute (a bucket's objects are replaced)
     if "://" not in path:
       outputs.preflight(path, f.overwrite, ours=is_ours, what="an image written by lidit_jax")
+  loras = [lora_arg(a) for a in f.lora or []]  # before anything is loaded
   if f["config"].value is None and not f.workdir:
     raise cli.UserError("nothing to sample. Fix: pass --workdir (a training workdir or a pipeline folder) and/or "
                         "--config (a config file: its model as a run of it starts)")
@@ -128,6 +131,11 @@ def main(argv):
       raise cli.UserError(f"--sampler={sampler!r} is not a sampler of objective.kind={config.objective.kind!r}. "
                           f"Fix: use one of {', '.join(names)}")
     pipe = Pipeline(Workdir.load(f.workdir, None, config) if f.workdir else Workdir.from_config(config))
+  for path, scale in loras:
+    try:
+      pipe.load_lora(path, scale)
+    except ValueError as e:  # a LoRA for another model, a damaged file: the user's to fix
+      raise cli.UserError(f"--lora {path}: {e}") from e
   steps = f.steps or pipe.defaults["num_steps"]
   cfg = pipe.defaults["guidance"] if f.cfg is None else f.cfg
   where = f" from step {pipe.backend.step}" if isinstance(pipe.backend, Workdir) else ""
@@ -143,6 +151,18 @@ def main(argv):
   for path, p, grid in zip(paths, prompts, images):
     save_grid(grid, path, cols=min(f.num_images, 8), overwrite=f.overwrite)
     print(f"{path}: {p}")
+
+
+def lora_arg(value: str) -> tuple[str, float]:
+  """--lora PATH[:SCALE] -> (path, scale); a bad scale or a missing file refused by name."""
+  path, _, scale = value.rpartition(":") if re.fullmatch(r".*:[-+0-9.eE]+", value) else (value, "", "1")
+  if not os.path.isfile(path):
+    raise cli.UserError(f"--lora {value!r}: no such file {path!r}. Fix: pass a LoRA .safetensors file, "
+                        "optionally with :SCALE (e.g. style.safetensors:0.8)")
+  try:
+    return path, float(scale)
+  except ValueError:
+    raise cli.UserError(f"--lora {value!r}: the scale {scale!r} is not a number. Fix: e.g. style.safetensors:0.8")
 
 
 def define_flags():
@@ -167,6 +187,8 @@ def define_flags():
                       "rectified flow euler | heun; DDPM ddim | pndm | euler | euler_ancestral | dpmpp_2m.")
   flags.DEFINE_integer("height", None, "Image height (SD pipelines; default: the U-Net's sample size).")
   flags.DEFINE_integer("width", None, "Image width (SD pipelines).")
+  flags.DEFINE_multi_string("lora", None, "PATH[:SCALE]: a LoRA file merged into the weights, times SCALE (default "
+                            "1); repeatable, they stack (`Pipeline.load_lora`).")
   flags.DEFINE_integer("seed", 0, "Noise seed: image i of the run draws its noise from (seed, i).")
 
 

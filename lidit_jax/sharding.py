@@ -70,6 +70,12 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules: tuple):
                             for spec, v in zip(specs, values, strict=True)])
 
 
+def axis_names(boxed_tree) -> dict[tuple, tuple]:
+  """{path of dict keys: logical axis names} of a tree of logically partitioned values (a model's `init`)."""
+  leaves = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  return {tuple(k.key for k in p): tuple(leaf.names) for p, leaf in leaves}
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 

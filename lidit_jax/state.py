@@ -3,6 +3,8 @@
 Initialisation goes eval_shape -> shardings -> jit(init, out_shardings=...), so nothing is ever
 materialised unsharded. The frozen parts (text towers, autoencoder) are separate, outside the optimizer
 state: `Setup.frozen = {"towers": {name: params}, "autoencoder": params or None}`, one argument of every step.
+With LoRA (`lora.rank` > 0) the train state's parameters are the factors (`lora.Adapter`) and the model's own
+weights are frozen too, `Setup.frozen["base"]`; `Setup.model_params` merges them into the model's parameters.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from etils import epath
 from lidit_jax import conditioners
 from lidit_jax import configs
 from lidit_jax import denoisers
+from lidit_jax import lora as lora_lib
 from lidit_jax import sharding
 from lidit_jax import text_cache
 from lidit_jax import autoencoder as autoencoder_lib
@@ -104,30 +107,47 @@ class Setup:
   state_shardings: Any
   abstract_state: Any
   null_text: Any = None  # conditioner.null=empty_prompt: text_for([""]), the unconditional text inputs
+  abstract_params: Any = None  # the model's parameters in shape, with their shardings (= abstract_state.params
+                               # but with LoRA, whose state holds the factors)
+  lora: lora_lib.Adapter | None = None
+  axis_names: dict | None = None  # {parameter path: logical axis names} of the model (LoRA files pair by them)
 
   def init_state(self, rng) -> TrainState:
     """A fresh state; with `model.init` its weights (but those `model.init_skip` names) come from the EMA of
-    another run's latest checkpoint (fine-tuning, or a backbone under new modules)."""
-    init = jax.jit(lambda r: nn.unbox(_init_state(self.config, self.model, self.towers, self.tx, r)),
-                   out_shardings=self.state_shardings)
+    another run's latest checkpoint (fine-tuning, or a backbone under new modules). With LoRA: fresh factors (the
+    model's weights are `frozen["base"]`, made with the Setup)."""
+    if self.lora is not None:
+      shapes = {tuple(k.key for k in p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(self.abstract_params)}
+      make = lambda r: _state_of(self.lora.init(r, shapes, boxed=True), self.tx)
+    else:
+      make = lambda r: _state_of(_init_params(self.config, self.model, self.towers, r), self.tx)
+    init = jax.jit(lambda r: nn.unbox(make(r)), out_shardings=self.state_shardings)
     with sharding.active(self.mesh, self.rules):
       state = init(rng)
-    params = self._with_pretrained(state.params)
+    params = state.params if self.lora is not None else self._with_pretrained(state.params)
     if params is state.params:
       return state
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))  # two buffers: both donated
 
   def init_params(self, rng):
     """The model's initial parameters alone, as `init_state` gives them (no optimizer state or EMA): a model
-    sampled as a run of its config would start (a pipeline folder, a config)."""
+    sampled as a run of its config would start (a pipeline folder, a config), LoRA's frozen base."""
     init = jax.jit(lambda r: nn.unbox(_init_params(self.config, self.model, self.towers, r)),
-                   out_shardings=self.state_shardings.params)
+                   out_shardings=jax.tree.map(lambda a: a.sharding, self.abstract_params))
     with sharding.active(self.mesh, self.rules):
       return self._with_pretrained(init(rng))
 
+  def model_params(self, params):
+    """The model's parameters from a train state's (`params` or `ema_params`): themselves, or with LoRA the frozen
+    base with the factors merged in."""
+    if self.lora is None:
+      return params
+    with sharding.active(self.mesh, self.rules):
+      return jax.jit(self.lora.merge)(self.frozen["base"], params)
+
   def _with_pretrained(self, params):
     """`params` with what `model.init` names and the conditioner's released weights (LLM4GEN's projector)."""
-    loaded = pretrained_weights(self.config, self.abstract_state.params) if self.config.model.init else {}
+    loaded = pretrained_weights(self.config, self.abstract_params) if self.config.model.init else {}
     loaded.update(conditioners.pretrained_weights(self.config))
     if not loaded:
       return params
@@ -156,8 +176,7 @@ def _init_params(config, model, towers, rng):
   return model.init(rng, **zeros)["params"]
 
 
-def _init_state(config, model, towers, tx, rng) -> TrainState:
-  params = _init_params(config, model, towers, rng)
+def _state_of(params, tx) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
 
 
@@ -182,16 +201,26 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
   towers = model_lib.abstract_towers(config) if abstract else model_lib.build_towers(config)
   tx, schedule = make_optimizer(config)
   with sharding.active(mesh, rules):
-    boxed = jax.eval_shape(lambda r: _init_state(config, model, towers, tx, r), jax.random.key(0))
-  names = [ckpt_lib.param_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed.params))]
+    boxed_params = jax.eval_shape(lambda r: _init_params(config, model, towers, r), jax.random.key(0))
+  names = [ckpt_lib.param_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed_params))]
   for key, patterns in (("model.init_skip", config.model.init_skip), ("train.freeze", config.train.freeze)):
     unused = [rx for rx in patterns if not any(re.search(rx, n) for n in names)]
     if unused:  # a pattern naming no parameter is a typo: refuse it before any compute
       raise configs.ConfigError(f"config {key} pattern {unused[0]!r} matches no parameter. Fix: use a regex "
                                 f"over parameter names such as {names[0]!r} or 'denoiser/'")
+  axis_names = sharding.axis_names(boxed_params)
+  adapter = lora_lib.Adapter.of(config.lora, axis_names, denoisers.lora_targets(config))
+  in_shape = lambda boxed: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                        nn.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules))
+  abstract_params = in_shape(boxed_params)
+  trained = boxed_params
+  if adapter is not None:
+    shapes = {tuple(k.key for k in p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    trained = jax.eval_shape(lambda r: adapter.init(r, shapes, boxed=True), jax.random.key(0))
+  with sharding.active(mesh, rules):
+    boxed = jax.eval_shape(lambda p: _state_of(p, tx), trained)
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
-  abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                nn.unbox(boxed), state_shardings)
+  abstract_state = in_shape(boxed)
   text_for = None  # abstract: shapes only
   if abstract:
     tower_params = model_lib.abstract_tower_params(towers, mesh, rules)
@@ -206,14 +235,18 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
     with sharding.active(mesh, rules):
       tower_params = model_lib.load_tower_params(config, towers, mesh, rules)
   null_text = text_for([""]) if config.conditioner.null == "empty_prompt" and not abstract else None
-  return Setup(config, model, towers, ae, {"towers": tower_params, "autoencoder": ae_params}, text_for, mesh, rules, tx,
-               schedule, state_shardings, abstract_state, null_text)
+  s = Setup(config, model, towers, ae, {"towers": tower_params, "autoencoder": ae_params}, text_for, mesh, rules, tx,
+            schedule, state_shardings, abstract_state, null_text, abstract_params, adapter, axis_names)
+  if adapter is not None:  # the model's own weights, frozen: model.init's, else the seed's initialisation
+    base = abstract_params if abstract else s.init_params(jax.random.key(config.seed))
+    s.frozen["base"] = base
+  return s
 
 
 def restore_for_inference(config, workdir: str):
-  """(Setup, EMA params, step) from the latest checkpoint in workdir, or a clear error."""
+  """(Setup, the model's EMA params, step) from the latest checkpoint in workdir, or a clear error."""
   ckpt = ckpt_lib.require(workdir)  # fail before building anything
   s = setup(config, use_text_cache=False, training=False)  # new prompts need the towers
   state, _ = ckpt.restore(s.abstract_state)
   ckpt.close()
-  return s, state.ema_params, int(state.step)
+  return s, s.model_params(state.ema_params), int(state.step)

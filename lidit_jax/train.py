@@ -276,7 +276,7 @@ def _loop(config, workdir, s, state, data, ckpt, closing) -> dict:
     if done % t.checkpoint_every == 0 or done == t.num_steps:
       ckpt.save(done, state, data.state(), config, force=True)
     if done % t.sample_every == 0 or done == t.num_steps:
-      path = save_samples(pipe, state.ema_params, workdir, done)
+      path = save_samples(pipe, s.model_params(state.ema_params), workdir, done)
       if path:
         bar.write(f"step {done}: samples -> {path}")
   if pending is not None:

@@ -42,7 +42,7 @@ def make_train_step(s: state_lib.Setup):
   def train_step(state: state_lib.TrainState, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     r_drop, r_t, r_eps = jax.random.split(rng, 3)
-    r_noise = jax.random.fold_in(rng, 4)
+    r_noise, r_lora = jax.random.fold_in(rng, 4), jax.random.fold_in(rng, 5)
     x0 = clean_latents(s.autoencoder, frozen["autoencoder"], batch["image"], jax.random.fold_in(rng, 3))
     b = x0.shape[0]
     # Noise, times and caption dropout for the whole batch, so micro-batching changes nothing but memory.
@@ -58,6 +58,8 @@ def make_train_step(s: state_lib.Setup):
         text, drop = state_lib.with_null_text(text, s.null_text, drop), None
       feats, valids, prompts = state_lib.text_inputs(s.towers, frozen["towers"], text)
       rngs = {"noise": jax.random.fold_in(r_noise, mb["noise_seed"][0])}
+      if s.lora is not None:  # the factors train; the model applies the frozen base with them merged in
+        params = s.lora.merge(frozen["base"], params, jax.random.fold_in(r_lora, mb["noise_seed"][0]))
       net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, drop, rngs=rngs)
       return jnp.mean(objective.loss(net, mb["image"], mb))
 

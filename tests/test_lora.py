@@ -30,25 +30,27 @@ def test_merged_kernels_are_the_base_plus_the_factors_product_in_torch_layout(va
   assert any(n[0] == "layers" for n in kernels.values()) != conv  # the DiT's blocks are a scanned stack
   assert any(n[:2] == (None, None) for n in kernels.values()) == conv  # the U-Net's convolutions: LoCon
   factors = lora.init(jax.random.key(1), kernels, {p: base[p].shape for p in kernels}, RANK, CONV_RANK)
-  assert len(factors) == len(kernels)
+  assert len(lora.pairs(factors)) == len(kernels)
 
   # B = 0: the base model, bit for bit
   same = flat(lora.merge(params, factors, kernels, ALPHA))
   assert all(np.array_equal(same[p], base[p]) for p in base)
 
   rng = np.random.default_rng(2)
-  factors = {k: {"A": f["A"], "B": rng.normal(size=f["B"].shape).astype(np.float32)} for k, f in factors.items()}
+  factors = jax.tree_util.tree_map_with_path(
+      lambda p, f: rng.normal(size=f.shape).astype(np.float32) if p[-1].key == "B" else f, factors)
+  pairs = lora.pairs(factors)
   merged = flat(jax.jit(lambda p, f: lora.merge(p, f, kernels, ALPHA))(params, factors))
   assert all(np.array_equal(merged[p], base[p]) for p in base if p not in kernels)  # the others untouched
   # torch's view is [out, in] (OIHW): an attention output's heads are its input, split ([H, K, D]: the DiT) or
   # already flat ([H*K, D]: the U-Net)
   out_kernel = next(p for p in kernels if p[-2] in ("out", "to_out_0"))
   *_, heads, width = base[out_kernel].shape
-  assert factors[lora.name(out_kernel)]["B"].shape[-2] == width
-  assert factors[lora.name(out_kernel)]["A"].shape[-1] == base[out_kernel][..., 0].size // (
+  assert pairs[out_kernel]["B"].shape[-2] == width
+  assert pairs[out_kernel]["A"].shape[-1] == base[out_kernel][..., 0].size // (
       base[out_kernel].shape[0] if kernels[out_kernel][0] == "layers" else 1)
   for path, n in kernels.items():
-    f = factors[lora.name(path)]
+    f = pairs[path]
     a, b = np.asarray(f["A"]), np.asarray(f["B"])
     if n[0] != "layers":
       a, b = a[None], b[None]
@@ -66,7 +68,7 @@ def test_convolutions_take_no_factors_without_a_conv_rank():
   abstract = state.setup(config, abstract=True).abstract_state.params
   shapes = {tuple(k.key for k in p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   kernels = lora.targets(export.model_axis_names(config), [r"denoiser/"])
-  convs = {lora.name(p) for p in kernels if len(shapes[p]) == 4}
-  factors = lora.init(jax.random.key(0), kernels, shapes, RANK, conv_rank=0)
+  convs = {p for p in kernels if len(shapes[p]) == 4}
+  factors = lora.pairs(lora.init(jax.random.key(0), kernels, shapes, RANK, conv_rank=0))
   assert convs and factors and not convs & set(factors)
-  assert set(factors) == {lora.name(p) for p in kernels} - convs
+  assert set(factors) == set(kernels) - convs

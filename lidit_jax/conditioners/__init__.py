@@ -18,6 +18,7 @@ them over. The contract:
       family's `denoisers.Geometry`, e.g. the context width it wants)
   pretrained_weights(section) -> {"conditioner/...": array}   optional: released weights a run starts from
       (LLM4GEN's projector, `conditioner.cam.init`)
+  LORA_TARGETS: regexes over kernel names   optional: its kernels that `lora.targets=()` gives pairs (attention)
 A new conditioner is one file here plus its name below.
 """
 from __future__ import annotations

@@ -17,6 +17,8 @@ Dtype = Any
 
 # rope: rotary word positions in the token refiners; feature_norm: the LLM features RMS-normalised (no weights)
 # before the refiner reads them, so a tower's scale cannot swamp the timestep in c. Neither is in the paper.
+# LoRA by default: the token and collaborative refiners' attention projections
+LORA_TARGETS = (r"^conditioner/.*/(attn|cross_attn)/(query|key|value|out)/kernel$",)
 CONFIG_DEFAULTS = {"model": {"refiner": dict(depth=2, num_heads=4, mlp_ratio=4.0, causal=False, gated=True,
                                              fusion="collaborative", rope=False, feature_norm=False, qk_norm=True)}}
 

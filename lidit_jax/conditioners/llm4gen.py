@@ -23,6 +23,8 @@ from lidit_jax.models import adapters, layers
 Dtype = Any
 
 # conditioner.kind=llm4gen: the towers standing for CLIP and the LLM, and the released module's values
+# LoRA by default: the Cross-Adapter Module's attention projections
+LORA_TARGETS = (r"^conditioner/cam/.*/attn/(query|key|value|out)/kernel$",)
 CONFIG_DEFAULTS = {"conditioner": {"cam": dict(clip="clip", llm="t5", num_blocks=1, num_heads=8, lam=1.0,
                                                llm_first=False, mask_llm=False, init="", allow_pickle=False)}}
 

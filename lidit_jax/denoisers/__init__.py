@@ -30,6 +30,10 @@ functions receive the family's own section (`section`: the one its CONFIG_DEFAUL
       where) -> {key: array}   optional: whether a model of the family is one its released pipelines run (else a
       UserError by name), and the model back in its pipeline folder's layout or in one original single file
       (`python -m lidit_jax.export diffusers`)
+  lora_module_key(path, layer) -> str   optional: the module name a LoRA file gives the kernel at `path` (the U-Net
+      family: diffusers' `unet.down_blocks.0...`); without it `torch_view.module_key` (`export safetensors`' names)
+  LORA_TARGETS: regexes over kernel names   optional: the kernels `lora.targets=()` gives pairs (its attention
+      projections); a conditioner's own are added (conditioners.LORA_TARGETS)
 A new family is one file here plus its name below and a config.
 """
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import NamedTuple
 
 import flax.linen as nn
 
-from lidit_jax import conditioners
+from lidit_jax import conditioners, torch_view
 from lidit_jax.config_checks import ConfigError, fail, plugin_section
 
 FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet"}
@@ -78,6 +82,16 @@ def geometry(config) -> Geometry:
 def shared(config) -> Shared:
   return Shared(latent_hwc(config), config.autoencoder.factor, config.model.dtype, config.model.remat,
                 config.conditioner.null)
+
+
+def lora_targets(config) -> tuple:
+  """The default `lora.targets`: the family's and its conditioner's (LORA_TARGETS in their files)."""
+  return (*getattr(family(config), "LORA_TARGETS", ()), *getattr(conditioners.conditioner(config), "LORA_TARGETS", ()))
+
+
+def lora_module_key(config):
+  """(path, layer) -> the module name a LoRA file of this family uses for the kernel at `path`."""
+  return getattr(family(config), "lora_module_key", torch_view.module_key)
 
 
 def build(config, attention: str) -> nn.Module:

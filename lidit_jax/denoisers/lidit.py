@@ -20,6 +20,8 @@ from lidit_jax.models import layers
 Dtype = Any
 
 # Its fields in the shared `model` section (configs.base_config adds them).
+# LoRA by default: the blocks' attention projections (`lora.targets`)
+LORA_TARGETS = (r"^denoiser/blocks/.*/(self_attn|cross_attn)/(query|key|value|out)/kernel$",)
 CONFIG_DEFAULTS = {"model": dict(
     width=128, depth=4, num_heads=4, patch_size=2, mlp_ratio=4.0, qk_norm=True, pos_embed="resblock", scan=True,
     modulation="block")}  # adaLN-Zero per block (LI-DiT), or "single" (PixArt-alpha's adaLN-single)

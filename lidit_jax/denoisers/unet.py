@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import conditioners, denoisers, prompt
+from lidit_jax import conditioners, denoisers, prompt, torch_view
 from lidit_jax.cli import UserError
 from lidit_jax.config_checks import fail, one_of, tower, tower_names
 from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text, registry, sd_single_file
@@ -28,6 +28,9 @@ from lidit_jax.objectives import ddpm
 Dtype = Any
 
 # model.family=unet: diffusers' UNet2DConditionModel fields (per-block ones as tuples or one value), SD 1.x's
+# LoRA by default: every transformer block's attention projections, as diffusers' LoRA scripts target them
+# (to_q / to_k / to_v / to_out.0; the Diff Adapter's second attention too)
+LORA_TARGETS = (r"^denoiser/.*/attn(1|2|2_new)/(to_q|to_k|to_v|to_out_0)/kernel$",)
 CONFIG_DEFAULTS = {"unet": dict(
     block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, num_heads=8,
@@ -376,6 +379,15 @@ def _parts(backend, where: str):
       encoders.append((name, module.cfg, params))
   return (source, index, unet_cfg, to_f32(backend.params["model"]["denoiser"]), backend.setup.autoencoder.module.cfg,
           to_f32(backend.params["frozen"]["autoencoder"]), encoders)
+
+
+def lora_module_key(path: tuple[str, ...], layer=None) -> str:
+  """A LoRA file's module name for a kernel, as diffusers' `save_lora_weights` writes a U-Net's (`unet.` + its
+  state-dict key: `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`); what is not the U-Net's (a
+  conditioner's) keeps the documented name (`torch_view.module_key`)."""
+  if path[0] != "denoiser" or layer is not None:
+    return torch_view.module_key(path, layer)
+  return "unet." + diffusers_unet.torch_key(path[1:]).rpartition(".")[0]
 
 
 def export_pipeline(backend, out: str, save) -> None:
