@@ -37,6 +37,7 @@ setup(
         # pulls a multi-GB CUDA build.
         "test": ["pytest>=8", "pytest-xdist>=3.5",  # two workers, one test file each at a time
                  "torch==2.13.0", "diffusers>=0.31",
+                 "peft==0.21.2",  # LoRA parity: diffusers' load_lora_weights / save_lora_weights use it
                  "scikit-image>=0.24",  # its package data: real photos for the data tests
                  # libtpu: the TPU compiler, for compiling configs for TPU slices here (no TPU needed)
                  "jax[tpu]>=0.6,<0.11"],

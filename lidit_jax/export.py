@@ -186,12 +186,13 @@ def export_safetensors(workdir: str, out: str, dtype=np.float32, overwrite: bool
 
 
 def export_lora(workdir: str, out: str, fmt: str = "diffusers", overwrite: bool = False) -> str:
-  """The EMA factors of a LoRA run's latest checkpoint (`lora.rank` > 0) as one safetensors file in the layout
-  `lora.to_file` documents: diffusers' / peft's ("{module}.lora_A.weight", "{module}.lora_B.weight", alpha in
-  `lora_adapter_metadata`), the U-Net family's modules under diffusers' names (`unet.down_blocks.0...`), the
-  others under `export safetensors`' (a stack's pairs one per layer). Nothing of the base is read or written."""
-  if fmt != "diffusers":
-    raise UserError(f"--format {fmt!r}: only 'diffusers' is written so far. Fix: pass --format diffusers")
+  """The EMA factors of a LoRA run's latest checkpoint (`lora.rank` > 0) as one safetensors file in a layout
+  `lora` documents: diffusers' / peft's ("{module}.lora_A.weight", "{module}.lora_B.weight", alpha in
+  `lora_adapter_metadata`) or kohya's ("lora_{module}.lora_down.weight", "lora_up", ".alpha"); the U-Net family's
+  modules under diffusers' names (`unet.down_blocks.0...`), the others under `export safetensors`' (a stack's pairs
+  one per layer). Nothing of the base is read or written."""
+  if fmt not in lora.FORMATS:
+    raise UserError(f"format={fmt!r}: not a LoRA layout. Fix: pass one of {', '.join(lora.FORMATS)}")
   check_out("lora", out, overwrite, [workdir])
   ckpt = ckpt_lib.require(workdir)
   config = configs.read_saved(workdir)
@@ -203,7 +204,7 @@ def export_lora(workdir: str, out: str, fmt: str = "diffusers", overwrite: bool 
   state, _ = ckpt.restore(s.abstract_state)
   step = int(state.step)
   ckpt.close()
-  tensors, meta = lora.to_file(state.ema_params, s.lora.kernels, s.lora.alpha, denoisers.lora_module_key(config))
+  tensors, meta = lora.to_file(state.ema_params, s.lora.kernels, s.lora.alpha, denoisers.lora_names(config), fmt)
   meta.update({"format": "pt", "lidit_jax.config": config.to_json_best_effort(), "lidit_jax.step": str(step),
                METADATA_KEY: "lora"})
   with _staged("lora", out, overwrite, _nbytes(tensors, np.float32)) as tmp:
@@ -238,8 +239,9 @@ def main(argv=None) -> int:
   r = sub.add_parser("lora", help="a LoRA run's factors (EMA) -> one safetensors LoRA file")
   r.add_argument("src", help="training workdir of a LoRA run (lora.rank > 0)")
   r.add_argument("out", help="new .safetensors file")
-  r.add_argument("--format", default="diffusers", choices=("diffusers",),
-                 help="diffusers / peft keys (`load_lora_weights`, `Pipeline.load_lora`)")
+  r.add_argument("--format", default="diffusers", choices=lora.FORMATS,
+                 help="diffusers / peft keys (`load_lora_weights`), or kohya's (`lora_unet_...lora_down`, A1111, "
+                 "ComfyUI); `Pipeline.load_lora` reads both")
   _add_overwrite_flag(r)
   cli.add_debug_flag(r)
   args = parser.parse_args(argv)

@@ -168,72 +168,121 @@ class Adapter:
     return merge(params, factors, self.kernels, self.alpha, self.dropout, rng)
 
 
-# ---- files: a pair per module, "{module}.lora_A.weight" [r, in(, kh, kw)] / "{module}.lora_B.weight" [out, r(, 1, 1)]
-# as peft's state dicts and diffusers' `save_lora_weights` name them, the module named as `export safetensors` names
-# the kernel's weight (`torch_view.module_key`: a stack's layers numbered). The scale alpha / r: peft's adapter
-# metadata (`lora_adapter_metadata`: {"r", "lora_alpha", "rank_pattern", "alpha_pattern"}, as diffusers writes
-# it) or kohya's per-module "{module}.alpha"; neither: alpha = r.
+# ---- files. Two layouts, a pair per module:
+#   diffusers / peft: "{module}.lora_A.weight" [r, in(, kh, kw)], "{module}.lora_B.weight" [out, r(, 1, 1)], the
+#     scale in peft's LoraConfig in the metadata (`lora_adapter_metadata`, its fields prefixed by the component as
+#     diffusers' `save_lora_weights` packs them: "unet.lora_alpha", "unet.alpha_pattern"; or bare, as peft saves one
+#     model); without it alpha = r;
+#   kohya / A1111: "lora_{module with . -> _}.lora_down.weight" (A), ".lora_up.weight" (B), ".alpha" (a scalar).
+# A module is named as `export safetensors` names the kernel's weight (`torch_view.module_key`: a stack's layers
+# numbered) or as its family names it (`denoisers.lora_names`: the U-Net's diffusers / original / ComfyUI names);
+# reading accepts every name the family gives, in either layout.
 METADATA = "lora_adapter_metadata"
+FORMATS = ("diffusers", "kohya")
+_SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_down.weight": "A", "lora_up.weight": "B"}
 
 
-def to_file(factors, kernels: dict, alpha: float, module_key=torch_view.module_key) -> tuple[dict, dict]:
-  """({key: array}, metadata) of a run's factors in the layout above (a stack's pairs one per layer); `module_key`
-  (path, layer) -> name (a family's own: the U-Net's diffusers names, `denoisers.lora_module_key`)."""
+def kohya_name(module: str) -> str:
+  return "lora_" + module.replace(".", "_")
+
+
+def _matches(pattern: str, module: str) -> bool:
+  """peft's rank_pattern / alpha_pattern rule: the key names the module or a dotted suffix of it (a regex)."""
+  return re.match(rf"(.*\.)?({pattern})$", module) is not None
+
+
+def _config_of(meta: dict, module: str) -> tuple[dict, str]:
+  """(the LoraConfig fields that apply to `module`, its name relative to them)."""
+  prefix, _, rest = module.partition(".")
+  fields = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+  return (fields, rest) if fields else (meta, module)
+
+
+def default_names(path, layer=None) -> list[str]:
+  """A kernel's module name where its family gives none: `export safetensors`' (`torch_view.module_key`)."""
+  return [torch_view.module_key(path, layer)]
+
+
+def to_file(factors, kernels: dict, alpha: float, names=default_names, fmt: str = "diffusers"):
+  """({key: array}, metadata) of a run's factors in layout `fmt` (a stack's pairs one per layer); `names`: the
+  family's (`denoisers.lora_names`), the first of which is written."""
   tensors, ranks = {}, {}
   for path, f in sorted(pairs(factors).items()):
     stacked = _layers(kernels[path])[0]
-    layers = range(f["A"].shape[0]) if stacked else [None]
-    for i in layers:
-      key = module_key(path, i)
-      tensors[f"{key}.lora_A.weight"] = np.asarray(f["A"] if i is None else f["A"][i], np.float32)
-      tensors[f"{key}.lora_B.weight"] = np.asarray(f["B"] if i is None else f["B"][i], np.float32)
-      ranks[key] = tensors[f"{key}.lora_A.weight"].shape[0]
-  r = max(ranks.values(), default=0, key=list(ranks.values()).count)  # the most common rank
-  meta = {"r": r, "lora_alpha": alpha or r,
-          "rank_pattern": {k: v for k, v in ranks.items() if v != r},
-          "alpha_pattern": {k: alpha or v for k, v in ranks.items() if (alpha or v) != (alpha or r)}}
+    for i in (range(f["A"].shape[0]) if stacked else [None]):
+      module = names(path, i)[0]
+      a, b = (np.asarray(f[x] if i is None else f[x][i], np.float32) for x in "AB")
+      ranks[module] = a.shape[0]
+      if fmt == "kohya":
+        key = kohya_name(module)
+        tensors.update({f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b,
+                        f"{key}.alpha": np.asarray(alpha or a.shape[0], np.float32)})
+      else:
+        tensors.update({f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b})
+  if fmt == "kohya":
+    return tensors, {}
+  meta = {}  # one LoraConfig per component ("unet", "denoiser", "conditioner"), as diffusers packs them
+  for prefix in sorted({k.partition(".")[0] for k in ranks}):
+    mine = {k.partition(".")[2]: v for k, v in ranks.items() if k.startswith(prefix + ".")}
+    r = max(mine.values(), key=list(mine.values()).count)  # the most common rank
+    fields = {"r": r, "lora_alpha": alpha or r, "target_modules": sorted(mine),
+              "rank_pattern": {k: v for k, v in mine.items() if v != r},
+              "alpha_pattern": {k: alpha or v for k, v in mine.items() if (alpha or v) != (alpha or r)}}
+    meta.update({f"{prefix}.{k}": v for k, v in fields.items()})
   return tensors, {METADATA: json.dumps(meta)}
 
 
 def from_file(tensors: dict, metadata: dict | None, kernels: dict, shapes: dict, scale: float = 1.0,
-              module_key=torch_view.module_key):
+              names=default_names):
   """(factors, kernels they pair with) that `merge(params, factors, kernels, alpha=0)` applies as the file's LoRA
   times `scale`: alpha / r folded into B, a stack's layers (the file's per layer) gathered with zeros for layers
   the file leaves out (and ranks padded with zero rows: the same product). `kernels`: {path: logical names} of
-  every kernel of the model. A key naming no kernel, or a pair of the wrong shape, is a ValueError by name."""
+  every kernel of the model; `names`: the family's module names. A key naming no kernel, or a pair of the wrong
+  shape, is a ValueError by name."""
   meta = json.loads((metadata or {}).get(METADATA, "{}"))
-  by_module = {}
-  for key in tensors:
-    module, _, rest = key.rpartition(".lora_")
-    if rest in ("A.weight", "B.weight"):
-      by_module.setdefault(module, {})[rest[0]] = np.asarray(tensors[key], np.float32)
-  where = {}  # module key -> (kernel path, layer or None)
-  for path, names in kernels.items():
-    stacked = _layers(names)[0]
+  where = {}  # every name a file may give a module (either layout) -> (kernel path, layer or None, peft's name)
+  for path, logical in kernels.items():
+    stacked = _layers(logical)[0]
     for i in (range(shapes[path][0]) if stacked else [None]):
-      where[module_key(path, i)] = (path, i)
-  alphas = {k[:-len(".alpha")]: float(np.asarray(v)) for k, v in tensors.items() if k.endswith(".alpha")}
-  unused = sorted(set(tensors) - {f"{m}.lora_{x}.weight" for m in by_module if m in where for x in "AB"}
-                  - {f"{m}.alpha" for m in alphas if m in by_module and m in where})
+      for module in names(path, i):
+        where[module] = where[kohya_name(module)] = (path, i, module)
+  by_module, used, alphas = {}, set(), {}
+  for key, value in tensors.items():
+    module, _, suffix = key.partition(".lora_")
+    suffix = "lora_" + suffix if suffix else None
+    if suffix not in _SUFFIXES and key.endswith(".alpha"):
+      module, suffix = key[:-len(".alpha")], "alpha"
+    if module in where and (suffix in _SUFFIXES or suffix == "alpha"):
+      used.add(key)
+      if suffix == "alpha":
+        alphas[where[module]] = float(np.asarray(value))
+      else:
+        by_module.setdefault(where[module], {})[_SUFFIXES[suffix]] = (key, np.asarray(value, np.float32))
+  unused = sorted(set(tensors) - used)
   if unused:
     raise ValueError(f"lora: {len(unused)} key(s) of the file pair with no kernel of this model, the first "
                      f"{unused[:5]}. Fix: load a LoRA made for this model (its keys name modules such as "
                      f"{next(iter(where), '?')!r})")
   scaled = {}  # kernel path -> {layer: (A, B * alpha / r * scale)}
-  for module, ab in by_module.items():
+  for (path, layer, module), ab in by_module.items():
     if set(ab) != {"A", "B"}:
-      raise ValueError(f"lora: {module} has lora_{next(iter(ab))} without its partner. Fix: use a complete file")
-    path, layer = where[module]
+      raise ValueError(f"lora: {next(iter(ab.values()))[0]} has no partner (A and B). Fix: use a complete file")
     stacked, one = _layers(kernels[path])
     o, n_in, spatial = _torch_shape(one, shapes[path][stacked:])
-    r = ab["A"].shape[0]
+    r = ab["A"][1].shape[0]
     want = {"A": (r, n_in, *spatial), "B": (o, r, *(1,) * len(spatial))}
     for x in "AB":
-      if ab[x].shape != want[x]:
-        raise ValueError(f"lora: {module}.lora_{x}.weight has shape {ab[x].shape}, this model's {'/'.join(path)} "
-                         f"needs {want[x]}: the LoRA was made for another model. Fix: load one made for this model")
-    alpha = alphas.get(module, meta.get("alpha_pattern", {}).get(module, meta.get("lora_alpha", r)))
-    scaled.setdefault(path, {})[layer] = (ab["A"], ab["B"] * (alpha / r * scale))
+      key, value = ab[x]
+      if value.shape != want[x]:
+        raise ValueError(f"lora: {key} has shape {value.shape}, this model's {'/'.join(path)} needs {want[x]}: the "
+                         "LoRA was made for another model. Fix: load one made for this model")
+    if (path, layer, module) in alphas:  # kohya's
+      alpha = alphas[(path, layer, module)]
+    else:
+      fields, name_there = _config_of(meta, module)
+      alpha = next((float(v) for k, v in (fields.get("alpha_pattern") or {}).items() if _matches(k, name_there)),
+                   float(fields.get("lora_alpha") or r))
+    scaled.setdefault(path, {})[layer] = (ab["A"][1], ab["B"][1] * (alpha / r * scale))
   factors = {}
   for path, layers in scaled.items():
     r = max(a.shape[0] for a, _ in layers.values())

@@ -62,7 +62,8 @@ class Pipeline:
     return pipe
 
   def load_lora(self, path, scale: float = 1.0) -> "Pipeline":
-    """Merge a LoRA file (`lora.from_file`'s layout: what `export lora` and peft write for this model) into the
+    """Merge a LoRA file (diffusers' / peft's or kohya's layout, `lora.from_file`: what `export lora` writes, and the
+    PyTorch tools for this model) into the
     weights, times `scale`; several stack (each merged in turn: their deltas add). Merged once rather than applied
     at every step: sampling then costs what it did, and the compiled samplers (the weights are their argument)
     are reused. Returns the pipeline (changed in place)."""
@@ -84,7 +85,7 @@ class Pipeline:
     flat = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(b.params["model"])}
     kernels = {p: n for p, n in s.axis_names.items() if p[-1] == "kernel" and len(n) >= 2}
     factors, paired = lora.from_file(tensors, metadata, kernels, {p: flat[p].shape for p in kernels}, scale,
-                                     denoisers.lora_module_key(s.config))
+                                     denoisers.lora_names(s.config))
     with sharding.active(s.mesh, s.rules):
       params = jax.jit(lambda p, f: lora.merge(p, f, paired, 0.0))(b.params["model"], factors)
     self.backend = dataclasses.replace(b, params={**b.params, "model": params})

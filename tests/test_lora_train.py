@@ -97,7 +97,10 @@ def test_lora_trains_resumes_samples_exports_and_loads(make, kernels, module, tm
   layers = lambda t: saved[f"{t}/A"].shape[0] if s.lora.kernels[tuple(t.split("/"))][0] == "layers" else 1
   assert {f"{module}.lora_A.weight", f"{module}.lora_B.weight"} <= keys
   assert len(keys) == 2 * sum(map(layers, targets))  # a stack (the DiT's blocks): a pair per layer
-  assert json.loads(meta[lora.METADATA])["lora_alpha"] == 4.0 and json.loads(meta[lora.METADATA])["r"] == 2
+  fields = json.loads(meta[lora.METADATA])  # peft's LoraConfig per component, as diffusers packs it ("unet.r")
+  component = module.partition(".")[0]
+  assert fields[f"{component}.lora_alpha"] == 4.0 and fields[f"{component}.r"] == 2
+  assert module.partition(".")[2] in fields[f"{component}.target_modules"]
   loaded = Pipeline.from_pretrained(base_config).load_lora(out)
   for n, v in flat(loaded.backend.params["model"]).items():
     np.testing.assert_allclose(v, merged[n], rtol=1e-5, atol=1e-6, err_msg=n)

@@ -30,8 +30,10 @@ functions receive the family's own section (`section`: the one its CONFIG_DEFAUL
       where) -> {key: array}   optional: whether a model of the family is one its released pipelines run (else a
       UserError by name), and the model back in its pipeline folder's layout or in one original single file
       (`python -m lidit_jax.export diffusers`)
-  lora_module_key(path, layer) -> str   optional: the module name a LoRA file gives the kernel at `path` (the U-Net
-      family: diffusers' `unet.down_blocks.0...`); without it `torch_view.module_key` (`export safetensors`' names)
+  lora_names(section, shared) -> (path, layer) -> [name, ...]   optional: the module names LoRA files give the
+      kernel at `path` (layer: of a stack), the first what `export lora` writes (the U-Net family: diffusers'
+      `unet.down_blocks.0...`, the original layout's, ComfyUI's); without it `torch_view.module_key`, `export
+      safetensors`' name
   LORA_TARGETS: regexes over kernel names   optional: the kernels `lora.targets=()` gives pairs (its attention
       projections); a conditioner's own are added (conditioners.LORA_TARGETS)
 A new family is one file here plus its name below and a config.
@@ -44,7 +46,7 @@ from typing import NamedTuple
 
 import flax.linen as nn
 
-from lidit_jax import conditioners, torch_view
+from lidit_jax import conditioners, lora
 from lidit_jax.config_checks import ConfigError, fail, plugin_section
 
 FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet"}
@@ -89,9 +91,12 @@ def lora_targets(config) -> tuple:
   return (*getattr(family(config), "LORA_TARGETS", ()), *getattr(conditioners.conditioner(config), "LORA_TARGETS", ()))
 
 
-def lora_module_key(config):
-  """(path, layer) -> the module name a LoRA file of this family uses for the kernel at `path`."""
-  return getattr(family(config), "lora_module_key", torch_view.module_key)
+def lora_names(config):
+  """(path, layer) -> the module names LoRA files of this family give the kernel at `path`, the written one first."""
+  module = family(config)
+  if hasattr(module, "lora_names"):
+    return module.lora_names(plugin_section(config, module), shared(config))
+  return lora.default_names
 
 
 def build(config, attention: str) -> nn.Module:

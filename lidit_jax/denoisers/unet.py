@@ -381,13 +381,21 @@ def _parts(backend, where: str):
           to_f32(backend.params["frozen"]["autoencoder"]), encoders)
 
 
-def lora_module_key(path: tuple[str, ...], layer=None) -> str:
-  """A LoRA file's module name for a kernel, as diffusers' `save_lora_weights` writes a U-Net's (`unet.` + its
-  state-dict key: `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`); what is not the U-Net's (a
-  conditioner's) keeps the documented name (`torch_view.module_key`)."""
-  if path[0] != "denoiser" or layer is not None:
-    return torch_view.module_key(path, layer)
-  return "unet." + diffusers_unet.torch_key(path[1:]).rpartition(".")[0]
+def lora_names(u, shared):
+  """(path, layer) -> the module names LoRA files give a kernel, the first the one `export lora` writes: diffusers'
+  (`unet.` + its state-dict module, as `save_lora_weights` writes: `unet.down_blocks.0.attentions.0.
+  transformer_blocks.0.attn1.to_q`), the original layout's (`unet.input_blocks.1.1...`, whose kohya form is the
+  SGM naming kohya's SDXL files use) and ComfyUI's (`diffusion_model.input_blocks.1.1...`). What is not the U-Net's
+  (a conditioner's) keeps the documented name."""
+  ldm = diffusers_unet.ldm_modules(unet_config(u, shared.latent_hwc))
+
+  def names(path, layer=None) -> list[str]:
+    if path[0] != "denoiser" or layer is not None:
+      return [torch_view.module_key(path, layer)]
+    module = diffusers_unet.torch_key(path[1:]).rpartition(".")[0]
+    original = diffusers_unet.ldm_key(module + ".weight", ldm).rpartition(".")[0]
+    return [f"unet.{module}", f"unet.{original}", f"diffusion_model.{original}"]
+  return names
 
 
 def export_pipeline(backend, out: str, save) -> None:
