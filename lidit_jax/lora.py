@@ -232,21 +232,14 @@ def to_file(factors, kernels: dict, alpha: float, names=default_names, fmt: str 
   return tensors, {METADATA: json.dumps(meta)}
 
 
-def from_file(tensors: dict, metadata: dict | None, kernels: dict, shapes: dict, scale: float = 1.0,
-              names=default_names):
-  """(factors, kernels they pair with) that `merge(params, factors, kernels, alpha=0)` applies as the file's LoRA
-  times `scale`: alpha / r folded into B, a stack's layers (the file's per layer) gathered with zeros for layers
-  the file leaves out (and ranks padded with zero rows: the same product). `kernels`: {path: logical names} of
-  every kernel of the model; `names`: the family's module names. A key naming no kernel, or a pair of the wrong
-  shape, is a ValueError by name."""
+def read(tensors: dict, metadata: dict | None, where: dict, scale: float = 1.0) -> dict:
+  """{slot: (A, B * alpha / r * scale)} of a LoRA file. `where`: {module name: (slot, torch shape (out, in,
+  *spatial), what it is, for messages)} of every module a file may name (its kohya form is added here). A key
+  naming no module, a pair without its partner or of the wrong shape is a ValueError by name."""
   meta = json.loads((metadata or {}).get(METADATA, "{}"))
-  where = {}  # every name a file may give a module (either layout) -> (kernel path, layer or None, peft's name)
-  for path, logical in kernels.items():
-    stacked = _layers(logical)[0]
-    for i in (range(shapes[path][0]) if stacked else [None]):
-      for module in names(path, i):
-        where[module] = where[kohya_name(module)] = (path, i, module)
-  by_module, used, alphas = {}, set(), {}
+  where = {**where, **{kohya_name(m): v for m, v in where.items()}}
+  names = {kohya_name(m): m for m in list(where)}  # a module's peft name, for its LoraConfig's patterns
+  by_slot, used, alphas = {}, set(), {}
   for key, value in tensors.items():
     module, _, suffix = key.partition(".lora_")
     suffix = "lora_" + suffix if suffix else None
@@ -254,37 +247,58 @@ def from_file(tensors: dict, metadata: dict | None, kernels: dict, shapes: dict,
       module, suffix = key[:-len(".alpha")], "alpha"
     if module in where and (suffix in _SUFFIXES or suffix == "alpha"):
       used.add(key)
+      slot = where[module][0]
       if suffix == "alpha":
-        alphas[where[module]] = float(np.asarray(value))
+        alphas[slot] = float(np.asarray(value))
       else:
-        by_module.setdefault(where[module], {})[_SUFFIXES[suffix]] = (key, np.asarray(value, np.float32))
+        by_slot.setdefault(slot, {"module": names.get(module, module)})[_SUFFIXES[suffix]] = (key, module, value)
   unused = sorted(set(tensors) - used)
   if unused:
     raise ValueError(f"lora: {len(unused)} key(s) of the file pair with no kernel of this model, the first "
                      f"{unused[:5]}. Fix: load a LoRA made for this model (its keys name modules such as "
                      f"{next(iter(where), '?')!r})")
-  scaled = {}  # kernel path -> {layer: (A, B * alpha / r * scale)}
-  for (path, layer, module), ab in by_module.items():
-    if set(ab) != {"A", "B"}:
-      raise ValueError(f"lora: {next(iter(ab.values()))[0]} has no partner (A and B). Fix: use a complete file")
-    stacked, one = _layers(kernels[path])
-    o, n_in, spatial = _torch_shape(one, shapes[path][stacked:])
-    r = ab["A"][1].shape[0]
-    want = {"A": (r, n_in, *spatial), "B": (o, r, *(1,) * len(spatial))}
-    for x in "AB":
-      key, value = ab[x]
-      if value.shape != want[x]:
-        raise ValueError(f"lora: {key} has shape {value.shape}, this model's {'/'.join(path)} needs {want[x]}: the "
-                         "LoRA was made for another model. Fix: load one made for this model")
-    if (path, layer, module) in alphas:  # kohya's
-      alpha = alphas[(path, layer, module)]
+  out = {}
+  for slot, ab in by_slot.items():
+    if not {"A", "B"} <= set(ab):
+      raise ValueError(f"lora: {ab.get('A', ab.get('B'))[0]} has no partner (A and B). Fix: use a complete file")
+    a, b = (np.asarray(ab[x][2], np.float32) for x in "AB")
+    _, (o, n_in, *spatial), what = where[ab["A"][1]]
+    r = a.shape[0]
+    for x, value, want in (("A", a, (r, n_in, *spatial)), ("B", b, (o, r, *(1,) * len(spatial)))):
+      if value.shape != want:
+        raise ValueError(f"lora: {ab[x][0]} has shape {value.shape}, this model's {what} needs {want}: the LoRA "
+                         "was made for another model. Fix: load one made for this model")
+    if slot in alphas:  # kohya's
+      alpha = alphas[slot]
     else:
-      fields, name_there = _config_of(meta, module)
+      fields, name_there = _config_of(meta, ab["module"])
       alpha = next((float(v) for k, v in (fields.get("alpha_pattern") or {}).items() if _matches(k, name_there)),
                    float(fields.get("lora_alpha") or r))
-    scaled.setdefault(path, {})[layer] = (ab["A"][1], ab["B"][1] * (alpha / r * scale))
+    out[slot] = (a, b * (alpha / r * scale))
+  return out
+
+
+def model_slots(kernels: dict, shapes: dict, names=default_names) -> dict:
+  """`read`'s `where` for a model's kernels ({path: logical names}, {path: shape}): slot (path, layer)."""
+  where = {}
+  for path, logical in kernels.items():
+    stacked, one = _layers(logical)
+    torch_shape = _torch_shape(one, shapes[path][stacked:])
+    for i in (range(shapes[path][0]) if stacked else [None]):
+      for module in names(path, i):
+        where[module] = ((path, i), (torch_shape[0], torch_shape[1], *torch_shape[2]), "/".join(path))
+  return where
+
+
+def as_factors(pairs_read: dict, kernels: dict, shapes: dict):
+  """(factors, the kernels they pair with) that `merge(params, factors, kernels, alpha=0)` applies: a stack's layers
+  (a file's are per layer) gathered with zeros for the layers a file leaves out, ranks padded with zero rows (the
+  same product)."""
+  by_path = {}
+  for (path, layer), ab in pairs_read.items():
+    by_path.setdefault(path, {})[layer] = ab
   factors = {}
-  for path, layers in scaled.items():
+  for path, layers in by_path.items():
     r = max(a.shape[0] for a, _ in layers.values())
     pad = lambda a, b: (np.pad(a, [(0, r - a.shape[0])] + [(0, 0)] * (a.ndim - 1)),
                         np.pad(b, [(0, 0), (0, r - b.shape[1])] + [(0, 0)] * (b.ndim - 2)))
@@ -296,7 +310,38 @@ def from_file(tensors: dict, metadata: dict | None, kernels: dict, shapes: dict,
                for i in range(shapes[path][0])]
       a, b = np.stack([x for x, _ in stack]), np.stack([y for _, y in stack])
     factors[(*path, "A")], factors[(*path, "B")] = a, b
-  return traverse_util.unflatten_dict(factors), {p: kernels[p] for p in scaled}
+  return traverse_util.unflatten_dict(factors), {p: kernels[p] for p in by_path}
+
+
+def tower_slots(name: str, plan: dict, shapes: dict, prefixes) -> dict:
+  """`read`'s `where` for a frozen text tower's Dense kernels, named by its converter `plan` (the Hugging Face key
+  of each layer's weight: `encoder.layers.0.self_attn.q_proj`, also under `text_model.`) after each of `prefixes`
+  (`text_encoder`, kohya's `te1`): slot (name, path, layer)."""
+  where = {}
+  for path, src in plan.items():
+    if path[-1] != "kernel" or not hasattr(src.transform, "inverse"):
+      continue
+    one = shapes[path][1:] if src.stacked else shapes[path]
+    o, n_in = src.transform.inverse(np.zeros(one, np.float32)).shape
+    for i, key in enumerate(src.keys):
+      module = key.removesuffix(".weight")
+      for prefix in prefixes:
+        for full in (module, f"text_model.{module}"):
+          where[f"{prefix}.{full}"] = ((name, path, i if src.stacked else None), (o, n_in), f"{name}: {key}")
+  return where
+
+
+def tower_deltas(pairs_read: dict, plan: dict, shapes: dict) -> dict:
+  """{path: delta} of a tower's kernels from `read`'s pairs of its slots (the converter's transform of B @ A: it
+  maps a PyTorch weight into our kernel, linearly)."""
+  deltas = {}
+  for (_, path, layer), (a, b) in pairs_read.items():
+    d = plan[path].transform(b @ a)
+    if layer is None:
+      deltas[path] = deltas.get(path, 0) + d
+    else:
+      deltas.setdefault(path, np.zeros(shapes[path], np.float32))[layer] += d
+  return deltas
 
 
 def validate(section) -> None:

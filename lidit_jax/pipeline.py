@@ -84,11 +84,30 @@ class Pipeline:
     b, s = self.backend, self.backend.setup
     flat = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(b.params["model"])}
     kernels = {p: n for p, n in s.axis_names.items() if p[-1] == "kernel" and len(n) >= 2}
-    factors, paired = lora.from_file(tensors, metadata, kernels, {p: flat[p].shape for p in kernels}, scale,
-                                     denoisers.lora_names(s.config))
+    shapes = {p: flat[p].shape for p in kernels}
+    where = lora.model_slots(kernels, shapes, denoisers.lora_names(s.config))
+    towers, plans, seen = dict(b.params["frozen"]["towers"]), {}, []
+    for t in s.towers:  # the text encoders' parts of a file (a tower read twice, SDXL's, counted once)
+      prefixes = denoisers.lora_tower_prefixes(s.config).get(t.name, [t.name])
+      if t.name not in towers or any(towers[t.name] is x for x in seen) or not hasattr(t.kind, "plan"):
+        continue
+      seen.append(towers[t.name])
+      plans[t.name] = (t.kind.plan(t.module.cfg), {tuple(k.key for k in p): v.shape for p, v in
+                                                   jax.tree_util.tree_leaves_with_path(towers[t.name])})
+      where.update(lora.tower_slots(t.name, *plans[t.name], prefixes))
+    pairs = lora.read(tensors, metadata, where, scale)
+    factors, paired = lora.as_factors({k: v for k, v in pairs.items() if not isinstance(k[0], str)}, kernels, shapes)
     with sharding.active(s.mesh, s.rules):
       params = jax.jit(lambda p, f: lora.merge(p, f, paired, 0.0))(b.params["model"], factors)
-    self.backend = dataclasses.replace(b, params={**b.params, "model": params})
+    for name, (plan, tower_shapes) in plans.items():
+      deltas = lora.tower_deltas({k: v for k, v in pairs.items() if k[0] == name}, plan, tower_shapes)
+      if deltas:
+        merged = jax.tree_util.tree_map_with_path(
+            lambda p, w: (w + deltas[tuple(k.key for k in p)]).astype(w.dtype)
+            if tuple(k.key for k in p) in deltas else w, towers[name])
+        towers.update({n: merged for n, v in towers.items() if v is towers[name]})  # its other readings too
+    self.backend = dataclasses.replace(b, params={**b.params, "model": params,
+                                                  "frozen": {**b.params["frozen"], "towers": towers}})
     return self
 
   @classmethod

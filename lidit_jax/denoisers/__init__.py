@@ -34,6 +34,8 @@ functions receive the family's own section (`section`: the one its CONFIG_DEFAUL
       kernel at `path` (layer: of a stack), the first what `export lora` writes (the U-Net family: diffusers'
       `unet.down_blocks.0...`, the original layout's, ComfyUI's); without it `torch_view.module_key`, `export
       safetensors`' name
+  lora_tower_prefixes(config) -> {tower name: [prefix, ...]}   optional: the component names LoRA files give a
+      text tower's modules (the U-Net family: `text_encoder` / kohya's `te`, `te1`, `te2`); without it the tower's name
   LORA_TARGETS: regexes over kernel names   optional: the kernels `lora.targets=()` gives pairs (its attention
       projections); a conditioner's own are added (conditioners.LORA_TARGETS)
 A new family is one file here plus its name below and a config.
@@ -97,6 +99,13 @@ def lora_names(config):
   if hasattr(module, "lora_names"):
     return module.lora_names(plugin_section(config, module), shared(config))
   return lora.default_names
+
+
+def lora_tower_prefixes(config) -> dict:
+  """{tower name: the prefixes LoRA files give its modules}: the family's (`lora_tower_prefixes`), else none (each
+  tower under its own name)."""
+  module = family(config)
+  return module.lora_tower_prefixes(config) if hasattr(module, "lora_tower_prefixes") else {}
 
 
 def build(config, attention: str) -> nn.Module:

@@ -398,6 +398,16 @@ def lora_names(u, shared):
   return names
 
 
+def lora_tower_prefixes(config) -> dict:
+  """{tower name: prefixes}: a pipeline's text encoders as LoRA files name them, diffusers' component
+  (`text_encoder`, `text_encoder_2`) and kohya's (`te` for SD 1.x / 2.x's one encoder, `te1` / `te2` for SDXL's)."""
+  towers = config.text.towers
+  components = {n: os.path.basename(os.path.normpath(t.init)) for n, t in towers.items() if t.init != "random"}
+  two = "text_encoder_2" in components.values()
+  kohya = {"text_encoder": "te1" if two else "te", "text_encoder_2": "te2"}
+  return {n: [c, kohya[c]] for n, c in components.items() if c in kohya}
+
+
 def export_pipeline(backend, out: str, save) -> None:
   """Write the model into the (new) folder `out` as a diffusers pipeline folder: its U-Net and VAE, the source
   pipeline's text encoders, tokenizers, scheduler config and options (`save(directory, config, state, weights
