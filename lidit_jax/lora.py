@@ -233,48 +233,47 @@ def to_file(factors, kernels: dict, alpha: float, names=default_names, fmt: str 
 
 
 def read(tensors: dict, metadata: dict | None, where: dict, scale: float = 1.0) -> dict:
-  """{slot: (A, B * alpha / r * scale)} of a LoRA file. `where`: {module name: (slot, torch shape (out, in,
-  *spatial), what it is, for messages)} of every module a file may name (its kohya form is added here). A key
-  naming no module, a pair without its partner or of the wrong shape is a ValueError by name."""
+  """{slot: (A, B * alpha / r * scale)} of a LoRA file. `where`: {module name: [(slot, torch shape (out, in,
+  *spatial), what it is, for messages), ...]} of every module a file may name (a module may land in several slots:
+  one text encoder read by two towers); its kohya form is added here. A key naming no module, a pair without its
+  partner or of the wrong shape is a ValueError by name."""
   meta = json.loads((metadata or {}).get(METADATA, "{}"))
-  where = {**where, **{kohya_name(m): v for m, v in where.items()}}
-  names = {kohya_name(m): m for m in list(where)}  # a module's peft name, for its LoraConfig's patterns
-  by_slot, used, alphas = {}, set(), {}
+  canonical = {**{m: m for m in where}, **{kohya_name(m): m for m in where}}  # a file's name -> peft's
+  found, used, alphas = {}, set(), {}
   for key, value in tensors.items():
     module, _, suffix = key.partition(".lora_")
     suffix = "lora_" + suffix if suffix else None
     if suffix not in _SUFFIXES and key.endswith(".alpha"):
       module, suffix = key[:-len(".alpha")], "alpha"
-    if module in where and (suffix in _SUFFIXES or suffix == "alpha"):
+    if module in canonical and (suffix in _SUFFIXES or suffix == "alpha"):
       used.add(key)
-      slot = where[module][0]
       if suffix == "alpha":
-        alphas[slot] = float(np.asarray(value))
+        alphas[canonical[module]] = float(np.asarray(value))
       else:
-        by_slot.setdefault(slot, {"module": names.get(module, module)})[_SUFFIXES[suffix]] = (key, module, value)
+        found.setdefault(canonical[module], {})[_SUFFIXES[suffix]] = (key, value)
   unused = sorted(set(tensors) - used)
   if unused:
     raise ValueError(f"lora: {len(unused)} key(s) of the file pair with no kernel of this model, the first "
                      f"{unused[:5]}. Fix: load a LoRA made for this model (its keys name modules such as "
                      f"{next(iter(where), '?')!r})")
   out = {}
-  for slot, ab in by_slot.items():
-    if not {"A", "B"} <= set(ab):
-      raise ValueError(f"lora: {ab.get('A', ab.get('B'))[0]} has no partner (A and B). Fix: use a complete file")
-    a, b = (np.asarray(ab[x][2], np.float32) for x in "AB")
-    _, (o, n_in, *spatial), what = where[ab["A"][1]]
+  for module, ab in found.items():
+    if set(ab) != {"A", "B"}:
+      raise ValueError(f"lora: {next(iter(ab.values()))[0]} has no partner (A and B). Fix: use a complete file")
+    a, b = (np.asarray(ab[x][1], np.float32) for x in "AB")
     r = a.shape[0]
-    for x, value, want in (("A", a, (r, n_in, *spatial)), ("B", b, (o, r, *(1,) * len(spatial)))):
-      if value.shape != want:
-        raise ValueError(f"lora: {ab[x][0]} has shape {value.shape}, this model's {what} needs {want}: the LoRA "
-                         "was made for another model. Fix: load one made for this model")
-    if slot in alphas:  # kohya's
-      alpha = alphas[slot]
+    if module in alphas:  # kohya's
+      alpha = alphas[module]
     else:
-      fields, name_there = _config_of(meta, ab["module"])
+      fields, name_there = _config_of(meta, module)
       alpha = next((float(v) for k, v in (fields.get("alpha_pattern") or {}).items() if _matches(k, name_there)),
                    float(fields.get("lora_alpha") or r))
-    out[slot] = (a, b * (alpha / r * scale))
+    for slot, (o, n_in, *spatial), what in where[module]:
+      for x, value, want in (("A", a, (r, n_in, *spatial)), ("B", b, (o, r, *(1,) * len(spatial)))):
+        if value.shape != want:
+          raise ValueError(f"lora: {ab[x][0]} has shape {value.shape}, this model's {what} needs {want}: the LoRA "
+                           "was made for another model. Fix: load one made for this model")
+      out[slot] = (a, b * (alpha / r * scale))
   return out
 
 
@@ -286,7 +285,8 @@ def model_slots(kernels: dict, shapes: dict, names=default_names) -> dict:
     torch_shape = _torch_shape(one, shapes[path][stacked:])
     for i in (range(shapes[path][0]) if stacked else [None]):
       for module in names(path, i):
-        where[module] = ((path, i), (torch_shape[0], torch_shape[1], *torch_shape[2]), "/".join(path))
+        where.setdefault(module, []).append(((path, i), (torch_shape[0], torch_shape[1], *torch_shape[2]),
+                                             "/".join(path)))
   return where
 
 
@@ -327,7 +327,8 @@ def tower_slots(name: str, plan: dict, shapes: dict, prefixes) -> dict:
       module = key.removesuffix(".weight")
       for prefix in prefixes:
         for full in (module, f"text_model.{module}"):
-          where[f"{prefix}.{full}"] = ((name, path, i if src.stacked else None), (o, n_in), f"{name}: {key}")
+          where.setdefault(f"{prefix}.{full}", []).append(((name, path, i if src.stacked else None), (o, n_in),
+                                                           f"{name}: {key}"))
   return where
 
 

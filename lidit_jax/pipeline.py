@@ -87,14 +87,15 @@ class Pipeline:
     shapes = {p: flat[p].shape for p in kernels}
     where = lora.model_slots(kernels, shapes, denoisers.lora_names(s.config))
     towers, plans, seen = dict(b.params["frozen"]["towers"]), {}, []
-    for t in s.towers:  # the text encoders' parts of a file (a tower read twice, SDXL's, counted once)
+    for t in s.towers:  # the text encoders' parts of a file (a tower's parameters shared by two readings: once)
       prefixes = denoisers.lora_tower_prefixes(s.config).get(t.name, [t.name])
       if t.name not in towers or any(towers[t.name] is x for x in seen) or not hasattr(t.kind, "plan"):
         continue
       seen.append(towers[t.name])
       plans[t.name] = (t.kind.plan(t.module.cfg), {tuple(k.key for k in p): v.shape for p, v in
                                                    jax.tree_util.tree_leaves_with_path(towers[t.name])})
-      where.update(lora.tower_slots(t.name, *plans[t.name], prefixes))
+      for module, slots in lora.tower_slots(t.name, *plans[t.name], prefixes).items():
+        where.setdefault(module, []).extend(slots)  # SDXL's second encoder: its states' tower and its pooled one
     pairs = lora.read(tensors, metadata, where, scale)
     factors, paired = lora.as_factors({k: v for k, v in pairs.items() if not isinstance(k[0], str)}, kernels, shapes)
     with sharding.active(s.mesh, s.rules):
