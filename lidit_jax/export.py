@@ -2,6 +2,7 @@
 
   python -m lidit_jax.export diffusers SRC OUT [--dtype float16]
   python -m lidit_jax.export diffusers SRC OUT.safetensors --format single-file
+  python -m lidit_jax.export diffusers SRC OUT --merge-lora style.safetensors:0.8   # a LoRA merged in first
   python -m lidit_jax.export safetensors WORKDIR OUT.safetensors
   python -m lidit_jax.export lora WORKDIR OUT.safetensors       # a LoRA run's factors (`pipe.load_lora` reads it)
 
@@ -227,6 +228,9 @@ def main(argv=None) -> int:
   d.add_argument("--format", default="diffusers", choices=("diffusers", "single-file"),
                  help="a diffusers pipeline folder, or one file in the original layout")
   d.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' storage dtype")
+  d.add_argument("--merge-lora", action="append", default=[], metavar="PATH[:SCALE]",
+                 help="a LoRA file (diffusers' / peft's or kohya's layout) merged into the U-Net and text encoders "
+                 "first, times SCALE (default 1); repeatable, they stack")
   _add_overwrite_flag(d)
   cli.add_debug_flag(d)
   t = sub.add_parser("safetensors", help="a training workdir's model (EMA weights, any family) -> one safetensors "
@@ -254,10 +258,18 @@ def main(argv=None) -> int:
       print(json.dumps({"out": args.out, "format": args.command}))
       return 0
     check_out(args.format, args.out, args.overwrite, [args.src])  # before the model is loaded
+    loras = [lora.parse_arg(a, "--merge-lora") for a in args.merge_lora]
     if os.path.isfile(os.path.join(args.src, "model_index.json")):
       backend = Pipeline.from_pretrained(args.src).backend
     else:
       backend = workdir_backend(args.src)
+    pipe = Pipeline(backend)
+    for path, scale in loras:
+      try:
+        pipe.load_lora(path, scale)
+      except ValueError as e:  # a LoRA for another model: the user's to fix
+        raise UserError(f"--merge-lora {path}: {e}") from e
+    backend = pipe.backend
     write = export_diffusers if args.format == "diffusers" else export_single_file
     write(backend, args.out, np.dtype(args.dtype), args.overwrite)
   print(json.dumps({"out": args.out, "format": args.format}))

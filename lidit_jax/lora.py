@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from lidit_jax import torch_view
+from lidit_jax.cli import UserError
 from lidit_jax.config_checks import fail
 
 
@@ -343,6 +345,18 @@ def tower_deltas(pairs_read: dict, plan: dict, shapes: dict) -> dict:
     else:
       deltas.setdefault(path, np.zeros(shapes[path], np.float32))[layer] += d
   return deltas
+
+
+def parse_arg(value: str, what: str = "--lora") -> tuple[str, float]:
+  """A command line's PATH[:SCALE] -> (path, scale); a missing file or a bad scale refused by name."""
+  path, _, scale = value.rpartition(":") if re.fullmatch(r".*:[-+0-9.eE]+", value) else (value, "", "1")
+  if not os.path.isfile(path):
+    raise UserError(f"{what} {value!r}: no such file {path!r}. Fix: pass a LoRA .safetensors file, optionally "
+                    "with :SCALE (e.g. style.safetensors:0.8)")
+  try:
+    return path, float(scale)
+  except ValueError:
+    raise UserError(f"{what} {value!r}: the scale {scale!r} is not a number. Fix: e.g. style.safetensors:0.8")
 
 
 def validate(section) -> None:

@@ -32,7 +32,7 @@ from absl import flags
 from etils import epath
 from PIL import Image, PngImagePlugin
 
-from lidit_jax import cli, configs, distributed, objectives, outputs
+from lidit_jax import cli, configs, distributed, lora, objectives, outputs
 from lidit_jax.pipeline import Pipeline, Workdir
 
 SOFTWARE = "lidit_jax"  # the PNG text chunk `Software` that marks an image as ours (replaceable)
@@ -117,7 +117,7 @@ def main(argv):
   for path in paths:  # before sampling: a refused output costs no compute (a bucket's objects are replaced)
     if "://" not in path:
       outputs.preflight(path, f.overwrite, ours=is_ours, what="an image written by lidit_jax")
-  loras = [lora_arg(a) for a in f.lora or []]  # before anything is loaded
+  loras = [lora.parse_arg(a) for a in f.lora or []]  # before anything is loaded
   if f["config"].value is None and not f.workdir:
     raise cli.UserError("nothing to sample. Fix: pass --workdir (a training workdir or a pipeline folder) and/or "
                         "--config (a config file: its model as a run of it starts)")
@@ -151,18 +151,6 @@ def main(argv):
   for path, p, grid in zip(paths, prompts, images):
     save_grid(grid, path, cols=min(f.num_images, 8), overwrite=f.overwrite)
     print(f"{path}: {p}")
-
-
-def lora_arg(value: str) -> tuple[str, float]:
-  """--lora PATH[:SCALE] -> (path, scale); a bad scale or a missing file refused by name."""
-  path, _, scale = value.rpartition(":") if re.fullmatch(r".*:[-+0-9.eE]+", value) else (value, "", "1")
-  if not os.path.isfile(path):
-    raise cli.UserError(f"--lora {value!r}: no such file {path!r}. Fix: pass a LoRA .safetensors file, "
-                        "optionally with :SCALE (e.g. style.safetensors:0.8)")
-  try:
-    return path, float(scale)
-  except ValueError:
-    raise cli.UserError(f"--lora {value!r}: the scale {scale!r} is not a number. Fix: e.g. style.safetensors:0.8")
 
 
 def define_flags():

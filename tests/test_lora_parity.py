@@ -10,6 +10,7 @@ from lidit_jax import export, train
 from lidit_jax.convert import diffusers_unet, hf_clip, safetensors_io
 from lidit_jax.pipeline import Pipeline
 
+from test_export_convert_safety import refused
 from test_lora_train import sd15_config
 from test_pipeline import _reference, sd15, sdxl
 
@@ -98,7 +99,7 @@ MODELS = {"sd15": (sd15, "StableDiffusionPipeline", [("text_encoder", "clip", "l
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_a_peft_lora_in_diffusers_and_kohya_layouts_gives_diffusers_images(model, tmp_path):
+def test_a_peft_lora_in_diffusers_and_kohya_layouts_gives_diffusers_images(model, tmp_path, capsys):
   from safetensors.torch import save_file
   build, cls, encoders, kohya_unet = MODELS[model]
   cls = getattr(diffusers, cls)
@@ -141,6 +142,17 @@ def test_a_peft_lora_in_diffusers_and_kohya_layouts_gives_diffusers_images(model
       assert tower_like_ours(getattr(ref, attr), ours, tower, prior, layout) == len(text_state) // 2, (layout, attr)
     assert np.abs(want - base).max() > 1e-3, layout
     np.testing.assert_allclose(got, want, atol=2e-4, err_msg=layout)
+
+  # `export diffusers --merge-lora` (the last file, at scale 1): the folder holds diffusers' fused weights
+  assert export.main(["diffusers", str(tmp_path / model), str(tmp_path / "merged"), "--merge-lora", str(path)]) == 0
+  error = refused(capsys, export.main, "diffusers", tmp_path / model, tmp_path / "nothing", "--merge-lora",
+                  tmp_path / "missing.safetensors:0.5")
+  assert "missing.safetensors" in error and not (tmp_path / "nothing").exists()
+  merged = cls.from_pretrained(tmp_path / "merged")
+  for attr in ("unet", *(attr for attr, _, _ in encoders)):
+    theirs = getattr(ref, attr).state_dict()
+    for key, w in getattr(merged, attr).state_dict().items():
+      np.testing.assert_allclose(w.numpy(), theirs[key].numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{attr} {key}")
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])

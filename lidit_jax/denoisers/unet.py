@@ -364,7 +364,8 @@ def exportable(config, where: str) -> str:
 def _parts(backend, where: str):
   """(source folder, its model_index, U-Net config, U-Net params, VAE config, VAE params, [(name, CLIP config,
   params)]): the backend's U-Net and VAE weights with the source's layouts, its text encoders as the pipeline
-  holds them (with their heads; frozen, so read again from the folder)."""
+  holds them (with their heads, read again from the folder) with the backend's tower weights over them (the same,
+  but where a LoRA was merged into them: `Pipeline.load_lora`)."""
   config = backend.setup.config
   source = exportable(config, where)
   index = _index(source)
@@ -376,6 +377,10 @@ def _parts(backend, where: str):
     if entry and entry[0] is not None:
       module, params = hf_text.load_hf_text_model(os.path.join(source, name), jnp.float32,
                                                   adapt=hf_clip.sd_head(entry[1]))
+      for tower, prefixes in lora_tower_prefixes(config).items():
+        if prefixes[0] == name:  # the tower's weights as the backend holds them, over the folder's
+          held = {p: v for p, v in jax.tree_util.tree_leaves_with_path(backend.params["frozen"]["towers"][tower])}
+          params = jax.tree_util.tree_map_with_path(lambda p, v: jnp.asarray(held.get(p, v), jnp.float32), params)
       encoders.append((name, module.cfg, params))
   return (source, index, unet_cfg, to_f32(backend.params["model"]["denoiser"]), backend.setup.autoencoder.module.cfg,
           to_f32(backend.params["frozen"]["autoencoder"]), encoders)
