@@ -155,7 +155,7 @@ def main():
   elif not a.table:
     for config in a.configs.split(","):
       for topology in a.topologies.split(","):
-        key = f"{config}|{topology}"
+        key = f"{config}|{topology}" + (f"|{' '.join(a.extra)}" if a.extra else "")  # flags: a point of its own
         if a.fit:
           base = results.get(key, {})
           if "compiled" not in base or base["compiled"]["fits"]:

@@ -234,25 +234,61 @@ def to_file(factors, kernels: dict, alpha: float, names=default_names, fmt: str 
   return tensors, {METADATA: json.dumps(meta)}
 
 
+_LYCORIS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
+            "lokr_w2_a", "lokr_w2_b")
+
+
+def _split(key: str) -> tuple[str, str | None]:
+  """(module, part) of a LoRA file's key: part "A" / "B" (peft's lora_A / lora_B, kohya's lora_down / lora_up),
+  "alpha", a LyCORIS factor's name (LoHa's hada_*, LoKr's lokr_*), or None (not a LoRA key)."""
+  module, _, suffix = key.partition(".lora_")
+  if suffix and "lora_" + suffix in _SUFFIXES:
+    return module, _SUFFIXES["lora_" + suffix]
+  module, _, last = key.rpartition(".")
+  return (module, last) if last == "alpha" or last in _LYCORIS else (key, None)
+
+
+def _delta_of(parts: dict, alpha, module: str) -> tuple[np.ndarray, float]:
+  """(the weight a LyCORIS module adds, in torch's layout, before `scale`; its alpha / r scale, as LyCORIS applies
+  it): LoHa (w1_a w1_b) * (w2_a w2_b), alpha / r; LoKr kron(w1, w2), each factor whole or w_a w_b, alpha / r only
+  when a factor is decomposed (r: its rank)."""
+  f = {k: np.asarray(v[1], np.float32) for k, v in parts.items()}
+  if "hada_w1_a" in f:
+    missing = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} - set(f)
+    if missing:
+      raise ValueError(f"lora: {module} (LoHa) has no {sorted(missing)[0]}. Fix: use a complete file")
+    r = f["hada_w1_b"].shape[0]
+    return (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]), (alpha or r) / r
+  w = {}
+  for n in ("w1", "w2"):
+    if f"lokr_{n}" in f:
+      w[n] = f[f"lokr_{n}"]
+    elif f"lokr_{n}_a" in f and f"lokr_{n}_b" in f:
+      w[n] = f[f"lokr_{n}_a"] @ f[f"lokr_{n}_b"]
+    else:
+      raise ValueError(f"lora: {module} (LoKr) has no lokr_{n} (nor lokr_{n}_a and _b). Fix: use a complete file")
+  rank = next((f[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in f), None)
+  w1 = w["w1"].reshape(*w["w1"].shape, *(1,) * (w["w2"].ndim - 2))
+  return np.kron(w1, w["w2"]), (alpha / rank if rank and alpha else 1.0)
+
+
 def read(tensors: dict, metadata: dict | None, where: dict, scale: float = 1.0) -> dict:
   """{slot: (A, B * alpha / r * scale)} of a LoRA file. `where`: {module name: [(slot, torch shape (out, in,
   *spatial), what it is, for messages), ...]} of every module a file may name (a module may land in several slots:
-  one text encoder read by two towers); its kohya form is added here. A key naming no module, a pair without its
-  partner or of the wrong shape is a ValueError by name."""
+  one text encoder read by two towers); its kohya form is added here. LyCORIS' LoHa and LoKr modules (closed forms
+  over the same weight) come as their whole added weight: A = that weight, B = the identity. A key naming no
+  module, a factor without its partners or of the wrong shape is a ValueError by name."""
   meta = json.loads((metadata or {}).get(METADATA, "{}"))
   canonical = {**{m: m for m in where}, **{kohya_name(m): m for m in where}}  # a file's name -> peft's
   found, used, alphas = {}, set(), {}
   for key, value in tensors.items():
-    module, _, suffix = key.partition(".lora_")
-    suffix = "lora_" + suffix if suffix else None
-    if suffix not in _SUFFIXES and key.endswith(".alpha"):
-      module, suffix = key[:-len(".alpha")], "alpha"
-    if module in canonical and (suffix in _SUFFIXES or suffix == "alpha"):
+    module, part = _split(key)
+    if module in canonical and part is not None:
       used.add(key)
-      if suffix == "alpha":
+      if part == "alpha":
         alphas[canonical[module]] = float(np.asarray(value))
       else:
-        found.setdefault(canonical[module], {})[_SUFFIXES[suffix]] = (key, value)
+        found.setdefault(canonical[module], {})[part] = (key, value)
   unused = sorted(set(tensors) - used)
   if unused:
     raise ValueError(f"lora: {len(unused)} key(s) of the file pair with no kernel of this model, the first "
@@ -260,6 +296,15 @@ def read(tensors: dict, metadata: dict | None, where: dict, scale: float = 1.0) 
                      f"{next(iter(where), '?')!r})")
   out = {}
   for module, ab in found.items():
+    if set(ab) & set(_LYCORIS):
+      delta, factor = _delta_of(ab, alphas.get(module), module)
+      for slot, (o, n_in, *spatial), what in where[module]:
+        if delta.size != o * n_in * math.prod(spatial):
+          raise ValueError(f"lora: {module} adds a weight of {delta.shape}, this model's {what} is "
+                           f"{(o, n_in, *spatial)}: the LoRA was made for another model. Fix: load one made for it")
+        b = np.eye(o, dtype=np.float32).reshape(o, o, *(1,) * len(spatial))
+        out[slot] = (delta.reshape(o, n_in, *spatial), b * (factor * scale))
+      continue
     if set(ab) != {"A", "B"}:
       raise ValueError(f"lora: {next(iter(ab.values()))[0]} has no partner (A and B). Fix: use a complete file")
     a, b = (np.asarray(ab[x][1], np.float32) for x in "AB")

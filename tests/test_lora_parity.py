@@ -50,12 +50,13 @@ def kohya(state: dict, prefix: str, alpha: float) -> dict:
 
 
 def assert_fused_like_ours(ref, ours, before: dict) -> int:
-  """diffusers' U-Net after `fuse_lora` equals our merged parameters (torch layout) module by module; returns how
-  many weights the LoRA moved."""
+  """diffusers' U-Net after `fuse_lora` (a pipeline, or a U-Net's state dict) equals our merged parameters (torch
+  layout) module by module; returns how many weights the LoRA moved."""
   flat = {diffusers_unet.torch_key(tuple(k.key for k in p)): np.asarray(v)
           for p, v in jax.tree_util.tree_leaves_with_path(ours.backend.params["model"]["denoiser"])}
   moved = 0
-  for key, w in ref.unet.state_dict().items():
+  fused = ref if isinstance(ref, dict) else ref.unet.state_dict()
+  for key, w in fused.items():
     if key in flat:
       mine = flat[key]
       mine = mine.transpose(3, 2, 0, 1) if mine.ndim == 4 else mine.T if mine.ndim == 2 else mine
@@ -106,13 +107,15 @@ def test_a_peft_lora_in_diffusers_and_kohya_layouts_gives_diffusers_images(model
   build(tmp_path / model)
   maker = cls.from_pretrained(tmp_path / model)
   state, config = peft_lora(maker.unet, TARGETS, 4, 8.0, seed=5)
-  texts = [peft_lora(getattr(maker, attr), TEXT_TARGETS, 2, 3.0 + i, seed=6 + i) for i, (attr, _, _) in enumerate(encoders)]
+  texts = [peft_lora(getattr(maker, attr), TEXT_TARGETS, 2, 3.0 + i, seed=6 + i)
+           for i, (attr, _, _) in enumerate(encoders)]
   layers = {f"{attr}_lora_layers": t[0] for (attr, _, _), t in zip(encoders, texts)}
   metadata = {f"{attr}_lora_adapter_metadata": t[1] for (attr, _, _), t in zip(encoders, texts)}
   cls.save_lora_weights(tmp_path / "lora", unet_lora_layers=state, unet_lora_adapter_metadata=config, **layers,
                         **metadata)
   files = {"diffusers": tmp_path / "lora" / "pytorch_lora_weights.safetensors", "kohya": tmp_path / "kohya.safetensors"}
-  unet_names = state if kohya_unet == "diffusers" else sgm(state, diffusers_unet.config_from_diffusers(maker.unet.config))
+  unet_names = (state if kohya_unet == "diffusers" else
+                sgm(state, diffusers_unet.config_from_diffusers(maker.unet.config)))
   save_file({**kohya(unet_names, "lora_unet", 8.0),
              **{k: v for (_, _, prefix), (t, _), i in zip(encoders, texts, range(2))
                 for k, v in kohya(t, prefix, 3.0 + i).items()}}, files["kohya"])
@@ -172,3 +175,38 @@ def test_a_lora_trained_here_loads_into_diffusers_as_our_merged_kernels(layout, 
   ref.unload_lora_weights()
   # to_q and to_out.0 of both attentions of the 4 transformer blocks, and conv1 of each block's first resnet (5)
   assert assert_fused_like_ours(ref, ours, before) == 4 * 2 * 2 + 5
+
+
+@pytest.mark.parametrize("kind", ["LoHa", "LoKr"])
+def test_lycoris_loha_and_lokr_in_kohya_layout_merge_as_peft_does(kind, tmp_path):
+  """LyCORIS modules (closed forms over the same weights) in a kohya-style file merge into the U-Net as peft's own
+  LoHa / LoKr layers merge (attention projections and convolutions). LoKr at rank 1, where peft splits the second
+  Kronecker factor: there LyCORIS and peft both scale by alpha / r (with both factors whole LyCORIS does not scale,
+  peft does; files follow LyCORIS, as diffusers' converter does)."""
+  from safetensors.torch import save_file
+  sd15(tmp_path / "sd15")
+  unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "sd15" / "unet")
+  before = {k: v.numpy().copy() for k, v in unet.state_dict().items()}
+  config = getattr(peft, f"{kind}Config")(r=2 if kind == "LoHa" else 1, alpha=3.0, target_modules=TARGETS,
+                                          init_weights=False)
+  peft.inject_adapter_in_model(config, unet)
+  torch.manual_seed(3)
+  with torch.no_grad():  # factors large enough to move the weights visibly
+    for name, p in unet.named_parameters():
+      if "hada_" in name or "lokr_" in name:
+        p.copy_(torch.randn_like(p) * 0.5)
+  state = peft.utils.get_peft_model_state_dict(unet)
+  assert kind == "LoHa" or any(k.endswith("lokr_w2_a") for k in state)  # the alpha / r case
+  file = {}
+  for key, value in state.items():
+    module, _, part = key.rpartition(".")
+    file[f"lora_unet_{module.replace('.', '_')}.{part}"] = value.contiguous()
+    file[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(3.0)
+  save_file(file, tmp_path / f"{kind}.safetensors")
+  layers = [m for m in unet.modules() if isinstance(m, peft.tuners.lycoris_utils.LycorisLayer)]
+  for m in layers:
+    m.merge()
+  fused = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
+           if "hada_" not in k and "lokr_" not in k}
+  ours = Pipeline.from_pretrained(str(tmp_path / "sd15")).load_lora(str(tmp_path / f"{kind}.safetensors"))
+  assert assert_fused_like_ours(fused, ours, before) == len(layers) > 30
