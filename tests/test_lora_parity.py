@@ -126,6 +126,7 @@ def test_a_peft_lora_in_diffusers_and_kohya_layouts_gives_diffusers_images(model
   latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
   kw = dict(num_steps=3, guidance=6.0, latents=latents)
   base = Pipeline.from_pretrained(str(tmp_path / model))(PROMPTS, **kw)
+  loaded = {}
   for layout, path in files.items():
     ref = cls.from_pretrained(tmp_path / model)
     before = {k: v.numpy().copy() for k, v in ref.unet.state_dict().items()}
@@ -134,7 +135,7 @@ def test_a_peft_lora_in_diffusers_and_kohya_layouts_gives_diffusers_images(model
     for attr, _, _ in encoders:  # diffusers read every part
       assert any("lora" in n for n, _ in getattr(ref, attr).named_parameters()), (layout, attr)
     want = _reference(ref, PROMPTS, latents, num_inference_steps=3, guidance_scale=6.0)
-    ours = Pipeline.from_pretrained(str(tmp_path / model)).load_lora(str(path))
+    ours = loaded[layout] = Pipeline.from_pretrained(str(tmp_path / model)).load_lora(str(path))
     got = ours(PROMPTS, **kw)
     # These tiny pipelines' images follow their U-Net weakly (a prompt moves SD 1.5's by 2e-5): the LoRA moves
     # them far more than the text, and the exact check is the weights below.
@@ -145,6 +146,17 @@ def test_a_peft_lora_in_diffusers_and_kohya_layouts_gives_diffusers_images(model
       assert tower_like_ours(getattr(ref, attr), ours, tower, prior, layout) == len(text_state) // 2, (layout, attr)
     assert np.abs(want - base).max() > 1e-3, layout
     np.testing.assert_allclose(got, want, atol=2e-4, err_msg=layout)
+
+  # ComfyUI's names for the U-Net (`diffusion_model.` + the original layout's modules; diffusers reads none such):
+  # the U-Net of the diffusers-layout file
+  config_unet = diffusers_unet.config_from_diffusers(maker.unet.config)
+  comfy = {f"diffusion_model.{k}": v.contiguous() for k, v in sgm(state, config_unet).items()}
+  comfy.update({k.rpartition(".lora_")[0] + ".alpha": torch.tensor(8.0) for k in list(comfy)})
+  save_file(comfy, tmp_path / "comfy.safetensors")
+  via_comfy = Pipeline.from_pretrained(str(tmp_path / model)).load_lora(str(tmp_path / "comfy.safetensors"))
+  for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(via_comfy.backend.params["model"]),
+                       jax.tree.leaves(loaded["diffusers"].backend.params["model"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=str(p))
 
   # `export diffusers --merge-lora` (the last file, at scale 1): the folder holds diffusers' fused weights
   assert export.main(["diffusers", str(tmp_path / model), str(tmp_path / "merged"), "--merge-lora", str(path)]) == 0
