@@ -1,5 +1,6 @@
-"""LoRA factors beside chosen kernels of any family: their layout and the kernels they make (issue 35's first step:
-the math the trainer, the importer and the exporter will share).
+"""LoRA on any family: the `lora` config section, the factors beside chosen kernels and the kernels they make (the
+trainer's, `Pipeline.load_lora`'s and the exporter's), and LoRA files in diffusers' / peft's, kohya's and LyCORIS'
+layouts (docs/lora.md).
 
 Each pair lives in its kernel's PyTorch view (`torch_view`), as peft and kohya files hold it: A [r, in] and B
 [out, r] for a Dense kernel; for a conv (LoCon) A [r, in, kh, kw] and B [out, r, 1, 1]. The model sees
