@@ -26,6 +26,7 @@ from flax import traverse_util
 from lidit_jax import torch_view
 from lidit_jax.cli import UserError
 from lidit_jax.config_checks import fail
+from lidit_jax.convert import safetensors_io
 
 
 def name(path: tuple[str, ...]) -> str:
@@ -84,6 +85,11 @@ def init(rng, kernels: dict, shapes: dict, rank: int, conv_rank: int = 0, boxed:
       a, b = nn.LogicallyPartitioned(a, a_names), nn.LogicallyPartitioned(b, b_names)
     out[(*path, "A")], out[(*path, "B")] = a, b
   return traverse_util.unflatten_dict(out)
+
+
+def shapes_of(params) -> dict:
+  """{path: shape} of a parameter tree (arrays or ShapeDtypeStructs, unboxed)."""
+  return {p: a.shape for p, a in safetensors_io.flatten_shapes(params).items()}
 
 
 def pairs(factors) -> dict:
@@ -164,8 +170,9 @@ class Adapter:
            f"{example!r}), or set lora.conv_rank for convolutions")
     return cls(kernels, int(section.rank), int(section.conv_rank), float(section.alpha), float(section.dropout))
 
-  def init(self, rng, shapes: dict, boxed: bool = False):
-    return init(rng, self.kernels, shapes, self.rank, self.conv_rank, boxed)
+  def init(self, rng, params, boxed: bool = False):
+    """Fresh factors for the model's `params` (arrays or their shapes)."""
+    return init(rng, self.kernels, shapes_of(params), self.rank, self.conv_rank, boxed)
 
   def merge(self, params, factors, rng=None):
     return merge(params, factors, self.kernels, self.alpha, self.dropout, rng)
@@ -370,7 +377,7 @@ def tower_slots(name: str, plan: dict, shapes: dict, prefixes) -> dict:
     if path[-1] != "kernel" or not hasattr(src.transform, "inverse"):
       continue
     one = shapes[path][1:] if src.stacked else shapes[path]
-    o, n_in = src.transform.inverse(np.zeros(one, np.float32)).shape
+    o, n_in = jax.eval_shape(src.transform.inverse, jax.ShapeDtypeStruct(one, jnp.float32)).shape  # nothing made
     for i, key in enumerate(src.keys):
       module = key.removesuffix(".weight")
       for prefix in prefixes:
@@ -380,17 +387,19 @@ def tower_slots(name: str, plan: dict, shapes: dict, prefixes) -> dict:
   return where
 
 
-def tower_deltas(pairs_read: dict, plan: dict, shapes: dict) -> dict:
-  """{path: delta} of a tower's kernels from `read`'s pairs of its slots (the converter's transform of B @ A: it
-  maps a PyTorch weight into our kernel, linearly)."""
-  deltas = {}
+def merge_tower(params, pairs_read: dict, plan: dict):
+  """A frozen tower's `params` with `read`'s pairs of its slots added to its kernels: the converter's transform of
+  B @ A (it maps a PyTorch weight into our kernel, linearly), in each kernel's dtype."""
+  shapes, deltas = shapes_of(params), {}
   for (_, path, layer), (a, b) in pairs_read.items():
     d = plan[path].transform(b @ a)
     if layer is None:
       deltas[path] = deltas.get(path, 0) + d
     else:
       deltas.setdefault(path, np.zeros(shapes[path], np.float32))[layer] += d
-  return deltas
+  return jax.tree_util.tree_map_with_path(
+      lambda p, w: (w + deltas[tuple(k.key for k in p)]).astype(w.dtype) if tuple(k.key for k in p) in deltas else w,
+      params)
 
 
 def parse_arg(value: str, what: str = "--lora") -> tuple[str, float]:

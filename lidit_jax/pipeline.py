@@ -62,11 +62,11 @@ class Pipeline:
     return pipe
 
   def load_lora(self, path, scale: float = 1.0) -> "Pipeline":
-    """Merge a LoRA file (diffusers' / peft's or kohya's layout, `lora.from_file`: what `export lora` writes, and the
-    PyTorch tools for this model) into the
-    weights, times `scale`; several stack (each merged in turn: their deltas add). Merged once rather than applied
-    at every step: sampling then costs what it did, and the compiled samplers (the weights are their argument)
-    are reused. Returns the pipeline (changed in place)."""
+    """Merge a LoRA file (diffusers' / peft's, kohya's or LyCORIS' layout, `lora.read`: what `export lora` and the
+    PyTorch tools write for this model, text encoder parts included) into the weights, times `scale`; several stack
+    (each merged in turn: their deltas add). Merged once rather than applied at every step: sampling then costs
+    what it did, and the compiled samplers (the weights are their argument) are reused. Returns the pipeline
+    (changed in place)."""
     path = os.fspath(path)
     try:
       scale = float(scale)
@@ -82,30 +82,27 @@ class Pipeline:
     except Exception as e:  # a damaged or foreign file: one clear error
       raise ValueError(f"path={path!r}: not a readable safetensors file ({e}). Fix: pass a LoRA .safetensors file")
     b, s = self.backend, self.backend.setup
-    flat = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(b.params["model"])}
     kernels = {p: n for p, n in s.axis_names.items() if p[-1] == "kernel" and len(n) >= 2}
-    shapes = {p: flat[p].shape for p in kernels}
+    shapes = lora.shapes_of(b.params["model"])
     where = lora.model_slots(kernels, shapes, denoisers.lora_names(s.config))
     towers, plans, seen = dict(b.params["frozen"]["towers"]), {}, []
+    prefixes = denoisers.lora_tower_prefixes(s.config)
     for t in s.towers:  # the text encoders' parts of a file (a tower's parameters shared by two readings: once)
-      prefixes = denoisers.lora_tower_prefixes(s.config).get(t.name, [t.name])
       if t.name not in towers or any(towers[t.name] is x for x in seen) or not hasattr(t.kind, "plan"):
         continue
       seen.append(towers[t.name])
-      plans[t.name] = (t.kind.plan(t.module.cfg), {tuple(k.key for k in p): v.shape for p, v in
-                                                   jax.tree_util.tree_leaves_with_path(towers[t.name])})
-      for module, slots in lora.tower_slots(t.name, *plans[t.name], prefixes).items():
-        where.setdefault(module, []).extend(slots)  # SDXL's second encoder: its states' tower and its pooled one
+      plans[t.name] = t.kind.plan(t.module.cfg)
+      slots = lora.tower_slots(t.name, plans[t.name], lora.shapes_of(towers[t.name]), prefixes.get(t.name, [t.name]))
+      for module, found in slots.items():
+        where.setdefault(module, []).extend(found)  # SDXL's second encoder: its states' tower and its pooled one
     pairs = lora.read(tensors, metadata, where, scale)
     factors, paired = lora.as_factors({k: v for k, v in pairs.items() if not isinstance(k[0], str)}, kernels, shapes)
     with sharding.active(s.mesh, s.rules):
       params = jax.jit(lambda p, f: lora.merge(p, f, paired, 0.0))(b.params["model"], factors)
-    for name, (plan, tower_shapes) in plans.items():
-      deltas = lora.tower_deltas({k: v for k, v in pairs.items() if k[0] == name}, plan, tower_shapes)
-      if deltas:
-        merged = jax.tree_util.tree_map_with_path(
-            lambda p, w: (w + deltas[tuple(k.key for k in p)]).astype(w.dtype)
-            if tuple(k.key for k in p) in deltas else w, towers[name])
+    for name, plan in plans.items():
+      mine = {k: v for k, v in pairs.items() if k[0] == name}
+      if mine:
+        merged = lora.merge_tower(towers[name], mine, plan)
         towers.update({n: merged for n, v in towers.items() if v is towers[name]})  # its other readings too
     self.backend = dataclasses.replace(b, params={**b.params, "model": params,
                                                   "frozen": {**b.params["frozen"], "towers": towers}})

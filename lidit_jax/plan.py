@@ -166,8 +166,7 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
     trained = params
     trainable = jax.tree.map(lambda f: not f, state_lib.matching(nn.unbox(params), config.train.freeze))
   else:  # LoRA: the factors train (gradients, optimizer state, EMA); the whole model is frozen
-    shapes = {p: v.shape for p, v in _shapes(params).items()}
-    trained = jax.eval_shape(lambda r: adapter.init(r, shapes, boxed=True), jax.random.key(0))
+    trained = jax.eval_shape(lambda r: adapter.init(r, nn.unbox(params), boxed=True), jax.random.key(0))
     trainable = jax.tree.map(lambda _: True, nn.unbox(trained))
   t_bytes = per_device_bytes(trained, mesh_sizes, rules, itemsize=4, keep=trainable)
   replicated = replicated_bytes(trained, mesh_sizes, rules, trainable)
@@ -231,10 +230,6 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
     out.update(chip=chip, peak_tflops_per_chip=peak, assumed_mfu=mfu,
                step_seconds_at_mfu=(train_flops + frozen_flops) / 1e12 / (num_devices * peak * mfu))
   return out
-
-
-def _shapes(boxed) -> dict:
-  return {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed))}
 
 
 def _targeted(boxed, adapter) -> dict:

@@ -117,8 +117,7 @@ class Setup:
     another run's latest checkpoint (fine-tuning, or a backbone under new modules). With LoRA: fresh factors (the
     model's weights are `frozen["base"]`, made with the Setup)."""
     if self.lora is not None:
-      shapes = {tuple(k.key for k in p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(self.abstract_params)}
-      make = lambda r: _state_of(self.lora.init(r, shapes, boxed=True), self.tx)
+      make = lambda r: _state_of(self.lora.init(r, self.abstract_params, boxed=True), self.tx)
     else:
       make = lambda r: _state_of(_init_params(self.config, self.model, self.towers, r), self.tx)
     init = jax.jit(lambda r: nn.unbox(make(r)), out_shardings=self.state_shardings)
@@ -215,8 +214,7 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
   abstract_params = in_shape(boxed_params)
   trained = boxed_params
   if adapter is not None:
-    shapes = {tuple(k.key for k in p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
-    trained = jax.eval_shape(lambda r: adapter.init(r, shapes, boxed=True), jax.random.key(0))
+    trained = jax.eval_shape(lambda r: adapter.init(r, abstract_params, boxed=True), jax.random.key(0))
   with sharding.active(mesh, rules):
     boxed = jax.eval_shape(lambda p: _state_of(p, tx), trained)
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)

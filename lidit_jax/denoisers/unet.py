@@ -371,14 +371,14 @@ def _parts(backend, where: str):
   index = _index(source)
   unet_cfg = registry.component_config("diffusers_unet", source, "unet", "UNet2DConditionModel")
   to_f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-  encoders = []
+  encoders, prefixes = [], lora_tower_prefixes(config)
   for name in ("text_encoder", "text_encoder_2"):
     entry = index.get(name)
     if entry and entry[0] is not None:
       module, params = hf_text.load_hf_text_model(os.path.join(source, name), jnp.float32,
                                                   adapt=hf_clip.sd_head(entry[1]))
-      for tower, prefixes in lora_tower_prefixes(config).items():
-        if prefixes[0] == name:  # the tower's weights as the backend holds them, over the folder's
+      for tower, names in prefixes.items():
+        if names[0] == name:  # the tower's weights as the backend holds them, over the folder's
           held = {p: v for p, v in jax.tree_util.tree_leaves_with_path(backend.params["frozen"]["towers"][tower])}
           params = jax.tree_util.tree_map_with_path(lambda p, v: jnp.asarray(held.get(p, v), jnp.float32), params)
       encoders.append((name, module.cfg, params))
