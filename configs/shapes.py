@@ -15,6 +15,8 @@ the issue-13 goals are not met yet).
 to Orbax, in place of the random towers; make them first (no download, no torch):
   python -m lidit_jax.convert.tiny_models checkpoints/tiny --convert
 `configs/shapes.py:unet` is the SD family on the same data: a small U-Net on plain tokens, DDPM (v-prediction).
+`configs/shapes.py:pixart` is PixArt's family on the same data: adaLN-single DiT blocks behind a caption projection
+of the towers' plain tokens, DDPM epsilon with a learned variance, DPM-Solver++ 2M.
 `configs/shapes.py:cam` conditions on LLM4GEN's Cross-Adapter Module over the two towers instead of the refiners.
 `configs/shapes.py:diff` conditions on the LLM Diff Adapter over the second tower's per-block scores (on the U-Net:
 a second cross-attention per block; everything trains, the demo's U-Net being untrained).
@@ -37,10 +39,10 @@ PRETRAINED = "checkpoints/pretrained"  # experiments/pretrain_towers.py --out
 
 def get_config(variant: str = ""):
   variants = {v.strip() for v in variant.split(",") if v.strip()}
-  unknown = variants - {"tiny", "hf", "pretrained", "unet", "patches", "cam", "diff"}
+  unknown = variants - {"tiny", "hf", "pretrained", "unet", "pixart", "patches", "cam", "diff"}
   if unknown:
     raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf, pretrained, unet, "
-                     "patches, cam and/or diff")
+                     "pixart, patches, cam and/or diff")
   c = configs.base_config()
   c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both",
                  scan=False)  # 4 blocks: unrolled runs 11 % faster on this CPU (benchmarks/RESULTS.md)
@@ -88,6 +90,18 @@ def get_config(variant: str = ""):
     if "tiny" in variants:
       c.unet.update(block_out_channels=(16, 32), down_block_types=cross[1:], up_block_types=("UpBlock2D",
                     "CrossAttnUpBlock2D"), num_heads=2, cross_attention_dim=32, norm_num_groups=8)
+  if "pixart" in variants:
+    # PixArt's transformer on the same data and towers (lidit_jax/denoisers/pixart.py): 4 px patches as the DiT's,
+    # positions at the 32 px grid, epsilon over PixArt's linear schedule.
+    c.model.family = "pixart"
+    c.conditioner.kind = "tokens"
+    c.pixart.update(num_attention_heads=4, attention_head_dim=32, num_layers=4, caption_channels=64, sample_size=32,
+                    patch_size=4, interpolation_scale=1.0)
+    c.objective.kind = "ddpm"
+    c.ddpm.update(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, timestep_spacing="linspace", steps_offset=0)
+    c.sample.sampler = "dpmpp_2m"
+    if "tiny" in variants:
+      c.pixart.update(num_attention_heads=2, attention_head_dim=16, num_layers=2, caption_channels=32)
   if "patches" in variants:
     # The denoiser works on 4 x 4 pixel patches (48 channels, an 8 x 8 grid: the DiT's token grid), as SD's U-Net on
     # latents. The U-Net then steps as fast as the DiT on this CPU (1.27 vs 1.33 steps/s, 2026-12-05) where on
@@ -95,6 +109,8 @@ def get_config(variant: str = ""):
     c.autoencoder.update(kind="patches", factor=4, channels=48)
     if c.model.family == "unet":
       c.unet.block_out_channels = (64, 128, 128) if "tiny" not in variants else (16, 32)
+    elif c.model.family == "pixart":
+      c.pixart.update(patch_size=1, sample_size=8)
     else:
       c.model.patch_size = 1  # the DiT's tokens stay the 8 x 8 patches
   if "hf" in variants:  # architecture, tokenizer and vocabulary come from the checkpoints

@@ -51,6 +51,7 @@ def tower(**overrides) -> ml_collections.ConfigDict:
       alone="diagonal",
       instruction=None,  # this tower's own text before the prompt (LLM4GEN's T5: "pre"); None: text.instruction
       mask_padding=True,  # False: no padding mask in the tower or the context (SD's CLIP)
+      lowercase=False,  # lower-case the prompt first (PixArt's T5)
       # config.json fields (model_type, sizes) the planner assumes while `init` does not exist yet, for a tower
       # the Llama fields above cannot describe (SD's CLIP, LLM4GEN's T5): `plan` before converting anything
       plan_arch={},

@@ -89,7 +89,7 @@ def build_towers(config) -> list[TextTower]:
     instruction = config.text.instruction if tc.instruction is None else tc.instruction
     encoder = prompt_lib.PromptEncoder(tok, tc.max_length, instruction or None,
                                        config.text.use_chat_template, config.text.padding_side,
-                                       mask_padding=tc.mask_padding)
+                                       mask_padding=tc.mask_padding, lowercase=tc.get("lowercase", False))
     towers.append(make_tower(name, tc, fam, cfg, encoder))
   return towers
 

@@ -147,6 +147,7 @@ class PromptEncoder:
     padding_side: str = "right"
     cache_size: int = 1 << 16
     mask_padding: bool = True  # False: every position valid, padding included (SD pipelines run CLIP so)
+    lowercase: bool = False  # lower-case every prompt first (PixArt's pipelines do)
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
@@ -319,7 +320,8 @@ class PromptEncoder:
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, (bytes, np.bytes_)):  # captions from tf.data / grain arrive as bytes
                 prompt = prompt.decode("utf-8")
-            ids, p0, p1 = self._lookup(str(prompt).strip())
+            prompt = str(prompt).strip()
+            ids, p0, p1 = self._lookup(prompt.lower() if self.lowercase else prompt)
             off = 0 if self.padding_side == "right" else length - len(ids)
             input_ids[i, off : off + len(ids)] = ids
             attention_mask[i, off : off + len(ids)] = 1

@@ -10,8 +10,9 @@ index) of a decoder LLM (Llama, Mistral, Qwen2/3, Gemma 2), a T5 encoder or a CL
 can then be used wherever a text tower is named (`--config.text.towers.NAME.init=OUT_DIR`).
 For `vae`, SRC is a diffusers AutoencoderKL folder, a pipeline folder (its vae/ is read) or an original
 single file (a whole SD checkpoint's first_stage_model.*, or a bare VAE file); `load_vae(OUT_DIR)` reads OUT_DIR.
-For `diffusers`, SRC is a Stable Diffusion 1.x / 2.x / XL pipeline folder: its U-Net, VAE and text encoders are
-converted into OUT_DIR's unet/, vae/, text_encoder(_2)/, its tokenizers, scheduler and model_index.json copied;
+For `diffusers`, SRC is a Stable Diffusion 1.x / 2.x / XL or PixArt-alpha / Sigma pipeline folder: its U-Net or
+transformer, VAE and text encoders are converted into OUT_DIR's unet/ or transformer/, vae/, text_encoder(_2)/, its
+tokenizers, scheduler and model_index.json copied;
 `Pipeline.from_pretrained(OUT_DIR)` reads it with nothing left to convert (`python -m lidit_jax.export diffusers`
 writes it back). `single-file` does the same for an original SD 1.x / 2.x / XL checkpoint (`model.diffusion_model.*`,
 `first_stage_model.*`, `cond_stage_model.*` or `conditioner.embedders.*`; `model_ema.*` with --ema), laid out by
@@ -37,7 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import checkpoint, cli, lock, outputs
+from lidit_jax import checkpoint, cli, denoisers, lock, outputs
 from lidit_jax.convert import diffusers_unet
 from lidit_jax.convert import diffusers_vae
 from lidit_jax.convert import hf_clip
@@ -54,7 +55,8 @@ def _converted(*families: str):
 
 
 def _converted_pipeline(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "model_index.json")) and registry.marker(os.path.join(path, "unet")) is not None
+  return os.path.isfile(os.path.join(path, "model_index.json")) and any(
+      registry.marker(os.path.join(path, part)) is not None for part in ("unet", "transformer"))
 
 
 # {command: (what marks a previous output, what that is)}
@@ -116,15 +118,15 @@ def _text_encoders(index: dict):
 
 
 def convert_pipeline(src: str, out: str, dtype, progress: bool = False, overwrite: bool = False):
-  """{component: (family, cfg, parameter count, unused keys)} of a diffusers SD pipeline folder converted to OUT.
-  Every component is checked before OUT is touched."""
+  """{component: (family, cfg, parameter count, unused keys)} of a diffusers pipeline folder a denoiser family
+  reads (Stable Diffusion 1.x / 2.x / XL, PixArt-alpha / Sigma) converted to OUT. Every component is checked
+  before OUT is touched."""
   check_out("pipeline", out, [src], overwrite)
   index = _read_index(src)
-  parts = {"unet": (diffusers_unet, diffusers_unet.Conversion.prepare(os.path.join(src, "unet"), dtype)),
-           "vae": (diffusers_vae, diffusers_vae.Conversion.prepare(os.path.join(src, "vae"), dtype))}
-  for name, class_name in _text_encoders(index):
-    conv = hf_text.Conversion.prepare(os.path.join(src, name), dtype, adapt=hf_clip.sd_head(class_name))
-    parts[name] = (conv.fam, conv)
+  parts = denoisers.pipeline_parts(src, dtype)
+  if parts is None:
+    raise cli.UserError(f"{src}/model_index.json: class {index.get('_class_name')!r}, whose denoiser no family here "
+                        "reads. Fix: point at a Stable Diffusion 1.x / 2.x / XL or PixArt-alpha / Sigma pipeline folder")
   return _write_pipeline(parts, {n: os.path.join(src, n) for n in parts}, src, index, out, dtype, progress, overwrite)
 
 
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
               dtype_help="storage dtype (default: float32; SD's VAEs are run in float32, diffusers' force_upcast)")
   v.add_argument("--config", help="diffusers config.json of the weights (a single file's layout is otherwise "
                  "inferred from its shapes, with SD's norm groups and scaling factor)")
-  command("diffusers", "a diffusers Stable Diffusion pipeline folder -> a folder of Orbax components that "
+  command("diffusers", "a diffusers Stable Diffusion or PixArt pipeline folder -> a folder of Orbax components that "
           "Pipeline.from_pretrained reads", "pipeline folder (model_index.json, unet/, vae/, text_encoder(_2)/, "
           "tokenizer(_2)/, scheduler/)")
   f = command("single-file", "an original SD 1.x / 2.x / XL checkpoint file (CompVis / A1111 layout) -> a folder of Orbax "

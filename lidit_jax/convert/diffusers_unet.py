@@ -228,16 +228,8 @@ def to_ldm(cfg: unet.UNetConfig, params) -> dict[str, np.ndarray]:
   return {LDM_PREFIX + ldm_key(k, modules): v for k, v in to_diffusers(cfg, params)[1].items()}
 
 
-@dataclasses.dataclass
-class Conversion:
-  """A U-Net folder checked against our module (names and shapes only): `run` streams its parameters."""
-  source: str
-  cfg: unet.UNetConfig
-  module: unet.UNet2DConditionModel
-  files: io.CheckpointFiles
-  expected: dict
-  plan: dict
-  resolved: dict
+class Conversion(io.Conversion):
+  """A U-Net folder or original single file checked against our module: `run` streams its parameters."""
 
   @classmethod
   def prepare(cls, path: str, dtype=jnp.float32, config: str | None = None, kind: str | None = None,
@@ -264,16 +256,7 @@ class Conversion:
     plan_ = ldm_plan(expected, cfg, ema) if single else plan(expected)
     if ema and not any(k.startswith("model_ema.") for k in files.keys()):
       raise NotFound(f"{path} holds no EMA weights (model_ema.*). Fix: convert without --ema")
-    conv = cls(path, cfg, module, files, expected, plan_, io.check_plan(plan_, files, expected))
-    unused = conv.unused()
-    if unused:
-      raise io.ConversionError(f"{path}: {len(unused)} U-Net tensors match no parameter of its config: "
-                               f"{unused[:8]}. Fix: check the config against the weights")
-    return conv
-
-  def run(self, dtype, progress: bool = False, **kw) -> dict:
-    return io.build_params(self.plan, self.files, self.expected, dtype, progress=progress, resolved=self.resolved,
-                           **kw)
+    return cls.checked(path, cfg, module, files, expected, plan_, "U-Net", "check the config against the weights")
 
   def unused(self) -> list[str]:
     """U-Net tensors no parameter reads (`prepare` refuses any); in a single file, those of the copy it reads
@@ -296,14 +279,7 @@ def _read_config(where: str) -> unet.UNetConfig:
 def load_unet(path: str, dtype=jnp.float32):
   """(UNet2DConditionModel module, params) from a diffusers U-Net or pipeline folder, or our converted directory
   (`python -m lidit_jax.convert diffusers`); parameters in `dtype`, which the module computes in."""
-  path = os.path.expanduser(os.fspath(path))
-  if os.path.isdir(path) and registry.marker(path):
-    kind = registry.read_marker(path)["family"]
-    if kind != "diffusers_unet":
-      raise NotFound(f"{path} holds a converted {kind} model, not a U-Net. Fix: point at a U-Net")
-    return orbax_io.load_converted(path, dtype)
-  conv = Conversion.prepare(path, dtype)
-  return conv.module, conv.run(dtype)
+  return orbax_io.load_or_convert(path, "diffusers_unet", "U-Net", Conversion.prepare, dtype)
 
 
 def to_diffusers(cfg: unet.UNetConfig, params) -> tuple[dict, dict[str, np.ndarray]]:

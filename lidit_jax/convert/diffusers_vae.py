@@ -8,7 +8,6 @@ Older diffusers saves name the mid-block attention `query` / `key` / `value` / `
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -134,16 +133,8 @@ def _read_config(where: str) -> vae.VAEConfig:
   return config_from_diffusers(io.read_json(where), where)
 
 
-@dataclasses.dataclass
-class Conversion:
-  """A VAE checkpoint checked against our module (shapes and names only): `run` streams its parameters."""
-  source: str
-  cfg: vae.VAEConfig
-  module: vae.AutoencoderKL
-  files: io.CheckpointFiles
-  expected: dict
-  plan: dict
-  resolved: dict
+class Conversion(io.Conversion):
+  """A VAE checkpoint checked against our module: `run` streams its parameters."""
 
   @classmethod
   def prepare(cls, path: str, dtype=jnp.float32, config: str | None = None) -> "Conversion":
@@ -162,18 +153,8 @@ class Conversion:
     module = make_module(cfg, dtype)
     expected = io.flatten_shapes(registry.strip_boxes(abstract_params(module)))
     plan_ = plan(expected, len(cfg.block_out_channels) if original else None)
-    conv = cls(path, cfg, module, files, expected, plan_, io.check_plan(plan_, files, expected))
-    unused = conv.unused()
-    if unused:
-      raise io.ConversionError(f"{path}: {len(unused)} VAE tensors match no parameter of the config"
-                               f"{' in ' + config if config else ''}: {unused[:8]}. Fix: pass the config.json these "
-                               "weights were saved with")
-    return conv
-
-  def run(self, dtype, progress: bool = False, **kw) -> dict:
-    """build_params over the plan (kw: as_numpy, sink)."""
-    return io.build_params(self.plan, self.files, self.expected, dtype, progress=progress, resolved=self.resolved,
-                           **kw)
+    return cls.checked(path, cfg, module, files, expected, plan_, "VAE",
+                       f"pass the config.json these weights were saved with{' (not ' + config + ')' if config else ''}")
 
   def unused(self) -> list[str]:
     """VAE tensors no parameter reads (a whole SD checkpoint's U-Net and text encoder are not the VAE's)."""

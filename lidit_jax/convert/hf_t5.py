@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from lidit_jax.convert.registry import token_abstract_params as abstract_params  # noqa: F401
+from lidit_jax.convert import safetensors_io as io
+from lidit_jax.convert.registry import strip_boxes, token_abstract_params as abstract_params  # noqa: F401
 from lidit_jax.convert.safetensors_io import Source, heads_in, heads_out, linear
 from lidit_jax.models import t5
 
@@ -94,3 +95,14 @@ def plan(cfg: Config) -> dict[tuple[str, ...], Source]:
   for name in inputs:
     p[("layers", "mlp", name, "kernel")] = block(f"1.DenseReluDense.{name}.weight", linear)
   return p
+
+
+def to_hf(cfg: Config, params) -> tuple[dict, dict]:
+  """(config.json dict, state dict) of the tower as transformers' T5EncoderModel: the inverse of the plan
+  (export; the tied embedding written once, as `shared.weight`)."""
+  config = {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+            "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_layers": cfg.num_layers,
+            "num_heads": cfg.num_heads, "relative_attention_num_buckets": cfg.num_buckets,
+            "relative_attention_max_distance": cfg.max_distance, "layer_norm_epsilon": cfg.eps,
+            "feed_forward_proj": cfg.feed_forward, "is_encoder_decoder": False, "use_cache": False}
+  return config, io.to_state_dict(plan(cfg), strip_boxes(params))

@@ -26,7 +26,7 @@ import math
 import os
 import pickle
 import struct
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -330,6 +330,40 @@ class CheckpointFiles:
 
 class ConversionError(ValueError):
   pass
+
+
+@dataclasses.dataclass
+class Conversion:
+  """A checkpoint checked against a module's parameters (names and shapes only, nothing read): `run` streams them.
+  A family's subclass builds it (`checked`) and may narrow `unused` to the keys that are its own."""
+  source: str
+  cfg: Any
+  module: Any
+  files: "CheckpointFiles"
+  expected: dict
+  plan: dict
+  resolved: dict
+
+  @classmethod
+  def checked(cls, source: str, cfg, module, files: "CheckpointFiles", expected: dict, plan: "Plan", what: str,
+              fix: str):
+    """The conversion of `expected` ({path: shape}: the module's parameters), refused (ConversionError naming
+    `what` tensors and `fix`) when a tensor matches no parameter."""
+    conv = cls(source, cfg, module, files, expected, plan, check_plan(plan, files, expected))
+    unused = conv.unused()
+    if unused:
+      raise ConversionError(f"{source}: {len(unused)} {what} tensors match no parameter of its config: {unused[:8]}. "
+                            f"Fix: {fix}")
+    return conv
+
+  def run(self, dtype, progress: bool = False, **kw) -> dict:
+    """build_params over the plan (kw: as_numpy, sink)."""
+    return build_params(self.plan, self.files, self.expected, dtype, progress=progress, resolved=self.resolved, **kw)
+
+  def unused(self) -> list[str]:
+    """Tensors no parameter reads (`checked` refuses any)."""
+    planned = {k for names in self.resolved.values() for k in names}
+    return sorted(set(self.files.keys()) - planned)
 
 
 def _set(tree: dict, path: tuple[str, ...], value):

@@ -26,6 +26,8 @@ functions receive the family's own section (`section`: the one its CONFIG_DEFAUL
   pipeline_config(base, path) -> config | None   optional: a released pipeline folder of the family (the U-Net
       family: diffusers' Stable Diffusion folders) as the config that samples and fine-tunes it, filled into `base`
       (a base config; `Pipeline.from_pretrained`)
+  pipeline_parts(path, dtype) -> {component: (conversion family, conversion)} | None   optional: that folder's
+      components checked for conversion (`python -m lidit_jax.convert diffusers`)
   exportable(config, where) -> source folder; export_pipeline(backend, out, save); single_file_state(backend,
       where) -> {key: array}   optional: whether a model of the family is one its released pipelines run (else a
       UserError by name), and the model back in its pipeline folder's layout or in one original single file
@@ -51,7 +53,8 @@ import flax.linen as nn
 from lidit_jax import conditioners, lora
 from lidit_jax.config_checks import ConfigError, fail, plugin_section
 
-FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet"}
+FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet",
+            "pixart": "lidit_jax.denoisers.pixart"}
 DEFAULT = "lidit"  # base_config's choice
 
 
@@ -171,6 +174,16 @@ def family(config) -> ModuleType:
     raise ConfigError(f"config model.family={name!r} is not a denoiser family. Fix: set "
                       f"--config.model.family to one of {sorted(FAMILIES)}")
   return importlib.import_module(FAMILIES[name])
+
+
+def pipeline_parts(path: str, dtype) -> dict | None:
+  """{component: (conversion family, checked conversion)} of a pipeline folder some family reads, else None."""
+  for name in FAMILIES:
+    module = importlib.import_module(FAMILIES[name])
+    parts = module.pipeline_parts(path, dtype) if hasattr(module, "pipeline_parts") else None
+    if parts is not None:
+      return parts
+  return None
 
 
 def pipeline_config(base, path: str):

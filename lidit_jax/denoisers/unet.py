@@ -8,8 +8,6 @@ compiled): its convolutions are not worth a hand count.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -17,13 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import conditioners, denoisers, prompt, torch_view
-from lidit_jax.cli import UserError
+from lidit_jax import conditioners, denoisers, torch_view
 from lidit_jax.config_checks import fail, one_of, tower, tower_names
 from lidit_jax.convert import diffusers_unet, diffusers_vae, hf_clip, hf_text, registry, sd_single_file
-from lidit_jax.denoisers import lidit
+from lidit_jax.denoisers import diffusers_folder as folder, lidit
 from lidit_jax.models import layers, unet as unet_lib
-from lidit_jax.objectives import ddpm
 
 Dtype = Any
 
@@ -178,17 +174,9 @@ def pretrained_weights(u, shared, path: str) -> dict:
   if os.path.isfile(os.path.join(path, "model_index.json")):
     path = os.path.join(path, "unet")
   module, params = diffusers_unet.load_unet(path, jnp.dtype(shared.dtype))
-  want = unet_config(u, shared.latent_hwc)
-  ignore = {"sample_size", "upcast_attention"}  # not in the weights' layout: the image size is data.image_size
-  diff = {k: (v, getattr(want, k)) for k, v in dataclasses.asdict(module.cfg).items()
-          if k not in ignore and v != getattr(want, k)}
-  if diff:
-    name, (theirs, ours) = next(iter(diff.items()))
-    raise UserError(f"model.init={path!r}: its U-Net has {name}={theirs!r}, the config {ours!r} ({len(diff)} fields "
-                    f"differ: {sorted(diff)}). Fix: set the config's unet section (and autoencoder.channels) to the "
-                    "checkpoint's config.json")
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"denoiser/" + "/".join(k.key for k in p): v for p, v in flat}
+  # sample_size, upcast_attention: not in the weights' layout (the image size is data.image_size)
+  return folder.denoiser_weights(path, "U-Net", "unet", module.cfg, unet_config(u, shared.latent_hwc), params,
+                                 ignore=("sample_size", "upcast_attention"))
 
 
 def validate(u, latent_hwc: tuple[int, int, int]) -> None:
@@ -226,23 +214,9 @@ SDXL_UNET = dict(block_out_channels=(320, 640, 1280), down_block_types=("DownBlo
                  projection_class_embeddings_input_dim=2816)
 
 
-def _index(path: str) -> dict:
-  """A pipeline folder's model_index.json ({} where there is none)."""
-  index = os.path.join(path, "model_index.json")
-  if not os.path.isfile(index):
-    return {}
-  with open(index, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _null(index: dict) -> str:
-  """The unconditional context the pipeline guides with: zeros (force_zeros_for_empty_prompt) or the empty prompt."""
-  return "zeros" if index.get("force_zeros_for_empty_prompt") else "empty_prompt"
-
-
 def is_pipeline_folder(path: str) -> bool:
   """A Stable Diffusion pipeline folder (diffusers' or converted): model_index.json naming a UNet2DConditionModel."""
-  return (_index(path).get("unet") or [None, None])[1] == "UNet2DConditionModel"
+  return folder.holds(path, "unet", "UNet2DConditionModel")
 
 
 def pipeline_config(c, path: str, xl: bool | None = None):
@@ -292,17 +266,11 @@ def from_pipeline_folder(c, path: str):
   if not os.path.isdir(path):
     return c
   unet = registry.component_config("diffusers_unet", path, "unet", "UNet2DConditionModel")
-  vae = registry.component_config("diffusers_vae", path, "vae", "AutoencoderKL")
+  vae = folder.read_vae_and_scheduler(c, path)
   c.unet = {**c.unet.to_dict(), **{k: getattr(unet, k) or type(v)() for k, v in c.unet.items()
                                    if hasattr(unet, k)}}  # None -> "" / 0; our own fields (second_attention) kept
-  c.autoencoder.factor, c.autoencoder.channels = vae.downsample_factor, vae.latent_channels
   c.data.image_size = unet.sample_size * vae.downsample_factor
-  with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-    values, sampler = ddpm.from_scheduler_config(json.load(f))
-  c.ddpm, c.sample.sampler = ddpm.scheduler_section(values, sampler, c.ddpm), sampler
-  c.ddpm.scheduler_keys = tuple(sorted(values))
   c.unet.time_scale = float(c.ddpm.num_train_timesteps)  # the U-Net was trained on its scheduler's timesteps
-  c.conditioner.null = _null(_index(path))
   return c
 
 
@@ -318,46 +286,13 @@ def sample_latent_shape(u, shared, height: int, width: int) -> tuple[int, int, i
 
 # ---- back to a diffusers pipeline folder or an original single file (python -m lidit_jax.export diffusers) ----
 
-_INDEX = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-
-
-def source_pipeline(config, where: str) -> str:
-  """The pipeline folder a model started from: its model.init (the folder, its unet/, or another such run's
-  workdir, followed back)."""
-  path, seen = config.model.init, set()
-  while path and path not in seen:
-    seen.add(path)
-    for folder in (path, os.path.dirname(os.path.normpath(path))):
-      if is_pipeline_folder(folder):
-        return folder
-    if not os.path.isfile(os.path.join(path, "config.json")):
-      break
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-      path = (json.load(f).get("model") or {}).get("init", "")
-  raise UserError(f"{where}: no diffusers pipeline folder behind its model.init={config.model.init!r}, so there "
-                  "are no text encoders, VAE or scheduler to export with its U-Net. Fix: export a run that "
-                  "fine-tunes a pipeline (configs/sd15.py), or `export safetensors` for the model alone")
 
 
 def exportable(config, where: str) -> str:
   """The source pipeline folder of a model diffusers' pipelines run: a U-Net reading the folder's own text encoders'
-  features (conditioner identity), guided as that pipeline guides (the empty prompt, or zeros with
-  force_zeros_for_empty_prompt). Anything else is refused by name."""
-  have = (config.conditioner.kind, config.conditioner.null)
-  if have[0] != "identity" or have[1] == "learned":
-    raise UserError(f"{where}: conditioner.kind / conditioner.null = {have}; a diffusers pipeline is a U-Net reading "
-                    "its text encoders' features, guided by the empty prompt or zeros ('identity', 'empty_prompt' or "
-                    "'zeros'). Fix: `export safetensors` for this model")
-  source = source_pipeline(config, where)
-  want = _null(_index(source))
-  if config.conditioner.null != want:
-    raise UserError(f"{where}: conditioner.null={config.conditioner.null!r}, but {source}'s pipeline guides with "
-                    f"{want!r} (its force_zeros_for_empty_prompt), so diffusers would not draw this model's images. "
-                    f"Fix: train with --config.conditioner.null={want}")
-  towers = [os.path.abspath(config.text.towers[n].init) for n in tower_names(config)]
-  if any(os.path.commonpath([t, os.path.abspath(source)]) != os.path.abspath(source) for t in towers):
-    raise UserError(f"{where}: its text towers {towers} are not the text encoders of {source}, the pipeline it "
-                    "started from. Fix: train with the pipeline's own text_encoder(s) (configs/sd15.py)")
+  features (conditioner identity), guided as that pipeline guides. Anything else is refused by name."""
+  source = folder.source_pipeline(config, where, is_pipeline_folder)
+  folder.exportable_text(config, where, source, tower_names(config))
   return source
 
 
@@ -368,7 +303,7 @@ def _parts(backend, where: str):
   but where a LoRA was merged into them: `Pipeline.load_lora`)."""
   config = backend.setup.config
   source = exportable(config, where)
-  index = _index(source)
+  index = folder.index(source)
   unet_cfg = registry.component_config("diffusers_unet", source, "unet", "UNet2DConditionModel")
   to_f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
   encoders, prefixes = [], lora_tower_prefixes(config)
@@ -420,27 +355,14 @@ def export_pipeline(backend, out: str, save) -> None:
   source, index, unet_cfg, unet_params, vae_cfg, vae_params, encoders = _parts(backend, out)
   save(os.path.join(out, "unet"), *diffusers_unet.to_diffusers(unet_cfg, unet_params), "diffusion_pytorch_model.safetensors")
   save(os.path.join(out, "vae"), *diffusers_vae.to_diffusers(vae_cfg, vae_params), "diffusion_pytorch_model.safetensors")
-  new = {"_class_name": index.get("_class_name", "StableDiffusionPipeline"),
-         "_diffusers_version": index.get("_diffusers_version", "0.30.0"), **_INDEX}
+  written = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
   for name, cfg, params in encoders:
     config, state = hf_clip.to_hf(cfg, params)
     save(os.path.join(out, name), config, state, "model.safetensors")
     tok_name = name.replace("text_encoder", "tokenizer")
-    tokenizer = prompt.load_tokenizer(os.path.join(source, tok_name))
-    tokenizer.save_pretrained(os.path.join(out, tok_name))
-    new[name] = ["transformers", config["architectures"][0]]
-    new[tok_name] = ["transformers", type(tokenizer).__name__]
-  os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-  with open(os.path.join(source, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-    scheduler = json.load(f)
-  with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-    json.dump(scheduler, f, indent=2)
-  new["scheduler"] = ["diffusers", scheduler.get("_class_name", "PNDMScheduler")]
-  for key, value in index.items():  # pipeline options (force_zeros_for_empty_prompt, ...), absent parts as null
-    if key not in new and not key.startswith("_"):
-      new[key] = [None, None] if isinstance(value, list) else value
-  with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as f:
-    json.dump(new, f, indent=2)
+    written[name] = ["transformers", config["architectures"][0]]
+    written[tok_name] = ["transformers", folder.copy_tokenizer(source, out, tok_name)]
+  folder.finish_export(source, out, written)
 
 
 def single_file_state(backend, where: str) -> dict:
@@ -453,3 +375,18 @@ def single_file_state(backend, where: str) -> dict:
   for name, prefix, layout in sd_single_file.TEXT_ENCODERS[sd_single_file.kind_of(unet_cfg)]:
     state.update(sd_single_file.text_state(*by_name[name], prefix, layout))
   return state
+
+
+def pipeline_parts(src: str, dtype) -> dict | None:
+  """{component: (conversion family, checked conversion)} of a Stable Diffusion pipeline folder for `convert
+  diffusers`: its U-Net, VAE and CLIP text encoders (None for another folder)."""
+  if not is_pipeline_folder(src):
+    return None
+  parts = {"unet": (diffusers_unet, diffusers_unet.Conversion.prepare(os.path.join(src, "unet"), dtype)),
+           "vae": (diffusers_vae, diffusers_vae.Conversion.prepare(os.path.join(src, "vae"), dtype))}
+  for name in ("text_encoder", "text_encoder_2"):
+    entry = folder.index(src).get(name)
+    if entry and entry[0] is not None:
+      conv = hf_text.Conversion.prepare(os.path.join(src, name), dtype, adapt=hf_clip.sd_head(entry[1]))
+      parts[name] = (conv.fam, conv)
+  return parts

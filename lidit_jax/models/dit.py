@@ -35,6 +35,11 @@ class DiTConfig:
   scan: bool = True
   attention: str = "xla"  # "xla", "cudnn" (GPU), "splash" (TPU): see model.attention_implementation
   modulation: str = "block"  # "block": adaLN-Zero per block (LI-DiT); "single": PixArt-alpha's adaLN-single
+  out_channels: int = 0  # 0: in_channels; PixArt's learned sigma doubles them
+  # sin-cos positions in diffusers' PixArt layout when > 0: the grid side the table was trained at (positions
+  # scaled by pos_base / side / pos_interpolation, x first); 0: integer positions, y first (LI-DiT's)
+  pos_base: int = 0
+  pos_interpolation: float = 1.0
 
 
 def pixart_alpha(width: int, heads: int, depth: int, patch: int = 2, channels: int = 4) -> DiTConfig:
@@ -125,7 +130,8 @@ class PositionResBlock(nn.Module):
 
 
 class DiT(nn.Module):
-  """Denoiser on [B, H, W, C] latents; predicts the velocity with the same shape."""
+  """Denoiser on [B, H, W, C] latents; predicts the velocity with the same shape (out_channels: PixArt's
+  prediction and its learned variance). `text_pooled_BD` None: no pooled text (PixArt's)."""
   cfg: DiTConfig
   dtype: Dtype = jnp.float32
 
@@ -144,11 +150,15 @@ class DiT(nn.Module):
       x = PositionResBlock(self.dtype, name="pos_resblock")(x)
     x = x.reshape(b, gh * gw, c.width)
     if c.pos_embed in ("sincos", "both"):
-      x = x + layers.sincos_2d(gh, gw, c.width).astype(self.dtype)[None]
+      table = (layers.sincos_2d(gh, gw, c.width) if not c.pos_base else layers.sincos_2d(
+          gh, gw, c.width, c.pos_base / gh / c.pos_interpolation, c.pos_base / gw / c.pos_interpolation, x_first=True))
+      x = x + table.astype(self.dtype)[None]
     x = layers.constrain(x, ("batch", "length", "embed"))
 
-    cond = t_emb_BD.astype(self.dtype) + layers.Dense(c.width, ("mlp", "embed"), dtype=self.dtype,
-                                                      name="text_pool_proj")(text_pooled_BD.astype(self.dtype))
+    cond = t_emb_BD.astype(self.dtype)
+    if text_pooled_BD is not None:  # PixArt reads no pooled text
+      cond = cond + layers.Dense(c.width, ("mlp", "embed"), dtype=self.dtype, name="text_pool_proj")(
+          text_pooled_BD.astype(self.dtype))
     ctx_mask = layers.attention_mask(None, ctx_valid_BS)
     ctx = ctx_BSD.astype(self.dtype)
     block_cond = cond
@@ -173,6 +183,7 @@ class DiT(nn.Module):
           nn.silu(cond))
       shift, scale = jnp.split(mod, 2, axis=-1)
     x = layers.modulate(layers.layer_norm(self.dtype, name="final_norm")(x), shift, scale)
-    x = layers.Dense(p * p * ch, ("embed", "patch"), zero_init=True, dtype=self.dtype, name="final_proj")(x)
-    x = x.reshape(b, gh, gw, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, ch)
+    out = c.out_channels or ch
+    x = layers.Dense(p * p * out, ("embed", "patch"), zero_init=True, dtype=self.dtype, name="final_proj")(x)
+    x = x.reshape(b, gh, gw, p, p, out).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, out)
     return x.astype(jnp.float32)

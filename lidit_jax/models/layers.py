@@ -334,10 +334,11 @@ class TimestepEmbedder(nn.Module):
   width: int
   freq_dim: int = 256
   dtype: Dtype = jnp.float32
+  scale: float = 1000.0  # t's multiplier before the sinusoids (1: t is already in diffusers' timesteps)
 
   @nn.compact
   def __call__(self, t_B):
-    x = timestep_features(t_B, self.freq_dim)
+    x = timestep_features(t_B, self.freq_dim, scale=self.scale)
     x = Dense(self.width, ("cond", "mlp"), dtype=self.dtype, name="fc1")(x)
     return Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(nn.silu(x))
 
@@ -353,13 +354,14 @@ def masked_mean(x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
   return (total / jnp.maximum(jnp.sum(m, axis=1), 1.0)).astype(x_BLD.dtype)
 
 
-def sincos_2d(h: int, w: int, dim: int) -> jax.Array:
-  """Fixed 2-D sine-cosine position table [h*w, dim] (half the channels per spatial axis)."""
+def sincos_2d(h: int, w: int, dim: int, scale_h: float = 1.0, scale_w: float = 1.0, x_first: bool = False) -> jax.Array:
+  """Fixed 2-D sine-cosine position table [h*w, dim] (half the channels per spatial axis) at positions
+  arange(side) * scale; `x_first`: the column's half first (diffusers' PixArt / SD3 layout), else the row's."""
   assert dim % 4 == 0, f"sin-cos positions need a width divisible by 4, got {dim}"
-  def axis_table(n, d):
+  def axis_table(n, d, scale):
     omega = 1.0 / 10000 ** (jnp.arange(d // 2, dtype=jnp.float32) / (d // 2))
-    args = jnp.arange(n, dtype=jnp.float32)[:, None] * omega[None]
+    args = (jnp.arange(n, dtype=jnp.float32) * jnp.float32(scale))[:, None] * omega[None]
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  ty = axis_table(h, dim // 2)[:, None, :].repeat(w, axis=1)
-  tx = axis_table(w, dim // 2)[None, :, :].repeat(h, axis=0)
-  return jnp.concatenate([ty, tx], axis=-1).reshape(h * w, dim)
+  ty = axis_table(h, dim // 2, scale_h)[:, None, :].repeat(w, axis=1)
+  tx = axis_table(w, dim // 2, scale_w)[None, :, :].repeat(h, axis=0)
+  return jnp.concatenate([tx, ty] if x_first else [ty, tx], axis=-1).reshape(h * w, dim)

@@ -1,0 +1,248 @@
+"""PixArt-alpha / Sigma (`model.family=pixart`, options in `pixart`, named as diffusers' PixArtTransformer2DModel
+config): a conditioner's context (the pipeline's T5 states, conditioner identity, in its configs) through the
+caption projection into the DiT with adaLN-single (`models/pixart.py`). The denoiser family contract is in
+`denoisers/__init__`.
+
+The contract's time in [0, 1] is scaled by `pixart.time_scale` (1000: diffusers' timesteps). The transformer
+predicts the noise and its learned variance (`learn_sigma`: out_channels twice the latent's); the family returns the noise,
+which is what diffusers' PixArt pipelines step with (training: the DDPM objective's MSE on it; the variance
+channels are not trained, so their weights stay the converted ones up to weight decay).
+"""
+from __future__ import annotations
+
+import os
+import types
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lidit_jax import conditioners, denoisers, torch_view
+from lidit_jax.cli import UserError
+from lidit_jax.config_checks import fail, tower, tower_names
+from lidit_jax.convert import diffusers_pixart, diffusers_vae, hf_t5, hf_text, registry
+from lidit_jax.denoisers import diffusers_folder as folder, lidit
+from lidit_jax.models import pixart as pixart_lib
+
+Dtype = Any
+CLASS = "PixArtTransformer2DModel"
+
+# LoRA by default: the blocks' attention projections (diffusers' PixArt LoRA scripts: to_q / to_k / to_v / to_out.0)
+LORA_TARGETS = (r"^denoiser/dit/blocks/.*/(self_attn|cross_attn)/(query|key|value|out)/kernel$",)
+# PixArt-Sigma-XL-2-1024-MS's transformer; a pipeline folder's own replaces it (`pipeline_config`)
+CONFIG_DEFAULTS = {"pixart": dict(
+    num_attention_heads=16, attention_head_dim=72, num_layers=28,
+    learn_sigma=True,  # the variance too: out_channels twice the latent's (PixArt's); the family returns the noise
+    caption_channels=4096,
+    sample_size=128, patch_size=2, interpolation_scale=2.0, use_additional_conditions=False,
+    time_scale=1000.0)}  # the embedder's timesteps for the contract's t in [0, 1]
+
+
+class PixArt(nn.Module):
+  """The transformer reading a conditioner's context; `drop_B` swaps in the null context (CFG: conditioner.null).
+  Micro-conditions (PixArt-alpha 1024) are the input's size in pixels (`pixel_factor`: the autoencoder's)."""
+  net: pixart_lib.PixArtConfig
+  conditioner: nn.Module
+  time_scale: float = 1000.0
+  dtype: Dtype = jnp.float32
+  attention: str = "xla"
+  remat: str = "none"
+  null: str = "learned"
+  pixel_factor: int = 1
+
+  @nn.compact
+  def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
+    net = pixart_lib.PixArtTransformer(self.net, self.dtype, self.attention, self.remat, name="denoiser")
+    _, h, w, c = x_BHWC.shape
+    t_emb = net.time(t_B * self.time_scale, (h * self.pixel_factor, w * self.pixel_factor))
+    out = conditioners.outputs(self.conditioner(feats, valids, prompts, t_emb))
+    ctx, ctx_valid = conditioners.null_context(self, out.context, out.valid, drop_B, self.null)
+    return net(x_BHWC, t_emb, ctx, ctx_valid)[..., :c]  # the noise; the learned variance is not read
+
+
+def net_config(p, latent_hwc: tuple[int, int, int]) -> pixart_lib.PixArtConfig:
+  return pixart_lib.PixArtConfig(
+      num_attention_heads=p.num_attention_heads, attention_head_dim=p.attention_head_dim, in_channels=latent_hwc[2],
+      out_channels=latent_hwc[2] * (2 if p.learn_sigma else 1), num_layers=p.num_layers, caption_channels=p.caption_channels,
+      sample_size=p.sample_size, patch_size=p.patch_size, interpolation_scale=float(p.interpolation_scale),
+      use_additional_conditions=bool(p.use_additional_conditions))
+
+
+def build(p, shared, conditioner: nn.Module, attention: str) -> PixArt:
+  return PixArt(net_config(p, shared.latent_hwc), conditioner, float(p.time_scale), jnp.dtype(shared.dtype),
+                attention, shared.remat, shared.null, shared.pixel_factor)
+
+
+def geometry(p, latent_hwc: tuple[int, int, int]):
+  width = p.num_attention_heads * p.attention_head_dim
+  tokens = (latent_hwc[0] // p.patch_size) * (latent_hwc[1] // p.patch_size)
+  return denoisers.Geometry(latent_hwc, p.patch_size, tokens, p.caption_channels or width)
+
+
+def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
+  return lidit.abstract_inputs(batch, latent_hwc, text_shapes)  # the same call signature
+
+
+def _as_dit(p):
+  """The fields the DiT's FLOP and activation counts read (`denoisers/lidit.py`)."""
+  return types.SimpleNamespace(width=p.num_attention_heads * p.attention_head_dim, depth=p.num_layers,
+                               num_heads=p.num_attention_heads, patch_size=p.patch_size, mlp_ratio=4.0)
+
+
+def flops_per_example(p, shared, text_shapes, conditioner=None, conditioner_flops=0) -> dict:
+  """The DiT's count, and the caption projection's (two matmuls per text token)."""
+  d, s = _as_dit(p).width, sum(shape[0] for shape in text_shapes)
+  caption = 2 * s * (p.caption_channels * d + d * d) if p.caption_channels else 0
+  return {"dit": lidit.flops_per_example(_as_dit(p), shared, text_shapes)["dit"], "caption projection": caption}
+
+
+def activation_bytes(p, shared, batch: int, text_shapes, tensor: int, itemsize: int) -> int:
+  return lidit.activation_bytes(_as_dit(p), shared, batch, text_shapes, tensor, itemsize)
+
+
+def param_groups(params) -> dict:
+  rest = {k: v for k, v in params.items() if k not in ("denoiser", "conditioner")}
+  return {"denoiser (PixArt)": params["denoiser"], "conditioner": params.get("conditioner", {}),  # identity: none
+          "embeddings": rest}
+
+
+def validate(p, latent_hwc: tuple[int, int, int]) -> None:
+  """The `pixart` section's checks, each a ConfigError naming value and fix."""
+  width = p.num_attention_heads * p.attention_head_dim
+  if width % 4:
+    fail("pixart.attention_head_dim", p.attention_head_dim, f"a width of {width} takes no sin-cos positions",
+         "use a width (heads x head dim) divisible by 4")
+  if p.use_additional_conditions and width % 3:
+    fail("pixart.use_additional_conditions", True, f"micro-conditions take a third of the width each, and {width} "
+         "is not divisible by 3", "turn them off or use a width divisible by 3")
+
+
+def pretrained_weights(p, shared, path: str) -> dict:
+  """{"denoiser/...": array} of a PixArt transformer (diffusers' folder, a pipeline folder, or converted) for
+  `model.init`. Its layout must be the config's `pixart` section (a mismatch is refused by field)."""
+  if os.path.isfile(os.path.join(path, "model_index.json")):
+    path = os.path.join(path, "transformer")
+  module, params = diffusers_pixart.load(path, jnp.dtype(shared.dtype))
+  return folder.denoiser_weights(path, "transformer", "pixart", module.cfg, net_config(p, shared.latent_hwc), params)
+
+
+def sample_latent_shape(p, shared, height: int, width: int) -> tuple[int, int, int]:
+  """Any size whose latents the patches tile (positions interpolate as diffusers' PatchEmbed does)."""
+  unit = p.patch_size * shared.pixel_factor
+  if height % unit or width % unit:
+    raise ValueError(f"height x width {height} x {width} must be multiples of {unit}. Fix: round them")
+  return (height // shared.pixel_factor, width // shared.pixel_factor, shared.latent_hwc[2])
+
+
+# ---- a diffusers PixArt pipeline folder as a config: Pipeline.from_pretrained(folder), configs/pixart_sigma.py ----
+
+# The T5 tower's architecture for planning before the folder exists (text.towers.t5.plan_arch): T5 v1.1 XXL's encoder
+T5_XXL = dict(model_type="t5", vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)
+# T5 tokens each pipeline reads (max_sequence_length's default)
+MAX_LENGTH = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
+
+
+def is_pipeline_folder(path: str) -> bool:
+  """A PixArt pipeline folder (diffusers' or converted): model_index.json naming a PixArtTransformer2DModel."""
+  return folder.holds(path, "transformer", CLASS)
+
+
+def pipeline_config(c, path: str, sigma: bool | None = None):
+  """The config that samples a PixArt-alpha / Sigma pipeline folder (diffusers' or converted) as diffusers'
+  pipeline does (without its resolution binning: the image is drawn at the size asked), and that
+  configs/pixart_sigma.py fine-tunes: the transformer from its transformer/ (model.init), the text side the
+  pipeline's (the T5 encoder's last state over the lower-cased prompt, 300 tokens for Sigma and 120 for alpha,
+  padding masked; the empty prompt guides), its VAE, image size, scheduler and guidance default (4.5; 20 steps).
+  `sigma` None: read from the folder (None when `path` is no PixArt folder); given, a folder that does not exist
+  yet keeps PixArt-Sigma 1024's layout (planning before converting)."""
+  if sigma is None:
+    if not is_pipeline_folder(path):
+      return None
+    sigma = folder.index(path).get("_class_name") != "PixArtAlphaPipeline"
+  c.model.update(family="pixart", dtype="bfloat16", init=path)
+  c.conditioner.update(kind="identity", null="empty_prompt")
+  c.text.use = "t5"
+  c.text.towers = {"t5": tower(init=os.path.join(path, "text_encoder"), tokenizer=os.path.join(path, "tokenizer"),
+                               layer=-1, lowercase=True, dtype="bfloat16", plan_arch=T5_XXL,
+                               max_length=MAX_LENGTH["PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline"])}
+  c.text.update(instruction="", use_chat_template=False)
+  c.autoencoder.update(kind="vae", factor=8, channels=4, dtype="float32", path=path)
+  c.objective.kind = "ddpm"
+  c.ddpm.update(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)  # PixArt's, until the folder says
+  c.data.image_size = 1024
+  c.sample.update(steps=20, sampler="dpmpp_2m", cfg=4.5)
+  c.mesh.data = -1  # data parallel over every device
+  if not os.path.isdir(path):
+    return c
+  net = registry.component_config("diffusers_pixart", path, "transformer", CLASS)
+  vae = folder.read_vae_and_scheduler(c, path)
+  c.pixart = {**c.pixart.to_dict(), **{k: getattr(net, k) for k in c.pixart if hasattr(net, k)},
+              "learn_sigma": net.out_channels == 2 * net.in_channels}
+  c.data.image_size = net.sample_size * vae.downsample_factor
+  c.pixart.time_scale = float(c.ddpm.num_train_timesteps)
+  return c
+
+
+# ---- back to a diffusers pipeline folder (python -m lidit_jax.export diffusers) ----
+
+def exportable(config, where: str) -> str:
+  """The source pipeline folder of a model diffusers' PixArt pipelines run (its own T5, guided by the empty
+  prompt); anything else is refused by name."""
+  source = folder.source_pipeline(config, where, is_pipeline_folder)
+  folder.exportable_text(config, where, source, tower_names(config))
+  return source
+
+
+def export_pipeline(backend, out: str, save) -> None:
+  """Write the model into the (new) folder `out` as a diffusers PixArt pipeline folder: its transformer, VAE and
+  T5 encoder (as the backend holds them), the source's tokenizer, scheduler config and options."""
+  config = backend.setup.config
+  source = exportable(config, out)
+  f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+  net = net_config(config.pixart, denoisers.latent_hwc(config))
+  save(os.path.join(out, "transformer"), *diffusers_pixart.to_diffusers(net, f32(backend.params["model"]["denoiser"])),
+       "diffusion_pytorch_model.safetensors")
+  vae_cfg = backend.setup.autoencoder.module.cfg
+  save(os.path.join(out, "vae"), *diffusers_vae.to_diffusers(vae_cfg, f32(backend.params["frozen"]["autoencoder"])),
+       "diffusion_pytorch_model.safetensors")
+  t5 = next(t for t in backend.setup.towers if t.name == "t5")
+  if t5.kind is not hf_t5:
+    raise UserError(f"{out}: text tower t5 is a {t5.kind.__name__} tower, not the pipeline's T5 encoder. Fix: "
+                    "export a run of configs/pixart_sigma.py")
+  hf_config, state = hf_t5.to_hf(t5.module.cfg, f32(backend.params["frozen"]["towers"]["t5"]))
+  save(os.path.join(out, "text_encoder"), hf_config, state, "model.safetensors")
+  folder.finish_export(source, out, {
+      "transformer": ["diffusers", CLASS], "vae": ["diffusers", "AutoencoderKL"],
+      "text_encoder": ["transformers", "T5EncoderModel"],
+      "tokenizer": ["transformers", folder.copy_tokenizer(source, out, "tokenizer")]})
+
+
+def lora_names(p, shared):
+  """(path, layer) -> the module names LoRA files give a kernel: diffusers' (`transformer.` + its state-dict
+  module, as PixArt LoRA scripts save: `transformer.transformer_blocks.0.attn1.to_q`)."""
+  plan = diffusers_pixart.plan(net_config(p, shared.latent_hwc))
+
+  def names(path, layer=None) -> list[str]:
+    src = plan.get(tuple(path[1:])) if path[0] == "denoiser" else None
+    if src is None:
+      return [torch_view.module_key(path, layer)]
+    key = src.keys[layer if src.stacked else 0]
+    return ["transformer." + (key if isinstance(key, str) else key[0]).rpartition(".")[0]]
+  return names
+
+
+def pipeline_parts(src: str, dtype) -> dict | None:
+  """{component: (conversion family, checked conversion)} of a PixArt pipeline folder for `convert diffusers`
+  (None for another folder)."""
+  if not is_pipeline_folder(src):
+    return None
+  return {"transformer": (diffusers_pixart, diffusers_pixart.Conversion.prepare(os.path.join(src, "transformer"), dtype)),
+          "vae": (diffusers_vae, diffusers_vae.Conversion.prepare(os.path.join(src, "vae"), dtype)),
+          "text_encoder": (hf_t5, hf_text.Conversion.prepare(os.path.join(src, "text_encoder"), dtype))}
+
+
+def lora_tower_prefixes(config) -> dict:
+  """No text encoder LoRA: PixArt's LoRAs train the transformer only."""
+  return {}
