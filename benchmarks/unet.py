@@ -74,14 +74,14 @@ def measure(layout: dict, layers: int, latent: int, batch: int, reps: int, text_
           "sample_speedup": theirs_fwd_s / ours_fwd_s, "torch": torch.__version__, "jax": jax.__version__}
 
 
-def record(r: dict, path: str = "benchmarks/RESULTS.md") -> None:
+def record_table(title: str, setup: str, r: dict, path: str = "benchmarks/RESULTS.md") -> None:
+  """A dated section: `setup` (what was measured), then train / sampling step seconds of both sides and their
+  ratio (`r`: measure's keys)."""
   import datetime
   import platform
-  lines = ["\n## U-Net vs diffusers (`python -m benchmarks.unet`)\n",
+  lines = [f"\n## {title}\n",
            f"{datetime.date.today()}, {platform.machine()}, {len(os.sched_getaffinity(0))} cores, jax {r['jax']}, "
-           f"torch {r['torch']}, float32. SD 1.5 widths {r['blocks']}, {r['layers_per_block']} resnet(s) per block "
-           f"(SD 1.5: 2), {r['latent']} x {r['latent']} latents, batch {r['batch']}, {r['text_len']} text tokens, "
-           f"{r['params'] / 1e6:.1f} M parameters; same weights and tensors, one process.\n",
+           f"torch {r['torch']}, float32. {setup}\n",
            "| figure | ours s | diffusers s | ratio (torch / ours; goal >= 1.0) |", "|---|---|---|---|",
            f"| train step (eps MSE + AdamW) | {r['ours_train_s']:.3f} | {r['torch_train_s']:.3f} | {r['train_speedup']:.2f} |",
            f"| sampling step (forward) | {r['ours_forward_s']:.3f} | {r['torch_forward_s']:.3f} | {r['sample_speedup']:.2f} |"]
@@ -101,7 +101,10 @@ def main(argv=None) -> int:
   r = measure(QUICK if a.quick else SD15, a.layers, 8 if a.quick else a.latent, a.batch, a.reps)
   print(json.dumps(r))
   if not (a.quick or a.no_record):
-    record(r)
+    record_table("U-Net vs diffusers (`python -m benchmarks.unet`)",
+                 f"SD 1.5 widths {r['blocks']}, {r['layers_per_block']} resnet(s) per block (SD 1.5: 2), {r['latent']} x "
+                 f"{r['latent']} latents, batch {r['batch']}, {r['text_len']} text tokens, {r['params'] / 1e6:.1f} M "
+                 "parameters; same weights and tensors, one process.", r)
   return 0
 
 
