@@ -5,6 +5,8 @@
             factor 4 runs on an 8 x 8 grid, as SD's on latents and the demo's DiT on its 4 px patches)
   vae       diffusers' AutoencoderKL (`autoencoder.path`: a VAE or pipeline folder, an original single file or
             our converted directory; see `convert.load_vae`), frozen
+  dc_ae     diffusers' AutoencoderDC (Sana's deep-compression autoencoder, 32x; `autoencoder.path`: its folder, a
+            pipeline folder or our converted directory), frozen; deterministic (no posterior to sample)
 
 Both give `encode(params, images_BHWC, rng=None)` -> latents in the denoiser's scale (a posterior sample when
 `rng` is given, its mean otherwise) and `decode(params, latents)` -> images in [-1, 1], as pure functions of
@@ -19,23 +21,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lidit_jax.config_checks import ConfigError, fail, one_of
-from lidit_jax.convert import diffusers_vae, registry, safetensors_io
-from lidit_jax.models import vae as vae_lib
+from lidit_jax.convert import diffusers_dc_ae, diffusers_vae, registry, safetensors_io
 
 
-# identity (pixels), patches (pixels as factor x factor patches, 3 factor^2 channels) or vae: path = a diffusers
-# VAE / pipeline folder, an original single file or a converted directory; frozen
+# identity (pixels), patches (pixels as factor x factor patches, 3 factor^2 channels), vae or dc_ae: path = a
+# diffusers VAE / DC-AE / pipeline folder (a VAE also an original single file) or a converted directory; frozen
 CONFIG_DEFAULTS = {"autoencoder": dict(kind="identity", factor=1, channels=3, path="", dtype="float32")}
 
 
 def validate(ae) -> None:
   """Its section's checks (configs.validate calls it), each a ConfigError naming value and fix."""
-  one_of("autoencoder.kind", ae.kind, {"identity", "patches", "vae"})
+  one_of("autoencoder.kind", ae.kind, {"identity", "patches", "vae", "dc_ae"})
   one_of("autoencoder.dtype", ae.dtype, {"float32", "bfloat16"})
   if ae.kind == "identity" and (ae.factor != 1 or ae.channels != 3):
     fail("autoencoder.factor/channels", (ae.factor, ae.channels), "pixel space (identity) means factor 1, 3 channels",
@@ -55,8 +57,19 @@ def stored_channels(ae_cfg) -> int:
   return ae_cfg.channels * (2 if ae_cfg.kind == "vae" else 1)
 
 
+class Deterministic:
+  """An autoencoder whose encoding draws nothing: stored latents are the latents."""
+
+  def stored(self, params, images_BHWC):
+    return self.encode(params, images_BHWC)
+
+  def from_stored(self, stored_BhwC, rng):
+    del rng
+    return stored_BhwC
+
+
 @dataclasses.dataclass(frozen=True)
-class Pixels:
+class Pixels(Deterministic):
   """Pixel space, each factor x factor patch one position of 3 factor^2 channels (lossless space-to-depth; factor
   1: the pixels themselves). A convolutional denoiser then runs on a coarse grid as on a VAE's latents, where a
   DiT patchifies pixels itself."""
@@ -79,13 +92,6 @@ class Pixels:
     x = images_BHWC.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h // f, w // f, f * f * c)
 
-  def stored(self, params, images_BHWC):
-    return self.encode(params, images_BHWC)
-
-  def from_stored(self, stored_BhwC, rng):
-    del rng
-    return stored_BhwC
-
   def decode(self, params, latents_BHWC):
     del params
     f = self.factor
@@ -103,8 +109,9 @@ class Pixels:
 
 
 @dataclasses.dataclass(frozen=True)
-class VAE:
-  module: vae_lib.AutoencoderKL
+class Converted:
+  """A converted diffusers autoencoder `module`: its factor and latent channels from its config."""
+  module: Any
 
   @property
   def factor(self) -> int:
@@ -113,6 +120,9 @@ class VAE:
   @property
   def channels(self) -> int:
     return self.module.cfg.latent_channels
+
+
+class VAE(Converted):
 
   def _offset_and_scale(self):
     cfg = self.module.cfg
@@ -166,6 +176,35 @@ class VAE:
     return int(batch * max(3 * full * itemsize, attention))
 
 
+class DCAE(Converted, Deterministic):
+  """Sana's DC-AE: latents = encoder(x) * scaling_factor, as SanaPipeline scales them; deterministic, so `rng` and
+  a stored standard deviation have no use (stored latents are the latents)."""
+
+  @property
+  def stored_channels(self) -> int:
+    return self.channels
+
+  def encode(self, params, images_BHWC, rng=None):
+    del rng
+    return self.module.apply({"params": params}, images_BHWC, method="encode") * self.module.cfg.scaling_factor
+
+  def decode(self, params, latents_BHWC):
+    return self.module.apply({"params": params}, latents_BHWC / self.module.cfg.scaling_factor, method="decode")
+
+  def encode_flops(self, params, image_hw) -> float:
+    image = jax.ShapeDtypeStruct((1, *image_hw, self.module.cfg.in_channels), jnp.float32)
+    return float(jax.jit(self.encode).lower(params, image).cost_analysis()["flops"])
+
+  def encode_peak_bytes(self, batch: int, image_hw) -> int:
+    """About three feature maps at full resolution (a ResBlock's input, activation and convolution), as the VAE."""
+    h, w = image_hw
+    return int(batch * 3 * h * w * self.module.cfg.encoder_block_out_channels[0] * jnp.dtype(self.module.dtype).itemsize)
+
+
+# autoencoder.kind -> (its conversion family, the diffusers class a pipeline's vae/ holds, our wrapper)
+KINDS = {"vae": (diffusers_vae, "AutoencoderKL", VAE), "dc_ae": (diffusers_dc_ae, "AutoencoderDC", DCAE)}
+
+
 def build(ae_cfg, abstract: bool = False):
   """(autoencoder, its frozen params or None) for the config's `autoencoder` section, the VAE's params in
   `autoencoder.dtype`; the VAE's factor and channels must be the ones the section states (they shape the
@@ -174,24 +213,25 @@ def build(ae_cfg, abstract: bool = False):
   if ae_cfg.kind in ("identity", "patches"):
     return Pixels(ae_cfg.factor), None
   path, dtype = ae_cfg.get("path", ""), jnp.dtype(ae_cfg.get("dtype", "float32"))
+  conversion, class_name, wrapper = KINDS[ae_cfg.kind]
   if abstract:
     if not path or not os.path.exists(os.path.expanduser(path)):
       return None, None
     if os.path.isdir(os.path.expanduser(path)):  # a pipeline folder (ours too): its vae/
-      path = safetensors_io.component_dir(path, "vae", "AutoencoderKL")
+      path = safetensors_io.component_dir(path, "vae", class_name)
     module = (registry.from_description(registry.read_marker(path), dtype)[2] if registry.marker(path)
-              else diffusers_vae.Conversion.prepare(path, dtype).module)
+              else conversion.Conversion.prepare(path, dtype).module)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
-                          registry.strip_boxes(diffusers_vae.abstract_params(module)))
+                          registry.strip_boxes(conversion.abstract_params(module)))
   elif not path:
-    raise ConfigError("config autoencoder.kind='vae' needs autoencoder.path. Fix: "
-                              "--config.autoencoder.path=DIR (a diffusers VAE or pipeline folder, or a converted one)")
+    raise ConfigError(f"config autoencoder.kind={ae_cfg.kind!r} needs autoencoder.path. Fix: "
+                      f"--config.autoencoder.path=DIR (a diffusers {class_name} or pipeline folder, or a converted one)")
   else:
-    module, params = diffusers_vae.load_vae(path, dtype)
-  ae = VAE(module)
+    module, params = (diffusers_vae.load_vae if ae_cfg.kind == "vae" else conversion.load)(path, dtype)
+  ae = wrapper(module)
   if (ae.factor, ae.channels) != (ae_cfg.factor, ae_cfg.channels):
     raise ConfigError(
-        f"config autoencoder.factor/channels=({ae_cfg.factor}, {ae_cfg.channels}), but the VAE at {path} has "
+        f"config autoencoder.factor/channels=({ae_cfg.factor}, {ae_cfg.channels}), but the {class_name} at {path} has "
         f"({ae.factor}, {ae.channels}). Fix: --config.autoencoder.factor={ae.factor} "
         f"--config.autoencoder.channels={ae.channels}")
   return ae, params

@@ -6,13 +6,12 @@ implement are refused by name. `to_diffusers` is the inverse (export), bit for b
 """
 from __future__ import annotations
 
-import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidit_jax.cli import NotFound
 from lidit_jax.convert import orbax_io, registry, safetensors_io as io
 from lidit_jax.convert.safetensors_io import Source, heads_bias, heads_in, heads_out, linear
 from lidit_jax.models import pixart
@@ -71,8 +70,8 @@ def _patch(p: int, channels: int):
                          lambda k: k.reshape(p, p, channels, -1).transpose(3, 2, 0, 1))
 
 
-def plan(cfg: Config) -> dict[tuple[str, ...], Source]:
-  """{our parameter path: Source} in diffusers' naming."""
+def plan(cfg: Config, expected=None) -> dict[tuple[str, ...], Source]:
+  """{our parameter path: Source} in diffusers' naming (from the config alone: `expected` is not read)."""
   h, n = cfg.num_attention_heads, cfg.num_layers
   block = lambda suffix, *t: Source.layers("transformer_blocks.{}." + suffix, n, *t)
   one = Source.one
@@ -109,24 +108,14 @@ def plan(cfg: Config) -> dict[tuple[str, ...], Source]:
 
 
 class Conversion(io.Conversion):
-  """A transformer folder checked against our module: `run` streams its parameters."""
-
   @classmethod
   def prepare(cls, path: str, dtype=jnp.float32) -> "Conversion":
     """`path`: a PixArt transformer folder or a pipeline folder holding one in transformer/."""
-    path = io.component_dir(os.path.expanduser(os.fspath(path)), "transformer", CLASS)
-    cfg = read_config(path)
-    module = make_module(cfg, dtype)
-    expected = io.flatten_shapes(registry.strip_boxes(abstract_params(module)))
-    return cls.checked(path, cfg, module, io.CheckpointFiles(path), expected, plan(cfg), "transformer",
-                       "check the config against the weights")
+    return cls.of_folder(path, "transformer", CLASS, sys.modules[__name__], dtype, "transformer")
 
 
 def read_config(where: str) -> Config:
-  path = os.path.join(where, "config.json") if os.path.isdir(where) else where
-  if not os.path.exists(path):
-    raise NotFound(f"{path} does not exist. Fix: point at a diffusers {CLASS} folder or its config.json")
-  return config_from_diffusers(io.read_json(path), path)
+  return io.read_component_config(where, CLASS, config_from_diffusers)
 
 
 def load(path: str, dtype=jnp.float32):

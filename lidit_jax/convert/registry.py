@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from lidit_jax.cli import NotFound
 from lidit_jax.convert import safetensors_io as io
 
-FAMILIES = ("hf_llm", "hf_t5", "hf_clip", "diffusers_vae", "diffusers_unet", "diffusers_pixart")
+FAMILIES = ("hf_llm", "hf_t5", "hf_clip", "diffusers_vae", "diffusers_unet", "diffusers_pixart",
+            "diffusers_dc_ae")
 MARKER = "lidit_converted.json"
 LEGACY_MARKERS = ("lidit_text_model.json",)  # text models converted before the VAE joined
 
@@ -57,11 +58,7 @@ def read_marker(directory: str) -> dict:
     return json.load(f)
 
 
-def strip_boxes(tree):
-  """Values of a tree of logically partitioned boxes (nn.unbox would apply sharding constraints, which
-  fail on abstract values under a mesh)."""
-  return jax.tree.map(lambda b: b.value if isinstance(b, nn.meta.AxisMetadata) else b, tree,
-                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+strip_boxes = io.strip_boxes  # where the families have always found it
 
 
 def token_abstract_params(module: nn.Module, max_length: int = 8):

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax.linen import meta
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -144,6 +145,21 @@ def read_json(path: str) -> dict:
     except ValueError as e:  # json's own text names a line and column, never the file
       raise UserError(f"{path} is not valid JSON ({e}). Fix: restore that file from the model's original download "
                       "(or repair it by hand)") from e
+
+
+def strip_boxes(tree):
+  """Values of a tree of logically partitioned boxes (nn.unbox would apply sharding constraints, which
+  fail on abstract values under a mesh)."""
+  return jax.tree.map(lambda b: b.value if isinstance(b, meta.AxisMetadata) else b, tree,
+                      is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
+def read_component_config(where: str, class_name: str, parse):
+  """`parse(config dict, its path)` of a diffusers model folder's config.json (or that file)."""
+  path = os.path.join(where, "config.json") if os.path.isdir(where) else where
+  if not os.path.exists(path):
+    raise NotFound(f"{path} does not exist. Fix: point at a diffusers {class_name} folder or its config.json")
+  return parse(read_json(path), path)
 
 
 def metadata(path: str) -> dict | None:
@@ -355,6 +371,17 @@ class Conversion:
       raise ConversionError(f"{source}: {len(unused)} {what} tensors match no parameter of its config: {unused[:8]}. "
                             f"Fix: {fix}")
     return conv
+
+  @classmethod
+  def of_folder(cls, path: str, subfolder: str, class_name: str, fam, dtype, what: str):
+    """A diffusers model folder (or a pipeline folder holding it in `subfolder`) of the conversion family `fam`
+    (config_from_diffusers, make_module, abstract_params, plan(cfg, expected)), checked."""
+    path = component_dir(os.path.expanduser(os.fspath(path)), subfolder, class_name)
+    cfg = read_component_config(path, class_name, fam.config_from_diffusers)
+    module = fam.make_module(cfg, dtype)
+    expected = flatten_shapes(strip_boxes(fam.abstract_params(module)))
+    return cls.checked(path, cfg, module, CheckpointFiles(path), expected, fam.plan(cfg, expected), what,
+                       "check the config against the weights")
 
   def run(self, dtype, progress: bool = False, **kw) -> dict:
     """build_params over the plan (kw: as_numpy, sink)."""
