@@ -136,13 +136,11 @@ class LinearAttention(nn.Module):
     n, d = h * w, self.head_dim
     # channels in groups of 3 d: (q, k, v) of one head each, as PyTorch's reshape(B, -1, 3 d, N) reads them
     g = jnp.concatenate(scales, axis=-1).astype(jnp.float32).reshape(b, n, -1, 3, d)
-    q, k, v = nn.relu(g[..., 0, :]), nn.relu(g[..., 1, :]), g[..., 2, :]  # [B, N, G, d]
-    if n > d:  # linear: (v; 1) k^T q, normalised by its last row
-      v1 = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
-      kv = jnp.einsum("bngi,bngj->bgij", v1, k)
-      out = jnp.einsum("bgij,bngj->bngi", kv, q)
-      out = out[..., :-1] / (out[..., -1:] + self.eps)
-    else:  # quadratic: scores k^T q normalised over the keys
+    q, k, v = g[..., 0, :], g[..., 1, :], g[..., 2, :]  # [B, N, G, d]
+    if n > d:
+      out = layers.relu_linear_attention(q, k, v, self.eps)
+    else:  # quadratic: scores relu(k)^T relu(q) normalised over the keys
+      q, k = nn.relu(q), nn.relu(k)
       scores = jnp.einsum("bmgj,bngj->bgmn", k, q)
       scores = scores / (jnp.sum(scores, axis=2, keepdims=True) + self.eps)
       out = jnp.einsum("bmgi,bgmn->bngi", v, scores)
@@ -153,19 +151,21 @@ class LinearAttention(nn.Module):
 
 
 class GLUMBConv(nn.Module):
-  """1 x 1 expansion to 2 x 4 x channels, SiLU, depthwise 3 x 3, SiLU-gated halves, 1 x 1 back; RMSNorm; residual."""
-  expand: int = 4
+  """1 x 1 expansion to 2 x expand x channels, SiLU, depthwise 3 x 3, SiLU-gated halves, 1 x 1 back; then RMSNorm
+  and the residual (the DC-AE's; Sana's transformer FFN has neither)."""
+  expand: float = 4
+  norm_and_residual: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    hidden = self.expand * c
+    hidden = int(self.expand * c)
     h = nn.silu(conv(2 * hidden, 1, dtype=self.dtype, name="conv_inverted")(x))
     h = conv(2 * hidden, 3, groups=2 * hidden, dtype=self.dtype, name="conv_depth")(h)
     h, gate = jnp.split(h, 2, axis=-1)
     h = conv(c, 1, bias=False, dtype=self.dtype, name="conv_point")(h * nn.silu(gate))
-    return RMSNorm(name="norm")(h) + x
+    return RMSNorm(name="norm")(h) + x if self.norm_and_residual else h
 
 
 class EfficientViTBlock(nn.Module):

@@ -196,6 +196,16 @@ def attend(q_BLHK, k_BSGK, v_BSGK, mask=None, scale: float | None = None, implem
   return out
 
 
+def relu_linear_attention(q_BNGD, k_BNGD, v_BNGD, eps: float = 1e-15):
+  """Sana's / EfficientViT's linear attention per head group G, in float32: relu(q) (v; 1) relu(k)^T, each output
+  divided by its ones-row (the normaliser), O(N d^2) instead of O(N^2 d)."""
+  q, k = nn.relu(q_BNGD.astype(jnp.float32)), nn.relu(k_BNGD.astype(jnp.float32))
+  v = v_BNGD.astype(jnp.float32)
+  v1 = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
+  out = jnp.einsum("bgij,bngj->bngi", jnp.einsum("bngi,bngj->bgij", v1, k), q)
+  return out[..., :-1] / (out[..., -1:] + eps)
+
+
 class Attention(nn.Module):
   """Multi-head (grouped-query) attention; self-attention when `context` is None.
 
