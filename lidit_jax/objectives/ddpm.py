@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from lidit_jax.config_checks import fail, one_of
+from lidit_jax.objectives import solvers
 
 SAMPLERS = ("ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
 
@@ -293,28 +294,13 @@ class DDPM:
       sig = np.interp(ts, np.arange(len(ac)), all_sigmas)
     sig = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
     alpha = 1 / np.sqrt(sig ** 2 + 1)
-    sd = sig * alpha  # the variance-preserving sigma
-    k = len(ts)
-    with np.errstate(divide="ignore", invalid="ignore"):  # the final sigma is 0: lambda = inf there
-      lam = np.log(alpha) - np.log(sd)
-      h = lam[1:] - lam[:-1]
-      b = -alpha[1:] * np.expm1(-h)  # first order: x' = (sd_next / sd) x + b x0; b = 1 at the final step
-      r = np.ones(k)
-      r[1:] = (lam[1:k] - lam[:k - 1]) / h[1:]  # r0 = h_prev / h
-      second = np.zeros(k, bool)
-      second[1:k - 1] = True
-      m0 = np.where(second, b * (1 + 0.5 / r), b)  # midpoint: + b / 2 (x0 - x0_prev) / r0
-      m1 = np.where(second, -b * 0.5 / r, 0.0)
-    x_coef = sd[1:] / sd[:-1]
     tab = {key: jnp.asarray(v, jnp.float32) for key, v in dict(
-        t=ts, abar=alpha[:-1] ** 2, x_coef=x_coef, m0=m0, m1=m1).items()}
+        t=ts, abar=alpha[:-1] ** 2, **solvers.dpmpp_2m_tables(alpha, sig * alpha)).items()}  # VP: sigma alpha
 
-    def body(i, carry):
-      x, prev = carry
+    def x0_of(i, x):
       out = net(x, self._time(tab["t"][i], x)).astype(jnp.float32)
-      x0 = x0_and_eps(out, x, tab["abar"][i], cfg.prediction_type)[0]
-      return tab["x_coef"][i] * x + tab["m0"][i] * x0 + tab["m1"][i] * prev, x0
-    return jax.lax.fori_loop(0, k, body, (x, jnp.zeros_like(x)))[0]
+      return x0_and_eps(out, x, tab["abar"][i], cfg.prediction_type)[0]
+    return solvers.dpmpp_2m(x0_of, x, tab, len(ts))
 
 
 _COMMON_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",

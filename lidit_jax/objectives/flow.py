@@ -4,7 +4,8 @@ target v = eps - x0; t = 1 is pure noise.
 The network predicts the velocity, or the clean image (`as_velocity`). Training timesteps: uniform, logit-normal (SD3) or "mode" density, then an optional shift
 t' = k t / (1 + (k - 1) t); with `resolution_shift` k comes from the image token count as in Flux
 (mu linear from (256 tokens, 0.5) to (4096 tokens, 1.15), k = e^mu). Sampling integrates the ODE
-from t = 1 to t = 0 with Euler or Heun steps, with classifier-free guidance. The loss is the velocity MSE or the x0 MSE (`flow.loss`).
+from t = 1 to t = 0 with Euler or Heun steps, or DPM-Solver++ 2M on diffusers' flow sigmas (Sana's scheduler),
+with classifier-free guidance. The loss is the velocity MSE or the x0 MSE (`flow.loss`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lidit_jax.config_checks import fail, one_of
+from lidit_jax.objectives import solvers
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B, ...], t [B]) -> v [B, ...]
 
@@ -134,17 +137,43 @@ class RectifiedFlow:
 
   def sample(self, net, noise, steps: int, sampler: str, rng=None):
     del rng  # the ODE samplers draw nothing
+    if sampler == "dpmpp_2m":
+      return dpmpp_2m(as_velocity(net, self.cfg), noise, steps, self.sample_shift, self.cfg.num_train_timesteps)
     return solve(as_velocity(net, self.cfg), noise, steps, sampler, self.sample_shift)
 
 
-SAMPLERS = ("euler", "heun")
+def flow_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> np.ndarray:
+  """diffusers' DPMSolverMultistepScheduler sigmas with use_flow_sigmas (Sana's scheduler): 1 - linspace(1, 1 / T,
+  steps + 1), shifted, descending, the last dropped; then the final 0."""
+  s = 1.0 - np.linspace(1, 1 / num_train_timesteps, steps + 1)
+  s = np.flip(shift * s / (1 + (shift - 1) * s))[:-1]
+  return np.concatenate([s, [0.0]]).astype(np.float32)
+
+
+def dpmpp_2m(velocity: VelocityFn, noise, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
+  """DPM-Solver++ 2M on the clean sample x - t v, over diffusers' flow sigmas (alpha = 1 - t, sigma = t), as its
+  DPMSolverMultistepScheduler(use_flow_sigmas, flow_shift=shift, prediction_type="flow_prediction") steps; the
+  network sees the scheduler's timesteps, whole numbers of 1 / T (it keeps them as int64)."""
+  sig = flow_sigmas(steps, shift, num_train_timesteps).astype(np.float64)
+  seen = np.trunc(sig[:-1] * num_train_timesteps) / num_train_timesteps  # the scheduler's int64 timesteps
+  tab = {k: jnp.asarray(v, jnp.float32) for k, v in dict(
+      t=seen, sigma=sig[:-1], **solvers.dpmpp_2m_tables(1.0 - sig, sig)).items()}
+  b = noise.shape[0]
+
+  def x0_of(i, x):
+    return x - tab["sigma"][i] * velocity(x, jnp.full((b,), tab["t"][i])).astype(jnp.float32)
+  return solvers.dpmpp_2m(x0_of, noise.astype(jnp.float32), tab, steps)
+
+
+SAMPLERS = ("euler", "heun", "dpmpp_2m")
 
 CONFIG_DEFAULTS = {"flow": dict(
     prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; as_velocity)
     x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
     loss="velocity",  # the MSE of the velocity, or of the clean image it implies ("x0": weight t^2)
     timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0, resolution_shift=False,
-    unshifted=0.0)}  # fraction of training times drawn without the shift (both ends trained)
+    unshifted=0.0,  # fraction of training times drawn without the shift (both ends trained)
+    num_train_timesteps=1000)}  # diffusers' flow schedulers' T: the dpmpp_2m sampler's sigma grid
 
 
 def validate(flow, sample) -> None:
