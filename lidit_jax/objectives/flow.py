@@ -4,8 +4,9 @@ target v = eps - x0; t = 1 is pure noise.
 The network predicts the velocity, or the clean image (`as_velocity`). Training timesteps: uniform, logit-normal (SD3) or "mode" density, then an optional shift
 t' = k t / (1 + (k - 1) t); with `resolution_shift` k comes from the image token count as in Flux
 (mu linear from (256 tokens, 0.5) to (4096 tokens, 1.15), k = e^mu). Sampling integrates the ODE
-from t = 1 to t = 0 with Euler or Heun steps, or DPM-Solver++ 2M on diffusers' flow sigmas (Sana's scheduler),
-with classifier-free guidance. The loss is the velocity MSE or the x0 MSE (`flow.loss`).
+from t = 1 to t = 0 with Euler or Heun steps, or as diffusers' flow schedulers step (each equal to it step for step,
+tests/test_flow.py): dpmpp_2m (DPMSolverMultistepScheduler with use_flow_sigmas: Sana's) and flow_match_euler
+(FlowMatchEulerDiscreteScheduler, static shift: Lumina 2's), with classifier-free guidance. The loss is the velocity MSE or the x0 MSE (`flow.loss`).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def solve(velocity: VelocityFn, noise, steps: int, sampler: str = "euler", shift
     return x + dt * 0.5 * (v + v_next)
 
   if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; use 'euler' or 'heun'")
+    raise ValueError(f"unknown sampler {sampler!r}; use one of {SAMPLERS}")
   return jax.lax.fori_loop(0, steps, step, noise)
 
 
@@ -139,6 +140,8 @@ class RectifiedFlow:
     del rng  # the ODE samplers draw nothing
     if sampler == "dpmpp_2m":
       return dpmpp_2m(as_velocity(net, self.cfg), noise, steps, self.sample_shift, self.cfg.num_train_timesteps)
+    if sampler == "flow_match_euler":
+      return flow_match_euler(as_velocity(net, self.cfg), noise, steps, self.sample_shift, self.cfg.num_train_timesteps)
     return solve(as_velocity(net, self.cfg), noise, steps, sampler, self.sample_shift)
 
 
@@ -165,7 +168,26 @@ def dpmpp_2m(velocity: VelocityFn, noise, steps: int, shift: float = 1.0, num_tr
   return solvers.dpmpp_2m(x0_of, noise.astype(jnp.float32), tab, steps)
 
 
-SAMPLERS = ("euler", "heun", "dpmpp_2m")
+def flow_match_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> np.ndarray:
+  """diffusers' FlowMatchEulerDiscreteScheduler sigmas (static shift): evenly spaced between its largest and its
+  smallest training sigma (the latter already shifted), shifted, then the final 0."""
+  t = num_train_timesteps
+  shifted = lambda s: shift * s / (1 + (shift - 1) * s)
+  lo = shifted(np.float32(1.0 / t))
+  s = np.linspace(t, float(lo) * t, steps, dtype=np.float64) / t
+  return np.concatenate([shifted(s), [0.0]]).astype(np.float32)
+
+
+def flow_match_euler(velocity: VelocityFn, noise, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
+  """Euler steps over `flow_match_sigmas`, as diffusers' FlowMatchEulerDiscreteScheduler (Lumina 2's, and an
+  alternative of Sana's): the network at t = sigma, x' = x + (sigma' - sigma) v."""
+  sig = jnp.asarray(flow_match_sigmas(steps, shift, num_train_timesteps))
+  b = noise.shape[0]
+  step = lambda i, x: x + (sig[i + 1] - sig[i]) * velocity(x, jnp.full((b,), sig[i])).astype(jnp.float32)
+  return jax.lax.fori_loop(0, steps, step, noise.astype(jnp.float32))
+
+
+SAMPLERS = ("euler", "heun", "dpmpp_2m", "flow_match_euler")
 
 CONFIG_DEFAULTS = {"flow": dict(
     prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; as_velocity)
