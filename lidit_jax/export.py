@@ -6,12 +6,13 @@
   python -m lidit_jax.export safetensors WORKDIR OUT.safetensors
   python -m lidit_jax.export lora WORKDIR OUT.safetensors       # a LoRA run's factors (`pipe.load_lora` reads it)
 
-SRC is a Stable Diffusion model: a diffusers pipeline folder, our converted one (`python -m lidit_jax.convert
-diffusers`), or a training workdir that fine-tuned one (configs/sd15.py: its EMA U-Net with the folder's text
-encoders, tokenizers, VAE and scheduler). OUT becomes a diffusers pipeline folder: each
-component's config.json and safetensors weights (float32 unless --dtype), the tokenizers, the scheduler's config
-and model_index.json, which diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained load
-and sample to the same images (tests/test_pipeline.py). With --format single-file, OUT is one file in the
+SRC is a Stable Diffusion or PixArt model: a diffusers pipeline folder, our converted one (`python -m
+lidit_jax.convert diffusers`), or a training workdir that fine-tuned one (configs/sd15.py, pixart_sigma.py: its EMA
+U-Net or transformer with the folder's text encoders, tokenizers, VAE and scheduler). OUT becomes a diffusers
+pipeline folder: each component's config.json and safetensors weights (float32 unless --dtype), the tokenizers,
+the scheduler's config and model_index.json, which diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline /
+PixArtSigmaPipeline.from_pretrained load and sample to the same images (tests/test_pipeline.py, test_pixart.py).
+With --format single-file (Stable Diffusion), OUT is one file in the
 original CompVis / Stability / A1111 layout, which diffusers' `from_single_file` also loads. `safetensors` writes
 a training workdir's model (LI-DiT or any family) in PyTorch layouts under documented keys (`export_safetensors`).
 No torch is needed.

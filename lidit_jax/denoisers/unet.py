@@ -286,8 +286,6 @@ def sample_latent_shape(u, shared, height: int, width: int) -> tuple[int, int, i
 
 # ---- back to a diffusers pipeline folder or an original single file (python -m lidit_jax.export diffusers) ----
 
-
-
 def exportable(config, where: str) -> str:
   """The source pipeline folder of a model diffusers' pipelines run: a U-Net reading the folder's own text encoders'
   features (conditioner identity), guided as that pipeline guides. Anything else is refused by name."""
