@@ -22,7 +22,7 @@ from lidit_jax.cli import NotFound
 from lidit_jax.convert import safetensors_io as io
 
 FAMILIES = ("hf_llm", "hf_t5", "hf_clip", "diffusers_vae", "diffusers_unet", "diffusers_pixart",
-            "diffusers_dc_ae", "diffusers_sana")
+            "diffusers_dc_ae", "diffusers_sana", "diffusers_lumina2")
 MARKER = "lidit_converted.json"
 LEGACY_MARKERS = ("lidit_text_model.json",)  # text models converted before the VAE joined
 

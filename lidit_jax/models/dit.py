@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lidit_jax.models import layers
@@ -144,8 +143,8 @@ class DiT(nn.Module):
     assert ch == c.in_channels, f"expected {c.in_channels} channels, got {ch}"
     gh, gw = hh // p, ww // p
 
-    patches = x_BHWC.reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh, gw, p * p * ch)
-    x = layers.Dense(c.width, ("patch", "embed"), dtype=self.dtype, name="patch_embed")(patches.astype(self.dtype))
+    x = layers.Dense(c.width, ("patch", "embed"), dtype=self.dtype, name="patch_embed")(
+        layers.patchify(x_BHWC, p).astype(self.dtype))
     if c.pos_embed in ("resblock", "both"):
       x = PositionResBlock(self.dtype, name="pos_resblock")(x)
     x = x.reshape(b, gh * gw, c.width)
@@ -183,7 +182,6 @@ class DiT(nn.Module):
           nn.silu(cond))
       shift, scale = jnp.split(mod, 2, axis=-1)
     x = layers.modulate(layers.layer_norm(self.dtype, name="final_norm")(x), shift, scale)
-    out = c.out_channels or ch
-    x = layers.Dense(p * p * out, ("embed", "patch"), zero_init=True, dtype=self.dtype, name="final_proj")(x)
-    x = x.reshape(b, gh, gw, p, p, out).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, out)
-    return x.astype(jnp.float32)
+    x = layers.Dense(p * p * (c.out_channels or ch), ("embed", "patch"), zero_init=True, dtype=self.dtype,
+                     name="final_proj")(x)
+    return layers.unpatchify(x, (gh, gw), p).astype(jnp.float32)

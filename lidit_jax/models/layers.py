@@ -364,6 +364,20 @@ def masked_mean(x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
   return (total / jnp.maximum(jnp.sum(m, axis=1), 1.0)).astype(x_BLD.dtype)
 
 
+def patchify(x_BHWC, p: int):
+  """[B, H, W, C] -> [B, H/p, W/p, p p C]: each patch's (row, column, channel) values in that order, as diffusers'
+  DiTs flatten them (a conv with stride p, or a Linear over the patch)."""
+  b, h, w, c = x_BHWC.shape
+  return x_BHWC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+
+
+def unpatchify(x_BLP, grid: tuple[int, int], p: int):
+  """The inverse of `patchify` from tokens [B, gh gw, p p C] -> [B, gh p, gw p, C]."""
+  (gh, gw), b = grid, x_BLP.shape[0]
+  c = x_BLP.shape[-1] // (p * p)
+  return x_BLP.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * p, gw * p, c)
+
+
 def sincos_2d(h: int, w: int, dim: int, scale_h: float = 1.0, scale_w: float = 1.0, x_first: bool = False) -> jax.Array:
   """Fixed 2-D sine-cosine position table [h*w, dim] (half the channels per spatial axis) at positions
   arange(side) * scale; `x_first`: the column's half first (diffusers' PixArt / SD3 layout), else the row's."""

@@ -97,8 +97,8 @@ class SanaTransformer(nn.Module):
     b, hh, ww, ch = x_BHWC.shape
     p = c.patch_size
     gh, gw = hh // p, ww // p
-    patches = x_BHWC.reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh, gw, p * p * ch)
-    x = layers.Dense(w, ("patch", "embed"), dtype=self.dtype, name="patch_embed")(patches.astype(self.dtype))
+    x = layers.Dense(w, ("patch", "embed"), dtype=self.dtype, name="patch_embed")(
+        layers.patchify(x_BHWC, p).astype(self.dtype))
     x = x.reshape(b, gh * gw, w)
     if c.interpolation_scale:
       base = c.sample_size // p
@@ -119,8 +119,7 @@ class SanaTransformer(nn.Module):
     shift, scale = table[0][None] + t_emb_BD, table[1][None] + t_emb_BD
     x = layers.modulate(layers.layer_norm(self.dtype, name="final_norm")(x), shift, scale)
     x = layers.Dense(p * p * c.out_channels, ("embed", "patch"), zero_init=True, dtype=self.dtype, name="final_proj")(x)
-    out = c.out_channels
-    return x.reshape(b, gh, gw, p, p, out).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, out).astype(jnp.float32)
+    return layers.unpatchify(x, (gh, gw), p).astype(jnp.float32)
 
 
 def forward(module: SanaTransformer, x_BHWC, timesteps_B, ctx_BSC, ctx_valid_BS):
