@@ -7,7 +7,6 @@ no shortcuts) are refused by name. `to_diffusers` is the inverse (export).
 """
 from __future__ import annotations
 
-import sys
 import re
 
 import jax
@@ -86,10 +85,9 @@ def plan(cfg: Config, expected: dict) -> dict:
 
 
 class Conversion(io.Conversion):
-  @classmethod
-  def prepare(cls, path: str, dtype=jnp.float32) -> "Conversion":
-    """`path`: an AutoencoderDC folder or a pipeline folder holding one in vae/."""
-    return cls.of_folder(path, "vae", CLASS, sys.modules[__name__], dtype, "DC-AE")
+  """A DC-AE folder (or a pipeline's vae/): `prepare(path, dtype)` checks it
+  against our module, `run` streams its parameters."""
+  SUBFOLDER, CLASS, WHAT = "vae", CLASS, "DC-AE"
 
 
 def read_config(where: str) -> Config:

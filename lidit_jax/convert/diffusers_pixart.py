@@ -6,7 +6,6 @@ implement are refused by name. `to_diffusers` is the inverse (export), bit for b
 """
 from __future__ import annotations
 
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -108,10 +107,9 @@ def plan(cfg: Config, expected=None) -> dict[tuple[str, ...], Source]:
 
 
 class Conversion(io.Conversion):
-  @classmethod
-  def prepare(cls, path: str, dtype=jnp.float32) -> "Conversion":
-    """`path`: a PixArt transformer folder or a pipeline folder holding one in transformer/."""
-    return cls.of_folder(path, "transformer", CLASS, sys.modules[__name__], dtype, "transformer")
+  """A PixArt transformer folder (or a pipeline's transformer/): `prepare(path, dtype)` checks it
+  against our module, `run` streams its parameters."""
+  SUBFOLDER, CLASS, WHAT = "transformer", CLASS, "transformer"
 
 
 def read_config(where: str) -> Config:

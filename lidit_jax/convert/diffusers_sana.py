@@ -7,7 +7,6 @@ are refused by name. `to_diffusers` is the inverse (export), bit for bit.
 """
 from __future__ import annotations
 
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -95,10 +94,9 @@ def plan(cfg: Config, expected=None) -> dict[tuple[str, ...], Source]:
 
 
 class Conversion(io.Conversion):
-  @classmethod
-  def prepare(cls, path: str, dtype=jnp.float32) -> "Conversion":
-    """`path`: a Sana transformer folder or a pipeline folder holding one in transformer/."""
-    return cls.of_folder(path, "transformer", CLASS, sys.modules[__name__], dtype, "transformer")
+  """A Sana transformer folder (or a pipeline's transformer/): `prepare(path, dtype)` checks it
+  against our module, `run` streams its parameters."""
+  SUBFOLDER, CLASS, WHAT = "transformer", CLASS, "transformer"
 
 
 def load(path: str, dtype=jnp.float32):

@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import struct
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -373,9 +374,15 @@ class Conversion:
     return conv
 
   @classmethod
+  def prepare(cls, path: str, dtype=jnp.float32):
+    """A diffusers model folder, or a pipeline folder holding it in the subclass's SUBFOLDER, checked: the
+    subclass's module is its conversion family (config_from_diffusers, make_module, abstract_params,
+    plan(cfg, expected)), CLASS its diffusers class, WHAT what errors call it."""
+    return cls.of_folder(path, cls.SUBFOLDER, cls.CLASS, sys.modules[cls.__module__], dtype, cls.WHAT)
+
+  @classmethod
   def of_folder(cls, path: str, subfolder: str, class_name: str, fam, dtype, what: str):
-    """A diffusers model folder (or a pipeline folder holding it in `subfolder`) of the conversion family `fam`
-    (config_from_diffusers, make_module, abstract_params, plan(cfg, expected)), checked."""
+    """`prepare` with everything given."""
     path = component_dir(os.path.expanduser(os.fspath(path)), subfolder, class_name)
     cfg = read_component_config(path, class_name, fam.config_from_diffusers)
     module = fam.make_module(cfg, dtype)
