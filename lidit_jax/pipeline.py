@@ -1,7 +1,7 @@
 """The Python entry: a model in, images out.
 
   from lidit_jax.pipeline import Pipeline
-  pipe = Pipeline.from_pretrained("stable-diffusion-v1-5")      # a diffusers pipeline folder (SD 1.x / 2.x / XL)
+  pipe = Pipeline.from_pretrained("stable-diffusion-v1-5")      # a diffusers pipeline folder (SD 1.x / 2.x / XL, PixArt)
   pipe = Pipeline.from_pretrained("./runs/shapes")              # a training workdir of any family
   images = pipe(["a red circle"], num_steps=25, guidance=7.5, seed=0)   # numpy float32 [B, H, W, 3] in [0, 1]
 
@@ -124,7 +124,8 @@ class Pipeline:
       config = denoisers.pipeline_config(configs.base_config(), path)
       if config is None:
         raise NotFound(f"{path}/model_index.json: no model family here reads this pipeline "
-                       "(Stable Diffusion 1.x / 2.x / XL folders are read). Fix: point at one of those")
+                       "(Stable Diffusion 1.x / 2.x / XL and PixArt-alpha / Sigma folders are read). Fix: point at one "
+                       "of those")
       dtype = jnp.dtype(dtype or jnp.float32).name  # a pipeline folder: every part in one dtype, float32 by default
       for tower in config.text.towers.values():
         tower.dtype = dtype

@@ -75,9 +75,9 @@ def plugin_mentions(source: str) -> list[str]:
   of their own config sections (`config.unet`, `config.model.refiner`, ...) or an import of a member module."""
   from lidit_jax import conditioners, denoisers, objectives
   registries = (denoisers.FAMILIES, conditioners.CONDITIONERS, objectives.OBJECTIVES)
-  names = {n for r in registries for n in r} | {"patches", "vae"}
+  names = {n for r in registries for n in r} | {"patches", "vae", "dc_ae"}
   members = {m.rsplit(".", 1)[1] for r in registries for m in r.values()}
-  own = {"unet", "flow", "ddpm"}  # top-level plugin sections
+  own = {"unet", "pixart", "flow", "ddpm"}  # top-level plugin sections
   nested = {"refiner", "cam", "diff", "patch_size", "width", "depth"}  # plugin fields inside model / conditioner
   found = []
   for node in ast.walk(ast.parse(source)):
