@@ -101,7 +101,8 @@ def get_config(variant: str = ""):
     c.ddpm.update(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, timestep_spacing="linspace", steps_offset=0)
     c.sample.sampler = "dpmpp_2m"
     if "tiny" in variants:
-      c.pixart.update(num_attention_heads=2, attention_head_dim=16, num_layers=2, caption_channels=32)
+      # a width (48) other than the towers' (32): LI-DiT's refiners then read the backbone's time through a projection
+      c.pixart.update(num_attention_heads=2, attention_head_dim=24, num_layers=2, caption_channels=32)
   if "patches" in variants:
     # The denoiser works on 4 x 4 pixel patches (48 channels, an 8 x 8 grid: the DiT's token grid), as SD's U-Net on
     # latents. The U-Net then steps as fast as the DiT on this CPU (1.27 vs 1.33 steps/s, 2026-12-05) where on

@@ -75,7 +75,10 @@ class TokenRefiner(nn.Module):
     pooled = layers.masked_mean(feats_BLE, pool_BL)
     pooled = layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="pool_fc1")(pooled)
     pooled = layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="pool_fc2")(nn.silu(pooled))
-    c = t_emb_BD.astype(self.dtype) + pooled
+    t = t_emb_BD.astype(self.dtype)
+    if t.shape[-1] != self.width:  # a backbone whose time embedding is not its context's width (PixArt, Sana)
+      t = layers.Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="time_proj")(t)
+    c = t + pooled
     for i in range(self.depth):
       x = RefinerBlock(self.num_heads, self.mlp_ratio, self.causal, self.gated, self.qk_norm, self.rope_theta,
                        self.dtype, name=f"block_{i}")(x, valid_BL, c)
