@@ -123,6 +123,7 @@ class Converted:
 
 
 class VAE(Converted):
+  """diffusers' AutoencoderKL: a posterior per image (its mean, or a sample with `rng`), stored as [mean | std]."""
 
   def _offset_and_scale(self):
     cfg = self.module.cfg
