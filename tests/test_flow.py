@@ -118,46 +118,43 @@ def test_x0_loss_is_the_clean_image_error():
   np.testing.assert_allclose(x0_loss, t ** 2 * jnp.mean(d ** 2), rtol=1e-5)
 
 
+def _field_and_diffusers_run(scheduler, seed: int):
+  """(a fixed nonlinear velocity field of x and t for a numpy / jax module, the start x, diffusers' `scheduler`
+  stepped on that field from x: the network at t = its timesteps / 1000)."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal((4, 4)).astype(np.float32) * 0.5
+  field = lambda lib: lambda x, t: lib.tanh(x @ w) * (1 + t[:, None]) - 0.3 * x
+  x = rng.standard_normal((2, 4)).astype(np.float32)
+  want = torch.from_numpy(x.copy())
+  for t in scheduler.timesteps:
+    v = field(np)(want.numpy(), np.full(2, float(t) / 1000, np.float32)).astype(np.float32)
+    want = scheduler.step(torch.from_numpy(v), t, want).prev_sample
+  assert np.abs(want.numpy() - x).max() > 0.1  # the field moved the sample
+  return field, x, want.numpy()
+
+
 @pytest.mark.parametrize("steps,shift", [(1, 1.0), (2, 3.0), (5, 3.0), (20, 3.0)])
 def test_dpmpp_2m_equals_diffusers_flow_dpm_solver(steps, shift):
   """sample.sampler=dpmpp_2m: diffusers' DPMSolverMultistepScheduler(use_flow_sigmas, flow_shift, prediction_type=
   "flow_prediction") (Sana's scheduler) step for step on a fixed nonlinear velocity field: the same sigmas, the
   network at the scheduler's whole-number timesteps, first order at both ends."""
-  torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
-  rng = np.random.default_rng(0)
-  w = rng.standard_normal((4, 4)).astype(np.float32) * 0.5
-  field = lambda lib: lambda x, t: lib.tanh(x @ w) * (1 + t[:, None]) - 0.3 * x
-  x = rng.standard_normal((2, 4)).astype(np.float32)
   scheduler = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift,
                                                     prediction_type="flow_prediction")
   scheduler.set_timesteps(steps)
   np.testing.assert_array_equal(scheduler.sigmas.numpy(), flow.flow_sigmas(steps, shift))
-  want = torch.from_numpy(x.copy())
-  for t in scheduler.timesteps:
-    v = field(np)(want.numpy(), np.full(2, float(t) / 1000, np.float32)).astype(np.float32)
-    want = scheduler.step(torch.from_numpy(v), t, want).prev_sample
-  got = flow.dpmpp_2m(field(jnp), jnp.asarray(x), steps, shift)
-  np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
-  assert np.abs(want.numpy() - x).max() > 0.1  # the field moved the sample
+  field, x, want = _field_and_diffusers_run(scheduler, seed=0)
+  np.testing.assert_allclose(flow.dpmpp_2m(field(jnp), jnp.asarray(x), steps, shift), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("steps,shift", [(1, 1.0), (4, 3.0), (30, 6.0)])
 def test_flow_match_euler_equals_diffusers(steps, shift):
   """sample.sampler=flow_match_euler: diffusers' FlowMatchEulerDiscreteScheduler(shift) (Lumina 2's) step for step:
   its sigmas (the smallest training sigma shifted twice, as diffusers does), the network at t = sigma."""
-  torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
-  rng = np.random.default_rng(1)
-  w = rng.standard_normal((4, 4)).astype(np.float32) * 0.5
-  field = lambda lib: lambda x, t: lib.tanh(x @ w) * (1 + t[:, None]) - 0.3 * x
-  x = rng.standard_normal((2, 4)).astype(np.float32)
   scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
   scheduler.set_timesteps(steps)
   np.testing.assert_allclose(scheduler.sigmas.numpy(), flow.flow_match_sigmas(steps, shift), atol=1e-6)
-  want = torch.from_numpy(x.copy())
-  for t in scheduler.timesteps:
-    v = field(np)(want.numpy(), np.full(2, float(t) / 1000, np.float32)).astype(np.float32)
-    want = scheduler.step(torch.from_numpy(v), t, want).prev_sample
-  np.testing.assert_allclose(flow.flow_match_euler(field(jnp), jnp.asarray(x), steps, shift), want.numpy(), atol=1e-5)
-  assert np.abs(want.numpy() - x).max() > 0.1
+  field, x, want = _field_and_diffusers_run(scheduler, seed=1)
+  np.testing.assert_allclose(flow.flow_match_euler(field(jnp), jnp.asarray(x), steps, shift), want, atol=1e-5)

@@ -382,8 +382,9 @@ def pipeline_parts(src: str, dtype) -> dict | None:
     return None
   parts = {"unet": (diffusers_unet, diffusers_unet.Conversion.prepare(os.path.join(src, "unet"), dtype)),
            "vae": (diffusers_vae, diffusers_vae.Conversion.prepare(os.path.join(src, "vae"), dtype))}
+  index = folder.index(src)
   for name in ("text_encoder", "text_encoder_2"):
-    entry = folder.index(src).get(name)
+    entry = index.get(name)
     if entry and entry[0] is not None:
       conv = hf_text.Conversion.prepare(os.path.join(src, name), dtype, adapt=hf_clip.sd_head(entry[1]))
       parts[name] = (conv.fam, conv)
