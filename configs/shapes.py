@@ -17,6 +17,8 @@ to Orbax, in place of the random towers; make them first (no download, no torch)
 `configs/shapes.py:unet` is the SD family on the same data: a small U-Net on plain tokens, DDPM (v-prediction).
 `configs/shapes.py:pixart` is PixArt's family on the same data: adaLN-single DiT blocks behind a caption projection
 of the towers' plain tokens, DDPM epsilon with a learned variance, DPM-Solver++ 2M.
+`configs/shapes.py:sana` is Sana's family: linear-attention blocks with the GLU MBConv over the patch grid behind a
+caption projection, rectified flow sampled with DPM-Solver++ 2M over flow sigmas.
 `configs/shapes.py:cam` conditions on LLM4GEN's Cross-Adapter Module over the two towers instead of the refiners.
 `configs/shapes.py:diff` conditions on the LLM Diff Adapter over the second tower's per-block scores (on the U-Net:
 a second cross-attention per block; everything trains, the demo's U-Net being untrained).
@@ -39,10 +41,10 @@ PRETRAINED = "checkpoints/pretrained"  # experiments/pretrain_towers.py --out
 
 def get_config(variant: str = ""):
   variants = {v.strip() for v in variant.split(",") if v.strip()}
-  unknown = variants - {"tiny", "hf", "pretrained", "unet", "pixart", "patches", "cam", "diff"}
+  unknown = variants - {"tiny", "hf", "pretrained", "unet", "pixart", "sana", "patches", "cam", "diff"}
   if unknown:
     raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf, pretrained, unet, "
-                     "pixart, patches, cam and/or diff")
+                     "pixart, sana, patches, cam and/or diff")
   c = configs.base_config()
   c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both",
                  scan=False)  # 4 blocks: unrolled runs 11 % faster on this CPU (benchmarks/RESULTS.md)
@@ -103,6 +105,17 @@ def get_config(variant: str = ""):
     if "tiny" in variants:
       # a width (48) other than the towers' (32): LI-DiT's refiners then read the backbone's time through a projection
       c.pixart.update(num_attention_heads=2, attention_head_dim=24, num_layers=2, caption_channels=32)
+  if "sana" in variants:
+    # Sana's transformer on the same data and towers (lidit_jax/denoisers/sana.py): 4 px patches, no positions (the
+    # depthwise convolutions carry them), the demo's flow objective sampled as Sana's scheduler steps.
+    c.model.family = "sana"
+    c.conditioner.kind = "tokens"
+    c.sana.update(num_attention_heads=4, attention_head_dim=32, num_layers=4, num_cross_attention_heads=4,
+                  cross_attention_head_dim=32, caption_channels=64, sample_size=8, patch_size=4)
+    c.sample.sampler = "dpmpp_2m"
+    if "tiny" in variants:  # a width (48) other than the towers' (32), as pixart's
+      c.sana.update(num_attention_heads=2, attention_head_dim=24, num_layers=2, num_cross_attention_heads=2,
+                    cross_attention_head_dim=24, caption_channels=32)
   if "patches" in variants:
     # The denoiser works on 4 x 4 pixel patches (48 channels, an 8 x 8 grid: the DiT's token grid), as SD's U-Net on
     # latents. The U-Net then steps as fast as the DiT on this CPU (1.27 vs 1.33 steps/s, 2026-12-05) where on

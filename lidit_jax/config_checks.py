@@ -52,6 +52,11 @@ def tower(**overrides) -> ml_collections.ConfigDict:
       instruction=None,  # this tower's own text before the prompt (LLM4GEN's T5: "pre"); None: text.instruction
       mask_padding=True,  # False: no padding mask in the tower or the context (SD's CLIP)
       lowercase=False,  # lower-case the prompt first (PixArt's T5)
+      separator=" ",  # without a chat template: the text between the instruction and the prompt
+      # "first_and_last": Sana's selection, the instruction and prompt run to (instruction tokens + max_length - 2)
+      # tokens and the features keep the first and the last max_length - 1 (prompt.PromptEncoder.selection)
+      selection="all",
+      instruct_negatives=True,  # False: negative prompts and the empty prompt are encoded without the instruction
       # config.json fields (model_type, sizes) the planner assumes while `init` does not exist yet, for a tower
       # the Llama fields above cannot describe (SD's CLIP, LLM4GEN's T5): `plan` before converting anything
       plan_arch={},

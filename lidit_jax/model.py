@@ -59,6 +59,14 @@ class TextTower:
       hidden = jnp.moveaxis(hidden, 0, 2)  # [N + 1, B, L, D] -> [B, L, N + 1, D]
     return jax.lax.stop_gradient(hidden)
 
+  def encode(self, params, tokens):
+    """The features of an encoder's output (input_ids, attention_mask; with a token selection the tower's own
+    token_mask and the positions the features keep, select)."""
+    hidden = self.features(params, tokens["input_ids"], tokens.get("token_mask", tokens["attention_mask"]))
+    if "select" in tokens:
+      hidden = jax.vmap(lambda h, keep: h[keep])(hidden, tokens["select"])
+    return hidden
+
 
 def tower_spec(tc, where: str, words=()):
   """(converter family, model config) of a tower: from its fields for a random tower (`words`: the word
@@ -89,7 +97,9 @@ def build_towers(config) -> list[TextTower]:
     instruction = config.text.instruction if tc.instruction is None else tc.instruction
     encoder = prompt_lib.PromptEncoder(tok, tc.max_length, instruction or None,
                                        config.text.use_chat_template, config.text.padding_side,
-                                       mask_padding=tc.mask_padding, lowercase=tc.get("lowercase", False))
+                                       mask_padding=tc.mask_padding, lowercase=tc.lowercase,
+                                       separator=tc.separator, selection=tc.selection,
+                                       instruct_negatives=tc.instruct_negatives)
     towers.append(make_tower(name, tc, fam, cfg, encoder))
   return towers
 

@@ -308,7 +308,7 @@ class Workdir:
                        "Fix: leave it None")
     text = {"cond": s.text_for(prompts)}
     if guided and negatives is not None:
-      text["uncond"] = s.text_for(negatives)
+      text["uncond"] = s.text_for(negatives, negative=True)
     elif guided and null == "empty_prompt":
       text["uncond"] = jax.tree.map(lambda a: np.repeat(a, len(prompts), axis=0), s.null_text)
     return text

@@ -148,12 +148,22 @@ class PromptEncoder:
     cache_size: int = 1 << 16
     mask_padding: bool = True  # False: every position valid, padding included (SD pipelines run CLIP so)
     lowercase: bool = False  # lower-case every prompt first (PixArt's pipelines do)
+    separator: str = " "  # without a chat template: the text between instruction and prompt
+    # "first_and_last" (Sana's): the text runs to (instruction tokens + max_length - 2) tokens, and the features keep
+    # the first token and the last max_length - 1 (`select`); "all": every one of max_length tokens
+    selection: str = "all"
+    instruct_negatives: bool = True  # False: negative prompts (and the empty prompt) are encoded bare (Sana, Lumina 2)
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
         if self.max_length <= 0:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if self.selection not in ("all", "first_and_last"):
+            raise ValueError(f"selection must be 'all' or 'first_and_last', got {self.selection!r}")
+        if self.selection != "all" and self.padding_side != "right":
+            raise ValueError(f"selection={self.selection!r} keeps the last tokens of right-padded text. Fix: "
+                             "padding_side='right'")
         tok = self.tokenizer
         pad_id = tok.pad_token_id
         if pad_id is None:
@@ -166,7 +176,7 @@ class PromptEncoder:
         if self.uses_chat_template:
             self.prefix, self.suffix = self._render_scaffold()
         else:
-            self.prefix, self.suffix = (f"{self.instruction} " if self.instruction else ""), ""
+            self.prefix, self.suffix = (f"{self.instruction}{self.separator}" if self.instruction else ""), ""
         # Rendered templates already hold bos etc.; only the plain path lets the tokenizer add its own.
         self._add_special_tokens = not self.uses_chat_template
         # Both paths tokenize the whole string at once (exactly what the LLM would see). Fast tokenizers give
@@ -175,9 +185,13 @@ class PromptEncoder:
         self._lead, self._trail = self._added_special_ids() if self._add_special_tokens else ([], [])
         self._prefix_ids = self.tokenizer.encode(self.prefix, add_special_tokens=False) if self.prefix else []
 
+        # tokens the tower reads: max_length, or (selection) the instruction's with its special tokens besides
+        self.token_length = self.max_length
+        if self.selection == "first_and_last" and self.instruction:
+            self.token_length += len(self.tokenizer.encode(self.instruction)) - 2
         pre, _, post = self._split_ids("")
         self.num_template_tokens = len(pre) + len(post)
-        if self.num_template_tokens >= self.max_length:
+        if self.num_template_tokens >= self.token_length:
             raise ValueError(
                 f"max_length={self.max_length} leaves no room for the prompt: the instruction and chat-template "
                 f"scaffolding alone take {self.num_template_tokens} tokens. Raise max_length above "
@@ -278,7 +292,7 @@ class PromptEncoder:
                            "model sees no meaning in them). Fix: use the vocabulary it was trained with.",
                            _shorten(prompt), ", ".join(repr(w) for w in dict.fromkeys(unknown)),
                            "it is" if len(set(unknown)) == 1 else "they are", self.tokenizer.unk_token)
-        room = self.max_length - len(pre) - len(post)
+        room = self.token_length - len(pre) - len(post)
         if room <= 0:  # template tokenized differently around this prompt; __post_init__ checked the usual case
             raise ValueError(
                 f"max_length={self.max_length} leaves no room for prompt {_shorten(prompt)!r}: the instruction "
@@ -291,7 +305,7 @@ class PromptEncoder:
                     "Prompt %r has %d tokens but max_length=%d leaves room for only %d after the %d "
                     "instruction/template tokens; truncating the prompt. Raise max_length to at least %d "
                     "to keep it whole.",
-                    _shorten(prompt), len(mid), self.max_length, room, len(pre) + len(post),
+                    _shorten(prompt), len(mid), self.token_length, room, len(pre) + len(post),
                     len(pre) + len(mid) + len(post),
                 )
             mid = mid[:room]
@@ -310,10 +324,35 @@ class PromptEncoder:
                 self._cache.popitem(last=False)
         return out
 
-    def __call__(self, prompts: Sequence[str] | str) -> dict[str, np.ndarray]:
+    def __call__(self, prompts: Sequence[str] | str, negative: bool = False) -> dict[str, np.ndarray]:
+        """The text inputs of `prompts` (`negative`: as negative prompts: bare unless `instruct_negatives`). With
+        `selection` also `token_mask` (the tower's, [B, token_length]) and `select` ([B, max_length]: the token
+        positions the features keep); `attention_mask` and `prompt_mask` are then those of the kept positions."""
         if isinstance(prompts, (str, bytes)):
             prompts = [prompts]
-        batch, length = len(prompts), self.max_length
+        if negative and self.instruction and not self.instruct_negatives:
+            return self._bare(prompts)
+        out = self._encode(prompts, self.token_length)
+        if self.selection == "all":
+            return out
+        keep = np.r_[0, self.token_length - self.max_length + 1 : self.token_length]
+        return {"input_ids": out["input_ids"], "token_mask": out["attention_mask"],
+                "attention_mask": out["attention_mask"][:, keep], "prompt_mask": out["prompt_mask"][:, keep],
+                "select": np.broadcast_to(keep.astype(np.int32), (len(prompts), self.max_length)).copy()}
+
+    def _bare(self, prompts) -> dict[str, np.ndarray]:
+        """Negative prompts without the instruction: max_length tokens, shaped as the prompts' inputs."""
+        if not hasattr(self, "_bare_encoder"):
+            self._bare_encoder = dataclasses.replace(self, instruction=None, selection="all")
+        out = self._bare_encoder(prompts)
+        if self.selection == "all":
+            return out
+        pad = lambda a, v: np.pad(a, ((0, 0), (0, self.token_length - self.max_length)), constant_values=v)
+        return {**out, "input_ids": pad(out["input_ids"], self.pad_id), "token_mask": pad(out["attention_mask"], 0),
+                "select": np.broadcast_to(np.arange(self.max_length, dtype=np.int32), out["input_ids"].shape).copy()}
+
+    def _encode(self, prompts, length: int) -> dict[str, np.ndarray]:
+        batch = len(prompts)
         input_ids = np.full((batch, length), self.pad_id, dtype=np.int32)
         attention_mask = np.zeros((batch, length), dtype=np.int32)
         prompt_mask = np.zeros((batch, length), dtype=np.int32)

@@ -37,7 +37,7 @@ def text_inputs(towers, tower_params, text):
   """Frozen-tower features and masks for the denoiser, from tokenized prompts (the towers run here) or
   from cached features (`text_cache`: the towers are not needed)."""
   feats = [text[t.name]["hidden"] if "hidden" in text[t.name] else
-           t.features(tower_params[t.name], text[t.name]["input_ids"], text[t.name]["attention_mask"])
+           t.encode(tower_params[t.name], text[t.name])
            for t in towers]
   # a pooled output is one valid vector (its masks are its tokens')
   mask = lambda t, key: (jnp.ones_like(text[t.name][key][:, :1], bool) if t.pooled
@@ -99,14 +99,14 @@ class Setup:
   towers: list
   autoencoder: Any  # autoencoder.Pixels | VAE; None when planning a VAE run before the VAE exists
   frozen: dict  # {"towers": ..., "autoencoder": ...}: parameters no optimizer touches
-  text_for: Any  # captions -> per-tower text inputs: tokens, or features from text.cache
+  text_for: Any  # (captions, negative=False) -> per-tower text inputs: tokens, or features from text.cache
   mesh: Any
   rules: tuple  # logical axis -> mesh axes (sharding.rules of config.sharding_rules)
   tx: Any
   schedule: Any
   state_shardings: Any
   abstract_state: Any
-  null_text: Any = None  # conditioner.null=empty_prompt: text_for([""]), the unconditional text inputs
+  null_text: Any = None  # conditioner.null=empty_prompt: text_for([""], negative=True), the unconditional text inputs
   abstract_params: Any = None  # the model's parameters in shape, with their shardings (= abstract_state.params
                                # but with LoRA, whose state holds the factors)
   lora: lora_lib.Adapter | None = None
@@ -232,7 +232,7 @@ def setup(config, use_text_cache: bool = True, abstract: bool = False, devices=N
     text_for = functools.partial(pipeline.tokenize, towers)
     with sharding.active(mesh, rules):
       tower_params = model_lib.load_tower_params(config, towers, mesh, rules)
-  null_text = text_for([""]) if config.conditioner.null == "empty_prompt" and not abstract else None
+  null_text = text_for([""], negative=True) if config.conditioner.null == "empty_prompt" and not abstract else None
   s = Setup(config, model, towers, ae, {"towers": tower_params, "autoencoder": ae_params}, text_for, mesh, rules, tx,
             schedule, state_shardings, abstract_state, null_text, abstract_params, adapter, axis_names)
   if adapter is not None:  # the model's own weights, frozen: model.init's, else the seed's initialisation

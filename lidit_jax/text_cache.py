@@ -30,6 +30,13 @@ from lidit_jax.cli import NotFound
 from lidit_jax.data import pipeline
 
 META = "meta.json"
+_TEXT_DEFAULTS = {"separator": " ", "selection": "all", "instruct_negatives": True}
+# the key of a negative prompt's row where some tower encodes negatives apart (instruct_negatives=False)
+_NEGATIVE = "\x00negative:"
+
+
+def _bare_negatives(towers) -> bool:
+  return any(t.encoder.instruction and not t.encoder.instruct_negatives for t in towers)
 
 
 def signature(config, towers) -> dict:
@@ -46,6 +53,9 @@ def signature(config, towers) -> dict:
                                **({"mask_padding": False} if not tw.encoder.mask_padding else {}),
                                **({"instruction": tw.encoder.instruction} if tw.encoder.instruction !=
                                   (t.instruction or None) else {}),
+                               # Sana's / Lumina 2's text options, named only when set
+                               **{k: getattr(tw.encoder, k) for k, default in _TEXT_DEFAULTS.items()
+                                  if getattr(tw.encoder, k) != default},
                                "dtype": jnp.dtype(tw.dtype).name, "hidden_size": tw.hidden_size}
                      for tw in towers}}
 
@@ -65,20 +75,22 @@ def write(out: str, config, towers, tower_params, captions, batch_size: int = 64
   unique = list(dict.fromkeys(captions))
   if not unique:
     raise ValueError("no captions to encode. Fix: pass --captions FILE (one per line) or --source shapes.")
-  n = len(unique)
+  n = len(unique) + _bare_negatives(towers)  # and the empty prompt as a negative (the null context)
   arrays = {}
   for tw in towers:
     arrays[f"{tw.name}.hidden"] = np.zeros((n, *tw.feature_shape), jnp.dtype(tw.dtype))
     for m in ("attention_mask", "prompt_mask"):
       arrays[f"{tw.name}.{m}"] = np.zeros((n, tw.encoder.max_length), np.uint8)
-  encode = {tw.name: jax.jit(tw.features) for tw in towers}
-  for start in tqdm(range(0, n, batch_size), desc="encoding", unit="batch", disable=not progress):
-    chunk = unique[start:start + batch_size]
+  encode = {tw.name: jax.jit(tw.encode) for tw in towers}
+  jobs = [(unique[i:i + batch_size], i, False) for i in range(0, len(unique), batch_size)]
+  if n > len(unique):
+    jobs.append(([""], len(unique), True))
+  for chunk, start, negative in tqdm(jobs, desc="encoding", unit="batch", disable=not progress):
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
-    tokens = pipeline.tokenize(towers, padded)
+    tokens = pipeline.tokenize(towers, padded, negative)
     for tw in towers:
       tok = tokens[tw.name]
-      hidden = encode[tw.name](tower_params[tw.name], tok["input_ids"], tok["attention_mask"])
+      hidden = encode[tw.name](tower_params[tw.name], tok)
       rows = slice(start, start + len(chunk))
       arrays[f"{tw.name}.hidden"][rows] = np.asarray(hidden)[:len(chunk)]
       for m in ("attention_mask", "prompt_mask"):
@@ -88,7 +100,7 @@ def write(out: str, config, towers, tower_params, captions, batch_size: int = 64
     os.makedirs(tmp)
     save_file(arrays, os.path.join(tmp, "features.safetensors"))
     with open(os.path.join(tmp, "captions.json"), "w", encoding="utf-8") as f:
-      json.dump(unique, f)
+      json.dump(unique + [_NEGATIVE] * (n - len(unique)), f)
     with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
       json.dump({**signature(config, towers), "num_captions": n}, f, indent=2)
   return {"out": out, "captions": n, "bytes": num_bytes}
@@ -117,10 +129,11 @@ class TextCache:
     with open(os.path.join(path, "captions.json"), encoding="utf-8") as f:
       self.index = {c: i for i, c in enumerate(json.load(f))}
     self.arrays = load_file(os.path.join(path, "features.safetensors"))
-    self.path, self.names = path, list(want["towers"])
+    self.path, self.names, self.bare_negatives = path, list(want["towers"]), _bare_negatives(towers)
 
-  def __call__(self, captions) -> dict:
-    rows = [self.index.get(c, -1) for c in captions]
+  def __call__(self, captions, negative: bool = False) -> dict:
+    key = (lambda c: _NEGATIVE + c) if negative and self.bare_negatives else (lambda c: c)
+    rows = [self.index.get(key(c), -1) for c in captions]
     missing = [c for c, r in zip(captions, rows) if r < 0]
     if missing:
       raise NotFound(f"{len(missing)} caption(s) are not in text cache {self.path}, e.g. {missing[0]!r}. Fix: "
@@ -143,30 +156,29 @@ class MemoryCache:
                        "precompute the features instead. Fix: python -m lidit_jax.encode_prompts, then "
                        "--config.text.cache=DIR.")
     self.towers, self.params, self.capacity = towers, tower_params, capacity
-    self.encode = {t.name: jax.jit(t.features) for t in towers}
-    self.rows: collections.OrderedDict[str, dict] = collections.OrderedDict()
+    self.encode = {t.name: jax.jit(t.encode) for t in towers}
+    self.rows: collections.OrderedDict[tuple[str, bool], dict] = collections.OrderedDict()  # (caption, negative)
     self.hits = self.misses = 0
 
-  def _encode(self, captions, batch: int):
+  def _encode(self, captions, batch: int, negative: bool):
     for start in range(0, len(captions), batch):
       chunk = captions[start:start + batch]
-      tokens = pipeline.tokenize(self.towers, chunk + [chunk[-1]] * (batch - len(chunk)))
-      hidden = {t.name: np.asarray(self.encode[t.name](self.params[t.name], tokens[t.name]["input_ids"],
-                                                       tokens[t.name]["attention_mask"])) for t in self.towers}
+      tokens = pipeline.tokenize(self.towers, chunk + [chunk[-1]] * (batch - len(chunk)), negative)
+      hidden = {t.name: np.asarray(self.encode[t.name](self.params[t.name], tokens[t.name])) for t in self.towers}
       for k, c in enumerate(chunk):
-        self.rows[c] = {t.name: {"hidden": hidden[t.name][k], "attention_mask": tokens[t.name]["attention_mask"][k],
-                                 "prompt_mask": tokens[t.name]["prompt_mask"][k]} for t in self.towers}
+        self.rows[(c, negative)] = {t.name: {"hidden": hidden[t.name][k], **{
+            m: tokens[t.name][m][k] for m in ("attention_mask", "prompt_mask")}} for t in self.towers}
     while len(self.rows) > self.capacity:
       self.rows.popitem(last=False)
 
-  def __call__(self, captions) -> dict:
+  def __call__(self, captions, negative: bool = False) -> dict:
     captions = list(captions)
-    new = [c for c in dict.fromkeys(captions) if c not in self.rows]
+    new = [c for c in dict.fromkeys(captions) if (c, negative) not in self.rows]
     self.misses += len(new)
     self.hits += len(captions) - len(new)
     if new:
-      self._encode(new, len(captions))
+      self._encode(new, len(captions), negative)
     for c in captions:
-      self.rows.move_to_end(c)
-    return {t.name: {k: np.stack([self.rows[c][t.name][k] for c in captions])
+      self.rows.move_to_end((c, negative))
+    return {t.name: {k: np.stack([self.rows[(c, negative)][t.name][k] for c in captions])
                      for k in ("hidden", "attention_mask", "prompt_mask")} for t in self.towers}

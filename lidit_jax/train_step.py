@@ -108,8 +108,11 @@ def abstract_text(s, b: int, where) -> dict:
     text[t.name] = {k: sds((b, n), jnp.int32) for k in ("attention_mask", "prompt_mask")}
     if config.text.cache:
       text[t.name]["hidden"] = sds((b, 1 if t.pooled else n, t.hidden_size), t.dtype)
-    else:
-      text[t.name]["input_ids"] = sds((b, n), jnp.int32)
+    else:  # a token selection runs the tower over more tokens (known from the tokenizer; without one, n)
+      tokens = t.encoder.token_length if t.encoder is not None else n
+      text[t.name]["input_ids"] = sds((b, tokens), jnp.int32)
+      if config.text.towers[t.name].selection != "all":
+        text[t.name].update(token_mask=sds((b, tokens), jnp.int32), select=sds((b, n), jnp.int32))
   return text
 
 

@@ -46,6 +46,32 @@ def one_and_eight_device_losses(config_arg: str, flags, mesh, workdir) -> dict:
   return losses
 
 
+def convert_then_export(tmp_path, capsys, prompts, latents, reference, dropped=()) -> None:
+  """The pipeline folder tmp_path/pipe converted (`convert diffusers` -> ours) samples its images; exported back
+  (`export diffusers` -> back) every component's tensors equal the folder's bit for bit (`dropped`: keys written
+  once, such as a tied embedding), and `reference(folder)` (diffusers' images of a folder) draws ours from it."""
+  import json
+  import numpy as np
+  from safetensors.numpy import load_file
+  from lidit_jax import export
+  from lidit_jax.convert.__main__ import main as convert_main
+  from lidit_jax.pipeline import Pipeline
+  assert convert_main(["diffusers", str(tmp_path / "pipe"), str(tmp_path / "ours")]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert {"transformer", "vae", "text_encoder"} <= set(report["components"])
+  want = Pipeline.from_pretrained(str(tmp_path / "pipe"))(prompts, num_steps=3, latents=latents)
+  np.testing.assert_allclose(Pipeline.from_pretrained(str(tmp_path / "ours"))(prompts, num_steps=3, latents=latents),
+                             want, atol=1e-6)
+  assert export.main(["diffusers", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+  for part, file in (("transformer", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                     ("text_encoder", "model")):
+    src, back = (load_file(str(tmp_path / d / part / f"{file}.safetensors")) for d in ("pipe", "back"))
+    assert set(back) == set(src) - set(dropped), part
+    for k, v in back.items():
+      np.testing.assert_array_equal(v, src[k], err_msg=f"{part}: {k}")
+  np.testing.assert_allclose(reference(str(tmp_path / "back")), want, atol=2e-3)
+
+
 def images_by_hand(s, params, prompts, noise, steps: int, cfg: float, sampler: str):
   """What a Pipeline on a workdir must give, computed step by step: the model (its null context for the
   unconditional half), guidance, the objective's sampler, the decoder; [0, 1] float32 images."""

@@ -9,18 +9,18 @@ from lidit_jax.convert import tiny_models
 
 from conftest import ROOT
 
-FAMILIES = {"lidit": [], "unet": ["unet"], "pixart": ["pixart"]}  # configs/shapes.py variants that make each plugin's section
+FAMILIES = {"lidit": [], "unet": ["unet"], "pixart": ["pixart"], "sana": ["sana"]}  # configs/shapes.py variants that make each plugin's section
 CONDITIONERS = {"refiners": [], "tokens": [], "identity": [], "llm4gen": ["cam"], "diff_adapter": ["diff"]}
 OBJECTIVES = ("rectified_flow", "ddpm")
 AUTOENCODERS = {"identity": [], "patches": ["patches"], "vae": []}
 EVERY = list(itertools.product(FAMILIES, CONDITIONERS, OBJECTIVES, AUTOENCODERS))
 
-# The run contract on six of them: each conditioner, each (family, objective), (family, autoencoder) and
+# The run contract on some of them: each conditioner, each (family, objective), (family, autoencoder) and
 # (objective, autoencoder) pair (the whole product would take over an hour here).
 RUNS = [("lidit", "refiners", "rectified_flow", "identity"), ("lidit", "llm4gen", "ddpm", "patches"),
         ("lidit", "identity", "ddpm", "vae"), ("unet", "tokens", "rectified_flow", "vae"),
         ("unet", "diff_adapter", "ddpm", "identity"), ("unet", "refiners", "rectified_flow", "patches"),
-        ("pixart", "refiners", "ddpm", "vae")]
+        ("pixart", "refiners", "ddpm", "vae"), ("sana", "refiners", "rectified_flow", "identity")]
 # On eight devices: the U-Net (the SD family's sharding) with the Diff Adapter (training noise drawn per example),
 # the DiT with the CAM (a conditioner holding most of the parameters); LI-DiT's refiners: tests/test_scale.py.
 MESH_RUNS = [("unet", "diff_adapter", "ddpm", "identity"), ("lidit", "llm4gen", "rectified_flow", "patches")]

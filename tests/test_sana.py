@@ -1,15 +1,87 @@
-"""Sana's transformer (models/sana.py: ReLU linear self-attention, GLU MBConv FFN over the token grid, adaLN-single,
-Gemma caption projection + RMSNorm) against diffusers' SanaTransformer2DModel: tiny random models the test builds
-and saves, float32. The pipeline (Gemma's instruction and token selection, flow DPM-Solver) is issue 36's next
-step; the DC-AE: tests/test_dc_ae.py."""
+"""Sana (`model.family=sana`) against diffusers: its transformer (models/sana.py: ReLU linear self-attention, GLU
+MBConv FFN over the token grid, adaLN-single, Gemma caption projection + RMSNorm) against SanaTransformer2DModel,
+and tiny random pipeline folders the test builds and saves (Gemma2Model behind a word tokenizer with a BOS,
+SanaTransformer2DModel, AutoencoderDC, DPM-Solver++ in flow mode), float32: Pipeline.from_pretrained(folder)
+draws SanaPipeline's images from the same latents (the complex human instruction and its token selection, negative
+prompts without it, its schedulers); convert -> export is bit-exact; configs/sana.py fine-tunes, resumes and
+exports a folder diffusers samples to our images. The DC-AE alone: tests/test_dc_ae.py."""
+import json
+
 import numpy as np
 import pytest
 
+from lidit_jax import configs, prompt, train
 from lidit_jax.convert import diffusers_sana
+from lidit_jax.data import pipeline as data_pipeline, shapes
+from lidit_jax.denoisers import sana as sana_family
 from lidit_jax.models import sana
+from lidit_jax.pipeline import Pipeline
+
+from conftest import ROOT, convert_then_export, train_preempted
+from test_pixart import _randomise
+from test_sd_finetune import sd_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["A Red circle left of a blue square", "a green triangle"]
+
+
+def sana_pipeline(path):
+  """A tiny Sana pipeline: Gemma-2 (width 16) reading the instruction + prompt, a transformer at latent side 8
+  over a 4x DC-AE (32 px images), DPM-Solver++ over flow sigmas shifted by 3."""
+  torch.manual_seed(5)
+  tokenizer = prompt.build_word_tokenizer([sana_family.INSTRUCTION, *shapes.VOCABULARY])
+  gemma = _randomise(transformers.Gemma2Model(transformers.Gemma2Config(
+      vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+      num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=64, pad_token_id=0, bos_token_id=2,
+      eos_token_id=3, attn_implementation="eager")), 0.3)
+  net = _randomise(diffusers.SanaTransformer2DModel(
+      in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+      num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+      sample_size=8, patch_size=1), 0.5)
+  ae = _randomise(diffusers.AutoencoderDC(
+      in_channels=3, latent_channels=4, attention_head_dim=4,
+      encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+      decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+      encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
+      encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+      encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)), scaling_factor=0.4), 0.1)
+  scheduler = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                    prediction_type="flow_prediction")
+  diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, vae=ae, transformer=net,
+                         scheduler=scheduler).save_pretrained(path)
+  return diffusers.SanaPipeline.from_pretrained(path)
+
+
+def _reference(pipe, prompts, latents_BHWC, **kw):
+  """diffusers' images at the size asked (no resolution binning) from the prompts lower-cased (no caption cleaning:
+  bs4 / ftfy are not installed)."""
+  latents = torch.from_numpy(np.ascontiguousarray(latents_BHWC.transpose(0, 3, 1, 2)))
+  with torch.no_grad():
+    return pipe(prompts, latents=latents, output_type="np", use_resolution_binning=False, clean_caption=False,
+                **kw).images
+
+
+def test_images_equal_diffusers_sana(tmp_path):
+  ref = sana_pipeline(tmp_path / "pipe")
+  pipe = Pipeline.from_pretrained(str(tmp_path / "pipe"))
+  assert pipe.defaults == dict(num_steps=20, guidance=4.5, height=32, width=32, sampler="dpmpp_2m")
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  ours = pipe(PROMPTS, num_steps=4, guidance=4.5, latents=latents)
+  want = _reference(ref, PROMPTS, latents, num_inference_steps=4, guidance_scale=4.5)
+  assert ours.shape == want.shape == (2, 32, 32, 3) and want.std() > 0.02
+  np.testing.assert_allclose(ours, want, atol=2e-3)
+  other = _reference(ref, ["a blue square", "a red circle"], latents, num_inference_steps=4, guidance_scale=4.5)
+  assert np.abs(other - want).max() > 10 * 2e-3  # the text visibly moves these images
+  # a negative prompt (encoded without the instruction) with flow-matching Euler at the folder's shift
+  ref.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+  ours = pipe(PROMPTS, num_steps=3, guidance=3.0, latents=latents, negative_prompt="green",
+              scheduler="flow_match_euler")
+  want = _reference(ref, PROMPTS, latents, num_inference_steps=3, guidance_scale=3.0, negative_prompt="green")
+  np.testing.assert_allclose(ours, want, atol=2e-3)
+  ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
 
 
 @pytest.mark.parametrize("positions,patch,bias", [(None, 1, False), (1.0, 2, True)], ids=["sana", "sincos-patch2"])
@@ -53,3 +125,45 @@ def test_refuses_what_it_does_not_implement():
     diffusers_sana.config_from_diffusers({"_class_name": "SanaTransformer2DModel", "guidance_embeds": True})
   with pytest.raises(ValueError, match="qk_norm='rms_norm_across_heads'"):  # Sana 1.5
     diffusers_sana.config_from_diffusers({"_class_name": "SanaTransformer2DModel", "qk_norm": "rms_norm_across_heads"})
+
+
+def test_convert_then_export_round_trips_bit_exact(tmp_path, capsys):
+  sana_pipeline(tmp_path / "pipe")
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  reference = lambda folder: _reference(diffusers.SanaPipeline.from_pretrained(folder), PROMPTS, latents,
+                                        num_inference_steps=3, guidance_scale=4.5)
+  convert_then_export(tmp_path, capsys, PROMPTS, latents, reference)
+
+
+def test_config_without_the_folder_is_sana_1600m_1024():
+  """Planning before converting: Sana 1600M 1024's layout, Gemma-2-2B's 300 kept tokens."""
+  from lidit_jax import plan
+  c = configs.load_config_file(str(ROOT / "configs" / "sana.py"))
+  assert (c.model.family, c.data.image_size, c.sana.num_layers, c.autoencoder.factor) == ("sana", 1024, 20, 32)
+  assert (c.text.towers.gemma.max_length, c.sample.sampler, c.sample.shift, c.objective.kind) == (
+      300, "dpmpp_2m", 3.0, "rectified_flow")
+  report = plan.plan(configs.validate(c, data=False), 8)
+  assert 1.55e9 < report["trainable_params"] < 1.65e9  # Sana 1600M's transformer
+
+
+def test_finetune_resumes_then_exports_our_images(tmp_path, monkeypatch):
+  from lidit_jax import export
+  ref = sana_pipeline(tmp_path / "pipe")
+  config = sd_config("sana", tmp_path / "pipe", **{"train.checkpoint_every": 1})
+  assert (config.data.image_size, config.conditioner.null, config.flow.shift) == (32, "empty_prompt", 3.0)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  left = train_preempted(config, str(tmp_path / "resumed"), monkeypatch, data_pipeline.ShapesBatches, at_batch=3)
+  assert left and max(left) < 3
+  losses = lambda d: [json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl")]
+  assert len(losses("run")) == 3 and np.isfinite(losses("run")).all()
+  np.testing.assert_allclose(losses("resumed"), losses("run"), rtol=1e-5)
+
+  pipe = Pipeline.from_pretrained(str(tmp_path / "run"))
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  ours = pipe(PROMPTS, num_steps=3, guidance=4.5, latents=latents)
+  before = _reference(ref, PROMPTS, latents, num_inference_steps=3, guidance_scale=4.5)
+  assert np.abs(ours - before).max() > 1e-2  # the transformer trained away from the folder's
+  assert export.main(["diffusers", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+  back = diffusers.SanaPipeline.from_pretrained(str(tmp_path / "back"))
+  np.testing.assert_allclose(_reference(back, PROMPTS, latents, num_inference_steps=3, guidance_scale=4.5), ours,
+                             atol=2e-3)

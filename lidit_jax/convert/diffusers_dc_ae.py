@@ -96,7 +96,7 @@ def read_config(where: str) -> Config:
 
 def load(path: str, dtype=jnp.float32):
   """(module, params) from a diffusers DC-AE or pipeline folder, or our converted directory."""
-  return orbax_io.load_or_convert(path, "diffusers_dc_ae", "DC-AE", Conversion.prepare, dtype)
+  return orbax_io.load_or_convert(path, "diffusers_dc_ae", "DC-AE", Conversion, dtype)
 
 
 def to_diffusers(cfg: Config, params) -> tuple[dict, dict[str, np.ndarray]]:

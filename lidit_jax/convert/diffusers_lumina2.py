@@ -95,7 +95,7 @@ class Conversion(io.Conversion):
 
 def load(path: str, dtype=jnp.float32):
   """(module, params) from a diffusers Lumina 2 transformer or pipeline folder, or our converted directory."""
-  return orbax_io.load_or_convert(path, "diffusers_lumina2", "Lumina 2 transformer", Conversion.prepare, dtype)
+  return orbax_io.load_or_convert(path, "diffusers_lumina2", "Lumina 2 transformer", Conversion, dtype)
 
 
 def to_diffusers(cfg: Config, params) -> tuple[dict, dict[str, np.ndarray]]:

@@ -118,7 +118,7 @@ def read_config(where: str) -> Config:
 
 def load(path: str, dtype=jnp.float32):
   """(module, params) from a diffusers transformer or pipeline folder, or our converted directory."""
-  return orbax_io.load_or_convert(path, "diffusers_pixart", "PixArt transformer", Conversion.prepare, dtype)
+  return orbax_io.load_or_convert(path, "diffusers_pixart", "PixArt transformer", Conversion, dtype)
 
 
 def to_diffusers(cfg: Config, params) -> tuple[dict, dict[str, np.ndarray]]:

@@ -101,7 +101,7 @@ class Conversion(io.Conversion):
 
 def load(path: str, dtype=jnp.float32):
   """(module, params) from a diffusers Sana transformer or pipeline folder, or our converted directory."""
-  return orbax_io.load_or_convert(path, "diffusers_sana", "Sana transformer", Conversion.prepare, dtype)
+  return orbax_io.load_or_convert(path, "diffusers_sana", "Sana transformer", Conversion, dtype)
 
 
 def to_diffusers(cfg: Config, params) -> tuple[dict, dict[str, np.ndarray]]:

@@ -279,7 +279,7 @@ def _read_config(where: str) -> unet.UNetConfig:
 def load_unet(path: str, dtype=jnp.float32):
   """(UNet2DConditionModel module, params) from a diffusers U-Net or pipeline folder, or our converted directory
   (`python -m lidit_jax.convert diffusers`); parameters in `dtype`, which the module computes in."""
-  return orbax_io.load_or_convert(path, "diffusers_unet", "U-Net", Conversion.prepare, dtype)
+  return orbax_io.load_or_convert(path, "diffusers_unet", "U-Net", Conversion, dtype)
 
 
 def to_diffusers(cfg: unet.UNetConfig, params) -> tuple[dict, dict[str, np.ndarray]]:

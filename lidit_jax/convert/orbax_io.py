@@ -31,7 +31,7 @@ from flax import traverse_util
 
 from lidit_jax import sharding
 from lidit_jax.cli import NotFound
-from lidit_jax.convert import registry
+from lidit_jax.convert import registry, safetensors_io as io
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
 
@@ -222,14 +222,17 @@ def load_converted(path: str, dtype=jnp.float32, mesh=None, rules=()):
   return module, params
 
 
-def load_or_convert(path: str, family: str, what: str, prepare, dtype=jnp.float32):
+def load_or_convert(path: str, family: str, what: str, conversion, dtype=jnp.float32):
   """(module, params) of our converted directory of `family` at `path`, or of the diffusers folder there converted
-  in memory (`prepare(path, dtype)` -> a Conversion); another family's directory is refused, naming `what`."""
+  in memory (`conversion`: its io.Conversion class); a pipeline folder (ours too) gives its component's, another
+  family's directory is refused, naming `what`."""
   path = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(path) and getattr(conversion, "SUBFOLDER", None):
+    path = io.component_dir(path, conversion.SUBFOLDER, conversion.CLASS)
   if os.path.isdir(path) and registry.marker(path):
     kind = registry.read_marker(path)["family"]
     if kind != family:
       raise NotFound(f"{path} holds a converted {kind} model, not a {what}. Fix: point at a {what}")
     return load_converted(path, dtype)
-  conv = prepare(path, dtype)
+  conv = conversion.prepare(path, dtype)
   return conv.module, conv.run(dtype)

@@ -23,9 +23,10 @@ from lidit_jax.cli import UserError
 from lidit_jax.data import images, prepare, shapes
 
 
-def tokenize(towers, captions) -> dict:
-  """{tower name: {input_ids, attention_mask, prompt_mask}} as numpy arrays."""
-  return {t.name: t.encoder(list(captions)) for t in towers}
+def tokenize(towers, captions, negative: bool = False) -> dict:
+  """{tower name: {input_ids, attention_mask, prompt_mask}} as numpy arrays (`negative`: as negative prompts,
+  which some towers encode without their instruction)."""
+  return {t.name: t.encoder(list(captions), negative=negative) for t in towers}
 
 
 def make_batches(config, text_for):

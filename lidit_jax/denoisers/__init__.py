@@ -54,7 +54,7 @@ from lidit_jax import conditioners, lora
 from lidit_jax.config_checks import ConfigError, fail, plugin_section
 
 FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet",
-            "pixart": "lidit_jax.denoisers.pixart"}
+            "pixart": "lidit_jax.denoisers.pixart", "sana": "lidit_jax.denoisers.sana"}
 DEFAULT = "lidit"  # base_config's choice
 
 

@@ -8,11 +8,12 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 
-from lidit_jax import prompt
+from lidit_jax import autoencoder, config_checks, prompt, torch_view
 from lidit_jax.cli import UserError
 from lidit_jax.convert import registry
-from lidit_jax.objectives import ddpm
+from lidit_jax.objectives import ddpm, flow
 
 
 def index(path: str) -> dict:
@@ -49,20 +50,41 @@ def denoiser_weights(path: str, what: str, section: str, have, want, params, ign
   return {"denoiser/" + "/".join(k.key for k in p): v for p, v in flat}
 
 
-def read_vae_and_scheduler(c, path: str):
-  """Point `c` at the folder's VAE (autoencoder.path, its factor and channels: returned, the VAE's config) and
-  scheduler (the `ddpm` section and sampler; `ddpm.scheduler_keys` the keys it set, so that another sampler takes
-  its own class's defaults for the rest, as diffusers' `OtherScheduler.from_config` does), and its unconditional
-  context (conditioner.null)."""
-  vae = registry.component_config("diffusers_vae", path, "vae", "AutoencoderKL")
-  c.autoencoder.path = path
-  c.autoencoder.factor, c.autoencoder.channels = vae.downsample_factor, vae.latent_channels
+def read_autoencoder(c, path: str, kind: str = "vae"):
+  """Point `c` at the folder's vae/ (autoencoder.kind `kind`, its path, factor and channels); returns its config."""
+  conversion, class_name, _ = autoencoder.KINDS[kind]
+  cfg = registry.component_config(conversion.__name__.rpartition(".")[2], path, "vae", class_name)
+  c.autoencoder.update(kind=kind, path=path, factor=cfg.downsample_factor, channels=cfg.latent_channels)
+  return cfg
+
+
+def _scheduler_config(path: str) -> dict:
   with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-    values, sampler = ddpm.from_scheduler_config(json.load(f))
+    return json.load(f)
+
+
+def read_vae_and_scheduler(c, path: str):
+  """Point `c` at the folder's VAE (`read_autoencoder`: returned, the VAE's config) and DDPM scheduler (the `ddpm`
+  section and sampler; `ddpm.scheduler_keys` the keys it set, so that another sampler takes its own class's
+  defaults for the rest, as diffusers' `OtherScheduler.from_config` does), and its unconditional context
+  (conditioner.null)."""
+  vae = read_autoencoder(c, path)
+  values, sampler = ddpm.from_scheduler_config(_scheduler_config(path))
   c.ddpm, c.sample.sampler = ddpm.scheduler_section(values, sampler, c.ddpm), sampler
   c.ddpm.scheduler_keys = tuple(sorted(values))
   c.conditioner.null = null(index(path))
   return vae
+
+
+def read_flow_scheduler(c, path: str) -> dict:
+  """Point `c` at the folder's flow-matching scheduler (rectified flow, its sampler and shift: the training
+  shift too) and unconditional context; returns {sampler, shift, num_train_timesteps}."""
+  values = flow.from_scheduler_config(_scheduler_config(path), os.path.join(path, "scheduler"))
+  c.objective.kind = "rectified_flow"
+  c.sample.update(sampler=values["sampler"], shift=values["shift"])
+  c.flow.update(shift=values["shift"], num_train_timesteps=values["num_train_timesteps"])
+  c.conditioner.null = null(index(path))
+  return values
 
 
 def source_pipeline(config, where: str, is_folder) -> str:
@@ -84,6 +106,35 @@ def source_pipeline(config, where: str, is_folder) -> str:
                   "the model alone")
 
 
+def exportable(config, where: str, is_folder) -> str:
+  """The source pipeline folder (`is_folder` says which are) of a model its diffusers pipeline runs: its own text
+  encoder read whole (conditioner identity), guided as that pipeline guides; anything else refused by name."""
+  source = source_pipeline(config, where, is_folder)
+  exportable_text(config, where, source, config_checks.tower_names(config))
+  return source
+
+
+def export_transformer_pipeline(backend, out: str, save, source: str, transformer, text) -> None:
+  """Write a transformer family's model into the (new) folder `out` as its diffusers pipeline folder, from the
+  pipeline folder `source`: `transformer` = (class name, its config, its state dict) of the denoiser; the
+  autoencoder as the backend holds it; `text` = (tower name, its text family, transformers' class name, the config
+  file that trains it) of the one text encoder; the source's tokenizer, scheduler config and options."""
+  f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+  net_class, net_config, net_state = transformer
+  save(os.path.join(out, "transformer"), net_config, net_state, "diffusion_pytorch_model.safetensors")
+  conversion, ae_class, _ = autoencoder.KINDS[backend.setup.config.autoencoder.kind]
+  ae = conversion.to_diffusers(backend.setup.autoencoder.module.cfg, f32(backend.params["frozen"]["autoencoder"]))
+  save(os.path.join(out, "vae"), *ae, "diffusion_pytorch_model.safetensors")
+  name, kind, text_class, config_file = text
+  tower = tower_of(backend, name, kind, config_file)
+  save(os.path.join(out, "text_encoder"), *kind.to_hf(tower.module.cfg, f32(backend.params["frozen"]["towers"][name])),
+       "model.safetensors")
+  finish_export(source, out, {
+      "transformer": ["diffusers", net_class], "vae": ["diffusers", ae_class],
+      "text_encoder": ["transformers", text_class],
+      "tokenizer": ["transformers", copy_tokenizer(source, out, "tokenizer")]})
+
+
 def exportable_text(config, where: str, source: str, tower_names) -> None:
   """A model diffusers' pipeline samples reads the source folder's own text encoders' features (conditioner
   identity), guided as that pipeline guides (the empty prompt, or zeros with force_zeros_for_empty_prompt)."""
@@ -101,6 +152,28 @@ def exportable_text(config, where: str, source: str, tower_names) -> None:
   if any(os.path.commonpath([t, os.path.abspath(source)]) != os.path.abspath(source) for t in towers):
     raise UserError(f"{where}: its text towers {towers} are not the text encoders of {source}, the pipeline it "
                     "started from. Fix: train with the pipeline's own text encoder(s)")
+
+
+def tower_of(backend, name: str, kind, config_file: str):
+  """The backend's text tower `name`, refused by name unless it is of text family `kind` (the pipeline's)."""
+  tower = next(t for t in backend.setup.towers if t.name == name)
+  if tower.kind is not kind:
+    raise UserError(f"text tower {name} is a {tower.kind.__name__} tower, not the pipeline's text encoder. Fix: "
+                    f"export a run of {config_file}")
+  return tower
+
+
+def lora_names(plan: dict):
+  """(path, layer) -> the module names LoRA files give a kernel of a transformer converted by `plan`: diffusers'
+  (`transformer.` + its state-dict module: `transformer.transformer_blocks.0.attn1.to_q`); others as
+  `export safetensors` names them."""
+  def names(path, layer=None) -> list[str]:
+    src = plan.get(tuple(path[1:])) if path[0] == "denoiser" else None
+    if src is None:
+      return [torch_view.module_key(path, layer)]
+    key = src.keys[layer if src.stacked else 0]
+    return ["transformer." + (key if isinstance(key, str) else key[0]).rpartition(".")[0]]
+  return names
 
 
 def copy_tokenizer(source: str, out: str, name: str) -> str:

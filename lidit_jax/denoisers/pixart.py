@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import conditioners, denoisers, torch_view
-from lidit_jax.cli import UserError
-from lidit_jax.config_checks import fail, tower, tower_names
+from lidit_jax import conditioners, denoisers
+from lidit_jax.config_checks import fail, tower
 from lidit_jax.convert import diffusers_pixart, diffusers_vae, hf_t5, hf_text, registry
 from lidit_jax.denoisers import diffusers_folder as folder, lidit
 from lidit_jax.models import pixart as pixart_lib
@@ -188,49 +187,26 @@ def pipeline_config(c, path: str, sigma: bool | None = None):
 # ---- back to a diffusers pipeline folder (python -m lidit_jax.export diffusers) ----
 
 def exportable(config, where: str) -> str:
-  """The source pipeline folder of a model diffusers' PixArt pipelines run (its own T5, guided by the empty
+  """The source pipeline folder of a model diffusers' PixArt pipelines run (their own text encoder, guided by the empty
   prompt); anything else is refused by name."""
-  source = folder.source_pipeline(config, where, is_pipeline_folder)
-  folder.exportable_text(config, where, source, tower_names(config))
-  return source
+  return folder.exportable(config, where, is_pipeline_folder)
 
 
 def export_pipeline(backend, out: str, save) -> None:
-  """Write the model into the (new) folder `out` as a diffusers PixArt pipeline folder: its transformer, VAE and
-  T5 encoder (as the backend holds them), the source's tokenizer, scheduler config and options."""
+  """Write the model into the (new) folder `out` as a diffusers PixArt pipeline folder: its transformer, autoencoder
+  and text encoder (as the backend holds them), the source's tokenizer, scheduler config and options."""
   config = backend.setup.config
   source = exportable(config, out)
-  f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-  net = net_config(config.pixart, denoisers.latent_hwc(config))
-  save(os.path.join(out, "transformer"), *diffusers_pixart.to_diffusers(net, f32(backend.params["model"]["denoiser"])),
-       "diffusion_pytorch_model.safetensors")
-  vae_cfg = backend.setup.autoencoder.module.cfg
-  save(os.path.join(out, "vae"), *diffusers_vae.to_diffusers(vae_cfg, f32(backend.params["frozen"]["autoencoder"])),
-       "diffusion_pytorch_model.safetensors")
-  t5 = next(t for t in backend.setup.towers if t.name == "t5")
-  if t5.kind is not hf_t5:
-    raise UserError(f"{out}: text tower t5 is a {t5.kind.__name__} tower, not the pipeline's T5 encoder. Fix: "
-                    "export a run of configs/pixart_sigma.py")
-  hf_config, state = hf_t5.to_hf(t5.module.cfg, f32(backend.params["frozen"]["towers"]["t5"]))
-  save(os.path.join(out, "text_encoder"), hf_config, state, "model.safetensors")
-  folder.finish_export(source, out, {
-      "transformer": ["diffusers", CLASS], "vae": ["diffusers", "AutoencoderKL"],
-      "text_encoder": ["transformers", "T5EncoderModel"],
-      "tokenizer": ["transformers", folder.copy_tokenizer(source, out, "tokenizer")]})
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), backend.params["model"]["denoiser"])
+  net = diffusers_pixart.to_diffusers(net_config(config.pixart, denoisers.latent_hwc(config)), params)
+  folder.export_transformer_pipeline(backend, out, save, source, (CLASS, *net),
+                                     ("t5", hf_t5, "T5EncoderModel", "configs/pixart_sigma.py"))
 
 
 def lora_names(p, shared):
   """(path, layer) -> the module names LoRA files give a kernel: diffusers' (`transformer.` + its state-dict
   module, as PixArt LoRA scripts save: `transformer.transformer_blocks.0.attn1.to_q`)."""
-  plan = diffusers_pixart.plan(net_config(p, shared.latent_hwc))
-
-  def names(path, layer=None) -> list[str]:
-    src = plan.get(tuple(path[1:])) if path[0] == "denoiser" else None
-    if src is None:
-      return [torch_view.module_key(path, layer)]
-    key = src.keys[layer if src.stacked else 0]
-    return ["transformer." + (key if isinstance(key, str) else key[0]).rpartition(".")[0]]
-  return names
+  return folder.lora_names(diffusers_pixart.plan(net_config(p, shared.latent_hwc)))
 
 
 def pipeline_parts(src: str, dtype) -> dict | None:

@@ -189,6 +189,38 @@ def flow_match_euler(velocity: VelocityFn, noise, steps: int, shift: float = 1.0
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m", "flow_match_euler")
 
+# diffusers' flow schedulers: {class: (our sampler, its shift's key, {key: the only value we implement})}; a value
+# that is absent or None in the config takes the class's default, which is the one implemented, but for REQUIRED
+SCHEDULERS = {
+    "DPMSolverMultistepScheduler": ("dpmpp_2m", "flow_shift", dict(
+        use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="dpmsolver++", solver_order=2,
+        solver_type="midpoint", lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
+        thresholding=False, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        use_lu_lambdas=False, variance_type=None, timestep_spacing="linspace", steps_offset=0,
+        rescale_betas_zero_snr=False, use_dynamic_shifting=False)),
+    "FlowMatchEulerDiscreteScheduler": ("flow_match_euler", "shift", dict(
+        use_dynamic_shifting=False, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False, time_shift_type="exponential",
+        timestep_spacing="linspace")),
+}
+REQUIRED = ("use_flow_sigmas", "prediction_type")  # a DPM-Solver without them steps DDPM's schedule
+
+
+def from_scheduler_config(d: dict, where: str = "scheduler_config.json") -> dict:
+  """A diffusers flow scheduler's config -> {sampler, shift, num_train_timesteps}; what it sets that the samplers do
+  not implement is refused by name (ValueError)."""
+  name = d.get("_class_name")
+  if name not in SCHEDULERS:
+    raise ValueError(f"{where}: scheduler {name!r} has no rectified-flow sampler here. Fix: use one of "
+                     f"{sorted(SCHEDULERS)}")
+  sampler, shift_key, fixed = SCHEDULERS[name]
+  for key, value in fixed.items():
+    if (d.get(key) is not None or key in REQUIRED) and d.get(key) != value:
+      raise ValueError(f"{where}: {name} with {key}={d[key]!r} is not implemented (only {value!r}). Fix: set it "
+                       "to that, or extend objectives/flow.py")
+  return {"sampler": sampler, "shift": float(d.get(shift_key) or 1.0),
+          "num_train_timesteps": int(d.get("num_train_timesteps") or 1000)}
+
 CONFIG_DEFAULTS = {"flow": dict(
     prediction="velocity",  # the network's output: "velocity", or "x0" (the clean image; as_velocity)
     x0_t_min=0.05,  # x0: t is clipped below at this value when turning the output into a velocity
