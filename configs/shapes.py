@@ -19,6 +19,7 @@ to Orbax, in place of the random towers; make them first (no download, no torch)
 of the towers' plain tokens, DDPM epsilon with a learned variance, DPM-Solver++ 2M.
 `configs/shapes.py:sana` is Sana's family: linear-attention blocks with the GLU MBConv over the patch grid behind a
 caption projection, rectified flow sampled with DPM-Solver++ 2M over flow sigmas.
+`configs/shapes.py:lumina2` is Lumina 2's family: context and noise refiners, then joint attention over both.
 `configs/shapes.py:cam` conditions on LLM4GEN's Cross-Adapter Module over the two towers instead of the refiners.
 `configs/shapes.py:diff` conditions on the LLM Diff Adapter over the second tower's per-block scores (on the U-Net:
 a second cross-attention per block; everything trains, the demo's U-Net being untrained).
@@ -41,10 +42,11 @@ PRETRAINED = "checkpoints/pretrained"  # experiments/pretrain_towers.py --out
 
 def get_config(variant: str = ""):
   variants = {v.strip() for v in variant.split(",") if v.strip()}
-  unknown = variants - {"tiny", "hf", "pretrained", "unet", "pixart", "sana", "patches", "cam", "diff"}
+  unknown = variants - {"tiny", "hf", "pretrained", "unet", "pixart", "sana", "lumina2", "patches",
+                          "cam", "diff"}
   if unknown:
     raise ValueError(f"unknown variant(s) {sorted(unknown)} of configs/shapes.py; use tiny, hf, pretrained, unet, "
-                     "pixart, sana, patches, cam and/or diff")
+                     "pixart, sana, lumina2, patches, cam and/or diff")
   c = configs.base_config()
   c.model.update(width=128, depth=4, num_heads=4, patch_size=4, pos_embed="both",
                  scan=False)  # 4 blocks: unrolled runs 11 % faster on this CPU (benchmarks/RESULTS.md)
@@ -116,6 +118,17 @@ def get_config(variant: str = ""):
     if "tiny" in variants:  # a width (48) other than the towers' (32), as pixart's
       c.sana.update(num_attention_heads=2, attention_head_dim=24, num_layers=2, num_cross_attention_heads=2,
                     cross_attention_head_dim=24, caption_channels=32)
+  if "lumina2" in variants:
+    # Lumina 2's transformer on the same data and towers (lidit_jax/denoisers/lumina2.py): 4 px patches, 3-axis RoPE
+    # over (caption position, row, column).
+    c.model.family = "lumina2"
+    c.conditioner.kind = "tokens"
+    c.lumina2.update(sample_size=8, patch_size=4, hidden_size=128, num_layers=4, num_refiner_layers=1,
+                     num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(16, 8, 8),
+                     axes_lens=(128, 16, 16), cap_feat_dim=64)
+    if "tiny" in variants:  # a width (48) other than the towers' (32), as pixart's
+      c.lumina2.update(hidden_size=48, num_layers=2, num_attention_heads=2, num_kv_heads=1, axes_dim_rope=(8, 8, 8),
+                       cap_feat_dim=32)
   if "patches" in variants:
     # The denoiser works on 4 x 4 pixel patches (48 channels, an 8 x 8 grid: the DiT's token grid), as SD's U-Net on
     # latents. The U-Net then steps as fast as the DiT on this CPU (1.27 vs 1.33 steps/s, 2026-12-05) where on

@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
                 dropout=0.0)  # of A's input features, one draw per kernel and step (lora.merge)
   c.sample = dict(steps=30, sampler="euler", cfg=4.0, num_images=4,
                   shift=0.0,  # time shift of the sampling steps (samples and eval); 0 = the training shift
+                  cfg_renorm=False,  # guided prediction rescaled to the conditional's norm (Lumina 2's cfg_normalization)
                   prompts=("a red circle to the left of a blue square",
                            "a green triangle above a yellow circle",
                            "a blue square below a red triangle",

@@ -37,11 +37,12 @@ def from_torch(names, weight, shape):
 
 def module_key(path: tuple[str, ...], layer: int | None = None) -> str:
   """The torch-style module name of a parameter at `path` (its leaf dropped): "denoiser.final_proj"; a scanned
-  stack's layer `layer` is numbered after its `blocks` scan, as the unrolled model names it ("denoiser.blocks.3.
-  block.self_attn.query"). `export safetensors` keys and LoRA files are named from it."""
+  stack's layer `layer` is numbered after its scan (`blocks`, or `layers`: Lumina 2's), as the unrolled model names
+  it ("denoiser.blocks.3.block.self_attn.query"). `export safetensors` keys and LoRA files are named from it."""
   mods = list(path[:-1])
   if layer is not None:
-    if "blocks" not in mods:
-      raise ValueError(f"{'/'.join(path)}: a stacked parameter outside a `blocks` scan has no documented key")
-    mods.insert(mods.index("blocks") + 1, str(layer))
+    scan = next((m for m in mods if m in ("blocks", "layers")), None)
+    if scan is None:
+      raise ValueError(f"{'/'.join(path)}: a stacked parameter outside a `blocks` or `layers` scan has no documented key")
+    mods.insert(mods.index(scan) + 1, str(layer))
   return ".".join(mods)

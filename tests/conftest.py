@@ -72,6 +72,27 @@ def convert_then_export(tmp_path, capsys, prompts, latents, reference, dropped=(
   np.testing.assert_allclose(reference(str(tmp_path / "back")), want, atol=2e-3)
 
 
+def finetune_resume_export(tmp_path, monkeypatch, config, prompts, latents, guidance, reference) -> None:
+  """`config` (a shrunk fine-tuning config of the pipeline folder tmp_path/pipe) trains 3 steps; preempted and
+  resumed it logs the same losses; its images (at `guidance`) moved off the folder's (`reference(folder)`: diffusers'
+  images of a folder at that guidance) and, exported (`export diffusers`), diffusers draws them from the exported folder."""
+  import json
+  import numpy as np
+  from lidit_jax import export, train
+  from lidit_jax.data import pipeline as data_pipeline
+  from lidit_jax.pipeline import Pipeline
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  left = train_preempted(config, str(tmp_path / "resumed"), monkeypatch, data_pipeline.ShapesBatches, at_batch=3)
+  assert left and max(left) < 3
+  losses = lambda d: [json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl")]
+  assert len(losses("run")) == 3 and np.isfinite(losses("run")).all()
+  np.testing.assert_allclose(losses("resumed"), losses("run"), rtol=1e-5)
+  ours = Pipeline.from_pretrained(str(tmp_path / "run"))(prompts, num_steps=3, guidance=guidance, latents=latents)
+  assert np.abs(ours - reference(str(tmp_path / "pipe"))).max() > 1e-2  # the transformer trained off the folder's
+  assert export.main(["diffusers", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+  np.testing.assert_allclose(reference(str(tmp_path / "back")), ours, atol=2e-3)
+
+
 def images_by_hand(s, params, prompts, noise, steps: int, cfg: float, sampler: str):
   """What a Pipeline on a workdir must give, computed step by step: the model (its null context for the
   unconditional half), guidance, the objective's sampler, the decoder; [0, 1] float32 images."""

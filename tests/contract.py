@@ -9,7 +9,7 @@ from lidit_jax.convert import tiny_models
 
 from conftest import ROOT
 
-FAMILIES = {"lidit": [], "unet": ["unet"], "pixart": ["pixart"], "sana": ["sana"]}  # configs/shapes.py variants that make each plugin's section
+FAMILIES = {"lidit": [], "unet": ["unet"], "pixart": ["pixart"], "sana": ["sana"], "lumina2": ["lumina2"]}  # configs/shapes.py variants that make each plugin's section
 CONDITIONERS = {"refiners": [], "tokens": [], "identity": [], "llm4gen": ["cam"], "diff_adapter": ["diff"]}
 OBJECTIVES = ("rectified_flow", "ddpm")
 AUTOENCODERS = {"identity": [], "patches": ["patches"], "vae": []}
@@ -20,7 +20,8 @@ EVERY = list(itertools.product(FAMILIES, CONDITIONERS, OBJECTIVES, AUTOENCODERS)
 RUNS = [("lidit", "refiners", "rectified_flow", "identity"), ("lidit", "llm4gen", "ddpm", "patches"),
         ("lidit", "identity", "ddpm", "vae"), ("unet", "tokens", "rectified_flow", "vae"),
         ("unet", "diff_adapter", "ddpm", "identity"), ("unet", "refiners", "rectified_flow", "patches"),
-        ("pixart", "refiners", "ddpm", "vae"), ("sana", "refiners", "rectified_flow", "identity")]
+        ("pixart", "refiners", "ddpm", "vae"), ("sana", "refiners", "rectified_flow", "identity"),
+        ("lumina2", "refiners", "rectified_flow", "patches")]
 # On eight devices: the U-Net (the SD family's sharding) with the Diff Adapter (training noise drawn per example),
 # the DiT with the CAM (a conditioner holding most of the parameters); LI-DiT's refiners: tests/test_scale.py.
 MESH_RUNS = [("unet", "diff_adapter", "ddpm", "identity"), ("lidit", "llm4gen", "rectified_flow", "patches")]

@@ -54,7 +54,8 @@ from lidit_jax import conditioners, lora
 from lidit_jax.config_checks import ConfigError, fail, plugin_section
 
 FAMILIES = {"lidit": "lidit_jax.denoisers.lidit", "unet": "lidit_jax.denoisers.unet",
-            "pixart": "lidit_jax.denoisers.pixart", "sana": "lidit_jax.denoisers.sana"}
+            "pixart": "lidit_jax.denoisers.pixart", "sana": "lidit_jax.denoisers.sana",
+            "lumina2": "lidit_jax.denoisers.lumina2"}
 DEFAULT = "lidit"  # base_config's choice
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from lidit_jax import autoencoder, config_checks, prompt, torch_view
 from lidit_jax.cli import UserError
-from lidit_jax.convert import registry
+from lidit_jax.convert import hf_text, registry
 from lidit_jax.objectives import ddpm, flow
 
 
@@ -114,14 +114,23 @@ def exportable(config, where: str, is_folder) -> str:
   return source
 
 
+def transformer_parts(src: str, dtype, transformer, vae, text) -> dict:
+  """{component: (conversion family, checked conversion)} of a transformer family's pipeline folder for `convert
+  diffusers`: its transformer/, vae/ and text_encoder/ by those conversion families."""
+  return {"transformer": (transformer, transformer.Conversion.prepare(os.path.join(src, "transformer"), dtype)),
+          "vae": (vae, vae.Conversion.prepare(os.path.join(src, "vae"), dtype)),
+          "text_encoder": (text, hf_text.Conversion.prepare(os.path.join(src, "text_encoder"), dtype))}
+
+
 def export_transformer_pipeline(backend, out: str, save, source: str, transformer, text) -> None:
   """Write a transformer family's model into the (new) folder `out` as its diffusers pipeline folder, from the
-  pipeline folder `source`: `transformer` = (class name, its config, its state dict) of the denoiser; the
-  autoencoder as the backend holds it; `text` = (tower name, its text family, transformers' class name, the config
-  file that trains it) of the one text encoder; the source's tokenizer, scheduler config and options."""
+  pipeline folder `source`: `transformer` = (class name, params -> (its config, its state dict)) of the denoiser;
+  the autoencoder as the backend holds it; `text` = (tower name, its text family, transformers' class name, the
+  config file that trains it) of the one text encoder; the source's tokenizer, scheduler config and options."""
   f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-  net_class, net_config, net_state = transformer
-  save(os.path.join(out, "transformer"), net_config, net_state, "diffusion_pytorch_model.safetensors")
+  net_class, to_diffusers = transformer
+  save(os.path.join(out, "transformer"), *to_diffusers(f32(backend.params["model"]["denoiser"])),
+       "diffusion_pytorch_model.safetensors")
   conversion, ae_class, _ = autoencoder.KINDS[backend.setup.config.autoencoder.kind]
   ae = conversion.to_diffusers(backend.setup.autoencoder.module.cfg, f32(backend.params["frozen"]["autoencoder"]))
   save(os.path.join(out, "vae"), *ae, "diffusion_pytorch_model.safetensors")

@@ -52,9 +52,17 @@ def build(m, shared, conditioner: nn.Module, attention: str) -> LIDiT:
   return LIDiT(dcfg, conditioner, dtype=jnp.dtype(shared.dtype), null=shared.null)
 
 
+def image_tokens(latent_hwc: tuple[int, int, int], patch_size: int) -> int:
+  return (latent_hwc[0] // patch_size) * (latent_hwc[1] // patch_size)
+
+
+def patch_geometry(latent_hwc: tuple[int, int, int], patch_size: int, context_width: int):
+  """A patch transformer's Geometry (this family's and the diffusers transformer families')."""
+  return denoisers.Geometry(latent_hwc, patch_size, image_tokens(latent_hwc, patch_size), context_width)
+
+
 def geometry(m, latent_hwc: tuple[int, int, int]):
-  return denoisers.Geometry(latent_hwc, m.patch_size, (latent_hwc[0] // m.patch_size) * (latent_hwc[1] // m.patch_size),
-                            m.width)
+  return patch_geometry(latent_hwc, m.patch_size, m.width)
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
@@ -69,8 +77,7 @@ def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: S
 
 def flops_per_example(m, shared, text_shapes: Sequence[tuple[int, ...]], conditioner=None, conditioner_flops=0) -> dict:
   """Forward FLOPs of one example in the DiT: 2 x (matmul weights x tokens they see) + attention (QK^T and PV)."""
-  h, w, _ = shared.latent_hwc
-  t = (h // m.patch_size) * (w // m.patch_size)  # image tokens
+  t = image_tokens(shared.latent_hwc, m.patch_size)
   s = sum(shape[0] for shape in text_shapes)  # text tokens after concatenation
   d, f = m.width, int(m.width * m.mlp_ratio)
   per_block = (2 * t * (4 * d * d + 2 * d * f)  # self-attn q,k,v,o + MLP on image tokens
@@ -94,8 +101,7 @@ def activation_bytes(m, shared, batch: int, text_shapes: Sequence[tuple[int, ...
   Tensor parallelism (`tensor` devices) splits the width and the heads. `itemsize` is unused: the calibrated
   figures carry their dtypes."""
   del itemsize
-  h, w, _ = shared.latent_hwc
-  t = (h // m.patch_size) * (w // m.patch_size)
+  t = image_tokens(shared.latent_hwc, m.patch_size)
   s = sum(shape[0] for shape in text_shapes)
   d = m.width / tensor
   scores = 4 * m.num_heads / tensor * t * (t + s)  # float32 probabilities of one example's self + cross attention

@@ -15,12 +15,11 @@ import types
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lidit_jax import conditioners, denoisers
 from lidit_jax.config_checks import fail, tower
-from lidit_jax.convert import diffusers_pixart, diffusers_vae, hf_t5, hf_text, registry
+from lidit_jax.convert import diffusers_pixart, diffusers_vae, hf_t5, registry
 from lidit_jax.denoisers import diffusers_folder as folder, lidit
 from lidit_jax.models import pixart as pixart_lib
 
@@ -74,9 +73,8 @@ def build(p, shared, conditioner: nn.Module, attention: str) -> PixArt:
 
 
 def geometry(p, latent_hwc: tuple[int, int, int]):
-  width = p.num_attention_heads * p.attention_head_dim
-  tokens = (latent_hwc[0] // p.patch_size) * (latent_hwc[1] // p.patch_size)
-  return denoisers.Geometry(latent_hwc, p.patch_size, tokens, p.caption_channels or width)
+  return lidit.patch_geometry(latent_hwc, p.patch_size,
+                              p.caption_channels or p.num_attention_heads * p.attention_head_dim)
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
@@ -196,10 +194,9 @@ def export_pipeline(backend, out: str, save) -> None:
   """Write the model into the (new) folder `out` as a diffusers PixArt pipeline folder: its transformer, autoencoder
   and text encoder (as the backend holds them), the source's tokenizer, scheduler config and options."""
   config = backend.setup.config
-  source = exportable(config, out)
-  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), backend.params["model"]["denoiser"])
-  net = diffusers_pixart.to_diffusers(net_config(config.pixart, denoisers.latent_hwc(config)), params)
-  folder.export_transformer_pipeline(backend, out, save, source, (CLASS, *net),
+  net = net_config(config.pixart, denoisers.latent_hwc(config))
+  folder.export_transformer_pipeline(backend, out, save, exportable(config, out),
+                                     (CLASS, lambda params: diffusers_pixart.to_diffusers(net, params)),
                                      ("t5", hf_t5, "T5EncoderModel", "configs/pixart_sigma.py"))
 
 
@@ -214,9 +211,7 @@ def pipeline_parts(src: str, dtype) -> dict | None:
   (None for another folder)."""
   if not is_pipeline_folder(src):
     return None
-  return {"transformer": (diffusers_pixart, diffusers_pixart.Conversion.prepare(os.path.join(src, "transformer"), dtype)),
-          "vae": (diffusers_vae, diffusers_vae.Conversion.prepare(os.path.join(src, "vae"), dtype)),
-          "text_encoder": (hf_t5, hf_text.Conversion.prepare(os.path.join(src, "text_encoder"), dtype))}
+  return folder.transformer_parts(src, dtype, diffusers_pixart, diffusers_vae, hf_t5)
 
 
 def lora_tower_prefixes(config) -> dict:

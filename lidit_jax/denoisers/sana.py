@@ -12,12 +12,11 @@ import types
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lidit_jax import conditioners, denoisers
 from lidit_jax.config_checks import fail, tower
-from lidit_jax.convert import diffusers_dc_ae, diffusers_sana, hf_llm, hf_text, registry
+from lidit_jax.convert import diffusers_dc_ae, diffusers_sana, hf_llm, registry
 from lidit_jax.denoisers import diffusers_folder as folder, lidit
 from lidit_jax.models import sana as sana_lib
 
@@ -68,12 +67,8 @@ def build(p, shared, conditioner: nn.Module, attention: str) -> Sana:
               shared.remat, shared.null)
 
 
-def _tokens(p, latent_hwc) -> int:
-  return (latent_hwc[0] // p.patch_size) * (latent_hwc[1] // p.patch_size)
-
-
 def geometry(p, latent_hwc: tuple[int, int, int]):
-  return denoisers.Geometry(latent_hwc, p.patch_size, _tokens(p, latent_hwc), p.caption_channels)
+  return lidit.patch_geometry(latent_hwc, p.patch_size, p.caption_channels)
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:
@@ -84,7 +79,7 @@ def flops_per_example(p, shared, text_shapes, conditioner=None, conditioner_flop
   """2 x (matmul weights x tokens they see) per block: linear self-attention (q, k, v, out; K^T V and Q (K^T V)
   per head: linear in the tokens), cross-attention (q, out on image tokens; k, v on text tokens; scores), the GLU
   MBConv (1 x 1 to twice the hidden width, depthwise 3 x 3, 1 x 1 back); the caption projection."""
-  t, s = _tokens(p, shared.latent_hwc), sum(shape[0] for shape in text_shapes)
+  t, s = lidit.image_tokens(shared.latent_hwc, p.patch_size), sum(shape[0] for shape in text_shapes)
   d, f = p.num_attention_heads * p.attention_head_dim, int(p.num_attention_heads * p.attention_head_dim * p.mlp_ratio)
   dc = p.num_cross_attention_heads * p.cross_attention_head_dim
   per_block = (2 * t * 4 * d * d + 2 * 2 * t * d * p.attention_head_dim  # linear self-attention
@@ -212,10 +207,9 @@ def export_pipeline(backend, out: str, save) -> None:
   """Write the model into the (new) folder `out` as a diffusers Sana pipeline folder: its transformer, autoencoder
   and text encoder (as the backend holds them), the source's tokenizer, scheduler config and options."""
   config = backend.setup.config
-  source = exportable(config, out)
-  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), backend.params["model"]["denoiser"])
-  net = diffusers_sana.to_diffusers(net_config(config.sana, denoisers.latent_hwc(config)), params)
-  folder.export_transformer_pipeline(backend, out, save, source, (CLASS, *net),
+  net = net_config(config.sana, denoisers.latent_hwc(config))
+  folder.export_transformer_pipeline(backend, out, save, exportable(config, out),
+                                     (CLASS, lambda params: diffusers_sana.to_diffusers(net, params)),
                                      ("gemma", hf_llm, "Gemma2Model", "configs/sana.py"))
 
 
@@ -230,9 +224,7 @@ def pipeline_parts(src: str, dtype) -> dict | None:
   (None for another folder)."""
   if not is_pipeline_folder(src):
     return None
-  return {"transformer": (diffusers_sana, diffusers_sana.Conversion.prepare(os.path.join(src, "transformer"), dtype)),
-          "vae": (diffusers_dc_ae, diffusers_dc_ae.Conversion.prepare(os.path.join(src, "vae"), dtype)),
-          "text_encoder": (hf_llm, hf_text.Conversion.prepare(os.path.join(src, "text_encoder"), dtype))}
+  return folder.transformer_parts(src, dtype, diffusers_sana, diffusers_dc_ae, hf_llm)
 
 
 def lora_tower_prefixes(config) -> dict:

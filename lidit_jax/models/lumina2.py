@@ -160,6 +160,9 @@ class Lumina2Transformer(nn.Module):
         layers.patchify(x_BHWC, p).reshape(b, gh * gw, -1).astype(self.dtype))
 
     length = cap.shape[1]
+    if length >= c.axes_lens[0]:  # caption positions and the image's first axis must stay inside the RoPE table
+      raise ValueError(f"a context of {length} tokens: Lumina 2's positions take fewer than axes_lens[0]="
+                       f"{c.axes_lens[0]}. Fix: shorten the text towers' max_length")
     valid = ctx_valid_BS.astype(bool)
     lens = jnp.sum(valid, axis=1).astype(jnp.int32)
     zeros = jnp.zeros((b, length), jnp.int32)

@@ -141,7 +141,8 @@ class RectifiedFlow:
     if sampler == "dpmpp_2m":
       return dpmpp_2m(as_velocity(net, self.cfg), noise, steps, self.sample_shift, self.cfg.num_train_timesteps)
     if sampler == "flow_match_euler":
-      return flow_match_euler(as_velocity(net, self.cfg), noise, steps, self.sample_shift, self.cfg.num_train_timesteps)
+      return flow_match_euler(as_velocity(net, self.cfg), noise, steps, self.sample_shift, self.cfg.num_train_timesteps,
+                              self.cfg.sigma_grid)
     return solve(as_velocity(net, self.cfg), noise, steps, sampler, self.sample_shift)
 
 
@@ -168,20 +169,24 @@ def dpmpp_2m(velocity: VelocityFn, noise, steps: int, shift: float = 1.0, num_tr
   return solvers.dpmpp_2m(x0_of, noise.astype(jnp.float32), tab, steps)
 
 
-def flow_match_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> np.ndarray:
-  """diffusers' FlowMatchEulerDiscreteScheduler sigmas (static shift): evenly spaced between its largest and its
-  smallest training sigma (the latter already shifted), shifted, then the final 0."""
+def flow_match_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000, grid: str = "scheduler") -> np.ndarray:
+  """diffusers' FlowMatchEulerDiscreteScheduler sigmas (static shift), then the final 0. `grid` "scheduler": its own
+  (`set_timesteps(steps)`: evenly spaced between its largest and its smallest training sigma, the latter already
+  shifted, then shifted); "linspace": those Lumina 2's and Flux's pipelines pass it (1 .. 1 / steps, shifted)."""
   t = num_train_timesteps
   shifted = lambda s: shift * s / (1 + (shift - 1) * s)
+  if grid == "linspace":
+    return np.concatenate([shifted(np.linspace(1.0, 1.0 / steps, steps, dtype=np.float32)), [0.0]]).astype(np.float32)
   lo = shifted(np.float32(1.0 / t))
   s = np.linspace(t, float(lo) * t, steps, dtype=np.float64) / t
   return np.concatenate([shifted(s), [0.0]]).astype(np.float32)
 
 
-def flow_match_euler(velocity: VelocityFn, noise, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
+def flow_match_euler(velocity: VelocityFn, noise, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
+                     grid: str = "scheduler"):
   """Euler steps over `flow_match_sigmas`, as diffusers' FlowMatchEulerDiscreteScheduler (Lumina 2's, and an
   alternative of Sana's): the network at t = sigma, x' = x + (sigma' - sigma) v."""
-  sig = jnp.asarray(flow_match_sigmas(steps, shift, num_train_timesteps))
+  sig = jnp.asarray(flow_match_sigmas(steps, shift, num_train_timesteps, grid))
   b = noise.shape[0]
   step = lambda i, x: x + (sig[i + 1] - sig[i]) * velocity(x, jnp.full((b,), sig[i])).astype(jnp.float32)
   return jax.lax.fori_loop(0, steps, step, noise.astype(jnp.float32))
@@ -227,7 +232,8 @@ CONFIG_DEFAULTS = {"flow": dict(
     loss="velocity",  # the MSE of the velocity, or of the clean image it implies ("x0": weight t^2)
     timestep="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0, resolution_shift=False,
     unshifted=0.0,  # fraction of training times drawn without the shift (both ends trained)
-    num_train_timesteps=1000)}  # diffusers' flow schedulers' T: the dpmpp_2m sampler's sigma grid
+    num_train_timesteps=1000,  # diffusers' flow schedulers' T: the dpmpp_2m sampler's sigma grid
+    sigma_grid="scheduler")}  # flow_match_euler's steps: the scheduler's own, or "linspace" (Lumina 2's pipeline)
 
 
 def validate(flow, sample) -> None:
@@ -244,6 +250,7 @@ def validate(flow, sample) -> None:
   if sample.shift < 0:
     fail("sample.shift", sample.shift, "must be >= 0", "use 0 for the training shift, 1.0 for none")
   one_of("sample.sampler", sample.sampler, set(SAMPLERS))
+  one_of("flow.sigma_grid", flow.sigma_grid, {"scheduler", "linspace"})
 
 
 def build(flow, sample, geometry) -> RectifiedFlow:
