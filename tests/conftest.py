@@ -93,6 +93,40 @@ def finetune_resume_export(tmp_path, monkeypatch, config, prompts, latents, guid
   np.testing.assert_allclose(reference(str(tmp_path / "back")), ours, atol=2e-3)
 
 
+def lora_merged_into_diffusers(tmp_path, config, ref, reference, prompts, latents, guidance, num_pairs, key) -> None:
+  """`config` (a shrunk fine-tuning config of tmp_path/pipe with lora.rank) trains; `export lora` writes `num_pairs`
+  A / B pairs in diffusers' `transformer.` naming (`key` among them) with LoraConfig metadata; peft injected into
+  `ref`'s transformer (diffusers' pipeline of that folder), loaded and merged, gives our run's images
+  (`reference(ref)`: diffusers' images at `guidance`)."""
+  import json
+  import numpy as np
+  import peft
+  import torch
+  from safetensors import safe_open
+  from safetensors.numpy import load_file
+  from lidit_jax import export, train
+  from lidit_jax.pipeline import Pipeline
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  file = str(tmp_path / "lora.safetensors")
+  assert export.main(["lora", str(tmp_path / "run"), file]) == 0
+  tensors = load_file(file)
+  assert len(tensors) == 2 * num_pairs and key in tensors, sorted(tensors)[:4]
+  with safe_open(file, "np") as f:
+    meta = {k.removeprefix("transformer."): v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
+  peft.inject_adapter_in_model(peft.LoraConfig(r=meta["r"], lora_alpha=meta["lora_alpha"],
+                                               target_modules=meta["target_modules"]), ref.transformer)
+  loaded = peft.set_peft_model_state_dict(
+      ref.transformer, {k.removeprefix("transformer."): torch.from_numpy(v) for k, v in tensors.items()})
+  assert not loaded.unexpected_keys
+  for module in ref.transformer.modules():
+    if isinstance(module, peft.tuners.lora.LoraLayer):
+      module.merge()
+  ours = Pipeline.from_pretrained(str(tmp_path / "run"))(prompts, num_steps=3, guidance=guidance, latents=latents)
+  base = Pipeline.from_pretrained(str(tmp_path / "pipe"))(prompts, num_steps=3, guidance=guidance, latents=latents)
+  assert np.abs(ours - base).max() > 5 * 2e-3  # the LoRA moved the images
+  np.testing.assert_allclose(reference(ref), ours, atol=2e-3)
+
+
 def images_by_hand(s, params, prompts, noise, steps: int, cfg: float, sampler: str):
   """What a Pipeline on a workdir must give, computed step by step: the model (its null context for the
   unconditional half), guidance, the objective's sampler, the decoder; [0, 1] float32 images."""

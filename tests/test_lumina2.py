@@ -15,7 +15,7 @@ from lidit_jax.denoisers import lumina2 as lumina2_family
 from lidit_jax.models import lumina2
 from lidit_jax.pipeline import Pipeline
 
-from conftest import ROOT, convert_then_export, finetune_resume_export
+from conftest import ROOT, convert_then_export, finetune_resume_export, lora_merged_into_diffusers
 from test_pixart import _randomise
 from test_sana import PROMPTS, tiny_gemma
 from test_sd_finetune import sd_config
@@ -128,3 +128,14 @@ def test_finetune_resumes_then_exports_our_images(tmp_path, monkeypatch):
   reference = lambda folder: _reference(diffusers.Lumina2Pipeline.from_pretrained(folder), PROMPTS, latents,
                                         num_inference_steps=3, guidance_scale=4.0)
   finetune_resume_export(tmp_path, monkeypatch, config, PROMPTS, latents, 4.0, reference)
+
+def test_lora_run_exports_what_peft_merges_into_diffusers_transformer(tmp_path):
+  """configs/lumina2.py with lora.rank: diffusers' `transformer.layers.N.attn.to_q` (and the refiners') LoRA keys,
+  merged by peft into Lumina2Transformer2DModel, give our run's images."""
+  ref = lumina2_pipeline(tmp_path / "pipe")
+  config = sd_config("lumina2", tmp_path / "pipe", **{"lora.rank": 4, "optim.lr": 3e-2})
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  reference = lambda pipe: _reference(pipe, PROMPTS, latents, num_inference_steps=3, guidance_scale=4.0)
+  lora_merged_into_diffusers(tmp_path, config, ref, reference, PROMPTS, latents, 4.0,
+                             (2 + 1 + 1) * 4,  # (2 layers, a context and a noise refiner) x (q, k, v, out)
+                             "transformer.context_refiner.0.attn.to_out.0.lora_B.weight")

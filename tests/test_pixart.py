@@ -3,16 +3,15 @@ saves (PixArtTransformer2DModel, T5EncoderModel, a case-sensitive T5-style token
 float32. Pipeline.from_pretrained(folder) draws diffusers' images from the same latents (its schedulers, guidance,
 negative prompts, alpha's micro-conditions); convert -> export is bit-exact; configs/pixart_sigma.py fine-tunes,
 resumes, follows one device on eight, and exports a folder diffusers samples to our images."""
-import json
-
 import numpy as np
 import pytest
 
-from lidit_jax import configs, train
+from lidit_jax import configs
 from lidit_jax.data import shapes
 from lidit_jax.pipeline import Pipeline
 
-from conftest import ROOT, convert_then_export, finetune_resume_export, one_and_eight_device_losses
+from conftest import (ROOT, convert_then_export, finetune_resume_export, lora_merged_into_diffusers,
+                      one_and_eight_device_losses)
 from test_sd_finetune import sd_config
 
 torch = pytest.importorskip("torch")
@@ -155,31 +154,10 @@ def test_lora_run_exports_what_peft_merges_into_diffusers_transformer(tmp_path):
   """configs/pixart_sigma.py with lora.rank: `export lora` writes diffusers' `transformer.transformer_blocks.N.
   attn1.to_q.lora_A.weight` keys and LoraConfig metadata; peft injected into diffusers' transformer, loaded and
   merged, samples the images of our run."""
-  import peft
-  from safetensors import safe_open
-  from safetensors.numpy import load_file
-  from lidit_jax import export
   ref = pixart(tmp_path / "pipe")
   config = sd_config("pixart_sigma", tmp_path / "pipe", **{"lora.rank": 4, "optim.lr": 3e-2})
-  train.train_and_evaluate(config, str(tmp_path / "run"))
-  file = str(tmp_path / "lora.safetensors")
-  assert export.main(["lora", str(tmp_path / "run"), file]) == 0
-  tensors = load_file(file)
-  assert len(tensors) == 2 * 2 * 8  # A and B of 2 blocks x (self, cross) x (q, k, v, out)
-  assert "transformer.transformer_blocks.1.attn2.to_out.0.lora_B.weight" in tensors
-  with safe_open(file, "np") as f:
-    meta = {k.removeprefix("transformer."): v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
-  peft.inject_adapter_in_model(peft.LoraConfig(r=meta["r"], lora_alpha=meta["lora_alpha"],
-                                               target_modules=meta["target_modules"]), ref.transformer)
-  loaded = peft.set_peft_model_state_dict(
-      ref.transformer, {k.removeprefix("transformer."): torch.from_numpy(v) for k, v in tensors.items()})
-  assert not loaded.unexpected_keys
-  for module in ref.transformer.modules():
-    if isinstance(module, peft.tuners.lora.LoraLayer):
-      module.merge()
   latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
-  ours = Pipeline.from_pretrained(str(tmp_path / "run"))(PROMPTS, num_steps=3, guidance=4.5, latents=latents)
-  base = Pipeline.from_pretrained(str(tmp_path / "pipe"))(PROMPTS, num_steps=3, guidance=4.5, latents=latents)
-  assert np.abs(ours - base).max() > 5 * 2e-3  # the LoRA moved the images
-  np.testing.assert_allclose(_reference(ref, PROMPTS, latents, num_inference_steps=3, guidance_scale=4.5), ours,
-                             atol=2e-3)
+  reference = lambda pipe: _reference(pipe, PROMPTS, latents, num_inference_steps=3, guidance_scale=4.5)
+  lora_merged_into_diffusers(tmp_path, config, ref, reference, PROMPTS, latents, 4.5,
+                             2 * 2 * 4,  # 2 blocks x (self, cross) x (q, k, v, out)
+                             "transformer.transformer_blocks.1.attn2.to_out.0.lora_B.weight")

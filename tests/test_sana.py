@@ -15,7 +15,7 @@ from lidit_jax.denoisers import sana as sana_family
 from lidit_jax.models import sana
 from lidit_jax.pipeline import Pipeline
 
-from conftest import ROOT, convert_then_export, finetune_resume_export
+from conftest import ROOT, convert_then_export, finetune_resume_export, lora_merged_into_diffusers
 from test_pixart import _randomise
 from test_sd_finetune import sd_config
 
@@ -159,3 +159,14 @@ def test_finetune_resumes_then_exports_our_images(tmp_path, monkeypatch):
   reference = lambda folder: _reference(diffusers.SanaPipeline.from_pretrained(folder), PROMPTS, latents,
                                         num_inference_steps=3, guidance_scale=4.5)
   finetune_resume_export(tmp_path, monkeypatch, config, PROMPTS, latents, 4.5, reference)
+
+def test_lora_run_exports_what_peft_merges_into_diffusers_transformer(tmp_path):
+  """configs/sana.py with lora.rank: diffusers' `transformer.transformer_blocks.N.attn1.to_q` LoRA keys, merged by
+  peft into SanaTransformer2DModel, give our run's images."""
+  ref = sana_pipeline(tmp_path / "pipe")
+  config = sd_config("sana", tmp_path / "pipe", **{"lora.rank": 4, "optim.lr": 3e-2})
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  reference = lambda pipe: _reference(pipe, PROMPTS, latents, num_inference_steps=3, guidance_scale=4.5)
+  lora_merged_into_diffusers(tmp_path, config, ref, reference, PROMPTS, latents, 4.5,
+                             2 * 2 * 4,  # 2 blocks x (self, cross) x (q, k, v, out)
+                             "transformer.transformer_blocks.1.attn1.to_out.0.lora_B.weight")
