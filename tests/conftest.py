@@ -127,6 +127,20 @@ def lora_merged_into_diffusers(tmp_path, config, ref, reference, prompts, latent
   np.testing.assert_allclose(reference(ref), ours, atol=2e-3)
 
 
+def pipeline_config_on_eight_devices(name: str, folder, towers, tmp_path) -> None:
+  """configs/{name}.py on the pipeline folder `folder`, float32 (its `towers` too) on the shapes data: 3 steps on
+  eight simulated devices (data 4 x fsdp 2) log one device's losses."""
+  import numpy as np
+  flags = ["--config.model.dtype=float32", *[f"--config.text.towers.{t}.dtype=float32" for t in towers],
+           "--config.data.source=shapes", "--config.data.max_objects=1", "--config.train.batch_size=8",
+           "--config.train.num_steps=3", "--config.train.log_every=1", "--config.train.sample_every=100",
+           "--config.optim.lr=1e-3", "--config.optim.warmup_steps=0", "--config.optim.grad_clip=1.0"]
+  losses = one_and_eight_device_losses(f"{ROOT / 'configs' / name}.py:{folder}", flags,
+                                       ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path)
+  assert len(losses["one"]) == 3 and losses["one"][0] != losses["one"][-1]
+  np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
+
+
 def images_by_hand(s, params, prompts, noise, steps: int, cfg: float, sampler: str):
   """What a Pipeline on a workdir must give, computed step by step: the model (its null context for the
   unconditional half), guidance, the objective's sampler, the decoder; [0, 1] float32 images."""

@@ -15,7 +15,8 @@ from lidit_jax.denoisers import lumina2 as lumina2_family
 from lidit_jax.models import lumina2
 from lidit_jax.pipeline import Pipeline
 
-from conftest import ROOT, convert_then_export, finetune_resume_export, lora_merged_into_diffusers
+from conftest import (ROOT, convert_then_export, finetune_resume_export, lora_merged_into_diffusers,
+                      pipeline_config_on_eight_devices)
 from test_pixart import _randomise
 from test_sana import PROMPTS, tiny_gemma
 from test_sd_finetune import sd_config
@@ -139,3 +140,9 @@ def test_lora_run_exports_what_peft_merges_into_diffusers_transformer(tmp_path):
   lora_merged_into_diffusers(tmp_path, config, ref, reference, PROMPTS, latents, 4.0,
                              (2 + 1 + 1) * 4,  # (2 layers, a context and a noise refiner) x (q, k, v, out)
                              "transformer.context_refiner.0.attn.to_out.0.lora_B.weight")
+
+
+@pytest.mark.slow
+def test_finetune_on_eight_devices_follows_one(tmp_path):
+  lumina2_pipeline(tmp_path / "pipe")
+  pipeline_config_on_eight_devices("lumina2", tmp_path / "pipe", ["gemma"], tmp_path)

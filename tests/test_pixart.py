@@ -11,7 +11,7 @@ from lidit_jax.data import shapes
 from lidit_jax.pipeline import Pipeline
 
 from conftest import (ROOT, convert_then_export, finetune_resume_export, lora_merged_into_diffusers,
-                      one_and_eight_device_losses)
+                      pipeline_config_on_eight_devices)
 from test_sd_finetune import sd_config
 
 torch = pytest.importorskip("torch")
@@ -140,14 +140,7 @@ def test_finetune_resumes_then_exports_our_images(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_finetune_on_eight_devices_follows_one(tmp_path):
   pixart(tmp_path / "pipe")
-  flags = ["--config.model.dtype=float32", "--config.text.towers.t5.dtype=float32", "--config.data.source=shapes",
-           "--config.data.max_objects=1", "--config.train.batch_size=8", "--config.train.num_steps=3",
-           "--config.train.log_every=1", "--config.train.sample_every=100", "--config.optim.lr=1e-3",
-           "--config.optim.warmup_steps=0", "--config.optim.grad_clip=1.0"]
-  losses = one_and_eight_device_losses(f"{ROOT / 'configs' / 'pixart_sigma.py'}:{tmp_path / 'pipe'}", flags,
-                                       ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path)
-  assert len(losses["one"]) == 3 and losses["one"][0] != losses["one"][-1]
-  np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
+  pipeline_config_on_eight_devices("pixart_sigma", tmp_path / "pipe", ["t5"], tmp_path)
 
 
 def test_lora_run_exports_what_peft_merges_into_diffusers_transformer(tmp_path):

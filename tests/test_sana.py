@@ -15,7 +15,8 @@ from lidit_jax.denoisers import sana as sana_family
 from lidit_jax.models import sana
 from lidit_jax.pipeline import Pipeline
 
-from conftest import ROOT, convert_then_export, finetune_resume_export, lora_merged_into_diffusers
+from conftest import (ROOT, convert_then_export, finetune_resume_export, lora_merged_into_diffusers,
+                      pipeline_config_on_eight_devices)
 from test_pixart import _randomise
 from test_sd_finetune import sd_config
 
@@ -170,3 +171,9 @@ def test_lora_run_exports_what_peft_merges_into_diffusers_transformer(tmp_path):
   lora_merged_into_diffusers(tmp_path, config, ref, reference, PROMPTS, latents, 4.5,
                              2 * 2 * 4,  # 2 blocks x (self, cross) x (q, k, v, out)
                              "transformer.transformer_blocks.1.attn1.to_out.0.lora_B.weight")
+
+
+@pytest.mark.slow
+def test_finetune_on_eight_devices_follows_one(tmp_path):
+  sana_pipeline(tmp_path / "pipe")
+  pipeline_config_on_eight_devices("sana", tmp_path / "pipe", ["gemma"], tmp_path)
