@@ -332,3 +332,32 @@ def test_no_chat_template_t5_like():
     for i in range(len(prompts)):
         ids, attn, pm = _rows(out, i)
         assert ids[attn][-1] == tok.eos_token_id and not pm[attn][-1]
+
+
+def test_sana_selection_and_bare_negatives(word_tok):
+    """Sana's text side as SanaPipeline builds it with the same tokenizer: the instruction joined to the lower-cased
+    prompt with nothing between, padded to (instruction tokens + max_length - 2), position 0 and the last
+    max_length - 1 kept; a negative prompt without the instruction in max_length tokens."""
+    instruction, n = "describe the objects: user prompt: ", 12
+    enc = PromptEncoder(word_tok, n, instruction, use_chat_template=False, lowercase=True, separator="",
+                                            selection="first_and_last", instruct_negatives=False)
+    chi = len(word_tok.encode(instruction))
+    assert enc.token_length == chi + n - 2
+    out = enc(["A Red circle", "a blue square left of a green triangle"])
+    want = word_tok([instruction + p for p in ("a red circle", "a blue square left of a green triangle")],
+                                    padding="max_length", max_length=chi + n - 2, truncation=True)
+    np.testing.assert_array_equal(out["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(out["token_mask"], want["attention_mask"])
+    keep = [0, *range(chi + n - 2 - (n - 1), chi + n - 2)]
+    np.testing.assert_array_equal(out["select"], [keep, keep])
+    np.testing.assert_array_equal(out["attention_mask"], np.asarray(want["attention_mask"])[:, keep])
+    assert out["prompt_mask"].sum(1).tolist() == [3, 8]  # the prompt's words, among the kept positions
+    neg = enc(["Green", ""], negative=True)
+    bare = word_tok(["green", ""], padding="max_length", max_length=n, truncation=True)
+    np.testing.assert_array_equal(neg["input_ids"][:, :n], bare["input_ids"])
+    assert neg["input_ids"].shape == out["input_ids"].shape and (neg["token_mask"][:, n:] == 0).all()
+    np.testing.assert_array_equal(neg["select"], [list(range(n))] * 2)
+    np.testing.assert_array_equal(neg["attention_mask"], bare["attention_mask"])
+    np.testing.assert_array_equal(enc(["green"])["input_ids"], enc(["green"], negative=False)["input_ids"])
+    with pytest.raises(ValueError, match="padding_side='right'"):
+        PromptEncoder(word_tok, n, instruction, use_chat_template=False, selection="first_and_last", padding_side="left")
