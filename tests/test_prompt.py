@@ -360,4 +360,5 @@ def test_sana_selection_and_bare_negatives(word_tok):
     np.testing.assert_array_equal(neg["attention_mask"], bare["attention_mask"])
     np.testing.assert_array_equal(enc(["green"])["input_ids"], enc(["green"], negative=False)["input_ids"])
     with pytest.raises(ValueError, match="padding_side='right'"):
-        PromptEncoder(word_tok, n, instruction, use_chat_template=False, selection="first_and_last", padding_side="left")
+        PromptEncoder(word_tok, n, instruction, use_chat_template=False, selection="first_and_last",
+                      padding_side="left")
