@@ -212,7 +212,8 @@ class Pipeline:
 
     def generate(params, text, noise, rng):
       predict = b.predictor(params, text, noise.shape[0], scale > 1.0, jax.random.fold_in(rng, 17))
-      net = guidance_lib.guided(predict, scale, b.setup.config.sample.cfg_renorm) if scale > 1.0 else (lambda x, t: predict(x, t)[0])
+      renorm = b.setup.config.sample.cfg_renorm
+      net = guidance_lib.guided(predict, scale, renorm) if scale > 1.0 else (lambda x, t: predict(x, t)[0])
       final = objective.sample(net, noise, steps, sampler, rng)
       return jnp.clip(b.decode(params, final).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     # images come back whole on every process (several processes cannot read a sharded result)

@@ -21,7 +21,7 @@ Config = sana.SanaConfig
 CLASS = "SanaTransformer2DModel"
 # (config field, the value our module implements): anything else is refused
 _FIXED = {"guidance_embeds": False, "qk_norm": None, "norm_elementwise_affine": False, "norm_eps": 1e-6,
-          "dropout": 0.0}
+          "dropout": 0.0, "timestep_scale": 1.0}  # the family scales the contract's time by sana.time_scale alone
 _conv = io.with_inverse(lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
 
 
