@@ -118,8 +118,6 @@ def validate(p, latent_hwc: tuple[int, int, int]) -> None:
 def pretrained_weights(p, shared, path: str) -> dict:
   """{"denoiser/...": array} of a PixArt transformer (diffusers' folder, a pipeline folder, or converted) for
   `model.init`. Its layout must be the config's `pixart` section (a mismatch is refused by field)."""
-  if os.path.isfile(os.path.join(path, "model_index.json")):
-    path = os.path.join(path, "transformer")
   module, params = diffusers_pixart.load(path, jnp.dtype(shared.dtype))
   return folder.denoiser_weights(path, "transformer", "pixart", module.cfg, net_config(p, shared.latent_hwc), params)
 
