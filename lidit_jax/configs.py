@@ -19,7 +19,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from lidit_jax import autoencoder, cli, conditioners, denoisers, lora, objectives
+from lidit_jax import autoencoder, cli, conditioners, denoisers, lora, objectives, resolution_bins
 from lidit_jax.cli import UserError, warn
 from lidit_jax.config_checks import ConfigError, fail, one_of, tower, tower_names  # noqa: F401  (for callers)
 from lidit_jax.models.layers import REMAT_POLICIES
@@ -100,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = dict(steps=30, sampler="euler", cfg=4.0, num_images=4,
                   shift=0.0,  # time shift of the sampling steps (samples and eval); 0 = the training shift
                   cfg_renorm=False,  # guided prediction rescaled to the conditional's norm (Lumina 2's cfg_normalization)
+                  cfg_trunc=1.0,  # guidance on this fraction of the first steps only (Lumina 2's cfg_trunc_ratio)
+                  resolution_bins=0,  # > 0: sizes drawn at this base size's aspect-ratio bins (PixArt, Sana), 0: as asked
                   prompts=("a red circle to the left of a blue square",
                            "a green triangle above a yellow circle",
                            "a blue square below a red triangle",
@@ -177,6 +179,11 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
                      ("train.sample_every", c.train.sample_every)):
     if value < 1:
       fail(key, value, "must be at least 1", "set a positive value")
+  if not 0.0 <= c.sample.cfg_trunc <= 1.0:
+    fail("sample.cfg_trunc", c.sample.cfg_trunc, "must be a fraction of the steps in [0, 1]", "use 1.0 (guide every step)")
+  if c.sample.resolution_bins not in (0, *resolution_bins.SIZES):
+    fail("sample.resolution_bins", c.sample.resolution_bins, "has no table of aspect-ratio bins",
+         f"use one of {resolution_bins.SIZES}, or 0 to draw the size asked")
   if c.train.keep_checkpoints < 1:  # Orbax's max_to_keep=0 deletes every checkpoint, the new one too
     fail("train.keep_checkpoints", c.train.keep_checkpoints, "must be at least 1 (the newest checkpoint is what a "
          "run resumes from)", "keep 1 or more; train.keep_every > 0 also keeps every multiple of it for good")

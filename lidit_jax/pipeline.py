@@ -25,7 +25,7 @@ import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
-from lidit_jax import configs, denoisers, lora, objectives, sharding, train_step, state as state_lib
+from lidit_jax import configs, denoisers, lora, objectives, resolution_bins, sharding, train_step, state as state_lib
 from lidit_jax.cli import NotFound
 from lidit_jax.objectives import guidance as guidance_lib
 
@@ -143,7 +143,12 @@ class Pipeline:
   def __call__(self, prompts: str | Sequence[str], num_steps: int | None = None, guidance: float | None = None,
                negative_prompt: str | Sequence[str] | None = None, seed: int = 0, latents=None,
                height: int | None = None, width: int | None = None, scheduler: str | dict | None = None,
-               batch_size: int = 8, progress: bool = False) -> np.ndarray:
+               batch_size: int = 8, progress: bool = False, cfg_trunc: float | None = None,
+               resolution_binning: bool = True) -> np.ndarray:
+    """Images [len(prompts), height, width, 3] in [0, 1]. `cfg_trunc`: guidance on that fraction of the first steps
+    only (Lumina2Pipeline's cfg_trunc_ratio; None: the model's sample.cfg_trunc). `resolution_binning`: a model
+    with bins (sample.resolution_bins: PixArt's, Sana's) draws the size's aspect-ratio bin and resizes the image
+    to the size asked (diffusers' use_resolution_binning); False draws the size asked."""
     prompts = _as_list(prompts)
     if not prompts:
       raise ValueError("prompts: none given. Fix: pass a prompt or a list of prompts")
@@ -163,17 +168,30 @@ class Pipeline:
     width = _at_least_1("width", b.defaults["width"] if width is None else width, "a size in pixels (None: "
                         f"the model's {b.defaults['width']})")
     batch_size = _at_least_1("batch_size", batch_size, "a number of prompts per compiled batch, e.g. 8")
+    cfg_trunc = b.setup.config.sample.cfg_trunc if cfg_trunc is None else cfg_trunc
+    if not (isinstance(cfg_trunc, (int, float)) and 0.0 <= cfg_trunc <= 1.0):
+      raise ValueError(f"cfg_trunc={cfg_trunc!r}: must be the fraction of the first steps that are guided, in [0, 1]. "
+                       "Fix: pass e.g. 0.25 (1.0: every step; None: the model's default)")
     objective, sampler = b.scheduler(scheduler)
-    shape = b.latent_shape(height, width)
+    above = None
+    if scale > 1.0 and cfg_trunc < 1.0:
+      if not hasattr(objective, "step_times"):
+        raise ValueError(f"cfg_trunc={cfg_trunc}: this model's objective guides every step. Fix: leave it None")
+      above = guidance_lib.truncation_time(objective.step_times(steps, sampler), cfg_trunc)
+    bins = b.setup.config.sample.resolution_bins if resolution_binning else 0
+    drawn = resolution_bins.nearest(height, width, bins) if bins else (height, width)
+    shape = b.latent_shape(*drawn)
     if latents is not None:
       latents = np.asarray(latents, np.float32)
       if latents.shape != (len(prompts), *shape):
+        binned = f", the bin of {height} x {width}" if drawn != (height, width) else ""
         raise ValueError(f"latents: shape {latents.shape}, expected {(len(prompts), *shape)} (NHWC, one per "
-                         f"prompt, {height} x {width} px). Fix: draw them in that shape")
+                         f"prompt, {drawn[0]} x {drawn[1]} px{binned}). Fix: draw them in that shape")
     # the scheduler argument determines the objective (the backend's mapping is fixed)
-    key = (min(len(prompts), batch_size), shape, steps, scale, sampler, json.dumps(scheduler, sort_keys=True))
+    key = (min(len(prompts), batch_size), shape, (height, width), steps, scale, above, sampler,
+           json.dumps(scheduler, sort_keys=True))
     if key not in self._compiled:
-      self._compiled[key] = self._compile(objective, sampler, steps, scale)
+      self._compiled[key] = self._compile(objective, sampler, steps, scale, above, (height, width))
     run, n = self._compiled[key], key[0]
     out, starts = [], range(0, len(prompts), n)
     if progress:
@@ -182,20 +200,23 @@ class Pipeline:
       idx = list(range(start, min(start + n, len(prompts))))
       pad = idx + [idx[-1]] * (n - len(idx))  # keep one compiled shape
       noise = latents[pad] if latents is not None else self.noise(
-          [jax.random.fold_in(jax.random.key(seed), i) for i in pad], height, width)
+          [jax.random.fold_in(jax.random.key(seed), i) for i in pad], *drawn, resolution_binning=False)
       text = b.text([prompts[i] for i in pad], None if negatives is None else [negatives[i] for i in pad],
-                    scale > 1.0, (height, width))
+                    scale > 1.0, drawn)
       rng = jax.random.fold_in(jax.random.key(seed), 1_000_003 + start)  # ancestral samplers' fresh noise
       with sharding.active(b.mesh, b.setup.rules):
         images = run(b.params, *self._place(text, noise), rng)
       out.append(np.asarray(images, np.float32)[:len(idx)])
     return np.concatenate(out)
 
-  def noise(self, keys, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """Initial noise [len(keys), h, w, c] (float32, NHWC), one image per jax key: what `latents` takes."""
+  def noise(self, keys, height: int | None = None, width: int | None = None,
+            resolution_binning: bool = True) -> np.ndarray:
+    """Initial noise [len(keys), h, w, c] (float32, NHWC), one image per jax key: what `latents` takes (at the
+    size's resolution bin when the model bins sizes and `resolution_binning`)."""
     height = self.defaults["height"] if height is None else _at_least_1("height", height, "a size in pixels")
     width = self.defaults["width"] if width is None else _at_least_1("width", width, "a size in pixels")
-    shape = self.backend.latent_shape(height, width)
+    bins = self.backend.setup.config.sample.resolution_bins if resolution_binning else 0
+    shape = self.backend.latent_shape(*(resolution_bins.nearest(height, width, bins) if bins else (height, width)))
     return np.stack([np.asarray(jax.random.normal(k, shape), np.float32) for k in keys])
 
   def _place(self, text, noise):
@@ -207,15 +228,20 @@ class Pipeline:
     put = lambda x: jax.make_array_from_process_local_data(where, np.asarray(x))
     return jax.tree.map(put, text), put(noise)
 
-  def _compile(self, objective, sampler: str, steps: int, scale: float):
+  def _compile(self, objective, sampler: str, steps: int, scale: float, above: float | None = None,
+               size: tuple[int, int] | None = None):
+    """`above`: guidance only at times above it (`guidance.truncation_time`); `size`: the images resized to cover it
+    and centre-cropped (drawn at a resolution bin), before the [-1, 1] clip as diffusers' pipelines do."""
     b = self.backend
 
     def generate(params, text, noise, rng):
       predict = b.predictor(params, text, noise.shape[0], scale > 1.0, jax.random.fold_in(rng, 17))
       renorm = b.setup.config.sample.cfg_renorm
-      net = guidance_lib.guided(predict, scale, renorm) if scale > 1.0 else (lambda x, t: predict(x, t)[0])
-      final = objective.sample(net, noise, steps, sampler, rng)
-      return jnp.clip(b.decode(params, final).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+      net = guidance_lib.guided(predict, scale, renorm, above) if scale > 1.0 else (lambda x, t: predict(x, t)[0])
+      images = b.decode(params, objective.sample(net, noise, steps, sampler, rng)).astype(jnp.float32)
+      if size is not None:
+        images = resolution_bins.resize_and_crop(images, *size)
+      return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
     # images come back whole on every process (several processes cannot read a sharded result)
     return jax.jit(generate, out_shardings=sharding.replicated(b.mesh))
 

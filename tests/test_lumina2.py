@@ -94,10 +94,13 @@ def test_images_equal_diffusers_lumina2(tmp_path):
   np.testing.assert_allclose(ours, want, atol=2e-3)
   other = _reference(ref, ["a blue square", "a red circle"], latents, num_inference_steps=4, guidance_scale=4.0)
   assert np.abs(other - want).max() > 10 * 2e-3  # the text visibly moves these images
-  # a negative prompt (encoded without the system prompt); guidance off
-  ours = pipe(PROMPTS, num_steps=3, guidance=3.0, latents=latents, negative_prompt="green")
-  want = _reference(ref, PROMPTS, latents, num_inference_steps=3, guidance_scale=3.0, negative_prompt="green")
+  # a negative prompt (encoded without the system prompt), guidance on the first half of the steps only; off
+  ours = pipe(PROMPTS, num_steps=4, guidance=3.0, latents=latents, negative_prompt="green", cfg_trunc=0.5)
+  want = _reference(ref, PROMPTS, latents, num_inference_steps=4, guidance_scale=3.0, negative_prompt="green",
+                    cfg_trunc_ratio=0.5)
   np.testing.assert_allclose(ours, want, atol=2e-3)
+  every = _reference(ref, PROMPTS, latents, num_inference_steps=4, guidance_scale=3.0, negative_prompt="green")
+  assert np.abs(every - want).max() > 10 * 2e-3  # the last two steps' guidance shows
   np.testing.assert_allclose(pipe(PROMPTS[:1], num_steps=2, guidance=1.0, latents=latents[:1]),
                              _reference(ref, PROMPTS[:1], latents[:1], num_inference_steps=2, guidance_scale=1.0),
                              atol=2e-3)

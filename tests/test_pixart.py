@@ -3,6 +3,7 @@ saves (PixArtTransformer2DModel, T5EncoderModel, a case-sensitive T5-style token
 float32. Pipeline.from_pretrained(folder) draws diffusers' images from the same latents (its schedulers, guidance,
 negative prompts, alpha's micro-conditions); convert -> export is bit-exact; configs/pixart_sigma.py fine-tunes,
 resumes, follows one device on eight, and exports a folder diffusers samples to our images."""
+import jax
 import numpy as np
 import pytest
 
@@ -39,31 +40,34 @@ def _randomise(module, scale):
   return module.eval()
 
 
-def pixart(path, sigma: bool = True):
+def pixart(path, sigma: bool = True, binned: bool = False):
   """A tiny PixArt-Sigma pipeline (latent side 8, 16 px images through a 2x VAE), or PixArt-alpha at latent side
-  128, where its pipeline passes the resolution / aspect-ratio micro-conditions (sampled at a small size)."""
+  128, where its pipeline passes the resolution / aspect-ratio micro-conditions (sampled at a small size).
+  `binned`: Sigma at latent side 32 through an 8x VAE, the layout of its 256 px resolution bins."""
   torch.manual_seed(3 if sigma else 4)
+  blocks = 4 if binned else 2
   t5 = _randomise(transformers.T5EncoderModel(transformers.T5Config(
       vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
       relative_attention_num_buckets=8, relative_attention_max_distance=16, is_encoder_decoder=False)), 0.5)
   net = _randomise(diffusers.PixArtTransformer2DModel(
       num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2, caption_channels=16,
-      cross_attention_dim=24, sample_size=8 if sigma else 128, patch_size=2), 0.2)
+      cross_attention_dim=24, sample_size=32 if binned else 8 if sigma else 128, patch_size=2), 0.2)
   vae = _randomise(diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32), 0.1)
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * (blocks - 1) + (16,),
+      norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * blocks,
+      up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=32), 0.1)
   scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
   cls = diffusers.PixArtSigmaPipeline if sigma else diffusers.PixArtAlphaPipeline
   cls(tokenizer=_t5_tokenizer(), text_encoder=t5, vae=vae, transformer=net, scheduler=scheduler).save_pretrained(path)
   return cls.from_pretrained(path)
 
 
-def _reference(pipe, prompts, latents_BHWC, **kw):
-  """diffusers' images at the size asked (no resolution binning: the tiny model has no bins) from the prompts as
-  given (no caption cleaning: bs4 / ftfy are not installed; both pipelines lower-case either way)."""
+def _reference(pipe, prompts, latents_BHWC, binning: bool = False, **kw):
+  """diffusers' images at the size asked (no resolution binning unless asked: the tiny models have no bins) from
+  the prompts as given (no caption cleaning: bs4 / ftfy are not installed; both pipelines lower-case either way)."""
   latents = torch.from_numpy(np.ascontiguousarray(latents_BHWC.transpose(0, 3, 1, 2)))
   with torch.no_grad():
-    return pipe(prompts, latents=latents, output_type="np", use_resolution_binning=False, clean_caption=False,
+    return pipe(prompts, latents=latents, output_type="np", use_resolution_binning=binning, clean_caption=False,
                 **kw).images
 
 
@@ -101,10 +105,28 @@ def test_images_equal_diffusers_pixart_alpha_with_micro_conditions(tmp_path):
   c = pipe.backend.setup.config
   assert (c.text.towers.t5.max_length, c.pixart.use_additional_conditions, c.pixart.interpolation_scale) == (120, True, 2.0)
   latents = np.random.default_rng(1).standard_normal((2, 8, 12, 4)).astype(np.float32)
-  ours = pipe(PROMPTS, num_steps=3, guidance=4.5, latents=latents, height=16, width=24)
+  assert c.sample.resolution_bins == 1024  # latent side 128: the 1024 px bins, which the small size leaves off
+  ours = pipe(PROMPTS, num_steps=3, guidance=4.5, latents=latents, height=16, width=24, resolution_binning=False)
   want = _reference(ref, PROMPTS, latents, num_inference_steps=3, guidance_scale=4.5, height=16, width=24)
   assert ours.shape == (2, 16, 24, 3) and want.std() > 0.02
   np.testing.assert_allclose(ours, want, atol=2e-3)
+
+
+def test_resolution_binning_draws_the_bin_and_resizes_as_diffusers(tmp_path):
+  """Latent side 32: the 256 px bins. 40 x 64 px asked is drawn at its bin, 192 x 320 (24 x 40 latents), then
+  resized to cover 40 x 64 and centre-cropped; a bad latent shape names the bin."""
+  ref = pixart(tmp_path / "pipe", binned=True)
+  pipe = Pipeline.from_pretrained(str(tmp_path / "pipe"))
+  assert pipe.backend.setup.config.sample.resolution_bins == 256
+  latents = np.random.default_rng(2).standard_normal((1, 24, 40, 4)).astype(np.float32)
+  ours = pipe(PROMPTS[:1], num_steps=2, guidance=4.5, latents=latents, height=40, width=64)
+  want = _reference(ref, PROMPTS[:1], latents, binning=True, num_inference_steps=2, guidance_scale=4.5, height=40,
+                    width=64)
+  assert ours.shape == want.shape == (1, 40, 64, 3) and want.std() > 0.02
+  np.testing.assert_allclose(ours, want, atol=2e-3)
+  assert pipe.noise([jax.random.key(0)], 40, 64).shape == latents.shape
+  with pytest.raises(ValueError, match=r"192 x 320 px, the bin of 40 x 64"):
+    pipe(PROMPTS[:1], latents=latents[:, :5], height=40, width=64)
 
 
 def test_convert_then_export_round_trips_bit_exact(tmp_path, capsys):

@@ -10,7 +10,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from lidit_jax import autoencoder, config_checks, prompt, torch_view
+from lidit_jax import autoencoder, config_checks, prompt, resolution_bins, torch_view
 from lidit_jax.cli import UserError
 from lidit_jax.convert import hf_text, registry
 from lidit_jax.objectives import ddpm, flow
@@ -56,6 +56,13 @@ def read_autoencoder(c, path: str, kind: str = "vae"):
   cfg = registry.component_config(conversion.__name__.rpartition(".")[2], path, "vae", class_name)
   c.autoencoder.update(kind=kind, path=path, factor=cfg.downsample_factor, channels=cfg.latent_channels)
   return cfg
+
+
+def bin_base(size: int, bases: tuple[int, ...]) -> int:
+  """sample.resolution_bins of a pipeline that picks its bins by image size (PixArt, Sana: the transformer's
+  sample_size times a factor), one of its `bases`; 0 (no binning) where it has no table for the size."""
+  assert set(bases) <= set(resolution_bins.SIZES)
+  return size if size in bases else 0
 
 
 def _scheduler_config(path: str) -> dict:

@@ -146,7 +146,7 @@ def is_pipeline_folder(path: str) -> bool:
 
 def pipeline_config(c, path: str, sigma: bool | None = None):
   """The config that samples a PixArt-alpha / Sigma pipeline folder (diffusers' or converted) as diffusers'
-  pipeline does (without its resolution binning: the image is drawn at the size asked), and that
+  pipeline does (its resolution bins by the transformer's sample_size: 32 -> 256 px, .., 256 -> 2048), and that
   configs/pixart_sigma.py fine-tunes: the transformer from its transformer/ (model.init), the text side the
   pipeline's (the T5 encoder's last state over the lower-cased prompt, 300 tokens for Sigma and 120 for alpha,
   padding masked; the empty prompt guides), its VAE, image size, scheduler and guidance default (4.5; 20 steps).
@@ -167,7 +167,7 @@ def pipeline_config(c, path: str, sigma: bool | None = None):
   c.objective.kind = "ddpm"
   c.ddpm.update(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)  # PixArt's, until the folder says
   c.data.image_size = 1024
-  c.sample.update(steps=20, sampler="dpmpp_2m", cfg=4.5)
+  c.sample.update(steps=20, sampler="dpmpp_2m", cfg=4.5, resolution_bins=1024)
   c.mesh.data = -1  # data parallel over every device
   if not os.path.isdir(path):
     return c
@@ -176,6 +176,7 @@ def pipeline_config(c, path: str, sigma: bool | None = None):
   c.pixart = {**c.pixart.to_dict(), **{k: getattr(net, k) for k in c.pixart if hasattr(net, k)},
               "learn_sigma": net.out_channels == 2 * net.in_channels}
   c.data.image_size = net.sample_size * vae.downsample_factor
+  c.sample.resolution_bins = folder.bin_base(net.sample_size * 8, (256, 512, 1024, 2048))
   c.pixart.time_scale = float(c.ddpm.num_train_timesteps)
   return c
 

@@ -159,7 +159,8 @@ def is_pipeline_folder(path: str) -> bool:
 
 def pipeline_config(c, path: str, planned: bool = False):
   """The config that samples a Sana pipeline folder (diffusers' or converted) as diffusers' SanaPipeline does
-  (without its resolution binning: the image is drawn at the size asked), and that configs/sana.py fine-tunes:
+  (its resolution bins by the transformer's sample_size: 16 -> 512 px, .., 128 -> 4096), and that
+  configs/sana.py fine-tunes:
   the transformer from its transformer/ (model.init), the text side the pipeline's (Gemma-2's last state over the
   complex human instruction joined to the lower-cased prompt, the first token and the last 299 kept; negative
   prompts and the empty prompt that guides by default without the instruction, 300 tokens), its DC-AE, image
@@ -180,7 +181,7 @@ def pipeline_config(c, path: str, planned: bool = False):
   c.objective.kind = "rectified_flow"
   c.flow.update(timestep="logit_normal", logit_mean=0.0, logit_std=1.0, shift=3.0)  # Sana's training
   c.data.image_size = 1024
-  c.sample.update(steps=20, sampler="dpmpp_2m", cfg=4.5, shift=3.0)
+  c.sample.update(steps=20, sampler="dpmpp_2m", cfg=4.5, shift=3.0, resolution_bins=1024)
   c.mesh.data = -1  # data parallel over every device
   if not os.path.isdir(path):
     return c
@@ -189,6 +190,7 @@ def pipeline_config(c, path: str, planned: bool = False):
   folder.read_flow_scheduler(c, path)
   c.sana = {**c.sana.to_dict(), **{k: getattr(net, k) for k in c.sana if hasattr(net, k)}}
   c.data.image_size = net.sample_size * ae.downsample_factor
+  c.sample.resolution_bins = folder.bin_base(net.sample_size * 32, (512, 1024, 2048, 4096))
   c.sana.time_scale = float(c.flow.num_train_timesteps)
   return c
 

@@ -9,6 +9,8 @@ sampler call it through this contract and nothing else:
   objective.loss(net, x0, draws) -> loss [B]    net(x_t, t) -> the network's output
   objective.sample(net, noise, steps, sampler, rng=None) -> x0    net: the (guided) network; noise: unit
       Gaussian (scaled to the start time here); rng: for samplers that draw noise at every step
+  objective.step_times(steps, sampler) -> [steps]   optional: the time the network sees at each step, descending
+      (guidance on the first steps only, `sample.cfg_trunc`, needs it)
   with_scheduler(section, sample, scheduler, geometry) -> (objective, sampler)   optional: sampling with another scheduler than
       the config's (a sampler name; objectives that know diffusers' schedulers also take their config dicts)
   validate(section, sample)   its own section and sampler names (configs.validate calls it; ConfigError by name)

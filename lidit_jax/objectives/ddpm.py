@@ -349,6 +349,8 @@ def validate(d, sample) -> None:
     fail("ddpm.num_train_timesteps", d.num_train_timesteps, "must be at least 2", "use 1000 (SD)")
   if d.snr_gamma < 0 or d.offset_noise < 0 or d.eta < 0:
     fail("ddpm.snr_gamma/offset_noise/eta", (d.snr_gamma, d.offset_noise, d.eta), "must be >= 0", "use 0 to turn off")
+  if sample.cfg_trunc < 1.0:
+    fail("sample.cfg_trunc", sample.cfg_trunc, "is for flow models (the DDPM samplers guide every step)", "use 1.0")
   if sample.steps > d.num_train_timesteps:
     fail("sample.steps", sample.steps, f"more than ddpm.num_train_timesteps={d.num_train_timesteps}",
          "use fewer steps")

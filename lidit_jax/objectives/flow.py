@@ -145,6 +145,15 @@ class RectifiedFlow:
                               self.cfg.sigma_grid)
     return solve(as_velocity(net, self.cfg), noise, steps, sampler, self.sample_shift)
 
+  def step_times(self, steps: int, sampler: str) -> np.ndarray:
+    """The time the network sees at each step (its first call of a Heun step), descending: `sample.cfg_trunc`."""
+    t = self.cfg.num_train_timesteps
+    if sampler == "dpmpp_2m":
+      return dpmpp_times(flow_sigmas(steps, self.sample_shift, t).astype(np.float64), t)
+    if sampler == "flow_match_euler":
+      return flow_match_sigmas(steps, self.sample_shift, t, self.cfg.sigma_grid)[:-1]
+    return np.asarray(sampling_times(steps, self.sample_shift))[:-1]
+
 
 def flow_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> np.ndarray:
   """diffusers' DPMSolverMultistepScheduler sigmas with use_flow_sigmas (Sana's scheduler): 1 - linspace(1, 1 / T,
@@ -154,14 +163,18 @@ def flow_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> np
   return np.concatenate([s, [0.0]]).astype(np.float32)
 
 
+def dpmpp_times(sigmas: np.ndarray, num_train_timesteps: int) -> np.ndarray:
+  """The times the network sees at DPM-Solver++'s steps: the scheduler's int64 timesteps, whole 1 / T."""
+  return np.trunc(sigmas[:-1] * num_train_timesteps) / num_train_timesteps
+
+
 def dpmpp_2m(velocity: VelocityFn, noise, steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
   """DPM-Solver++ 2M on the clean sample x - t v, over diffusers' flow sigmas (alpha = 1 - t, sigma = t), as its
   DPMSolverMultistepScheduler(use_flow_sigmas, flow_shift=shift, prediction_type="flow_prediction") steps; the
   network sees the scheduler's timesteps, whole numbers of 1 / T (it keeps them as int64)."""
   sig = flow_sigmas(steps, shift, num_train_timesteps).astype(np.float64)
-  seen = np.trunc(sig[:-1] * num_train_timesteps) / num_train_timesteps  # the scheduler's int64 timesteps
   tab = {k: jnp.asarray(v, jnp.float32) for k, v in dict(
-      t=seen, sigma=sig[:-1], **solvers.dpmpp_2m_tables(1.0 - sig, sig)).items()}
+      t=dpmpp_times(sig, num_train_timesteps), sigma=sig[:-1], **solvers.dpmpp_2m_tables(1.0 - sig, sig)).items()}
   b = noise.shape[0]
 
   def x0_of(i, x):
