@@ -4,12 +4,9 @@ import os
 import subprocess
 import venv
 
-import pytest
-
 from conftest import ROOT
 
 
-@pytest.mark.slow
 def test_bare_install_runs_the_demo_end_to_end(tmp_path):
   env_dir = tmp_path / "venv"
   venv.create(env_dir, with_pip=True)

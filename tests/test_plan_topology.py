@@ -235,6 +235,7 @@ SCAN_CONFIG = ["--config.mesh.fsdp=-1", "--config.model.width=256", "--config.mo
                "--config.model.num_heads=4", "--config.model.remat=none"]
 
 
+@pytest.mark.slow
 def test_a_scanned_models_cost_matches_the_same_model_unrolled():
   """The loop-counted FLOPs and bytes of the scanned DiT against the compiler's own for the unrolled one (whose
   cost analysis needs no loop counting): within 5 %, where the scanned body counted once is about a third."""
@@ -248,6 +249,7 @@ def test_a_scanned_models_cost_matches_the_same_model_unrolled():
   assert 0 < s["mfu_estimate"] and "MFU" in r1.stdout
 
 
+@pytest.mark.slow
 def test_fit_finds_settings_the_compiler_confirms_when_the_config_does_not_fit():
   """2048 examples of a 256-wide tiny model on one 16 GiB v5e chip: the config as it is takes 18 GiB; --fit prints
   the cheapest overrides that fit, confirmed by the compiler (the `compiled` report is the fitted config's)."""
