@@ -157,6 +157,12 @@ def test_finetune_resumes_then_exports_our_images(tmp_path, monkeypatch):
   reference = lambda folder: _reference(diffusers.PixArtSigmaPipeline.from_pretrained(folder), PROMPTS, latents,
                                         num_inference_steps=3, guidance_scale=4.5)
   finetune_resume_export(tmp_path, monkeypatch, config, PROMPTS, latents, 4.5, reference)
+  # IDDPM's bound trained the learned-variance outputs too (proj_out rows (p, p, channel): channels 4.. of 8)
+  from safetensors.numpy import load_file
+  weight = lambda d: load_file(str(tmp_path / d / "transformer" / "diffusion_pytorch_model.safetensors"))[
+      "proj_out.weight"].reshape(2, 2, 8, -1)
+  moved = np.abs(weight("back") - weight("pipe")).max(axis=(0, 1, 3))
+  assert moved[4:].min() > 1e-4 and moved[:4].min() > 1e-4, moved  # Adam's steps (lr 1e-3); weight decay: ~1e-5
 
 
 @pytest.mark.slow

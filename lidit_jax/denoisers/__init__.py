@@ -65,6 +65,7 @@ class Geometry(NamedTuple):
   unit: int  # latent sides must be multiples of this (the DiT's patch; the U-Net's halvings)
   image_tokens: int  # positions the denoiser attends over at data.image_size (flow's resolution shift, kernels)
   context_width: int  # the width of the context a conditioner gives it
+  variance: bool = False  # its output is [prediction, learned variance] channels (PixArt's learn_sigma)
 
 
 class Shared(NamedTuple):

@@ -4,9 +4,9 @@ caption projection into the DiT with adaLN-single (`models/pixart.py`). The deno
 `denoisers/__init__`.
 
 The contract's time in [0, 1] is scaled by `pixart.time_scale` (1000: diffusers' timesteps). The transformer
-predicts the noise and its learned variance (`learn_sigma`: out_channels twice the latent's); the family returns the noise,
-which is what diffusers' PixArt pipelines step with (training: the DDPM objective's MSE on it; the variance
-channels are not trained, so their weights stay the converted ones up to weight decay).
+predicts the noise and its learned variance (`learn_sigma`: out_channels twice the latent's, `Geometry.variance`):
+the DDPM objective trains both as PixArt did (the noise's MSE plus IDDPM's variational bound, which teaches the
+variance only) and samples with the noise, as diffusers' PixArt pipelines do; rectified flow ignores the variance.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ LORA_TARGETS = (r"^denoiser/dit/blocks/.*/(self_attn|cross_attn)/(query|key|valu
 # PixArt-Sigma-XL-2-1024-MS's transformer; a pipeline folder's own replaces it (`pipeline_config`)
 CONFIG_DEFAULTS = {"pixart": dict(
     num_attention_heads=16, attention_head_dim=72, num_layers=28,
-    learn_sigma=True,  # the variance too: out_channels twice the latent's (PixArt's); the family returns the noise
+    learn_sigma=True,  # the variance too: out_channels twice the latent's (PixArt's), trained by DDPM's bound
     caption_channels=4096,
     sample_size=128, patch_size=2, interpolation_scale=2.0, use_additional_conditions=False,
     time_scale=1000.0)}  # the embedder's timesteps for the contract's t in [0, 1]
@@ -52,11 +52,11 @@ class PixArt(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC, t_B, feats, valids, prompts, drop_B=None):
     net = pixart_lib.PixArtTransformer(self.net, self.dtype, self.attention, self.remat, name="denoiser")
-    _, h, w, c = x_BHWC.shape
+    _, h, w, _ = x_BHWC.shape
     t_emb = net.time(t_B * self.time_scale, (h * self.pixel_factor, w * self.pixel_factor))
     out = conditioners.outputs(self.conditioner(feats, valids, prompts, t_emb))
     ctx, ctx_valid = conditioners.null_context(self, out.context, out.valid, drop_B, self.null)
-    return net(x_BHWC, t_emb, ctx, ctx_valid)[..., :c]  # the noise; the learned variance is not read
+    return net(x_BHWC, t_emb, ctx, ctx_valid)  # with learn_sigma: the noise, then the variance (geometry.variance)
 
 
 def net_config(p, latent_hwc: tuple[int, int, int]) -> pixart_lib.PixArtConfig:
@@ -73,8 +73,8 @@ def build(p, shared, conditioner: nn.Module, attention: str) -> PixArt:
 
 
 def geometry(p, latent_hwc: tuple[int, int, int]):
-  return lidit.patch_geometry(latent_hwc, p.patch_size,
-                              p.caption_channels or p.num_attention_heads * p.attention_head_dim)
+  return lidit.patch_geometry(latent_hwc, p.patch_size, p.caption_channels or p.num_attention_heads *
+                              p.attention_head_dim)._replace(variance=bool(p.learn_sigma))
 
 
 def abstract_inputs(batch: int, latent_hwc: tuple[int, int, int], text_shapes: Sequence[tuple[int, ...]]) -> dict:

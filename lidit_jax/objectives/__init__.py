@@ -15,14 +15,25 @@ sampler call it through this contract and nothing else:
       the config's (a sampler name; objectives that know diffusers' schedulers also take their config dicts)
   validate(section, sample)   its own section and sampler names (configs.validate calls it; ConfigError by name)
   SAMPLERS           the sampler names it takes (sample.sampler, `sample --sampler`)
-Classifier-free guidance (`guidance.guided`) is shared by all. A new objective is one file here plus its name.
+Classifier-free guidance (`guidance.guided`) is shared by all. A denoiser whose output carries a learned variance
+(geometry.variance: [prediction, variance] channels) is sampled on its prediction (`mean_only`); an objective
+that can learn the variance (DDPM) trains it. A new objective is one file here plus its name.
 """
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
+import jax.numpy as jnp
+
 from lidit_jax.config_checks import ConfigError, plugin_section
+
+def mean_only(net, variance: bool):
+  """`net` without the learned-variance half of its output channels (when `variance`)."""
+  if not variance:
+    return net
+  return lambda x, t, *rest, **kw: jnp.split(net(x, t, *rest, **kw), 2, axis=-1)[0]
+
 
 OBJECTIVES = {"rectified_flow": "lidit_jax.objectives.flow", "ddpm": "lidit_jax.objectives.ddpm"}
 DEFAULT = "rectified_flow"  # base_config's choice

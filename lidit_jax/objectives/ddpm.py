@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lidit_jax import objectives
 from lidit_jax.config_checks import fail, one_of
 from lidit_jax.objectives import solvers
 
@@ -90,6 +91,56 @@ def x0_and_eps(out, x, abar, prediction: str):
   return out, (x - a * out) / s  # "sample"
 
 
+# ---- the learned variance (Nichol & Dhariwal 2021, "Improved DDPM"; PixArt trains it) ----
+
+def posterior(cfg):
+  """Per timestep: q(x_{t-1} | x_t, x0)'s mean coefficients of x0 and x_t and its log variance, the first entry
+  (t = 0, variance 0) replaced by the second's (guided-diffusion's clipped log variance); and log beta_t."""
+  b = betas(cfg).astype(np.float64)
+  ac = np.cumprod(1.0 - b)
+  prev = np.append(1.0, ac[:-1])
+  var = b * (1.0 - prev) / (1.0 - ac)
+  return dict(x0=b * np.sqrt(prev) / (1.0 - ac), xt=(1.0 - prev) * np.sqrt(1.0 - b) / (1.0 - ac),
+              logvar=np.log(np.append(var[1], var[1:])), logbeta=np.log(b))
+
+
+def model_log_variance(cfg, t, v):
+  """The network's variance output v in [-1, 1] as a log variance between the posterior's (-1) and beta_t's (1)."""
+  q = posterior(cfg)
+  frac = (v + 1.0) / 2.0
+  return frac * _bcast(jnp.asarray(q["logbeta"], jnp.float32)[t], v) + \
+      (1.0 - frac) * _bcast(jnp.asarray(q["logvar"], jnp.float32)[t], v)
+
+
+def _std_normal_cdf(x):
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))  # guided-diffusion's
+
+
+def _decoder_nll(x0, mean, log_scale):
+  """-log p(x0) of 256 bins over [-1, 1] under N(mean, exp(log_scale)^2), the edge bins open-ended."""
+  inv = jnp.exp(-log_scale)
+  up, down = _std_normal_cdf(inv * (x0 - mean + 1 / 255)), _std_normal_cdf(inv * (x0 - mean - 1 / 255))
+  log_p = jnp.where(x0 < -0.999, jnp.log(jnp.maximum(up, 1e-12)),
+                    jnp.where(x0 > 0.999, jnp.log(jnp.maximum(1.0 - down, 1e-12)),
+                              jnp.log(jnp.maximum(up - down, 1e-12))))
+  return -log_p
+
+
+def variational_bound(cfg, x0, x_t, t, out, v):
+  """Per example, in bits per dimension: KL(q(x_{t-1} | x_t, x0) || the model's step), whose mean comes from the
+  prediction `out` (held fixed by the caller: only the variance learns from this term) and whose log variance
+  from `v`; at t = 0 the decoder's discretised likelihood instead. PixArt's loss is the MSE plus this."""
+  q = {k: jnp.asarray(a, jnp.float32) for k, a in posterior(cfg).items()}
+  at = lambda k: _bcast(q[k][t], x0)
+  abar = _bcast(jnp.asarray(alphas_cumprod(cfg))[t], x0)
+  x0_hat = x0_and_eps(out, x_t, abar, cfg.prediction_type)[0]
+  true_mean, mean = at("x0") * x0 + at("xt") * x_t, at("x0") * x0_hat + at("xt") * x_t
+  logvar, true_logvar = model_log_variance(cfg, t, v), at("logvar")
+  kl = 0.5 * (-1.0 + logvar - true_logvar + jnp.exp(true_logvar - logvar) + (true_mean - mean) ** 2 * jnp.exp(-logvar))
+  flat = lambda a: jnp.mean(a.reshape(a.shape[0], -1), axis=1) / math.log(2.0)
+  return jnp.where(t == 0, flat(_decoder_nll(x0, mean, 0.5 * logvar)), flat(kl))
+
+
 # ---- timesteps as the schedulers space them ----
 
 def spaced_timesteps(cfg, steps: int, spacing: str | None = None, extra: int = 0) -> np.ndarray:
@@ -139,8 +190,11 @@ def euler_sigmas(cfg, ac, steps: int, karras: bool = False):
 
 @dataclasses.dataclass(frozen=True)
 class DDPM:
-  """The objective contract (`objectives`) for DDPM; `cfg` is the config's `ddpm` section."""
+  """The objective contract (`objectives`) for DDPM; `cfg` is the config's `ddpm` section. `variance`: the network
+  outputs [prediction, variance] channels (geometry.variance: PixArt's learned sigma), which training learns by
+  IDDPM's variational bound and sampling drops, as diffusers' pipelines do."""
   cfg: Any
+  variance: bool = False
 
   @property
   def num_train_timesteps(self) -> int:
@@ -160,7 +214,10 @@ class DDPM:
     t, eps = draws["t"].astype(jnp.int32), draws["eps"]
     abar = jnp.asarray(alphas_cumprod(self.cfg))[t]
     a, s = _bcast(jnp.sqrt(abar), x0), _bcast(jnp.sqrt(1.0 - abar), x0)
-    out = net(a * x0 + s * eps, t.astype(jnp.float32) / self.num_train_timesteps).astype(jnp.float32)
+    x_t = a * x0 + s * eps
+    out = net(x_t, t.astype(jnp.float32) / self.num_train_timesteps).astype(jnp.float32)
+    if self.variance:
+      out, v = jnp.split(out, 2, axis=-1)
     kind = self.cfg.prediction_type
     target = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[kind]
     err = jnp.mean(((out - target) ** 2).reshape(x0.shape[0], -1), axis=1)
@@ -170,6 +227,8 @@ class DDPM:
       err = err * {"epsilon": jnp.minimum(1.0, gamma / snr),  # min(snr, g) / snr, 1 at snr = 0
                    "v_prediction": jnp.minimum(snr, gamma) / (snr + 1.0),
                    "sample": jnp.minimum(snr, gamma)}[kind]
+    if self.variance:
+      err = err + variational_bound(self.cfg, x0, x_t, t, jax.lax.stop_gradient(out), v)
     return err
 
   def sample(self, net: Net, noise, steps: int, sampler: str, rng=None):
@@ -181,7 +240,7 @@ class DDPM:
       raise ValueError(f"unknown DDPM sampler {sampler!r}; use one of {SAMPLERS}")
     if rng is None and (sampler == "euler_ancestral" or (sampler == "ddim" and self.cfg.eta > 0)):
       raise ValueError(f"sampler {sampler!r} draws noise at every step: pass rng")
-    return fn(net, noise.astype(jnp.float32), steps, sampler, rng)
+    return fn(objectives.mean_only(net, self.variance), noise.astype(jnp.float32), steps, sampler, rng)
 
   def _time(self, t, x):
     return jnp.full((x.shape[0],), t / self.num_train_timesteps, jnp.float32)
@@ -357,23 +416,24 @@ def validate(d, sample) -> None:
 
 
 def build(d, sample=None, geometry=None) -> DDPM:
-  return DDPM(d)  # its times do not depend on the image's size
+  return DDPM(d, bool(geometry and geometry.variance))  # its times do not depend on the image's size
 
 
 def with_scheduler(d, sample, scheduler, geometry=None) -> tuple[DDPM, str]:
   """(objective, sampler) for `scheduler`: None (the config's), another sampler name on the config's scheduler
   (as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`: the keys it set, `ddpm.scheduler_keys`,
   kept, the new class's defaults for the rest), or a diffusers scheduler config dict."""
+  variance = bool(geometry and geometry.variance)
   # what no scheduler config sets comes from the defaults (a scheduler key) or stays the config's (eta, training)
   base = ml_collections.ConfigDict(CONFIG_DEFAULTS["ddpm"])
   base.update({k: v for k, v in d.items() if k not in _SCHEDULER_KEYS})
   if isinstance(scheduler, dict):
     values, sampler = from_scheduler_config(scheduler)
-    return DDPM(scheduler_section(values, sampler, base)), sampler
+    return DDPM(scheduler_section(values, sampler, base), variance), sampler
   sampler = scheduler or sample.sampler
   if sampler not in SAMPLERS:
     raise ValueError(f"scheduler={sampler!r} is not a sampler of objective.kind='ddpm'. Fix: use one of {SAMPLERS} "
                      "or a diffusers scheduler config dict")
   if d.get("scheduler_keys") and sampler != sample.sampler:
     d = scheduler_section({k: d[k] for k in d.scheduler_keys}, sampler, base)
-  return DDPM(d), sampler
+  return DDPM(d, variance), sampler

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lidit_jax import objectives
 from lidit_jax.config_checks import fail, one_of
 from lidit_jax.objectives import solvers
 
@@ -128,16 +129,19 @@ class RectifiedFlow:
   cfg: Any  # the config's `flow` section
   shift: float  # training time shift (fixed, or from the image token count)
   sample_shift: float
+  variance: bool = False  # the net's output carries a learned variance too (geometry.variance): not used here
 
   def draw(self, rng_t, rng_noise, x0) -> dict:
     return {"t": sample_timesteps(rng_t, x0.shape[0], self.cfg, self.shift),
             "eps": jax.random.normal(rng_noise, x0.shape, x0.dtype)}
 
   def loss(self, net, x0, draws):
+    net = objectives.mean_only(net, self.variance)
     return loss_terms(as_velocity(net, self.cfg), x0, None, self.cfg, self.shift, t=draws["t"], eps=draws["eps"])[0]
 
   def sample(self, net, noise, steps: int, sampler: str, rng=None):
     del rng  # the ODE samplers draw nothing
+    net = objectives.mean_only(net, self.variance)
     if sampler == "dpmpp_2m":
       return dpmpp_2m(as_velocity(net, self.cfg), noise, steps, self.sample_shift, self.cfg.num_train_timesteps)
     if sampler == "flow_match_euler":
@@ -269,4 +273,4 @@ def validate(flow, sample) -> None:
 def build(flow, sample, geometry) -> RectifiedFlow:
   """The shift needs the denoiser's image token count (Flux's rule; `denoisers.Geometry`)."""
   shift = effective_shift(flow, geometry.image_tokens)
-  return RectifiedFlow(flow, shift, sample.shift or shift)
+  return RectifiedFlow(flow, shift, sample.shift or shift, geometry.variance)
