@@ -380,3 +380,16 @@ def test_splash_attention_falls_back_to_xla_where_a_length_does_not_tile():
   q2, k2, v2 = (jax.random.normal(jax.random.key(i), (1, 128, 2, 16)) for i in range(3))
   tiled = str(jax.make_jaxpr(lambda a, b, c: layers.attend(a, b, c, implementation="splash_interpret"))(q2, k2, v2))
   assert "pallas_call" in tiled
+
+
+def test_splash_attention_takes_grouped_query_heads_and_a_scale():
+  """Lumina 2's 24 query / 8 kv heads with its own logit scale: the TPU compile of configs/lumina2.py failed on
+  splash's equal-heads assertion. The kernel now reads kv head i // 3 for query head i, as XLA's does."""
+  from lidit_jax.models import layers
+  q = jax.random.normal(jax.random.key(0), (1, 128, 6, 16))
+  k, v = (jax.random.normal(jax.random.key(i), (1, 128, 2, 16)) for i in (1, 2))
+  mask = (jnp.arange(128) < 100)[None, None, None, :]
+  want = layers.attend(q, k, v, mask, scale=0.1)
+  got = layers.attend(q, k, v, mask, scale=0.1, implementation="splash_interpret")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(want - layers.attend(q, k, v, mask))).max() > 1e-2  # the scale matters here

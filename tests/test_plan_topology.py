@@ -59,6 +59,17 @@ def test_tiny_train_step_compiled_for_a_v5e_2x2_slice_reports_the_compiled_bytes
                              + m["temp_size_in_bytes"] + m["generated_code_size_in_bytes"])
 
 
+@pytest.mark.parametrize("family", ["pixart", "sana", "lumina2"])
+def test_the_open_dits_train_steps_compile_for_a_slice_with_their_weights_sharded(family):
+  """Each open DiT family (the demo's tiny layout) fully sharded over a v5e 2x2: the compiled step fits and its
+  parameters are gathered / its gradients reduced across the chips."""
+  r, p = plan("--config", f"{TINY},{family}", "--config.mesh.fsdp=-1", "--topology", "v5e:2x2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  c = p["compiled"]
+  assert c["fits"] and c["argument_bytes"] > 0 and sum(v["count"] for v in c["collectives"].values()) > 0, c
+  assert "compiled the train step for v5e:2x2" in r.stdout
+
+
 def test_splash_attention_dit_is_lowered_by_mosaic_for_a_tpu_slice():
   """The Pallas splash kernel compiled for real (not interpret mode): Mosaic custom calls in the TPU program."""
   r, p = plan("--config", TINY, "--config.mesh.fsdp=-1", *SPLASH, "--topology", "v6e-4")

@@ -136,8 +136,9 @@ def _block(n: int) -> int:
   return next((b for b in (512, 256, 128) if n % b == 0), n)
 
 
-def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool = False):
-  """Pallas splash attention (TPU; `interpret=True` runs the same kernel on any backend, for tests).
+def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool = False, scale: float | None = None):
+  """Pallas splash attention (TPU; `interpret=True` runs the same kernel on any backend, for tests); `scale` of
+  the logits, 1 / sqrt(head_dim) by default.
   Key padding is expressed as segment ids (queries 1, valid keys 1, masked keys 0). Under a mesh the kernel
   runs per shard (shard_map over the batch and head axes the logical rules give)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # local: TPU kernels, when used
@@ -155,7 +156,8 @@ def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool 
 
     def one(q1, k1, v1, ids):  # the kernel takes [heads, length, dim] and does not scale the queries
       seg = sa.SegmentIds(q=jnp.ones((l,), jnp.int32), kv=ids)
-      return kernel(jnp.swapaxes(q1, 0, 1) * k ** -0.5, jnp.swapaxes(k1, 0, 1), jnp.swapaxes(v1, 0, 1),
+      return kernel(jnp.swapaxes(q1, 0, 1) * (k ** -0.5 if scale is None else scale), jnp.swapaxes(k1, 0, 1),
+                    jnp.swapaxes(v1, 0, 1),
                     segment_ids=seg)
     return jnp.swapaxes(jax.vmap(one)(q, key, v, kv_ids), 1, 2)
 
@@ -181,11 +183,14 @@ def attend(q_BLHK, k_BSGK, v_BSGK, mask=None, scale: float | None = None, implem
     out = softcapped_attention(q_BLHK, k_BSGK, v_BSGK, mask, scale if scale is not None else q_BLHK.shape[-1] ** -0.5,
                                softcap)
   elif implementation in ("splash", "splash_interpret") and not (q_BLHK.shape[1] % 128 or k_BSGK.shape[1] % 128):
-    assert scale is None and k_BSGK.shape[2] == q_BLHK.shape[2], "splash attention: default scale, equal q / kv heads"
+    if k_BSGK.shape[2] != q_BLHK.shape[2]:  # grouped-query (Lumina 2's Gemma-style 24 / 8): query head i reads
+      r = q_BLHK.shape[2] // k_BSGK.shape[2]  # kv head i // r, as XLA's and transformers' repeat_kv
+      k_BSGK, v_BSGK = jnp.repeat(k_BSGK, r, axis=2), jnp.repeat(v_BSGK, r, axis=2)
     if mask is not None and mask.shape[2] != 1:
       raise ValueError("splash attention takes key-padding masks only (not causal or per-query masks)")
     key_valid = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (q_BLHK.shape[0], k_BSGK.shape[1]))
-    out = splash_attention(q_BLHK, k_BSGK, v_BSGK, key_valid, interpret=implementation == "splash_interpret")
+    out = splash_attention(q_BLHK, k_BSGK, v_BSGK, key_valid, interpret=implementation == "splash_interpret",
+                           scale=scale)
   else:
     xla_or = None if implementation in ("splash", "splash_interpret") else implementation  # splash: untileable
     out = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, scale=scale, implementation=xla_or)
