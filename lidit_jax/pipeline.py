@@ -191,7 +191,8 @@ class Pipeline:
     key = (min(len(prompts), batch_size), shape, (height, width), steps, scale, above, sampler,
            json.dumps(scheduler, sort_keys=True))
     if key not in self._compiled:
-      self._compiled[key] = self._compile(objective, sampler, steps, scale, above, (height, width))
+      self._compiled[key] = self._compile(objective, sampler, steps, scale, above,
+                                          (height, width) if drawn != (height, width) else None)
     run, n = self._compiled[key], key[0]
     out, starts = [], range(0, len(prompts), n)
     if progress:

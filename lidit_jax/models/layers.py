@@ -157,8 +157,7 @@ def splash_attention(q_BLHK, k_BSHK, v_BSHK, key_valid_BS=None, interpret: bool 
     def one(q1, k1, v1, ids):  # the kernel takes [heads, length, dim] and does not scale the queries
       seg = sa.SegmentIds(q=jnp.ones((l,), jnp.int32), kv=ids)
       return kernel(jnp.swapaxes(q1, 0, 1) * (k ** -0.5 if scale is None else scale), jnp.swapaxes(k1, 0, 1),
-                    jnp.swapaxes(v1, 0, 1),
-                    segment_ids=seg)
+                    jnp.swapaxes(v1, 0, 1), segment_ids=seg)
     return jnp.swapaxes(jax.vmap(one)(q, key, v, kv_ids), 1, 2)
 
   mesh = jax.sharding.get_abstract_mesh()

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from lidit_jax.config_checks import ConfigError, plugin_section
 
+
 def mean_only(net, variance: bool):
   """`net` without the learned-variance half of its output channels (when `variance`)."""
   if not variance:

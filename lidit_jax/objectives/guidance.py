@@ -13,8 +13,9 @@ def guided(cond_and_uncond: Callable[[jax.Array, jax.Array], tuple[jax.Array, ja
   """pred = pred_uncond + scale (pred_cond - pred_uncond); scale 1 is the conditional model. Linear, so it
   gives the same sampler whether the network predicts a velocity, a clean image or noise. `renorm`
   (Lumina2Pipeline's cfg_normalization): the guided prediction rescaled to the conditional one's norm along each
-  row of pixels (its torch dim -1 of NCHW: our axis 2 of NHWC), which keeps high guidance from over-saturating. `above`: guidance only where the time is above it, the
-  conditional prediction elsewhere (Lumina2Pipeline's cfg_trunc_ratio: `truncation_time`)."""
+  row of pixels (its torch dim -1 of NCHW: our axis 2 of NHWC), which keeps high guidance from over-saturating.
+  `above`: guidance only where the time is above it, the conditional prediction elsewhere (Lumina2Pipeline's
+  cfg_trunc_ratio: `truncation_time`)."""
   def net(x, t):
     p_c, p_u = cond_and_uncond(x, t)
     p = p_u + scale * (p_c - p_u)
