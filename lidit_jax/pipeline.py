@@ -178,8 +178,7 @@ class Pipeline:
       if not hasattr(objective, "step_times"):
         raise ValueError(f"cfg_trunc={cfg_trunc}: this model's objective guides every step. Fix: leave it None")
       above = guidance_lib.truncation_time(objective.step_times(steps, sampler), cfg_trunc)
-    bins = b.setup.config.sample.resolution_bins if resolution_binning else 0
-    drawn = resolution_bins.nearest(height, width, bins) if bins else (height, width)
+    drawn = self._drawn(height, width, resolution_binning)
     shape = b.latent_shape(*drawn)
     if latents is not None:
       latents = np.asarray(latents, np.float32)
@@ -216,9 +215,13 @@ class Pipeline:
     size's resolution bin when the model bins sizes and `resolution_binning`)."""
     height = self.defaults["height"] if height is None else _at_least_1("height", height, "a size in pixels")
     width = self.defaults["width"] if width is None else _at_least_1("width", width, "a size in pixels")
-    bins = self.backend.setup.config.sample.resolution_bins if resolution_binning else 0
-    shape = self.backend.latent_shape(*(resolution_bins.nearest(height, width, bins) if bins else (height, width)))
+    shape = self.backend.latent_shape(*self._drawn(height, width, resolution_binning))
     return np.stack([np.asarray(jax.random.normal(k, shape), np.float32) for k in keys])
+
+  def _drawn(self, height: int, width: int, binning: bool) -> tuple[int, int]:
+    """The size sampled for height x width: its resolution bin when the model has bins and `binning`."""
+    bins = self.backend.setup.config.sample.resolution_bins if binning else 0
+    return resolution_bins.nearest(height, width, bins) if bins else (height, width)
 
   def _place(self, text, noise):
     """Host inputs as global arrays (the same on every process), split along the batch over the data-parallel

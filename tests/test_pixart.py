@@ -6,6 +6,7 @@ resumes, follows one device on eight, and exports a folder diffusers samples to 
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from lidit_jax import configs
 from lidit_jax.data import shapes
@@ -158,7 +159,6 @@ def test_finetune_resumes_then_exports_our_images(tmp_path, monkeypatch):
                                         num_inference_steps=3, guidance_scale=4.5)
   finetune_resume_export(tmp_path, monkeypatch, config, PROMPTS, latents, 4.5, reference)
   # IDDPM's bound trained the learned-variance outputs too (proj_out rows (p, p, channel): channels 4.. of 8)
-  from safetensors.numpy import load_file
   weight = lambda d: load_file(str(tmp_path / d / "transformer" / "diffusion_pytorch_model.safetensors"))[
       "proj_out.weight"].reshape(2, 2, 8, -1)
   moved = np.abs(weight("back") - weight("pipe")).max(axis=(0, 1, 3))

@@ -67,11 +67,34 @@ class PointwiseConv(nn.Module):
     return y
 
 
+class DepthwiseConv(nn.Module):
+  """PyTorch's Conv2d(c, c, k, padding=k // 2, groups=c) as k x k shifted multiply-adds, with nn.Conv's parameters
+  (kernel [k, k, 1, c], bias [c]): XLA:CPU differentiates a grouped convolution ~300x slower than these sums (14 s
+  vs 0.05 s at Sana 1.6 B's 11200 channels on 16 x 16), and on accelerators the sums are one fused loop."""
+  kernel: int = 3
+  bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c, k, p = x.shape[-1], self.kernel, self.kernel // 2
+    w = self.param("kernel", layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")), (k, k, 1, c),
+                   jnp.float32)
+    h, wd = x.shape[1:3]
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (p, p), (p, p), (0, 0)))
+    out = sum(xp[:, i:i + h, j:j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
+    if self.bias:
+      out = out + self.param("bias", layers.logical(nn.initializers.zeros_init(), ("embed",)), (c,), jnp.float32)
+    return out.astype(self.dtype)
+
+
 def conv(features: int, kernel: int = 3, stride: int = 1, groups: int = 1, bias: bool = True, dtype=jnp.float32,
          name: str | None = None) -> nn.Module:
   """PyTorch's Conv2d(kernel, stride, padding=kernel // 2, groups)."""
   if kernel == 1 and stride == 1 and groups == 1:
     return PointwiseConv(features, bias, dtype, name=name)
+  if groups == features > 1 and stride == 1:  # depthwise (PyTorch's in = out = groups)
+    return DepthwiseConv(kernel, bias, dtype, name=name)
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)), feature_group_count=groups,
                  use_bias=bias, dtype=dtype, param_dtype=jnp.float32, name=name,
@@ -171,25 +194,6 @@ class LinearAttention(nn.Module):
     return RMSNorm(name="norm_out")(out) + x
 
 
-class DepthwiseConv(nn.Module):
-  """PyTorch's Conv2d(c, c, k, padding=k // 2, groups=c) as k x k shifted multiply-adds, with nn.Conv's parameters
-  (kernel [k, k, 1, c], bias [c]): XLA:CPU differentiates a grouped convolution ~300x slower than these sums (14 s
-  vs 0.05 s at Sana 1.6 B's 11200 channels on 16 x 16), and on accelerators the sums are one fused loop."""
-  kernel: int = 3
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c, k, p = x.shape[-1], self.kernel, self.kernel // 2
-    w = self.param("kernel", layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")), (k, k, 1, c),
-                   jnp.float32)
-    b = self.param("bias", layers.logical(nn.initializers.zeros_init(), ("embed",)), (c,), jnp.float32)
-    h, wd = x.shape[1:3]
-    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (p, p), (p, p), (0, 0)))
-    out = sum(xp[:, i:i + h, j:j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
-    return (out + b).astype(self.dtype)
-
-
 class GLUMBConv(nn.Module):
   """1 x 1 expansion to 2 x expand x channels, SiLU, depthwise 3 x 3, SiLU-gated halves, 1 x 1 back; then RMSNorm
   and the residual (the DC-AE's; Sana's transformer FFN has neither)."""
@@ -202,7 +206,7 @@ class GLUMBConv(nn.Module):
     c = x.shape[-1]
     hidden = int(self.expand * c)
     h = nn.silu(conv(2 * hidden, 1, dtype=self.dtype, name="conv_inverted")(x))
-    h = DepthwiseConv(3, dtype=self.dtype, name="conv_depth")(h)
+    h = conv(2 * hidden, 3, groups=2 * hidden, dtype=self.dtype, name="conv_depth")(h)
     h, gate = jnp.split(h, 2, axis=-1)
     h = conv(c, 1, bias=False, dtype=self.dtype, name="conv_point")(h * nn.silu(gate))
     return RMSNorm(name="norm")(h) + x if self.norm_and_residual else h
