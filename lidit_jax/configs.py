@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
                 max_objects=3,  # shapes only
                 # tfds: dataset NAME in DATA_DIR, read with grain
                 name="", data_dir="", split="train",
+                eval_split="",  # train.eval_every's held-out split (tfds; the demo: its held-out compositions)
                 buckets=False,  # aspect-ratio buckets around image_size**2 pixels, else square centre crops
                 aspect_ratios=(0.5, 0.6667, 0.75, 1.0, 1.3333, 1.5, 2.0),  # width / height, one bucket each
                 workers=0,  # grain worker processes, each building whole batches (0: in the training process)
@@ -87,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
                  grad_accum=1,  # micro-batches per step (same update, less activation memory)
                  freeze=(),  # regexes of parameter names not trained (no update, no optimizer state)
                  sample_every=5000,
+                 eval_every=0,  # > 0: the held-out loss (metrics.jsonl / TensorBoard val_loss) every this many steps
+                 eval_batches=2,  # held-out batches of train.batch_size it averages (read once, fixed draws)
                  # resuming with a changed objective / prediction / schedule / tower / family / conditioner is
                  # refused unless True (then recorded in WORKDIR/config.json's history)
                  allow_config_change=False)
@@ -179,6 +182,14 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
                      ("train.sample_every", c.train.sample_every)):
     if value < 1:
       fail(key, value, "must be at least 1", "set a positive value")
+  if c.train.eval_every < 0 or c.train.eval_batches < 1:
+    key, value = ("train.eval_every", c.train.eval_every) if c.train.eval_every < 0 else ("train.eval_batches",
+                                                                                         c.train.eval_batches)
+    fail(key, value, "must be >= 0 (eval_every) / >= 1 (eval_batches)", "set e.g. eval_every=1000, eval_batches=4")
+  if c.train.eval_every and c.data.source != "shapes" and not c.data.eval_split:
+    fail("data.eval_split", c.data.eval_split, "is needed by train.eval_every (the held-out loss reads a split the run "
+         "does not train on)", "set --config.data.eval_split=validation (a split of the prepared dataset), or "
+         "train.eval_every=0")
   if not 0.0 <= c.sample.cfg_trunc <= 1.0:
     fail("sample.cfg_trunc", c.sample.cfg_trunc, "must be a fraction of the steps in [0, 1]", "use 1.0 (guide every step)")
   if c.sample.resolution_bins not in (0, *resolution_bins.SIZES):

@@ -21,6 +21,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 from jax.experimental import multihost_utils
+from PIL import Image
 from tqdm import tqdm
 
 from lidit_jax import chips
@@ -37,7 +38,7 @@ from lidit_jax import plan as plan_lib
 from lidit_jax import sample as sample_lib
 from lidit_jax import state as state_lib
 from lidit_jax.data import pipeline
-from lidit_jax.train_step import clean_latents, ema_decay, lower_train_step, make_train_step  # noqa: F401
+from lidit_jax.train_step import clean_latents, ema_decay, lower_train_step, make_eval_step, make_train_step  # noqa: F401
 
 
 def device_batch(batch: dict, mesh) -> dict:
@@ -81,6 +82,13 @@ class MetricsLog:
     if self.tb is not None:
       for k, v in metrics.items():
         self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+
+  def image(self, tag: str, path: str, step: int):
+    """A PNG (a sample grid) to TensorBoard's images."""
+    if self.tb is not None:
+      with Image.open(path) as img:
+        self.tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
       self.tb.flush()
 
   def close(self):
@@ -194,8 +202,14 @@ def _train(config, workdir: str) -> dict:
                            lambda: ckpt.check_shapes(state_lib.setup(config, abstract=True).abstract_state))
     data = pipeline.make_batches(config, text_for=None)  # a missing or corrupt dataset fails before any compute
     closing.callback(data.close)
+    held = pipeline.held_out(config, text_for=None) if t.eval_every else None  # so does a missing held-out split
+    validation = None
     s = state_lib.setup(config)
     data.text_for = s.text_for
+    if held is not None:
+      held.text_for = s.text_for
+      validation = Validation(s, [next(held) for _ in range(t.eval_batches)])
+      held.close()
     restored = ckpt.restore(s.abstract_state)
     if restored is None:
       state = s.init_state(jax.random.key(config.seed))
@@ -205,10 +219,24 @@ def _train(config, workdir: str) -> dict:
     start = int(state.step)
     if jax.process_index() == 0:
       resume.write_config(config, workdir, start, changed)
-    return _loop(config, workdir, s, state, data, ckpt, closing)
+    return _loop(config, workdir, s, state, data, ckpt, closing, validation)
 
 
-def _loop(config, workdir, s, state, data, ckpt, closing) -> dict:
+class Validation:
+  """The held-out loss of the EMA weights over batches read once, at draws fixed by a constant key (not the run's
+  seed): the same numbers at every evaluation, after a resume, and in any run of the same data."""
+
+  def __init__(self, s, batches: list[dict]):
+    self.s, self.batches, self.step = s, batches, make_eval_step(s)
+
+  def __call__(self, ema_params) -> dict:
+    key = jax.random.key(0)
+    losses = [float(self.step(ema_params, self.s.frozen, device_batch(b, self.s.mesh), jax.random.fold_in(key, i)))
+              for i, b in enumerate(self.batches)]
+    return {"val_loss": float(np.mean(losses))}
+
+
+def _loop(config, workdir, s, state, data, ckpt, closing, validation=None) -> dict:
   t, start = config.train, int(state.step)
   log = MetricsLog(workdir, start)
   closing.callback(log.close)
@@ -263,7 +291,8 @@ def _loop(config, workdir, s, state, data, ckpt, closing) -> dict:
       finish(*pending)
     pending = (done, metrics)
     stopping = stop(done)
-    if (stopping or done == t.num_steps or done % t.log_every == 0 or done % t.checkpoint_every == 0
+    evaluating = validation is not None and done % t.eval_every == 0
+    if (stopping or evaluating or done == t.num_steps or done % t.log_every == 0 or done % t.checkpoint_every == 0
         or done % t.sample_every == 0):
       finish(*pending)  # wait for this step: log what finished, save what is done
       pending = None
@@ -275,9 +304,14 @@ def _loop(config, workdir, s, state, data, ckpt, closing) -> dict:
       break
     if done % t.checkpoint_every == 0 or done == t.num_steps:
       ckpt.save(done, state, data.state(), config, force=True)
+    if evaluating:
+      scores = validation(state.ema_params)
+      log.write(done, scores)
+      bar.write(f"step {done}: " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items()))
     if done % t.sample_every == 0 or done == t.num_steps:
       path = save_samples(pipe, s.model_params(state.ema_params), workdir, done)
       if path:
+        log.image("samples", path, done)
         bar.write(f"step {done}: samples -> {path}")
   if pending is not None:
     finish(*pending)

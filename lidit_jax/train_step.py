@@ -32,36 +32,50 @@ def clean_latents(autoencoder, params, image, rng):
   return autoencoder.from_stored(image.astype(jnp.float32), rng)  # stored latents are float16
 
 
+def batch_draws(s: state_lib.Setup, objective, frozen, batch, rng, caption_dropout: float) -> dict:
+  """A batch's denoiser inputs, drawn from `rng` for the whole batch (so micro-batching changes nothing but memory):
+  clean latents, caption dropout, a seed per example for the model's own noise, the objective's times and noise."""
+  r_drop, r_t, r_eps = jax.random.split(rng, 3)
+  x0 = clean_latents(s.autoencoder, frozen["autoencoder"], batch["image"], jax.random.fold_in(rng, 3))
+  b = x0.shape[0]
+  return {"image": x0, "text": batch["text"], "drop": jax.random.bernoulli(r_drop, caption_dropout, (b,)),
+          # the Diff Adapter's noise (rng stream "noise"), one seed per micro-batch
+          "noise_seed": jax.random.randint(jax.random.fold_in(rng, 4), (b,), 0, 2 ** 31 - 1),
+          **objective.draw(r_t, r_eps, x0)}
+
+
+def batch_loss(s: state_lib.Setup, objective, held=None):
+  """loss(params, frozen, mb, rng, train): the objective's mean loss over `batch_draws` (or a micro-batch of them).
+  `held`: the frozen groups (train.freeze), behind stop_gradient: XLA computes no gradient for them, and the logged
+  gradient norm is that of what trains. `train=False` drops no LoRA input features."""
+
+  def loss_fn(params, frozen, mb, rng, train: bool = True):
+    if held is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, held)
+    text, drop = mb["text"], mb["drop"]
+    if s.null_text is not None:  # conditioner.null=empty_prompt: dropped captions become ""
+      text, drop = state_lib.with_null_text(text, s.null_text, drop), None
+    feats, valids, prompts = state_lib.text_inputs(s.towers, frozen["towers"], text)
+    rngs = {"noise": jax.random.fold_in(jax.random.fold_in(rng, 4), mb["noise_seed"][0])}
+    if s.lora is not None:  # the factors train; the model applies the frozen base with them merged in
+      r_lora = jax.random.fold_in(jax.random.fold_in(rng, 5), mb["noise_seed"][0]) if train else None
+      params = s.lora.merge(frozen["base"], params, r_lora)
+    net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, drop, rngs=rngs)
+    return jnp.mean(objective.loss(net, mb["image"], mb))
+  return loss_fn
+
+
 def make_train_step(s: state_lib.Setup):
   config = s.config
   objective = objectives.build(config, denoisers.geometry(config))
-  # Frozen groups (train.freeze) enter the loss behind stop_gradient: XLA computes no gradient for them, and
-  # the logged gradient norm is that of what trains.
   held = state_lib.matching(s.abstract_state.params, config.train.freeze) if config.train.freeze else None
+  loss_of = batch_loss(s, objective, held)
 
   def train_step(state: state_lib.TrainState, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    r_drop, r_t, r_eps = jax.random.split(rng, 3)
-    r_noise, r_lora = jax.random.fold_in(rng, 4), jax.random.fold_in(rng, 5)
-    x0 = clean_latents(s.autoencoder, frozen["autoencoder"], batch["image"], jax.random.fold_in(rng, 3))
-    b = x0.shape[0]
-    # Noise, times and caption dropout for the whole batch, so micro-batching changes nothing but memory.
-    full = {"image": x0, "text": batch["text"], "drop": jax.random.bernoulli(r_drop, config.data.caption_dropout, (b,)),
-            # a seed per micro-batch for the model's own noise (the Diff Adapter's, rng stream "noise")
-            "noise_seed": jax.random.randint(r_noise, (b,), 0, 2 ** 31 - 1), **objective.draw(r_t, r_eps, x0)}
-
-    def loss_fn(params, mb):
-      if held is not None:
-        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, held)
-      text, drop = mb["text"], mb["drop"]
-      if s.null_text is not None:  # conditioner.null=empty_prompt: dropped captions become ""
-        text, drop = state_lib.with_null_text(text, s.null_text, drop), None
-      feats, valids, prompts = state_lib.text_inputs(s.towers, frozen["towers"], text)
-      rngs = {"noise": jax.random.fold_in(r_noise, mb["noise_seed"][0])}
-      if s.lora is not None:  # the factors train; the model applies the frozen base with them merged in
-        params = s.lora.merge(frozen["base"], params, jax.random.fold_in(r_lora, mb["noise_seed"][0]))
-      net = lambda x, t: s.model.apply({"params": params}, x, t, feats, valids, prompts, drop, rngs=rngs)
-      return jnp.mean(objective.loss(net, mb["image"], mb))
+    full = batch_draws(s, objective, frozen, batch, rng, config.data.caption_dropout)
+    b = full["image"].shape[0]
+    loss_fn = lambda params, mb: loss_of(params, frozen, mb, rng)
 
     k = config.train.grad_accum
     if k == 1:
@@ -95,6 +109,26 @@ def make_train_step(s: state_lib.Setup):
     with sharding.active(s.mesh, s.rules):
       return jitted(state, frozen, batch, rng)
   run.jitted = jitted  # for lowering / cost analysis in benchmarks
+  return run
+
+
+def make_eval_step(s: state_lib.Setup):
+  """eval_step(params, frozen, batch, rng) -> the mean loss of `params` (a train state's, e.g. its EMA) on a held-out
+  batch, with everything drawn from `rng` and no caption or LoRA dropout: a fixed key gives the same numbers at
+  every evaluation, after a resume and on any number of devices (threefry draws do not depend on the sharding)."""
+  objective = objectives.build(s.config, denoisers.geometry(s.config))
+  loss_of = batch_loss(s, objective)
+
+  def eval_step(params, frozen, batch, rng):
+    return loss_of(params, frozen, batch_draws(s, objective, frozen, batch, rng, 0.0), rng, train=False)
+
+  frozen_sh = jax.tree.map(lambda x: x.sharding, s.frozen)
+  jitted = jax.jit(eval_step, in_shardings=(s.state_shardings.ema_params, frozen_sh, sharding.batch_sharding(s.mesh),
+                                            sharding.replicated(s.mesh)), out_shardings=sharding.replicated(s.mesh))
+
+  def run(params, frozen, batch, rng):
+    with sharding.active(s.mesh, s.rules):
+      return jitted(params, frozen, batch, rng)
   return run
 
 

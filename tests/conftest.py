@@ -28,9 +28,10 @@ def train_preempted(config, workdir, monkeypatch, batches_cls, at_batch: int) ->
   return left
 
 
-def one_and_eight_device_losses(config_arg: str, flags, mesh, workdir) -> dict:
+def one_and_eight_device_losses(config_arg: str, flags, mesh, workdir, key: str = "loss") -> dict:
   """{"one": losses, "eight": losses} of `python -m lidit_jax.train --config config_arg` with `flags`, on one
-  simulated device and on eight laid out as `mesh` (["--config.mesh.data=4", ...]); each run in WORKDIR/one|eight."""
+  simulated device and on eight laid out as `mesh` (["--config.mesh.data=4", ...]); each run in WORKDIR/one|eight.
+  `key`: the metric read from metrics.jsonl's lines that have it."""
   import json
   import os
   import subprocess
@@ -42,7 +43,8 @@ def one_and_eight_device_losses(config_arg: str, flags, mesh, workdir) -> dict:
                         str(workdir / name), *flags, *layout], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    losses[name] = [json.loads(line)["loss"] for line in open(workdir / name / "metrics.jsonl")]
+    lines = [json.loads(line) for line in open(workdir / name / "metrics.jsonl")]
+    losses[name] = [line[key] for line in lines if key in line]
   return losses
 
 

@@ -39,6 +39,17 @@ def make_batches(config, text_for):
                    "Fix: use shapes, tfds or features.")
 
 
+def held_out(config, text_for):
+  """The held-out split's iterator for the validation loss (`data.eval_split`; the demo: its held-out compositions),
+  at seed 0 whatever the run's seed, so that runs compare; opened here, so a missing split fails before compute."""
+  c = config.copy_and_resolve_references()
+  c.seed = 0
+  if c.data.source == "shapes":
+    return ShapesBatches(c, text_for, split="heldout")
+  c.data.split = c.data.eval_split
+  return TfdsBatches(c, text_for)
+
+
 def image_shapes(config) -> list[tuple[int, int]]:
   """The (height, width) in pixels that training uses: the buckets' shapes, or one square of data.image_size."""
   d = config.data
