@@ -1,4 +1,4 @@
-"""CLIP text tower: token + learned absolute position embeddings, pre-LN blocks (LayerNorm with biases,
+"""CLIP towers. Text: token + learned absolute position embeddings, pre-LN blocks (LayerNorm with biases,
 causal + padding self-attention with biases, fc1/fc2 MLP with quick-GELU or GELU).
 
 `__call__` returns every hidden state, stacked [num_layers + 1, B, L, D], in Hugging Face's convention:
@@ -8,6 +8,10 @@ has no final norm. Stable Diffusion reads what a tower does not: with `cfg.head`
 the final LayerNorm (and the text projection when `cfg.projection_dim`, SDXL's second encoder) and returns
 (hidden states, last_hidden_state, pooled: the end-of-text token's normed state, projected).
 Blocks are scanned; per-block weights stack on a leading `layers` axis.
+
+Image (`CLIPVisionTower`, what CLIP score reads): the same blocks without a mask over a class token and the
+image's patches (a patch embedding without bias, learned positions), a LayerNorm before the blocks, and the
+class token's state through a LayerNorm and the visual projection (no bias) as the image embedding.
 """
 from __future__ import annotations
 
@@ -45,6 +49,33 @@ class CLIPTextConfig:
       raise ValueError(f"CLIP hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  image_size: int = 224
+  patch_size: int = 32
+  num_channels: int = 3
+  hidden_act: str = "quick_gelu"
+  eps: float = 1e-5
+  projection_dim: int = 0  # CLIPModel's visual_projection (no bias); 0: the pooled state itself
+
+  def __post_init__(self):
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"CLIP hidden_act={self.hidden_act!r} is not supported; supported: {list(ACTIVATIONS)}.")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"CLIP hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
+    if not 0 < self.patch_size <= self.image_size:
+      raise ValueError(f"CLIP patch_size {self.patch_size} must be in 1..image_size ({self.image_size}).")
+
+  @property
+  def grid(self) -> int:
+    """Patches per side: a stride-p convolution drops the rows and columns past the last whole patch."""
+    return self.image_size // self.patch_size
+
+
 def _activation(name: str):
   if name == "quick_gelu":  # the sigmoid approximation of GELU that OpenAI's CLIP was trained with
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
@@ -59,7 +90,7 @@ def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 class CLIPBlock(nn.Module):
-  cfg: CLIPTextConfig
+  cfg: CLIPTextConfig | CLIPVisionConfig  # the fields both towers share
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -113,3 +144,39 @@ def final_norm(cfg: CLIPTextConfig, params, x):
   """The final LayerNorm of a tower with its head (`params`: the tower's) on any hidden state: SD 1.x / 2.x's
   last_hidden_state at layer -1, diffusers' `clip_skip` at earlier ones."""
   return _layer_norm(cfg.eps, x.dtype, "final_layer_norm").apply({"params": params["final_layer_norm"]}, x)
+
+
+class CLIPVisionTower(nn.Module):
+  """pixels [B, H, W, C], normalised as the model's image processor does (H = W = image_size) ->
+  (last hidden state [B, 1 + patches, D], image embedding [B, projection_dim or D])."""
+  cfg: CLIPVisionConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels_BHWC):
+    c = self.cfg
+    want = (c.image_size, c.image_size, c.num_channels)
+    if tuple(pixels_BHWC.shape[1:]) != want:
+      raise ValueError(f"CLIP image tower takes images {want} (H, W, C), got {tuple(pixels_BHWC.shape[1:])}; "
+                       "preprocess them with the model's image processor settings (resize, center crop).")
+    p, n, side = c.patch_size, c.grid * c.grid, c.grid * c.patch_size
+    patches = layers.patchify(pixels_BHWC[:, :side, :side], p).reshape(-1, n, p * p * c.num_channels)
+    # The reference's stride-p conv without bias, as one matmul over each patch's (row, column, channel) values.
+    x = layers.Dense(c.hidden_size, ("patch", "embed"), use_bias=False, dtype=self.dtype,
+                     name="patch_embedding")(patches.astype(self.dtype))
+    cls = self.param("class_embedding", layers.logical(nn.initializers.normal(0.02), ("embed",)),
+                     (c.hidden_size,), jnp.float32)
+    positions = self.param("position_embedding", layers.logical(nn.initializers.normal(0.02), ("length", "embed")),
+                           (n + 1, c.hidden_size), jnp.float32)
+    cls_B1D = jnp.broadcast_to(cls, (x.shape[0], 1, c.hidden_size)).astype(self.dtype)
+    x = (jnp.concatenate([cls_B1D, x], axis=1) + positions[None]).astype(self.dtype)
+    x = _layer_norm(c.eps, self.dtype, "pre_layernorm")(x)
+    blocks = nn.scan(CLIPBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=nn.broadcast, length=c.num_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = blocks(c, self.dtype, name="layers")(x, None)  # every patch sees every patch: no mask
+    pooled = _layer_norm(c.eps, self.dtype, "post_layernorm")(x[:, 0])
+    if c.projection_dim:
+      pooled = layers.Dense(c.projection_dim, ("embed", "mlp"), use_bias=False, dtype=self.dtype,
+                            name="visual_projection")(pooled)
+    return x, pooled
