@@ -110,7 +110,13 @@ def base_config() -> ml_collections.ConfigDict:
                            "a blue square below a red triangle",
                            "a yellow square to the right of a green circle"))
   c.eval = dict(num_prompts=128, steps=30, cfg=4.0, batch_size=64,
-                probe_pairs=32)  # relation probe: pairs of objects drawn with each relation word (0: off)
+                probe_pairs=32,  # relation probe: pairs of objects drawn with each relation word (0: off)
+                # train.eval_every's image metrics (validation.py), each off when its weights are not given:
+                fid_inception="",  # pytorch-fid's FID Inception weights (.safetensors; .pth refused: a pickle)
+                fid_reference="",  # pytorch-fid .npz statistics to compare with ("": the held-out batches' images)
+                clip="",  # a Hugging Face CLIP folder: CLIP score of the images against their captions
+                metric_images=256,  # images drawn for them, from the first held-out captions
+                image_size=0)  # their size (0: the model's sampling default)
   c.mesh = dict(data=1, fsdp=1, tensor=1,  # within one slice (or all devices); -1 = the rest
                 dcn_data=1, dcn_fsdp=1)  # multi-slice pods: slices along data / fsdp
   c.sharding_rules = DEFAULT_RULES
@@ -190,6 +196,16 @@ def validate(c: ml_collections.ConfigDict, data: bool = True) -> ml_collections.
     fail("data.eval_split", c.data.eval_split, "is needed by train.eval_every (the held-out loss reads a split the run "
          "does not train on)", "set --config.data.eval_split=validation (a split of the prepared dataset), or "
          "train.eval_every=0")
+  e = c.eval
+  for key, path in (("eval.fid_inception", e.fid_inception), ("eval.fid_reference", e.fid_reference),
+                    ("eval.clip", e.clip)):
+    if path and not os.path.exists(os.path.expanduser(path)):
+      fail(key, path, "does not exist", "point at a local file / folder, or leave it empty (that metric off)")
+  if (e.fid_inception or e.clip) and e.metric_images < 2:
+    fail("eval.metric_images", e.metric_images, "must be at least 2 (FID needs a covariance)", "use e.g. 256")
+  if e.fid_inception and not e.fid_reference and c.data.source == "features":
+    fail("eval.fid_reference", e.fid_reference, "is needed: the held-out batches hold latents, not images",
+         "pass pytorch-fid .npz statistics of real images (python -m lidit_jax.metrics fid IMAGES --save_stats X.npz)")
   if not 0.0 <= c.sample.cfg_trunc <= 1.0:
     fail("sample.cfg_trunc", c.sample.cfg_trunc, "must be a fraction of the steps in [0, 1]", "use 1.0 (guide every step)")
   if c.sample.resolution_bins not in (0, *resolution_bins.SIZES):

@@ -67,21 +67,26 @@ def is_ours(path: str) -> bool:
     return False
 
 
-def save_grid(images, path: str, cols: int | None = None, scale: int = 4, overwrite: bool = True):
-  """Save [N, H, W, C] uint8 images as one PNG grid (nearest-neighbour upscaled so 32 px is visible), written
-  under a temporary name and renamed when complete. `overwrite=False` (the CLI's rule) refuses an existing
-  file at `path` unless it is one of ours (`is_ours`)."""
+def grid(images, cols: int | None = None, scale: int = 4) -> np.ndarray:
+  """[N, H, W, C] uint8 images -> one uint8 grid [rows, cols] with 2 px white gaps, nearest-neighbour upscaled by
+  `scale` (so 32 px is visible)."""
   images = np.asarray(images)
   n, h, w, c = images.shape
   cols = cols or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   pad = 2
-  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+  out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
   for k, img in enumerate(images):
     r, q = divmod(k, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
-  pil = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
-  pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+  return out.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(images, path: str, cols: int | None = None, scale: int = 4, overwrite: bool = True):
+  """Save [N, H, W, C] uint8 images as one PNG `grid`, written under a temporary name and renamed when complete.
+  `overwrite=False` (the CLI's rule) refuses an existing file at `path` unless it is one of ours (`is_ours`)."""
+  g = grid(images, cols, scale)
+  pil = Image.fromarray(g.squeeze(-1) if g.shape[-1] == 1 else g)
   info = PngImagePlugin.PngInfo()
   info.add_text("Software", SOFTWARE)
   if "://" in path:  # a bucket (the trainer's samples): one object, written whole by epath

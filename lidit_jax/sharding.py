@@ -76,6 +76,13 @@ def axis_names(boxed_tree) -> dict[tuple, tuple]:
   return {tuple(k.key for k in p): tuple(leaf.names) for p, leaf in leaves}
 
 
+def device_batch(batch: dict, mesh) -> dict:
+  """A per-process numpy batch's "image" and "text" -> global arrays split over (data, fsdp)."""
+  arrays = {"image": batch["image"], "text": batch["text"]}
+  sh = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), arrays)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 

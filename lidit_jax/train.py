@@ -38,14 +38,9 @@ from lidit_jax import plan as plan_lib
 from lidit_jax import sample as sample_lib
 from lidit_jax import state as state_lib
 from lidit_jax.data import pipeline
-from lidit_jax.train_step import clean_latents, ema_decay, lower_train_step, make_eval_step, make_train_step  # noqa: F401
-
-
-def device_batch(batch: dict, mesh) -> dict:
-  """Per-process numpy batch -> global arrays sharded over (data, fsdp)."""
-  arrays = {"image": batch["image"], "text": batch["text"]}
-  sh = sharding.batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), arrays)
+from lidit_jax.sharding import device_batch
+from lidit_jax.train_step import clean_latents, ema_decay, lower_train_step, make_train_step  # noqa: F401
+from lidit_jax.validation import Validation
 
 
 class MetricsLog:
@@ -84,11 +79,13 @@ class MetricsLog:
         self.tb.add_scalar(k, v, step)
       self.tb.flush()
 
-  def image(self, tag: str, path: str, step: int):
-    """A PNG (a sample grid) to TensorBoard's images."""
+  def image(self, tag: str, image, step: int):
+    """An image (uint8 [H, W, 3], or a PNG's path: a sample grid) to TensorBoard's images."""
     if self.tb is not None:
-      with Image.open(path) as img:
-        self.tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+      if isinstance(image, str):
+        with Image.open(image) as img:
+          image = np.asarray(img.convert("RGB"))
+      self.tb.add_image(tag, image, step, dataformats="HWC")
       self.tb.flush()
 
   def close(self):
@@ -203,12 +200,12 @@ def _train(config, workdir: str) -> dict:
     data = pipeline.make_batches(config, text_for=None)  # a missing or corrupt dataset fails before any compute
     closing.callback(data.close)
     held = pipeline.held_out(config, text_for=None) if t.eval_every else None  # so does a missing held-out split
-    validation = None
+    held_batches = None
     s = state_lib.setup(config)
     data.text_for = s.text_for
     if held is not None:
       held.text_for = s.text_for
-      validation = Validation(s, [next(held) for _ in range(t.eval_batches)])
+      held_batches = [next(held) for _ in range(t.eval_batches)]
       held.close()
     restored = ckpt.restore(s.abstract_state)
     if restored is None:
@@ -219,29 +216,16 @@ def _train(config, workdir: str) -> dict:
     start = int(state.step)
     if jax.process_index() == 0:
       resume.write_config(config, workdir, start, changed)
-    return _loop(config, workdir, s, state, data, ckpt, closing, validation)
+    return _loop(config, workdir, s, state, data, ckpt, closing, held_batches)
 
 
-class Validation:
-  """The held-out loss of the EMA weights over batches read once, at draws fixed by a constant key (not the run's
-  seed): the same numbers at every evaluation, after a resume, and in any run of the same data."""
-
-  def __init__(self, s, batches: list[dict]):
-    self.s, self.batches, self.step = s, batches, make_eval_step(s)
-
-  def __call__(self, ema_params) -> dict:
-    key = jax.random.key(0)
-    losses = [float(self.step(ema_params, self.s.frozen, device_batch(b, self.s.mesh), jax.random.fold_in(key, i)))
-              for i, b in enumerate(self.batches)]
-    return {"val_loss": float(np.mean(losses))}
-
-
-def _loop(config, workdir, s, state, data, ckpt, closing, validation=None) -> dict:
+def _loop(config, workdir, s, state, data, ckpt, closing, held_batches=None) -> dict:
   t, start = config.train, int(state.step)
   log = MetricsLog(workdir, start)
   closing.callback(log.close)
   step_fn = make_train_step(s)
   pipe = pipeline_lib.Pipeline(pipeline_lib.Workdir.of(s))
+  validation = Validation(s, held_batches, pipe) if held_batches else None
   rng = jax.random.key(config.seed + 2)
   # The towers' configs are already at hand: no second read of their checkpoints' config.json.
   hw = (config.data.image_size,) * 2
@@ -305,8 +289,10 @@ def _loop(config, workdir, s, state, data, ckpt, closing, validation=None) -> di
     if done % t.checkpoint_every == 0 or done == t.num_steps:
       ckpt.save(done, state, data.state(), config, force=True)
     if evaluating:
-      scores = validation(state.ema_params)
+      scores = validation(state.ema_params, done)
       log.write(done, scores)
+      if validation.images is not None:
+        log.image("validation", sample_lib.grid(validation.images[:16]), done)
       bar.write(f"step {done}: " + ", ".join(f"{k} {v:.5f}" for k, v in scores.items()))
     if done % t.sample_every == 0 or done == t.num_steps:
       path = save_samples(pipe, s.model_params(state.ema_params), workdir, done)

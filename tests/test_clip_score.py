@@ -38,7 +38,12 @@ def _tokenizer():
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("clip")
+  return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def save_tiny_clip(path) -> str:
+  """A tiny random CLIPModel with its tokenizer and PIL image processor saved at `path` (tests/test_validation.py
+  scores with it too)."""
   tok = _tokenizer()
   eos, bos = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|startoftext|>")
   cfg = transformers.CLIPConfig(
