@@ -67,7 +67,8 @@ def test_only_the_family_names_its_class():
   assert named == ["denoisers/lidit.py"]
 
 
-SHARED = ("train", "sample", "pipeline", "evaluate", "plan", "state", "model", "export", "configs", "checkpoint")
+SHARED = ("train", "sample", "pipeline", "evaluate", "plan", "state", "model", "export", "configs", "checkpoint",
+          "benchmark", "validation", "train_step")
 
 
 def plugin_mentions(source: str) -> list[str]:
