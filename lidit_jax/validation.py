@@ -5,8 +5,9 @@
   key: the same numbers at every evaluation, after a resume, on any device count and in any run of the same data.
 - fid (with `eval.fid_inception`): images drawn for the first `eval.metric_images` held-out captions (fixed noise,
   `eval.steps` / `eval.cfg`) against `eval.fid_reference` (pytorch-fid's .npz) or, without one, the held-out
-  batches' own images; pytorch-fid's conventions (`metrics.fid`). A few hundred images give a biased FID, so compare
-  runs at the same count, not with papers' 30k-image numbers.
+  batches' own images; pytorch-fid's conventions (`metrics.fid`), the distance in its exact low-rank form (defined
+  at any image count). A few hundred images give a biased FID: compare runs at the same count, not with papers'
+  30k-image numbers.
 - clip_score (with `eval.clip`, a Hugging Face CLIP folder): the same images against their captions (`metrics.clip_score`).
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lidit_jax import cli
 from lidit_jax.metrics import clip_score, fid
 from lidit_jax.sample import to_uint8
 from lidit_jax.sharding import device_batch
@@ -79,12 +79,7 @@ class Validation:
                            height=e.image_size or None, width=e.image_size or None, batch_size=e.batch_size))
     self.images = images
     if self.fid is not None:
-      try:
-        out["fid"] = fid.frechet_distance(*fid.statistics(self.features(images.astype(np.float32) / 255.0)),
-                                          *self.reference)
-      except ValueError as err:  # too few images for the 2048 dimensions: logged as NaN, the run goes on
-        cli.warn(f"step {step}: FID not computed ({err})")
-        out["fid"] = float("nan")
+      out["fid"] = fid.frechet_distance_from_features(self.features(images.astype(np.float32) / 255.0), *self.reference)
     if self.clip is not None:
       out["clip_score"] = self.clip(images, self.captions)
     return out

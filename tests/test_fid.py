@@ -181,6 +181,24 @@ def test_frechet_distance_and_statistics_match_pytorch_fid(reference, tmp_path):
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file left
 
 
+def test_frechet_distance_from_features_is_exact_at_any_image_count(reference):
+  """The low-rank form (training's) equals pytorch-fid's where that is defined, and the exact value (the trace of
+  the PSD root of S_a^1/2 S_b S_a^1/2, by eigendecomposition) where scipy's sqrtm has no real root."""
+  rng = np.random.default_rng(2)
+  for n, d in ((40, 6), (5, 64)):
+    a, b = rng.normal(size=(n, d)) * 3, rng.normal(size=(n + 7, d)) + 0.5
+    (mu_a, sig_a), (mu_b, sig_b) = fid.statistics(a), fid.statistics(b)
+    w, v = np.linalg.eigh(sig_a)
+    half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    e = np.linalg.eigvalsh(half @ sig_b @ half)
+    e = np.where(e > e.max() * 1e-12, e, 0.0)  # S_a's null space: exact zeros, not their rounding noise
+    exact = np.sum((mu_a - mu_b) ** 2) + np.trace(sig_a) + np.trace(sig_b) - 2 * np.sqrt(e).sum()
+    got = fid.frechet_distance_from_features(a, mu_b, sig_b)
+    assert got == pytest.approx(exact, rel=1e-9) and got > 1
+    if n > d:
+      assert got == pytest.approx(reference.fid_score.calculate_frechet_distance(mu_a, sig_a, mu_b, sig_b), rel=1e-9)
+
+
 def _metrics(*args, env=None) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "lidit_jax.metrics", *args], capture_output=True, text=True,
                         cwd=ROOT, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})

@@ -234,6 +234,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
 
 
+def frechet_distance_from_features(features, mu, sigma) -> float:
+  """The same distance from one side's features [n, D] and the other's statistics, always defined: tr sqrt(S_a S_b)
+  is the sum of the square roots of the eigenvalues of the n x n matrix X S_b X^T / (n - 1) (X: the centred
+  features), which are S_a S_b's nonzero ones. Equals `frechet_distance` wherever that is defined; with fewer images
+  than feature dimensions (S_a rank-deficient), where scipy's sqrtm often is not, this still gives the exact value
+  (validation during training draws a few hundred images)."""
+  f = np.asarray(features, np.float64)
+  n = len(f)
+  if f.ndim != 2 or n < 2:
+    raise ValueError(f"FID needs at least 2 images; got {n}")
+  mu_a = f.mean(axis=0)
+  x = f - mu_a
+  small = x @ np.asarray(sigma, np.float64) @ x.T / (n - 1)
+  w = np.linalg.eigvalsh((small + small.T) / 2)
+  root = np.sqrt(np.where(w > w.max() * 1e-12, w, 0.0)).sum()  # the zero eigenvalues' rounding noise dropped
+  diff = mu_a - np.asarray(mu, np.float64)
+  return float(diff @ diff + np.sum(x * x) / (n - 1) + np.trace(sigma) - 2 * root)
+
+
 # ---------------------------------------------------------------- command line
 
 
