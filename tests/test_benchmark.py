@@ -158,3 +158,22 @@ def test_cli(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     benchmark.main(["geneval", "--prompts", str(tmp_path / "missing.jsonl"), "--model", MODEL, "--out", str(out)])
   assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_a_diffusers_pipeline_folder_as_model(tmp_path, capsys):
+  """--model a diffusers SD folder (the test suite's tiny SD 1.5): its size, and its images as Pipeline draws them."""
+  pytest.importorskip("diffusers")
+  from test_pipeline import sd15
+  folder = str(tmp_path / "sd15")
+  sd15(folder)
+  out = tmp_path / "t2i"
+  prompts = tmp_path / "p_val.txt"
+  prompts.write_text("a red cube\n")
+  assert benchmark.main(["t2i_compbench", "--prompts", str(prompts), "--model", folder, "--out", str(out),
+                         "--num_images", "2", "--steps", "2"]) == 0
+  sd = Pipeline.from_pretrained(folder)
+  got = pixels(out / "samples" / "a red cube_000001.png")
+  assert got.shape == (sd.defaults["height"], sd.defaults["width"], 3)
+  k = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), zlib.crc32(b"0") & 0x7FFFFFFF), 1)
+  want = to_uint8(sd(["a red cube"], num_steps=2, latents=sd.noise([k])))[0]
+  assert np.abs(got.astype(int) - want).max() <= 1
