@@ -143,6 +143,11 @@ def _write_png(path: str, image: np.ndarray, settings: dict) -> None:
     Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
 
 
+def _read_text(path: str) -> str:
+  with open(path, encoding="utf-8") as f:
+    return f.read().strip()
+
+
 def _write_text(path: str, text: str) -> None:
   with outputs.staged(path, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
@@ -169,10 +174,11 @@ def _finished(out: str, files: list[str], settings: dict, host: int, hosts: int)
 def write(pipe: Pipeline, benchmark: str, prompts: str, out: str, num_images: int | None = None,
           steps: int | None = None, guidance: float | None = None, height: int | None = None,
           width: int | None = None, seed: int = 0, batch_size: int | None = None, sampler: str | None = None,
-          negative_prompt: str | None = None, model: str | None = None, host: int | None = None, hosts: int | None = None,
-          progress: bool = True) -> dict:
+          negative_prompt: str | None = None, model: str | None = None, host: int | None = None,
+          hosts: int | None = None, progress: bool = True) -> dict:
   """Generate `benchmark`'s image set for the prompts at `prompts` into `out` (see the module's docstring);
-  returns counts. `model` is recorded in every PNG with the settings. `host` / `hosts` default to this process and the process count (tests simulate hosts)."""
+  returns counts. `model` is recorded in every PNG with the settings. `host` / `hosts` default to this process and
+  the process count (tests simulate hosts)."""
   num_images = num_images or DEFAULT_IMAGES[benchmark]
   items = read_items(benchmark, prompts, num_images)
   host = jax.process_index() if host is None else host
@@ -193,7 +199,7 @@ def write(pipe: Pipeline, benchmark: str, prompts: str, out: str, num_images: in
       path = os.path.join(out, items[i].key, "metadata.jsonl")
       if not os.path.exists(path):
         _write_text(path, items[i].metadata)
-      elif open(path, encoding="utf-8").read().strip() != items[i].metadata:
+      elif _read_text(path) != items[i].metadata:
         raise cli.UserError(f"{path} holds another prompt's metadata. Fix: --out a new folder, or the same --prompts")
   made: dict[tuple[int, int], np.ndarray] = {}
   written, start = 0, time.perf_counter()

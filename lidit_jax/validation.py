@@ -8,7 +8,8 @@
   batches' own images; pytorch-fid's conventions (`metrics.fid`), the distance in its exact low-rank form (defined
   at any image count). A few hundred images give a biased FID: compare runs at the same count, not with papers'
   30k-image numbers.
-- clip_score (with `eval.clip`, a Hugging Face CLIP folder): the same images against their captions (`metrics.clip_score`).
+- clip_score (with `eval.clip`, a Hugging Face CLIP folder): the same images against their captions
+  (`metrics.clip_score`).
 """
 from __future__ import annotations
 
@@ -58,9 +59,9 @@ class Validation:
     if self.fid is not None:
       if e.fid_reference:
         self.reference = fid.load_statistics(e.fid_reference)
-      else:  # the held-out batches' own images (uint8 pixels: the config refuses latents here)
-        real = np.concatenate([b["image"] for b in batches]).astype(np.float32) / 255.0
-        self.reference = fid.statistics(gathered(self.features(real)))
+      else:  # the held-out batches' own images (uint8 pixels: the config refuses latents), a batch at a time
+        real = np.concatenate([self.features(b["image"].astype(np.float32) / 255.0) for b in batches])  # buckets
+        self.reference = fid.statistics(gathered(real))
 
   def features(self, images: np.ndarray) -> np.ndarray:
     n = self.fid.batch_size
