@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from lidit_jax import cli, distributed, outputs
 from lidit_jax.pipeline import Pipeline
-from lidit_jax.sample import SOFTWARE, to_uint8
+from lidit_jax.sample import SOFTWARE, grid, to_uint8
 
 SETTINGS_CHUNK = "lidit_jax benchmark"  # the PNG text chunk holding the settings that made an image
 DEFAULT_IMAGES = {"geneval": 4, "t2i_compbench": 10, "dpg_bench": 4}
@@ -112,18 +111,6 @@ def read_items(benchmark: str, prompts: str, num_images: int) -> list[Item]:
   if not items:
     raise cli.UserError(f"--prompts {prompts}: no prompts in it. Fix: pass {benchmark}'s prompt file")
   return items
-
-
-def tile(images: np.ndarray, cols: int = 2) -> np.ndarray:
-  """[n, H, W, C] -> one image, `cols` per row with no gaps (DPG-Bench's scorer crops it back at H)."""
-  n, h, w, c = images.shape
-  cols = min(cols, n)
-  rows = math.ceil(n / cols)
-  grid = np.zeros((rows * h, cols * w, c), images.dtype)
-  for k, img in enumerate(images):
-    r, q = divmod(k, cols)
-    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-  return grid
 
 
 def settings_of(path: str) -> dict | None:
@@ -216,7 +203,8 @@ def write(pipe: Pipeline, benchmark: str, prompts: str, out: str, num_images: in
     made.update(zip(chunk, to_uint8(images[:len(chunk)])))
     for k, (i, path, shown) in list(pending.items()):
       if all((i, j) in made for j in shown):
-        image = made[(i, shown[0])] if len(shown) == 1 else tile(np.stack([made[(i, j)] for j in shown]))
+        # one image, or DPG-Bench's: two per row without gaps
+        image = grid(np.stack([made[(i, j)] for j in shown]), min(2, len(shown)), scale=1, pad=0)
         _write_png(os.path.join(out, path), image, settings)
         written += 1
         del pending[k]

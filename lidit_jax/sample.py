@@ -67,14 +67,13 @@ def is_ours(path: str) -> bool:
     return False
 
 
-def grid(images, cols: int | None = None, scale: int = 4) -> np.ndarray:
-  """[N, H, W, C] uint8 images -> one uint8 grid [rows, cols] with 2 px white gaps, nearest-neighbour upscaled by
+def grid(images, cols: int | None = None, scale: int = 4, pad: int = 2) -> np.ndarray:
+  """[N, H, W, C] uint8 images -> one uint8 grid [rows, cols] with `pad` px white gaps, nearest-neighbour upscaled by
   `scale` (so 32 px is visible)."""
   images = np.asarray(images)
   n, h, w, c = images.shape
   cols = cols or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
-  pad = 2
   out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
   for k, img in enumerate(images):
     r, q = divmod(k, cols)

@@ -60,12 +60,8 @@ class Validation:
       if e.fid_reference:
         self.reference = fid.load_statistics(e.fid_reference)
       else:  # the held-out batches' own images (uint8 pixels: the config refuses latents), a batch at a time
-        real = np.concatenate([self.features(b["image"].astype(np.float32) / 255.0) for b in batches])  # buckets
+        real = np.concatenate([self.fid.many(b["image"].astype(np.float32) / 255.0) for b in batches])  # buckets
         self.reference = fid.statistics(gathered(real))
-
-  def features(self, images: np.ndarray) -> np.ndarray:
-    n = self.fid.batch_size
-    return np.concatenate([self.fid(images[i:i + n]) for i in range(0, len(images), n)])
 
   def __call__(self, ema_params, step: int) -> dict:
     key = jax.random.key(0)
@@ -80,7 +76,7 @@ class Validation:
                            height=e.image_size or None, width=e.image_size or None, batch_size=e.batch_size))
     self.images = images
     if self.fid is not None:
-      out["fid"] = fid.frechet_distance_from_features(self.features(images.astype(np.float32) / 255.0), *self.reference)
+      out["fid"] = fid.frechet_distance_from_features(self.fid.many(images.astype(np.float32) / 255.0), *self.reference)
     if self.clip is not None:
       out["clip_score"] = self.clip(images, self.captions)
     return out

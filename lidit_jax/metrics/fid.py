@@ -141,6 +141,11 @@ class FeatureExtractor:
     out = self._apply(self.params, jax.device_put(images_BHWC, self.data))
     return np.asarray(out)[:n]
 
+  def many(self, images_NHWC: np.ndarray) -> np.ndarray:
+    """Features [N, 2048] of any number of images of one size, batch by batch."""
+    n = self.batch_size
+    return np.concatenate([self(images_NHWC[i:i + n]) for i in range(0, len(images_NHWC), n)])
+
   def folder(self, folder: str, progress: bool = True) -> tuple[np.ndarray, int]:
     """(features [N, 2048] float32 of the folder's readable images, how many were skipped as unreadable)."""
     files = list_images(folder)
