@@ -23,7 +23,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("lidit_1b", "lidit_10b", "sd15", "sdxl", "llm4gen_sd15", "diff_adapter")
+CONFIGS = ("lidit_1b", "lidit_10b", "sd15", "sdxl", "llm4gen_sd15", "diff_adapter", "pixart_sigma", "sana", "lumina2")
 TOPOLOGIES = ("v5e-256", "v5p-128", "v5p-512", "v6e-256")
 RESULTS = os.path.join(ROOT, "benchmarks", "tpu_slices.json")
 # Off-default points the planner's LI-DiT activation model was calibrated on (32 examples per chip, the text

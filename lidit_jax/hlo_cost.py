@@ -101,19 +101,20 @@ def dot_flops(out_type: str, lhs_type: str, attrs: str) -> int:
 
 
 # Pallas splash attention's Mosaic kernels are custom calls the cost model cannot see into: their FLOPs from q
-# [H, T, D] and k [H, S, D], 2 H T S D per matmul: the forward QK^T and PV; dq recomputes QK^T and takes dO V^T and
-# dS K; dkv recomputes QK^T and takes P^T dO, dO V^T and dS^T Q (full masks: every block computed).
+# [(B,) H, T, D] and k [(B,) H, S, D] (B: the batch `jax.vmap` adds over the kernel), 2 B H T S D per matmul: the
+# forward QK^T and PV; dq recomputes QK^T and takes dO V^T and dS K; dkv recomputes QK^T and takes P^T dO, dO V^T
+# and dS^T Q (full masks: every block computed).
 SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
 def splash_flops(name: str, operand_types: list) -> int:
   kernel = re.match(r"splash_mha_(fwd|dq|dkv)", name)
   shapes = [dims for t in operand_types for dt, dims in [*arrays(t)][:1]
-            if len(arrays(t)) == 1 and len(dims) == 3 and dt.startswith(("f", "bf"))]
-  if not kernel or len(shapes) < 2:
+            if len(arrays(t)) == 1 and len(dims) in (3, 4) and dt.startswith(("f", "bf"))]
+  if not kernel or len(shapes) < 2 or len(shapes[0]) != len(shapes[1]):
     return 0
-  (h, t, d), (_, s, _) = shapes[:2]
-  return SPLASH_MATMULS[kernel.group(1)] * 2 * h * t * s * d
+  (*b, h, t, d), (*_, s, _) = shapes[:2]
+  return SPLASH_MATMULS[kernel.group(1)] * 2 * math.prod(b) * h * t * s * d
 
 
 def trip_count(condition: list) -> int | None:

@@ -152,6 +152,11 @@ def autoencoder_plan(config, batch_per_device: int) -> dict:
           "encode_flops": ae.encode_flops(params, hw), "planned": True}
 
 
+def platform_of(chip: str | None) -> str:
+  """The platform a chip name is on; no chip: a TPU's (the pods the planner is for)."""
+  return {"cpu": "cpu", "h100": "gpu", "h200": "gpu"}.get(chip, "tpu")
+
+
 def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) -> dict:
   dims = sharding.mesh_shape(config.mesh, num_devices)
   mesh_sizes = dict(zip(sharding.AXES, dims))
@@ -185,8 +190,9 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
   batch_per_device = math.ceil(config.train.batch_size / (mesh_sizes["data"] * mesh_sizes["fsdp"]))
   micro_batch = math.ceil(batch_per_device / config.train.grad_accum)  # what one forward / backward pass holds
   dims = model_lib.tower_dims(config, towers)
+  attention = model_lib.attention_implementation(config, platform_of(chip))
   acts = denoisers.activation_bytes(config, micro_batch, model_lib.text_shapes(config, dims), mesh_sizes["tensor"],
-                                   act_itemsize)
+                                   act_itemsize, attention)
   ae = autoencoder_plan(config, micro_batch)
   feature_bytes = text_feature_bytes(config, towers)
   flops = step_flops(config, towers, ae["encode_flops"])
@@ -213,7 +219,8 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
          "params_plus_optimizer_vs_even_split": (p_bytes * 3) / (n_params * 4 * 3 / num_devices),
          "model_tflop_per_step": train_flops / 1e12, "tower_tflop_per_step": flops["towers"] / 1e12,
          "autoencoder_tflop_per_step": flops["autoencoder"] / 1e12, "autoencoder_planned": ae["planned"],
-         "batch_size": batch, "remat": config.model.remat, "text_feature_bytes_per_prompt": feature_bytes}
+         "batch_size": batch, "remat": config.model.remat, "attention": attention,
+         "text_feature_bytes_per_prompt": feature_bytes}
   notes = []
   if replicated > max(2 ** 26, 0.1 * t_bytes):
     notes.append(f"{replicated / GiB:.2f} GiB per device of trainable parameters are replicated: no dimension of "
@@ -240,7 +247,8 @@ def _targeted(boxed, adapter) -> dict:
 def format_plan(p: dict) -> str:
   base = f" (LoRA factors over a {p['lora_base_params'] / 1e9:.3f} B frozen model)" if "lora_base_params" in p else ""
   lines = [f"mesh {p['mesh']} on {p['devices']} devices; {p['trainable_params'] / 1e9:.3f} B trainable{base}, "
-           f"{p['tower_params'] / 1e9:.3f} B frozen; batch {p['batch_size']}, remat {p['remat']}",
+           f"{p['tower_params'] / 1e9:.3f} B frozen; batch {p['batch_size']}, remat {p['remat']}, "
+           f"attention {p['attention']}",
            "per device:"]
   for k, v in p["bytes_per_device"].items():
     lines.append(f"  {k:>32}: {v / GiB:10.3f} GiB")

@@ -122,6 +122,12 @@ def test_config_without_the_folder_is_lumina_image_2():
   assert (c.text.towers.gemma.max_length, c.sample.sampler, c.sample.cfg_renorm) == (256, "flow_match_euler", True)
   report = plan.plan(configs.validate(c, data=False), 8)
   assert 2.5e9 < report["trainable_params"] < 2.7e9  # Lumina-Image-2.0's 2.6 B transformer
+  # On a TPU splash attention keeps no scores; XLA's kernel (this CPU) keeps 10.5 bytes per head, query and key of
+  # the joint sequence (1024 px: 4096 image + 256 caption tokens) in every layer, the refiners' and the recomputed
+  # working set's among them, for the 8 examples a device holds
+  acts = {chip: plan.plan(c, 8, chip)["bytes_per_device"]["activations_estimate"] for chip in ("v5p", "cpu")}
+  layers = c.lumina2.num_layers + c.lumina2.num_refiner_layers + lumina2_family.WORKING_LAYERS
+  assert acts["cpu"] - acts["v5p"] == pytest.approx(8 * layers * 10.5 * 24 * 4352 ** 2, rel=1e-6)
 
 
 def test_finetune_resumes_then_exports_our_images(tmp_path, monkeypatch):

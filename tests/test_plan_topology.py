@@ -232,6 +232,11 @@ def test_splash_kernels_are_counted_and_do_not_hide_what_follows_them():
   c = hlo_cost.costs(SPLASH_HLO)
   kernel = 2 * 2 * 4 * 256 * 128 * 64
   assert c["kernel_flops_once"] == kernel and c["flops"] == kernel + 2 * 256 * 64 * 64
+  # several examples a chip: `jax.vmap` over the kernel gives its operands a leading batch axis (B, H, T, D)
+  batched = SPLASH_HLO.replace("f32[4,", "f32[3,4,").replace("{2,1,0}", "{3,2,1,0}").replace(
+      "f32[256,64]{1,0} reshape", "f32[768,64]{1,0} reshape").replace("%y = f32[256,64]", "%y = f32[768,64]")
+  c = hlo_cost.costs(batched)
+  assert c["kernel_flops_once"] == 3 * kernel and c["flops"] == 3 * kernel + 3 * 2 * 256 * 64 * 64
 
 
 def test_a_batched_matmul_as_a_padded_convolution_counts_only_real_taps():
@@ -281,3 +286,24 @@ def test_the_sampling_function_compiles_for_a_slice():
   c = p["compiled"]
   assert c["batch"] == 8 and c["fits"] and c["temp_bytes"] > 0 and 5 in c["loop_trip_counts"], c
   assert "compiled sampling (8 prompts, 5 steps" in r.stdout
+
+
+def test_the_planner_agrees_with_the_stored_compiles_of_every_shipped_config():
+  """Item 2 kept by every run, no compile: today's planner against the TPU compiler's peaks stored by
+  `python -m benchmarks.tpu_slices` (benchmarks/tpu_slices.json), within 15 % for one slice per shipped config
+  where the program fit unsqueezed (a refused or squeezed program holds what the compiler made fit, not the step)."""
+  sys.path.insert(0, str(ROOT))
+  from benchmarks import tpu_slices
+  results, checked = tpu_slices.load(), {}
+  for config in tpu_slices.CONFIGS:
+    for key, r in sorted(results.items()):
+      if key.split("|")[0] != config or "compiled" not in r or config in checked:
+        continue
+      c, flags = r["compiled"], r.get("flags", [])
+      planned = tpu_slices.planner_bytes(config, key.split("|")[1], flags)
+      if "compiler_message" in c or tpu_slices.squeezed(c, planned):
+        continue
+      checked[config] = (key, planned / c["peak_bytes"])
+  assert set(checked) == set(tpu_slices.CONFIGS), set(tpu_slices.CONFIGS) - set(checked)
+  off = {config: kr for config, kr in checked.items() if not 0.85 <= kr[1] <= 1.15}
+  assert not off, off

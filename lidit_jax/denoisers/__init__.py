@@ -13,7 +13,7 @@ functions receive the family's own section (`section`: the one its CONFIG_DEFAUL
   flops_per_example(section, shared, text_shapes, conditioner, conditioner_flops) -> {group: forward FLOPs}
       its own groups (the conditioner's are added here; a family that measures itself by lowering subtracts
       `conditioner_flops`)   (plan, MFU)
-  activation_bytes(section, shared, batch, text_shapes, tensor, itemsize) -> bytes kept for the backward pass on
+  activation_bytes(section, shared, batch, text_shapes, tensor, itemsize, attention) -> bytes kept for the backward pass on
       one device holding `batch` examples, `tensor`-way tensor parallel (the conditioner's are its own)   (plan)
   param_groups(params) -> {group: subtree}                             (parameter report)
   geometry(section, latent_hwc) -> Geometry   what it derives for others: its unit, token count, context width
@@ -129,11 +129,12 @@ def flops_per_example(config, text_shapes) -> dict:
   return {**own, "conditioner": cond}
 
 
-def activation_bytes(config, batch: int, text_shapes, tensor: int, itemsize: int) -> int:
+def activation_bytes(config, batch: int, text_shapes, tensor: int, itemsize: int, attention: str) -> int:
   """Bytes the train step keeps for the backward pass on one device of `batch` examples: the family's and its
-  conditioner's."""
+  conditioner's. `attention`: the kernel model.attention resolves to on the planned chip."""
   module = family(config)
-  own = module.activation_bytes(plugin_section(config, module), shared(config), batch, text_shapes, tensor, itemsize)
+  own = module.activation_bytes(plugin_section(config, module), shared(config), batch, text_shapes, tensor, itemsize,
+                                attention)
   return own + conditioners.activation_bytes(config, batch, text_shapes, geometry(config).context_width, tensor)
 
 

@@ -87,31 +87,48 @@ def flops_per_example(m, shared, text_shapes: Sequence[tuple[int, ...]], conditi
 
 
 # Per block and image token, in float32 vectors of the width, what the train step keeps for the backward pass under
-# each remat policy, besides the attention probabilities ("none", "dots": float32, heads x (image + text tokens))
-# and the cross-attention's keys and values of the text tokens (bf16, all but "full"). Calibrated against the TPU
-# compiler's memory analysis of LI-DiT-1B (bf16, 256 image + 512 text tokens; benchmarks/RESULTS.md, 2026-12-05):
-# layer norms, softmax and the residual stream are float32, so far more than the bf16 matmul outputs alone.
-KEPT_PER_TOKEN = {"none": 37.5, "dots": 10.0, "dots_no_batch": 10.0, "full": 1.0}
+# each remat policy besides XLA attention's scores (`scores_bytes`) and the cross-attention's keys and values of the
+# text tokens (bf16, all but "full"). Calibrated against the TPU compiler's memory analysis of LI-DiT-1B (bf16, 256
+# image + 512 text tokens, splash attention; benchmarks/RESULTS.md, 2026-12-05): layer norms, softmax and the
+# residual stream are float32, so far more than the bf16 matmul outputs alone. `WORKING_BLOCKS`: the working set of
+# the block being differentiated (and recomputed), in blocks kept unrematerialised.
+KEPT_PER_TOKEN = {"none": 48.0, "dots": 10.0, "dots_no_batch": 10.0, "full": 1.0}
+WORKING_BLOCKS = 2.0
+# Bytes per head, query and key that XLA's attention keeps for the backward pass without remat, without and with a
+# key-padding mask: the float32 probabilities (PixArt-Sigma's self-attention beside LI-DiT's per-token figures), and
+# with a mask the float32 logits and 16-bit probabilities too (Lumina 2's joint attention, XLA against splash); both
+# the TPU compiler's, benchmarks/RESULTS.md, 2026-12-07. Under "dots": the scores dot's float32 output. Splash (each
+# call its 128-token blocks tile) and cuDNN's fused kernel keep none: they recompute them.
+SCORE_BYTES = {"none": (4.0, 10.5), "dots": (4.0, 4.0)}
 
 
-def activation_bytes(m, shared, batch: int, text_shapes: Sequence[tuple[int, ...]], tensor: int, itemsize: int) -> int:
+def scores_bytes(heads: float, queries: int, keys: int, attention: str, remat: str, masked: bool) -> float:
+  """Bytes one example's attention call (`attention`: the resolved kernel) keeps per layer for its scores."""
+  fused = attention == "cudnn" or (attention == "splash" and not (queries % 128 or keys % 128))
+  return 0.0 if fused or remat not in SCORE_BYTES else SCORE_BYTES[remat][masked] * heads * queries * keys
+
+
+def activation_bytes(m, shared, batch: int, text_shapes: Sequence[tuple[int, ...]], tensor: int, itemsize: int,
+                     attention: str, kept_per_token: dict = KEPT_PER_TOKEN, working_blocks: float = WORKING_BLOCKS,
+                     self_attention: str = "softmax") -> int:
   """Bytes of the train step's temporaries for `batch` examples on one device, besides the gradients: what the
-  scanned DiT blocks keep for the backward pass (`KEPT_PER_TOKEN` at model.remat), the working set of one block
-  recomputed and differentiated (twice what an unrematerialised block keeps); the conditioner's are its own.
+  scanned DiT blocks keep for the backward pass (`kept_per_token` at model.remat, the self- and cross-attention's
+  scores by kernel), the working set of one block recomputed and differentiated; the conditioner's are its own.
   Tensor parallelism (`tensor` devices) splits the width and the heads. `itemsize` is unused: the calibrated
-  figures carry their dtypes."""
+  figures carry their dtypes. `self_attention`: "softmax" over the image tokens, "masked" (a padded joint sequence:
+  Lumina 2's), or "linear" (Sana's: no token x token scores); the cross-attention's keys are padded text."""
   del itemsize
   t = image_tokens(shared.latent_hwc, m.patch_size)
   s = sum(shape[0] for shape in text_shapes)
-  d = m.width / tensor
-  scores = 4 * m.num_heads / tensor * t * (t + s)  # float32 probabilities of one example's self + cross attention
+  d, heads = m.width / tensor, m.num_heads / tensor
   text_kv = 2 * 2 * s * d  # bf16 keys and values of the text tokens
 
   def kept(policy):
-    return 4 * KEPT_PER_TOKEN[policy] * t * d + (scores if policy in ("none", "dots") else 0) + (
-        text_kv if policy != "full" else 0)
+    scores = (scores_bytes(heads, t, t, attention, policy, self_attention == "masked")
+              if self_attention != "linear" else 0) + scores_bytes(heads, t, s, attention, policy, True)
+    return 4 * kept_per_token[policy] * t * d + scores + (text_kv if policy != "full" else 0)
 
-  return int(batch * (m.depth * kept(shared.remat) + 2 * kept("none")))
+  return int(batch * (m.depth * kept(shared.remat) + working_blocks * kept("none")))
 
 
 def param_groups(params) -> dict:

@@ -86,14 +86,24 @@ def flops_per_example(p, shared, text_shapes, conditioner=None, conditioner_flop
           "caption projection": 2 * s * p.cap_feat_dim * d}
 
 
-def activation_bytes(p, shared, batch: int, text_shapes, tensor: int, itemsize: int) -> int:
-  """The DiT's calibrated count (`denoisers/lidit.py`) over the joint sequence (the caption's tokens go through
-  every layer beside the image's), the refiners counted as layers."""
+# Per layer and token of the joint sequence, in float32 vectors of the width, what Lumina 2's train step keeps for
+# the backward pass besides XLA attention's scores; the working set of a recomputed layer in layers. Measured on the
+# TPU compiler (1024 px, 4352 tokens, splash attention, 4 examples per chip, 2 against 6 layers: the slope, less
+# the layers' gradients; benchmarks/RESULTS.md, 2026-12-07): LI-DiT's figures (`denoisers/lidit.py`) over-count its
+# layers 1.6x (no cross-attention, grouped-query keys and values).
+KEPT_PER_TOKEN = {"none": 31.2, "dots": 11.2, "dots_no_batch": 11.2, "full": 4.3}
+WORKING_LAYERS = 0.5
+
+
+def activation_bytes(p, shared, batch: int, text_shapes, tensor: int, itemsize: int, attention: str) -> int:
+  """Lumina 2's calibrated count (`KEPT_PER_TOKEN`) in the DiT's form (`denoisers/lidit.py`) over the joint
+  sequence (the caption's tokens go through every layer beside the image's), the refiners counted as layers (the
+  noise refiner's image tokens and the context refiner's caption tokens: one joint sequence)."""
   t, s = lidit.image_tokens(shared.latent_hwc, p.patch_size), sum(shape[0] for shape in text_shapes)
   joint = types.SimpleNamespace(width=p.hidden_size, depth=p.num_layers + p.num_refiner_layers,
                                 num_heads=p.num_attention_heads, patch_size=1, mlp_ratio=4.0)
   return lidit.activation_bytes(joint, shared._replace(latent_hwc=(1, t + s, shared.latent_hwc[2])), batch, (),
-                                tensor, itemsize)
+                                tensor, itemsize, attention, KEPT_PER_TOKEN, WORKING_LAYERS, "masked")
 
 
 def param_groups(params) -> dict:

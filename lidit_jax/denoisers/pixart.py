@@ -94,8 +94,16 @@ def flops_per_example(p, shared, text_shapes, conditioner=None, conditioner_flop
   return {"dit": lidit.flops_per_example(_as_dit(p), shared, text_shapes)["dit"], "caption projection": caption}
 
 
-def activation_bytes(p, shared, batch: int, text_shapes, tensor: int, itemsize: int) -> int:
-  return lidit.activation_bytes(_as_dit(p), shared, batch, text_shapes, tensor, itemsize)
+# The working set of the block being differentiated, in blocks kept: PixArt-Sigma's compiled step (1024 px, 4 examples
+# per chip, 2 against 6 blocks, XLA attention: its 300 caption keys are no multiple of splash's blocks;
+# benchmarks/RESULTS.md, 2026-12-07), where the scores' gradient is the largest temporary.
+WORKING_BLOCKS = 1.0
+
+
+def activation_bytes(p, shared, batch: int, text_shapes, tensor: int, itemsize: int, attention: str) -> int:
+  """The DiT's calibrated count (`denoisers/lidit.py`): PixArt's blocks are LI-DiT's (self-, cross-attention, MLP)."""
+  return lidit.activation_bytes(_as_dit(p), shared, batch, text_shapes, tensor, itemsize, attention,
+                                working_blocks=WORKING_BLOCKS)
 
 
 def param_groups(params) -> dict:

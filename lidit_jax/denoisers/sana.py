@@ -88,12 +88,21 @@ def flops_per_example(p, shared, text_shapes, conditioner=None, conditioner_flop
   return {"dit": p.num_layers * per_block, "caption projection": 2 * s * (p.caption_channels * d + d * d)}
 
 
-def activation_bytes(p, shared, batch: int, text_shapes, tensor: int, itemsize: int) -> int:
-  """The DiT's calibrated count (`denoisers/lidit.py`) at Sana's width and depth; its linear attention keeps no
-  token x token probabilities, so the count errs high at high resolution."""
+# Per block and token, in float32 vectors of the width, what Sana's train step keeps without remat (its GLU-MBConv
+# and linear attention keep more than LI-DiT's MLP): Sana 1.6 B's compiled step (1024 px, 4 examples per chip, 2
+# against 6 blocks, the slope less the blocks' gradients; benchmarks/RESULTS.md, 2026-12-07). The remat policies'
+# figures are LI-DiT's (not measured for Sana).
+KEPT_PER_TOKEN = {**lidit.KEPT_PER_TOKEN, "none": 62.0}
+WORKING_BLOCKS = 1.0
+
+
+def activation_bytes(p, shared, batch: int, text_shapes, tensor: int, itemsize: int, attention: str) -> int:
+  """Sana's calibrated count in the DiT's form (`denoisers/lidit.py`); its linear self-attention keeps no token x
+  token scores, its cross-attention those of its kernel."""
   dit = types.SimpleNamespace(width=p.num_attention_heads * p.attention_head_dim, depth=p.num_layers,
                               num_heads=p.num_attention_heads, patch_size=p.patch_size, mlp_ratio=2 * p.mlp_ratio)
-  return lidit.activation_bytes(dit, shared, batch, text_shapes, tensor, itemsize)
+  return lidit.activation_bytes(dit, shared, batch, text_shapes, tensor, itemsize, attention, KEPT_PER_TOKEN,
+                                WORKING_BLOCKS, "linear")
 
 
 def param_groups(params) -> dict:

@@ -129,12 +129,14 @@ def flops_per_example(u, shared, text_shapes: Sequence[tuple[int, ...]], conditi
   return {"unet": float(lowered.cost_analysis()["flops"]) - conditioner_flops}
 
 
-def activation_bytes(u, shared, batch: int, text_shapes: Sequence[tuple[int, ...]], tensor: int, itemsize: int) -> int:
+def activation_bytes(u, shared, batch: int, text_shapes: Sequence[tuple[int, ...]], tensor: int, itemsize: int,
+                     attention: str) -> int:
   """Rough bytes kept for the backward pass, at each block's resolution. Without remat: per resnet about 6 feature
   maps, per transformer layer about 12 token maps plus the self- and cross-attention probabilities. Rematerialised,
   a resnet keeps its input (its convolutions are not dots: every policy recomputes them); a transformer keeps its
   input ("full"), or its dense layers' outputs (about 10 token maps: "dots_no_batch"), plus the probabilities
-  ("dots")."""
+  ("dots"); the probabilities only of the calls XLA's kernel runs (`attention`: the resolved kernel; splash runs
+  those its 128-token blocks tile)."""
   cfg = unet_config(u, shared.latent_hwc)
   remat = shared.remat
   resnet_maps = 6 if remat == "none" else 1
@@ -151,7 +153,8 @@ def activation_bytes(u, shared, batch: int, text_shapes: Sequence[tuple[int, ...
         + ("CrossAttnUpBlock2D" == cfg.up_block_types[::-1][i]) * (cfg.layers_per_block + 1)
         + (i == len(cfg.block_out_channels) - 1))
     total += resnets * resnet_maps * tokens * width / tensor
-    total += attn_layers * (attn_maps * tokens * width / tensor + scores * cfg.num_heads[i] / tensor * tokens * (tokens + s))
+    keys = sum(n for n in (tokens, s) if lidit.scores_bytes(1, tokens, n, attention, "none", False))  # XLA's calls
+    total += attn_layers * (attn_maps * tokens * width / tensor + scores * cfg.num_heads[i] / tensor * tokens * keys)
   return int(FLOAT32_NORMS * batch * total * itemsize)
 
 
