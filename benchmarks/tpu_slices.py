@@ -36,6 +36,16 @@ CALIBRATION += [("lidit_10b", "v5p-512", ["--config.train.grad_accum=4"])]
 # the frozen towers' all-gathers gone with cached features, and the kernels fsdp=256 cannot split sharded over 128.
 CALIBRATION += [("lidit_1b", "v6e-256", ["--config.text.cache=abstract"]),
                 ("lidit_1b", "v6e-256", ["--config.mesh.data=2", "--config.mesh.fsdp=128"])]
+# The open DiTs' own figures (denoisers/lumina2.py, sana.py, pixart.py): 2 against 6 layers at 1024 px, 4 examples a
+# chip, the text features as inputs; Lumina 2 under each remat policy and with XLA's attention (its scores' bytes).
+OPEN = ["--config.train.batch_size=16", "--config.text.cache=abstract"]
+LUMINA = ["--config.lumina2.num_refiner_layers=1"]
+CALIBRATION += [("lumina2", "v5p-8", OPEN + [f"--config.lumina2.num_layers={n}", *LUMINA, f"--config.model.remat={r}"])
+                for n in (2, 6) for r in ("none", "dots_no_batch", "full")]
+CALIBRATION += [("lumina2", "v5p-8", OPEN + ["--config.lumina2.num_layers=2", *LUMINA, "--config.model.remat=none",
+                                              "--config.model.attention=xla"])]
+CALIBRATION += [(config, "v5p-8", OPEN + [f"--config.{section}.num_layers={n}", "--config.model.remat=none"])
+                for config, section in (("pixart_sigma", "pixart"), ("sana", "sana")) for n in (2, 6)]
 SECTION = "## Shipped configs compiled for TPU slices, planner vs compiler (`python -m benchmarks.tpu_slices`)"
 GiB = 2 ** 30
 
@@ -79,7 +89,7 @@ def planner_bytes(config: str, topology: str, extra: list[str]) -> float:
   c = configs.validate(configs.apply_overrides(c, overrides), data=False)
   t = tpu_compile.parse(topology)
   c = tpu_compile.configure(c, t)
-  return plan.plan(tpu_compile.planner_view(c, t), t.chips, t.chip)["bytes_per_device"]["total"]
+  return plan.plan(tpu_compile.planner_view(c, t), t.chips, t.chip, flops=False)["bytes_per_device"]["total"]
 
 
 def squeezed(c: dict, planned: float) -> str:

@@ -3,18 +3,20 @@
 #
 #   launch/gpu.sh [--dry-run] local --config CONFIG --workdir DIR [-- extra args for lidit_jax.train]
 #   launch/gpu.sh [--dry-run] slurm --nodes N --config CONFIG --workdir DIR [--gpus-per-node 8]
-#                 [--partition P] [--time 48:00:00] [--job-name lidit] [-- extra args]
+#                 [--partition P] [--time 48:00:00] [--job-name lidit] [--card h100|h200] [-- extra args]
 #
 # local: runs `python -m lidit_jax.train` with every GPU of this node in one process.
 # slurm: writes a batch script and submits it with sbatch; srun starts one task per node, and JAX's
 #   SLURM detection (lidit_jax.distributed) joins them into one runtime. The workdir must be on a
 #   filesystem every node sees (checkpoints are written by all processes together). SLURM sends SIGTERM
 #   before the time limit (--signal below): training saves the step it reached; resubmitting resumes.
+# --card: first compile the config's train step for N nodes of that card here (python -m lidit_jax.plan
+#   --topology CARD:NxGPUS --require_fit; jax's CUDA plugin, no GPU needed) and stop if it does not fit.
 # --dry-run prints the command (and the batch script) instead of running it.
 set -euo pipefail
 
-DRY=0; MODE=""; NODES=1; GPUS=8; PARTITION=""; TIME="48:00:00"; JOB="lidit"; CONFIG=""; WORKDIR=""; EXTRA=()
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+DRY=0; MODE=""; NODES=1; GPUS=8; PARTITION=""; TIME="48:00:00"; JOB="lidit"; CONFIG=""; WORKDIR=""; CARD=""; EXTRA=()
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -24,6 +26,7 @@ while [[ $# -gt 0 ]]; do
     --partition) PARTITION="$2"; shift ;;
     --time) TIME="$2"; shift ;;
     --job-name) JOB="$2"; shift ;;
+    --card) CARD="$2"; shift ;;
     --config) CONFIG="$2"; shift ;;
     --workdir) WORKDIR="$2"; shift ;;
     -h|--help) usage 0 ;;
@@ -39,6 +42,13 @@ train=(python -m lidit_jax.train --config "$CONFIG" --workdir "$WORKDIR" "${EXTR
 if [[ "$MODE" == local ]]; then
   if [[ "$DRY" == 1 ]]; then printf '%q ' "${train[@]}"; echo; else exec "${train[@]}"; fi
   exit 0
+fi
+
+if [[ -n "$CARD" ]]; then  # the train step compiled for the nodes here: stop before the queue if it does not fit
+  overrides=(); for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do [[ "$a" == --config.* ]] && overrides+=("$a"); done
+  check=(python -m lidit_jax.plan --config "$CONFIG" --topology "$CARD:${NODES}x$GPUS" --require_fit
+         "${overrides[@]+"${overrides[@]}"}")
+  if [[ "$DRY" == 1 ]]; then printf '%q ' "${check[@]}"; echo; else "${check[@]}"; fi
 fi
 
 script=$(cat <<SBATCH

@@ -65,7 +65,7 @@ def flags(config, candidate: dict) -> list[str]:
 def search(config, topology, estimate, log=print) -> dict:
   """{"flags", "planned_bytes", "compiled"}: the cheapest candidate the compiler confirms; a UserError naming the
   smallest estimate when none fits. `estimate(config)`: the planner's bytes per chip (plan.py passes it)."""
-  hbm = tpu_compile.HBM_GIB[topology.chip] * tpu_compile.GiB
+  hbm = int(tpu_compile.HBM_GIB[topology.chip] * tpu_compile.GiB)
   scale, compiles, smallest = 1.0, 0, None
   for cand in candidates(config, topology):
     c = apply(config, cand)

@@ -92,11 +92,13 @@ def conv_flops(out_type: str, lhs_type: str, rhs_type: str, attrs: str) -> int:
 
 
 def dot_flops(out_type: str, lhs_type: str, attrs: str) -> int:
-  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+  """A dot's, or a cuBLAS matmul's (the GPU compiler's custom call: its dimensions in the backend config)."""
+  contracting = (re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+                 or re.search(r'"lhs_contracting_dimensions":\[([\d",]*)\]', attrs))
   if not contracting or not arrays(out_type) or not arrays(lhs_type):
     return 0
   lhs = arrays(lhs_type)[0][1]
-  k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
+  k = math.prod(lhs[int(i)] for i in contracting.group(1).replace('"', "").split(",") if i)
   return 2 * math.prod(arrays(out_type)[0][1]) * k
 
 
@@ -172,7 +174,8 @@ def call_graph(comps: dict) -> tuple[dict, set, dict]:
     for _, _, op, _, attrs, _ in instrs:
       if op == "while":
         body, cond = re.search(r"body=%([\w.\-]+)", attrs), re.search(r"condition=%([\w.\-]+)", attrs)
-        trips = trip_count(comps.get(cond.group(1), [])) if cond else None
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)  # the GPU compiler's own annotation
+        trips = int(known.group(1)) if known else trip_count(comps.get(cond.group(1), [])) if cond else None
         if body:
           loops[body.group(1)] = trips
           calls[c].append((body.group(1), trips or 1))
@@ -232,7 +235,8 @@ def costs(hlo_text: str, collective_ops: tuple = ()) -> dict:
     for name, t, op, operands, attrs, _ in instrs:
       operand_types = [types.get(o, "") for o in operands]
       flops = (conv_flops(t, *operand_types[:2], attrs) if op == "convolution" and len(operand_types) >= 2 else
-               dot_flops(t, operand_types[0], attrs) if op == "dot" and operand_types else
+               dot_flops(t, operand_types[0], attrs) if operand_types and (
+                   op == "dot" or op == "custom-call" and "__cublas$" in attrs) else
                splash_flops(name, operand_types) if op == "custom-call" else 0)
       # a fusion's inside stays on chip: HBM traffic is its operands and result, counted at the fusion
       bytes_ = 0 if c in fused or op in NO_BYTES else hbm_bytes(op, t, operand_types, attrs, comps)

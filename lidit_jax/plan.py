@@ -3,14 +3,16 @@ no devices are needed):
 
   python -m lidit_jax.plan --config configs/lidit_10b.py --config.mesh.fsdp=256 [--devices 256] [--chip v5p]
   python -m lidit_jax.plan --config configs/lidit_1b.py --topology v5p-128 [--slices 2]   # + the TPU compiler's
+  python -m lidit_jax.plan --config configs/lidit_1b.py --topology h100-64                # + XLA's GPU compiler's
 
 Per device: bytes of parameters, gradients, optimizer state (AdamW: two moments) and EMA, each sharded by
 the config's logical-axis rules on the mesh; the frozen text towers and autoencoder; estimates of the
 activations the denoiser family keeps for the backward pass (at the config's batch and remat policy) and of
 the autoencoder's encoding peak. Per step: model FLOPs (training counts forward + backward = 3x forward; the
 frozen towers' and autoencoder's forward separately) and, for a chip, the step time at a given MFU. `train.py` logs TFLOP/s per device and MFU from the same FLOP count.
-With --topology the train step is also compiled for that TPU slice on this machine (lidit_jax/tpu_compile.py): the
-compiled program's memory per chip against HBM, its collectives and cost model, beside this estimate.
+With --topology the train step is also compiled for that TPU slice or those NVIDIA GPU nodes on this machine, no
+TPU or GPU needed (lidit_jax/tpu_compile.py): the compiled program's memory per chip against HBM, its collectives
+and cost model, beside this estimate.
 """
 from __future__ import annotations
 
@@ -157,7 +159,9 @@ def platform_of(chip: str | None) -> str:
   return {"cpu": "cpu", "h100": "gpu", "h200": "gpu"}.get(chip, "tpu")
 
 
-def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) -> dict:
+def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4, flops: bool = True) -> dict:
+  """The plan of `config` on `num_devices` (of `chip`); `flops=False`: memory only, no FLOP count (which lowers a
+  U-Net: most of a plan's seconds; `--fit` plans many candidates)."""
   dims = sharding.mesh_shape(config.mesh, num_devices)
   mesh_sizes = dict(zip(sharding.AXES, dims))
   rules = sharding.rules(config.sharding_rules)
@@ -195,7 +199,8 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4) ->
                                    act_itemsize, attention)
   ae = autoencoder_plan(config, micro_batch)
   feature_bytes = text_feature_bytes(config, towers)
-  flops = step_flops(config, towers, ae["encode_flops"])
+  flops = (step_flops(config, towers, ae["encode_flops"]) if flops else
+           {"train": 0.0, "towers": 0.0, "autoencoder": 0.0})
   batch = config.train.batch_size
   train_flops, frozen_flops = flops["train"], flops["towers"] + flops["autoencoder"]
   # With cached features the towers stay off the devices (text.cache=memory: loaded, run once per caption), and
@@ -289,7 +294,7 @@ def main(argv):
     print(format_plan(p), flush=True)  # the estimate first: the compile takes minutes for a large config
   if f.fit:
     found = fit.search(config, topology, lambda c: plan(tpu_compile.planner_view(c, topology), topology.chips,
-                                                        topology.chip)["bytes_per_device"]["total"])
+                                                        topology.chip, flops=False)["bytes_per_device"]["total"])
     compiled = found["compiled"]
     print(tpu_compile.format_compiled(compiled, found["planned_bytes"]))
     print(f"--fit: add {' '.join(found['flags']) or 'nothing: the config fits as it is'}"
@@ -326,7 +331,9 @@ if __name__ == "__main__":
   flags.DEFINE_float("mfu", 0.4, "Model FLOP utilization assumed for the step time.")
   flags.DEFINE_string("topology", None, "Also compile the train step for this Cloud TPU slice here, no TPU needed "
                       "(libtpu: the test extra or `jax[tpu]`): v5p-128, v5litepod-256 / v5e-256, v6e-8, v4-128, "
-                      "or v5p:4x4x4; reports the compiled memory per chip against HBM.")
+                      "or v5p:4x4x4; or for NVIDIA GPU nodes, no GPU needed (`pip install jax-cuda12-plugin "
+                      "jax-cuda12-pjrt` at jax's version): h100-64 (8 a node), h200-8, h100:2x8; reports the "
+                      "compiled memory per chip against HBM.")
   flags.DEFINE_boolean("require_fit", False, "With --topology: exit with status 2 when the compiled step does "
                        "not fit the chips' HBM (launch/tpu_vm.sh runs this before it creates or uses a slice).")
   flags.DEFINE_boolean("sample", False, "With --topology: compile Pipeline's sampling function (config.sample: "

@@ -1,7 +1,9 @@
-"""A config's train step compiled for a Cloud TPU slice on this machine, without a TPU (`python -m lidit_jax.plan
---topology v5p-128`): libtpu's compiler (`pip install "jax[tpu]"`) targets the slice's compile-only devices
-(`jax.experimental.topologies`), and the compiled program's own memory analysis, collectives and cost analysis are
-reported per chip, as MaxText's `train_compile.py` does. The host stays on CPU.
+"""A config's train step compiled for a Cloud TPU slice, or for NVIDIA GPU nodes, on this machine without either
+(`python -m lidit_jax.plan --topology v5p-128` / `h100-16`): libtpu's compiler (`pip install "jax[tpu]"`) or XLA's
+GPU compiler in jax's CUDA plugin (`pip install jax-cuda12-plugin jax-cuda12-pjrt`, the installed jax's version)
+targets the slice's or nodes' compile-only devices (`jax.experimental.topologies`), and the compiled program's own
+memory analysis, collectives and cost analysis are reported per chip, as MaxText's `train_compile.py` does. The
+host stays on CPU.
 """
 from __future__ import annotations
 
@@ -18,8 +20,25 @@ from lidit_jax import chips, cli, hlo_cost, pipeline, sharding, train_step
 
 GiB = chips.GiB
 # Per chip (vendor figures, Cloud TPU system architecture pages): HBM capacity in GiB and bandwidth in GB/s.
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-HBM_GBPS = {"v4": 1228, "v5e": 819, "v5p": 2765, "v6e": 1640}
+# NVIDIA's cards as XLA's GPU compiler reads them (its GpuTargetConfigProto, in text form; figures of an H100 SXM
+# 80 GB / H200 141 GB as CUDA's deviceQuery reports them): compute capability 9.0, 132 SMs of 128 FP32 lanes.
+HOPPER = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=49152,
+              shared_memory_per_core=233472, threads_per_core_limit=2048, core_count=132, fpus_per_core=128,
+              block_dim_limit_x=2 ** 31 - 1, block_dim_limit_y=65535, block_dim_limit_z=65535,
+              l2_cache_size=50 * 2 ** 20, clock_rate_ghz=1.98, shared_memory_per_block_optin=232448,
+              registers_per_core_limit=65536, registers_per_block_limit=65536)
+GPU_SPECS = {"h100": dict(HOPPER, memory_bandwidth=3_352_320_000_000, device_memory_size=84_978_434_048,
+                          name="NVIDIA H100 80GB HBM3"),
+             "h200": dict(HOPPER, memory_bandwidth=4_800_000_000_000, device_memory_size=150_754_820_096,
+                          name="NVIDIA H200")}
+GPUS_PER_HOST = 8  # an HGX node
+# Without a GPU nothing is autotuned, and XLA's default Triton GEMM tiles fail some shapes (LI-DiT-1B's refiner
+# output projection: "Couldn't find output tile sizes"): matmuls go to cuBLAS, as XLA does where Triton declines.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32,
+           **{gpu: spec["device_memory_size"] / 2 ** 30 for gpu, spec in GPU_SPECS.items()}}
+HBM_GBPS = {"v4": 1228, "v5e": 819, "v5p": 2765, "v6e": 1640,
+            **{gpu: spec["memory_bandwidth"] / 1e9 for gpu, spec in GPU_SPECS.items()}}
 # The names a user may type for a chip -> ours. gcloud calls v5e "v5litepod"; libtpu calls v5p "v5".
 CHIP_NAMES = {"v4": "v4", "v5p": "v5p", "v5": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
 TORUS_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
@@ -29,14 +48,15 @@ MAX_CHIPS = {"v4": 4096, "v5p": 8960, "v5e": 256, "v6e": 256}
 VALID_FORMS = ("a gcloud accelerator type, v4-N / v5p-N counting TensorCores (2 per chip: v4-8, v4-128, v5p-8, "
                "v5p-128, ...) or v5litepod-N / v5e-N / v6e-N counting chips (1, 4, 8, ..., 256: v5litepod-256, "
                "v6e-256), N a power of two; or a topology CHIP:AxB[xC] (v4:2x2x1, v5p:4x4x4, v5e:2x2, v6e:16x16) "
-               "for other slice shapes")
+               "for other slice shapes; or NVIDIA GPUs, h100-N / h200-N (N GPUs in nodes of 8: h100-8, h100-64) or "
+               "h100:HOSTSxGPUS (h100:2x8, h100:1x4)")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute",
                "collective-broadcast")
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-  chip: str  # v4 | v5e | v5p | v6e
-  shape: tuple[int, ...]  # chips along the torus' axes, one slice
+  chip: str  # v4 | v5e | v5p | v6e | h100 | h200
+  shape: tuple[int, ...]  # chips along the torus' axes, one slice (GPUs: hosts, GPUs per host)
   slices: int = 1
 
   @property
@@ -65,6 +85,12 @@ def parse(name: str, slices: int = 1) -> Topology:
   bad = lambda why: cli.UserError(f"--topology {name!r}: {why}. Fix: use {VALID_FORMS}")
   if slices < 1:
     raise cli.UserError(f"--slices {slices}: must be >= 1 (the number of slices of the pod)")
+  gpu = parse_gpus(name.strip().lower(), bad)
+  if gpu:
+    if slices > 1:
+      raise cli.UserError(f"--slices {slices} with GPUs: slices are TPU pods'. Fix: give the hosts in --topology "
+                          "(h100:4x8 or h100-32) and drop --slices")
+    return gpu
   m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
   if m:
     chip = CHIP_NAMES.get(m.group(1))
@@ -92,8 +118,49 @@ def parse(name: str, slices: int = 1) -> Topology:
   return Topology(chip, shape, slices)
 
 
+def parse_gpus(name: str, bad) -> Topology | None:
+  """`h100-16` (16 GPUs, 8 a host) or `h100:2x8` (hosts x GPUs a host); None for any other name."""
+  m = re.fullmatch(r"(h100|h200)-(\d+)", name) or re.fullmatch(r"(h100|h200):(\d+)x(\d+)", name)
+  if not m:
+    return None
+  if m.lastindex == 2:
+    count = int(m.group(2))
+    if count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST):
+      raise bad(f"{count} GPUs do not fill nodes of {GPUS_PER_HOST}")
+    shape = (count // GPUS_PER_HOST, GPUS_PER_HOST) if count > GPUS_PER_HOST else (1, count)
+  else:
+    shape = (int(m.group(2)), int(m.group(3)))
+    if min(shape) < 1 or shape[1] > GPUS_PER_HOST:
+      raise bad(f"hosts x GPUs a host, at least 1 x 1 and at most {GPUS_PER_HOST} GPUs a host")
+  return Topology(m.group(1), shape)
+
+
+def gpu_target(chip: str) -> str:
+  """The card's GpuTargetConfigProto in text form (`GPU_SPECS`)."""
+  spec = dict(GPU_SPECS[chip])
+  name = spec.pop("name")
+  fields = "\n".join(f"  {k}: {v}" for k, v in spec.items())
+  return (f"gpu_device_info {{\n{fields}\n  cuda_compute_capability {{ major: 9 minor: 0 }}\n}}\n"
+          f'platform_name: "CUDA"\ndnn_version_info {{ major: 9 }}\ndevice_description_str: "{name}"\n')
+
+
+def gpu_devices(topology: Topology) -> list:
+  """The nodes' compile-only GPUs, from jax's CUDA plugin (no GPU, no CUDA runtime needed)."""
+  hosts, per_host = topology.shape
+  try:
+    return topologies.get_topology_desc("", "cuda", target_config=gpu_target(topology.chip),
+                                        topology=f"1x{hosts}x{per_host}").devices
+  except NotImplementedError as e:
+    raise cli.UserError(f"--topology {topology.name}: jax's CUDA plugin is not installed, so XLA's GPU compiler is "
+                        f"missing. Fix: pip install jax-cuda12-plugin=={jax.__version__} "
+                        f"jax-cuda12-pjrt=={jax.__version__} (no GPU needed)") from e
+
+
 def devices(topology: Topology) -> list:
-  """The slice's compile-only devices (one per chip; `slice_index` set with several slices), from libtpu."""
+  """The slice's compile-only devices (one per chip; `slice_index` set with several slices), from libtpu; GPUs'
+  from jax's CUDA plugin."""
+  if topology.chip in GPU_SPECS:
+    return gpu_devices(topology)
   # Without these libtpu asks the TPU VM's metadata server and warns about the answer; they describe nothing
   # the compiler reads (the topology is given whole).
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -161,13 +228,17 @@ def cost(compiled, hlo_text: str, chip: str, model_flops_per_chip: float | None 
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis or {}
   loops = hlo_cost.costs(hlo_text, COLLECTIVES)
-  once = float(analysis.get("flops", 0.0))
-  flops = once + loops["kernel_flops_once"] + loops["flops"] - loops["flops_once"]
-  accessed = float(analysis.get("bytes accessed", 0.0)) * loops["bytes"] / max(loops["bytes_once"], 1)
+  if "flops" in analysis:
+    once = float(analysis["flops"])
+    flops = once + loops["kernel_flops_once"] + loops["flops"] - loops["flops_once"]
+    accessed = float(analysis.get("bytes accessed", 0.0)) * loops["bytes"] / max(loops["bytes_once"], 1)
+  else:  # a GPU target gives no cost analysis: hlo_cost's own counts of the program
+    once, flops, accessed = float(loops["flops_once"]), float(loops["flops"]), float(loops["bytes"])
   compute_s = flops / (chips.CHIP_PEAK_TFLOPS[chip] * 1e12)
   memory_s = accessed / (HBM_GBPS[chip] * 1e9)
   step = max(compute_s, memory_s)
-  out = {"flops_per_chip_estimate": flops, "bytes_accessed_per_chip_estimate": accessed,
+  out = {"cost_source": "compiler" if "flops" in analysis else "hlo", "flops_per_chip_estimate": flops,
+         "bytes_accessed_per_chip_estimate": accessed,
          "compiler_flops_loop_bodies_once": once,
          "loop_trip_counts": sorted(t for t in loops["loops"].values() if t), "collectives": loops["collectives"],
          "collectives_by_source": loops["collectives_by_source"], "step_seconds_estimate": step,
@@ -193,11 +264,11 @@ def compile_for(lower, topology: Topology, model_flops_per_chip: float | None = 
   devs = devices(topology)
   start = time.perf_counter()
   lowered = lower(devs)
-  hbm = HBM_GIB[topology.chip] * GiB
+  hbm = int(HBM_GIB[topology.chip] * GiB)
   out = {"topology": topology.name, "slices": topology.slices, "chip": topology.chip, "chips": len(devs),
          "hbm_bytes": hbm, "jax": jax.__version__}
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(GPU_COMPILER_OPTIONS if topology.chip in GPU_SPECS else None)
   except jax.errors.JaxRuntimeError as e:
     oom = out_of_memory(e)
     if oom is None:
@@ -274,7 +345,9 @@ def format_compiled(c: dict, planned_bytes: int | None, what: str = "the train s
   trips = c["loop_trip_counts"]
   loops = f"loops counted {', '.join(map(str, trips))} times" if trips else "no loops"
   mfu = f", MFU {c['mfu_estimate']:.2f}" if "mfu_estimate" in c else ""
-  lines.append(f"cost model (estimates, {loops}): {c['flops_per_chip_estimate'] / 1e12:.3f} TFLOP, "
+  source = ("cost model" if c.get("cost_source", "compiler") == "compiler" else
+            "the program's matmuls (XLA has no cost model for a GPU target; cuDNN's kernels not counted)")
+  lines.append(f"{source} (estimates, {loops}): {c['flops_per_chip_estimate'] / 1e12:.3f} TFLOP, "
                f"{c['bytes_accessed_per_chip_estimate'] / GiB:.2f} GiB accessed per chip -> "
                f"{c['step_seconds_estimate']:.4f} s/step ({c['bound']}-bound, no overlap, collectives not "
                f"timed){mfu}")

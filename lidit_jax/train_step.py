@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
@@ -167,5 +168,7 @@ def lower_train_step(config, devices=None):
   if config.conditioner.null == "empty_prompt":  # the empty prompt's text inputs, in shape
     s = dataclasses.replace(s, null_text=jax.tree.map(lambda a: np.zeros((1, *a.shape[1:]), a.dtype), text))
   step = make_train_step(s)
+  # the key abstract too: a concrete one lives on this host's CPU, which a compile-only GPU mesh refuses
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(s.mesh, P()))
   with sharding.active(s.mesh, s.rules):
-    return step.jitted.lower(s.abstract_state, s.frozen, {"image": image, "text": text}, jax.random.key(0))
+    return step.jitted.lower(s.abstract_state, s.frozen, {"image": image, "text": text}, key)

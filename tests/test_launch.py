@@ -41,3 +41,7 @@ def test_gpu_commands():
   assert r.stdout.split() == ["python", "-m", "lidit_jax.train", "--config", "configs/shapes.py", "--workdir",
                               "runs/x"]
   assert launch("gpu.sh", "slurm").returncode == 2
+  r = launch("gpu.sh", "slurm", "--nodes", "2", "--card", "h100", "--config", "configs/lidit_1b.py", "--workdir",
+             "/shared/x", "--", "--config.train.batch_size=512")
+  assert ("python -m lidit_jax.plan --config configs/lidit_1b.py --topology h100:2x8 --require_fit "
+          "--config.train.batch_size=512") in r.stdout and "#SBATCH --nodes=2" in r.stdout

@@ -192,6 +192,9 @@ def attend(q_BLHK, k_BSGK, v_BSGK, mask=None, scale: float | None = None, implem
                            scale=scale)
   else:
     xla_or = None if implementation in ("splash", "splash_interpret") else implementation  # splash: untileable
+    if xla_or == "cudnn" and mask is not None and mask.shape[2] != q_BLHK.shape[1]:
+      # cuDNN's kernel takes the mask as a bias of full query length (a key-padding [B, 1, 1, S] is refused)
+      mask = jnp.broadcast_to(mask, (*mask.shape[:2], q_BLHK.shape[1], mask.shape[3]))
     out = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, scale=scale, implementation=xla_or)
   if mask is not None:
     has_key = jnp.any(mask, axis=-1)  # [B, 1, L]
