@@ -35,7 +35,8 @@ CALIBRATION += [("lidit_10b", "v5p-512", ["--config.train.grad_accum=4"])]
 # The step's memory and traffic improved where the compiled numbers pointed (benchmarks/RESULTS.md, before / after):
 # the frozen towers' all-gathers gone with cached features, and the kernels fsdp=256 cannot split sharded over 128.
 CALIBRATION += [("lidit_1b", "v6e-256", ["--config.text.cache=abstract"]),
-                ("lidit_1b", "v6e-256", ["--config.mesh.data=2", "--config.mesh.fsdp=128"])]
+                ("lidit_1b", "v6e-256", ["--config.mesh.data=2", "--config.mesh.fsdp=128"]),
+                ("pixart_sigma", "v5p-128", ["--config.model.attention=splash"])]  # splash where its blocks tile
 # The open DiTs' own figures (denoisers/lumina2.py, sana.py, pixart.py): 2 against 6 layers at 1024 px, 4 examples a
 # chip, the text features as inputs; Lumina 2 under each remat policy and with XLA's attention (its scores' bytes).
 OPEN = ["--config.train.batch_size=16", "--config.text.cache=abstract"]

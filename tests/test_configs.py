@@ -73,6 +73,8 @@ def test_attention_implementation_is_guarded_by_platform():
   c.model.attention = "splash"
   with pytest.raises(ValueError, match="needs a TPU"):
     model_lib.attention_implementation(c)
+  c.model.patch_size = 4  # 64 image tokens: asked for, splash runs the calls it tiles, XLA's kernel the others
+  assert model_lib.attention_implementation(c, platform="tpu") == "splash"
   c.model.attention = "cudnn"
   with pytest.raises(ValueError, match="needs a GPU"):
     model_lib.attention_implementation(c)
