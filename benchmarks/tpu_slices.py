@@ -90,7 +90,7 @@ def planner_bytes(config: str, topology: str, extra: list[str]) -> float:
   c = configs.validate(configs.apply_overrides(c, overrides), data=False)
   t = tpu_compile.parse(topology)
   c = tpu_compile.configure(c, t)
-  return plan.plan(tpu_compile.planner_view(c, t), t.chips, t.chip, flops=False)["bytes_per_device"]["total"]
+  return plan.plan(tpu_compile.planner_view(c, t), t.chips, t.chip, count_flops=False)["bytes_per_device"]["total"]
 
 
 def squeezed(c: dict, planned: float) -> str:

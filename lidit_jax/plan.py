@@ -159,9 +159,9 @@ def platform_of(chip: str | None) -> str:
   return {"cpu": "cpu", "h100": "gpu", "h200": "gpu"}.get(chip, "tpu")
 
 
-def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4, flops: bool = True) -> dict:
-  """The plan of `config` on `num_devices` (of `chip`); `flops=False`: memory only, no FLOP count (which lowers a
-  U-Net: most of a plan's seconds; `--fit` plans many candidates)."""
+def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4, count_flops: bool = True) -> dict:
+  """The plan of `config` on `num_devices` (of `chip`); `count_flops=False`: memory only, no FLOP count (which
+  lowers a U-Net: most of a plan's seconds; `--fit` plans many candidates)."""
   dims = sharding.mesh_shape(config.mesh, num_devices)
   mesh_sizes = dict(zip(sharding.AXES, dims))
   rules = sharding.rules(config.sharding_rules)
@@ -199,7 +199,7 @@ def plan(config, num_devices: int, chip: str | None = None, mfu: float = 0.4, fl
                                    act_itemsize, attention)
   ae = autoencoder_plan(config, micro_batch)
   feature_bytes = text_feature_bytes(config, towers)
-  flops = (step_flops(config, towers, ae["encode_flops"]) if flops else
+  flops = (step_flops(config, towers, ae["encode_flops"]) if count_flops else
            {"train": 0.0, "towers": 0.0, "autoencoder": 0.0})
   batch = config.train.batch_size
   train_flops, frozen_flops = flops["train"], flops["towers"] + flops["autoencoder"]
@@ -294,7 +294,8 @@ def main(argv):
     print(format_plan(p), flush=True)  # the estimate first: the compile takes minutes for a large config
   if f.fit:
     found = fit.search(config, topology, lambda c: plan(tpu_compile.planner_view(c, topology), topology.chips,
-                                                        topology.chip, flops=False)["bytes_per_device"]["total"])
+                                                        topology.chip, count_flops=False)["bytes_per_device"][
+                                                            "total"])
     compiled = found["compiled"]
     print(tpu_compile.format_compiled(compiled, found["planned_bytes"]))
     print(f"--fit: add {' '.join(found['flags']) or 'nothing: the config fits as it is'}"

@@ -13,8 +13,9 @@ functions receive the family's own section (`section`: the one its CONFIG_DEFAUL
   flops_per_example(section, shared, text_shapes, conditioner, conditioner_flops) -> {group: forward FLOPs}
       its own groups (the conditioner's are added here; a family that measures itself by lowering subtracts
       `conditioner_flops`)   (plan, MFU)
-  activation_bytes(section, shared, batch, text_shapes, tensor, itemsize, attention) -> bytes kept for the backward pass on
-      one device holding `batch` examples, `tensor`-way tensor parallel (the conditioner's are its own)   (plan)
+  activation_bytes(section, shared, batch, text_shapes, tensor, itemsize, attention) -> bytes kept for the backward
+      pass on one device holding `batch` examples, `tensor`-way tensor parallel, `attention` the kernel planned (the
+      conditioner's are its own)   (plan)
   param_groups(params) -> {group: subtree}                             (parameter report)
   geometry(section, latent_hwc) -> Geometry   what it derives for others: its unit, token count, context width
   validate(section, latent_hwc)   its own section's checks (configs.validate calls `validate` below; ConfigError
